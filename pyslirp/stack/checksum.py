@@ -1,0 +1,49 @@
+"""The Internet checksum (RFC 1071), with partial sums (RFC 1071 section 2)
+and incremental update (RFC 1624).
+
+A partial sum here is ``int.from_bytes(data, "big") % 0xFFFF``: since
+2**16 == 1 (mod 0xFFFF), that equals the one's-complement sum of the 16-bit
+words, reduced into 0..0xFFFE. Partial sums of even-length pieces add.
+"""
+
+
+def partial_sum(data) -> int:
+    """One's-complement sum of ``data`` (bytes-like), reduced modulo 0xFFFF."""
+    value = int.from_bytes(data, "big")
+    if len(data) & 1:
+        value <<= 8  # pad the odd byte on the right with zero
+    return value % 0xFFFF
+
+
+def finish(total: int) -> int:
+    """Turn a sum of partial sums into the checksum field value."""
+    total %= 0xFFFF
+    # total == 0 means the true one's-complement sum is 0xFFFF (for any
+    # non-empty input that is not all zeros), whose complement is 0.
+    return (~total) & 0xFFFF if total else 0
+
+
+def checksum(data) -> int:
+    """Checksum field value for ``data`` (with its checksum field zeroed)."""
+    total = partial_sum(data)
+    if total == 0 and not any(data):
+        return 0xFFFF
+    return finish(total)
+
+
+def is_valid(data) -> bool:
+    """True if ``data`` (checksum field included) sums to all ones."""
+    return partial_sum(data) == 0
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int:
+    """Partial sum of the IPv4 (4-byte addresses) or IPv6 (16-byte) pseudo-header."""
+    return (int.from_bytes(src, "big") + int.from_bytes(dst, "big") + protocol + length) % 0xFFFF
+
+
+def update(old_checksum: int, old_word: int, new_word: int) -> int:
+    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')."""
+    total = ((~old_checksum) & 0xFFFF) + ((~old_word) & 0xFFFF) + new_word
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    return (~total) & 0xFFFF

@@ -1,0 +1,388 @@
+"""The stack's face: one guest-facing Ethernet interface, sans-IO.
+
+Verbs (after aioquic): ``receive_frame(frame, now)``, ``frames_to_send(now)``,
+``get_timer()``, ``handle_timer(now)``, ``next_event()``; and the commands the
+NAT side calls: ``send_udp``, ``send_icmp_error``, ``send_echo_reply`` (and the
+TCP commands on ``stack.tcp``).
+
+Ingress never raises: MalformedFrame is counted by its reason in
+``stack.drops`` and the frame is dropped; any other exception is a bug, counted
+under "internal-error" (its text kept in ``stack.last_internal_error``), so a
+hostile guest cannot stop the process.
+"""
+
+from collections import Counter, deque
+
+from . import arp, checksum, ethernet, icmpv4, ipv4, udp
+from .config import StackConfig
+from .errors import MalformedFrame
+from .events import IcmpEchoRequested, UdpDatagramReceived
+from .reassembly import Reassembler
+
+_ZERO_IP = bytes(4)
+_LIMITED_BROADCAST = b"\xff\xff\xff\xff"
+
+
+class _PendingArp:
+    __slots__ = ("packets", "attempts", "retry_at")
+
+    def __init__(self, retry_at: float) -> None:
+        self.packets: list[bytes] = []
+        self.attempts = 1
+        self.retry_at = retry_at
+
+
+class Stack:
+    def __init__(self, config: StackConfig, random) -> None:
+        """``random`` is a random.Random-like object (``getrandbits``)."""
+        self.config = config
+        self.random = random
+        self.gateway_mac = config.gateway_mac
+        self.guest_mac: bytes | None = None
+        self.drops: Counter = Counter()
+        self.counters: Counter = Counter()
+        self.last_internal_error = ""
+        self._out: list[bytes] = []
+        self._events: deque = deque()
+        self._arp_cache: dict[bytes, bytes] = {}
+        self._arp_pending: dict[bytes, _PendingArp] = {}
+        self._ip_ident = random.getrandbits(16)
+        self._reassembler = Reassembler(
+            config.reassembly_timeout,
+            config.reassembly_max_datagrams,
+            config.reassembly_max_bytes,
+            config.reassembly_max_fragments,
+        )
+        self._local = {config.gateway, config.dns}
+        self.tcp = None  # set by the TCP layer: receive_segment(header, packet, now)
+
+    # ------------------------------------------------------------ the verbs
+    def receive_frame(self, frame, now: float) -> None:
+        self.counters["frames-in"] += 1
+        try:
+            self._receive(memoryview(frame), now)
+        except MalformedFrame as exc:
+            self.drops[exc.reason] += 1
+        except Exception as exc:  # a bug: count it, never let the guest stop us
+            self.drops["internal-error"] += 1
+            self.last_internal_error = f"{type(exc).__name__}: {exc}"
+
+    def frames_to_send(self, now: float) -> list[bytes]:
+        if self.tcp is not None:
+            self.tcp.flush(now)
+        out, self._out = self._out, []
+        self.counters["frames-out"] += len(out)
+        return out
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self):
+        deadlines = [p.retry_at for p in self._arp_pending.values()]
+        reassembly = self._reassembler.next_deadline()
+        if reassembly is not None:
+            deadlines.append(reassembly)
+        if self.tcp is not None:
+            tcp = self.tcp.get_timer()
+            if tcp is not None:
+                deadlines.append(tcp)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        for addr, pending in list(self._arp_pending.items()):
+            if pending.retry_at > now:
+                continue
+            if pending.attempts >= self.config.arp_attempts:
+                del self._arp_pending[addr]
+                self.drops["arp-unresolved"] += len(pending.packets)
+                continue
+            pending.attempts += 1
+            pending.retry_at = now + self.config.arp_retry_interval
+            self._send_arp_request(addr)
+        for _key, header, first in self._reassembler.expire(now):
+            self.drops["reassembly-timeout"] += 1
+            # RFC 792: time exceeded, code 1, only if the first fragment came.
+            self.send_icmp_error(icmpv4.TIME_EXCEEDED, 1, header + first[:8], now)
+        if self.tcp is not None:
+            self.tcp.handle_timer(now)
+
+    # ------------------------------------------------------------ commands
+    def send_udp(
+        self,
+        src: bytes,
+        src_port: int,
+        dst: bytes,
+        dst_port: int,
+        payload,
+        now: float,
+        dst_mac: bytes | None = None,
+    ) -> None:
+        """Send a UDP datagram to the guest (fragmented if it exceeds the MTU)."""
+        self.send_ip(
+            src,
+            dst,
+            ipv4.PROTO_UDP,
+            udp.emit(src, dst, src_port, dst_port, payload),
+            now,
+            dst_mac=dst_mac,
+        )
+
+    def send_echo_reply(
+        self, src: bytes, dst: bytes, ident: int, sequence: int, payload, now: float
+    ) -> None:
+        self.send_ip(
+            src,
+            dst,
+            ipv4.PROTO_ICMP,
+            icmpv4.emit(icmpv4.ECHO_REPLY, 0, ident, sequence, payload),
+            now,
+        )
+
+    def send_icmp_error(
+        self,
+        icmp_type: int,
+        code: int,
+        original,
+        now: float,
+        mtu: int = 0,
+        src: bytes | None = None,
+    ) -> None:
+        """Send an ICMP error about ``original`` (an IP packet the guest sent,
+        or at least its header and first 8 payload bytes) back to its sender."""
+        original = bytes(original)
+        if len(original) < ipv4.HEADER_LEN:
+            return
+        orig_src = original[12:16]
+        proto = original[9]
+        if orig_src in (_ZERO_IP, _LIMITED_BROADCAST):
+            return
+        if proto == ipv4.PROTO_ICMP:  # RFC 1122 3.2.2: never about an ICMP error
+            hl = (original[0] & 0x0F) * 4
+            if len(original) > hl and original[hl] in icmpv4.ERROR_TYPES:
+                return
+        word2 = mtu if icmp_type == icmpv4.DEST_UNREACHABLE else 0
+        body = original[: icmpv4.MAX_QUOTE]
+        self.counters["icmp-errors-out"] += 1
+        self.send_ip(
+            src or self.config.gateway,
+            orig_src,
+            ipv4.PROTO_ICMP,
+            icmpv4.emit(icmp_type, code, 0, word2, body),
+            now,
+        )
+
+    def send_ip(
+        self,
+        src: bytes,
+        dst: bytes,
+        protocol: int,
+        payload,
+        now: float,
+        dst_mac: bytes | None = None,
+        ttl: int = ipv4.DEFAULT_TTL,
+    ) -> None:
+        """Send an IP datagram to the guest, fragmenting it to the MTU."""
+        self._ip_ident = (self._ip_ident + 1) & 0xFFFF
+        if ipv4.HEADER_LEN + len(payload) <= self.config.mtu:
+            packets = [
+                ipv4.header(src, dst, protocol, len(payload), self._ip_ident, ttl) + bytes(payload)
+            ]
+        else:
+            packets = ipv4.fragment(
+                src, dst, protocol, payload, self._ip_ident, self.config.mtu, ttl
+            )
+            self.counters["fragmented-out"] += 1
+        for packet in packets:
+            self._send_packet(dst, packet, now, dst_mac)
+
+    def udp_quote(self, src: bytes, src_port: int, dst: bytes, dst_port: int) -> bytes:
+        """A plausible copy of a guest datagram's first bytes, for an ICMP error
+        about a flow whose original packet is gone."""
+        head = ipv4.header(src, dst, ipv4.PROTO_UDP, 8, 0)
+        return head + udp.HEADER.pack(src_port, dst_port, 8, 0)
+
+    # ------------------------------------------------------------ ingress
+    def _receive(self, frame: memoryview, now: float) -> None:
+        dst_mac, src_mac, ethertype = ethernet.parse(frame)
+        if src_mac[0] & 1:
+            raise MalformedFrame("ethernet-multicast-source")
+        if ethertype == ethernet.ETHERTYPE_IPV4:
+            self._receive_ipv4(frame[ethernet.HEADER_LEN :], src_mac, now)
+        elif ethertype == ethernet.ETHERTYPE_ARP:
+            self._receive_arp(frame[ethernet.HEADER_LEN :], src_mac, now)
+        else:
+            self.drops["ethertype-unsupported"] += 1
+
+    def _receive_arp(self, data, src_mac: bytes, now: float) -> None:
+        oper, sha, spa, _tha, tpa = arp.parse(data)
+        if spa != _ZERO_IP and self.config.in_network(spa) and spa not in self._local:
+            self._learn(spa, sha, now)
+        if oper == arp.REQUEST and tpa in self._local and spa != tpa:
+            mac = self.config.mac_for(tpa)
+            reply = arp.emit(arp.REPLY, mac, tpa, sha, spa)
+            self._out.append(ethernet.header(sha, mac, ethernet.ETHERTYPE_ARP) + reply)
+
+    def _learn(self, addr: bytes, mac: bytes, now: float) -> None:
+        if mac[0] & 1:
+            return
+        self.guest_mac = mac
+        if addr not in self._arp_cache and len(self._arp_cache) >= self.config.arp_cache_size:
+            self._arp_cache.pop(next(iter(self._arp_cache)))
+        self._arp_cache[addr] = mac
+        pending = self._arp_pending.pop(addr, None)
+        if pending is not None:
+            head = ethernet.header(mac, self.gateway_mac, ethernet.ETHERTYPE_IPV4)
+            self._out.extend(head + packet for packet in pending.packets)
+
+    def _receive_ipv4(self, data, src_mac: bytes, now: float) -> None:
+        header = ipv4.parse(data)
+        packet = data[: header.total_len]
+        src, dst = header.src, header.dst
+        if src[0] >= 224 or src == _LIMITED_BROADCAST or src[0] == 127:
+            raise MalformedFrame("ipv4-bad-source")
+        if (
+            self._arp_cache.get(src) != src_mac
+            and src != _ZERO_IP
+            and self.config.in_network(src)
+            and src not in self._local
+        ):
+            self._learn(src, src_mac, now)
+        if header.total_len > self.config.mtu and header.dont_fragment:
+            # Larger than our link MTU (RFC 1191): tell the guest the size to use.
+            self.send_icmp_error(
+                icmpv4.DEST_UNREACHABLE,
+                icmpv4.FRAGMENTATION_NEEDED,
+                packet,
+                now,
+                mtu=self.config.mtu,
+            )
+            self.drops["ipv4-too-big"] += 1
+            return
+        local = dst in self._local
+        broadcast = dst == _LIMITED_BROADCAST or dst == self.config.broadcast
+        if dst[0] >= 224 and not broadcast:
+            self.drops["ipv4-multicast"] += 1
+            return
+        if not local and not broadcast and header.ttl <= 1:
+            self.send_icmp_error(icmpv4.TIME_EXCEEDED, 0, packet, now)
+            self.drops["ipv4-ttl-exceeded"] += 1
+            return
+        payload = packet[header.header_len :]
+        if header.is_fragment:
+            whole = self._reassembler.add(
+                (src, dst, header.protocol, header.ident),
+                packet[: header.header_len],
+                header.fragment_offset,
+                header.more_fragments,
+                payload,
+                now,
+            )
+            if whole is None:
+                return
+            first_header, payload = whole
+            packet = first_header + payload
+            payload = memoryview(packet)[len(first_header) :]
+            self.counters["reassembled"] += 1
+        proto = header.protocol
+        if proto == ipv4.PROTO_UDP:
+            self._receive_udp(header, packet, payload, src_mac, broadcast, now)
+        elif proto == ipv4.PROTO_TCP:
+            if broadcast:
+                self.drops["tcp-broadcast"] += 1
+            elif self.tcp is not None:
+                self.tcp.receive_segment(header, packet, payload, now)
+            else:
+                self.send_icmp_error(icmpv4.DEST_UNREACHABLE, icmpv4.PORT_UNREACHABLE, packet, now)
+        elif proto == ipv4.PROTO_ICMP:
+            self._receive_icmp(header, packet, payload, local, broadcast, now)
+        else:
+            # RFC 1122 3.2.2.1: protocol unreachable for what we cannot carry.
+            self.drops["ipv4-protocol-unsupported"] += 1
+            if not broadcast:
+                self.send_icmp_error(icmpv4.DEST_UNREACHABLE, 2, packet, now)
+
+    def _receive_udp(self, header, packet, payload, src_mac, broadcast, now) -> None:
+        sport, dport, length = udp.parse(payload, header.src, header.dst)
+        self.counters["udp-in"] += 1
+        self._events.append(
+            UdpDatagramReceived(
+                header.src,
+                sport,
+                header.dst,
+                dport,
+                bytes(payload[8:length]),
+                src_mac,
+                bytes(packet[: header.header_len + 8]),
+            )
+        )
+
+    def _receive_icmp(self, header, packet, payload, local, broadcast, now) -> None:
+        icmp_type, code, word1, word2 = icmpv4.parse(payload)
+        if icmp_type != icmpv4.ECHO_REQUEST:
+            self.drops["icmp-type-ignored"] += 1
+            return
+        if broadcast:
+            self.drops["icmp-echo-broadcast"] += 1  # RFC 1122 3.2.2.6 allows silence
+            return
+        body = payload[icmpv4.HEADER_LEN :]
+        if local:
+            self.counters["icmp-echo-answered"] += 1
+            self.send_ip(
+                header.dst,
+                header.src,
+                ipv4.PROTO_ICMP,
+                icmpv4.emit(icmpv4.ECHO_REPLY, 0, word1, word2, body),
+                now,
+            )
+            return
+        self._events.append(
+            IcmpEchoRequested(
+                header.src,
+                header.dst,
+                word1,
+                word2,
+                bytes(body),
+                header.ttl,
+                bytes(packet[: header.header_len + 8]),
+            )
+        )
+
+    # ------------------------------------------------------------ egress
+    def _send_packet(
+        self, dst: bytes, packet: bytes, now: float, dst_mac: bytes | None = None
+    ) -> None:
+        if dst_mac is None:
+            if dst == _LIMITED_BROADCAST or dst == self.config.broadcast:
+                dst_mac = ethernet.BROADCAST
+            else:
+                dst_mac = self._arp_cache.get(dst)
+        if dst_mac is not None:
+            self._out.append(
+                ethernet.header(dst_mac, self.gateway_mac, ethernet.ETHERTYPE_IPV4) + packet
+            )
+            return
+        pending = self._arp_pending.get(dst)
+        if pending is None:
+            if len(self._arp_pending) >= self.config.arp_pending_addresses:
+                self.drops["arp-pending-full"] += 1
+                return
+            pending = self._arp_pending[dst] = _PendingArp(now + self.config.arp_retry_interval)
+            self._send_arp_request(dst)
+        if len(pending.packets) >= self.config.arp_queue_per_address:
+            self.drops["arp-queue-full"] += 1
+            return
+        pending.packets.append(packet)
+
+    def _send_arp_request(self, addr: bytes) -> None:
+        request = arp.emit(arp.REQUEST, self.gateway_mac, self.config.gateway, bytes(6), addr)
+        self._out.append(
+            ethernet.header(ethernet.BROADCAST, self.gateway_mac, ethernet.ETHERTYPE_ARP) + request
+        )
+
+    def learn_neighbor(self, addr: bytes, mac: bytes) -> None:
+        """Teach the stack a guest address (the DHCP server does on ACK)."""
+        self._learn(addr, mac, 0.0)
+
+
+def checksum_ok(data) -> bool:  # re-exported for tools
+    return checksum.is_valid(data)

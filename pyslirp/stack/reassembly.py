@@ -1,0 +1,115 @@
+"""Reassembly of fragmented IPv4 datagrams from the guest.
+
+Read first: RFC 791 section 3.2 ("Reassembly"), RFC 815 (hole accounting),
+RFC 5722 and RFC 8900 (why overlapping fragments are dropped, not merged).
+
+Overlaps: a fragment that repeats exactly what is already held is ignored;
+any other overlap discards the whole datagram, as Linux has done for IPv4
+since 2018. That way no byte the guest sent can be replaced by another.
+"""
+
+from dataclasses import dataclass, field
+
+from .errors import MalformedFrame
+
+
+@dataclass(slots=True)
+class _Datagram:
+    expires_at: float
+    first_header: bytes = b""  # header of the offset-0 fragment, once seen
+    pieces: dict = field(default_factory=dict)  # offset -> bytes
+    received: int = 0
+    total: int = -1  # payload length, once the last fragment is seen
+
+
+class Reassembler:
+    def __init__(self, timeout: float, max_datagrams: int, max_bytes: int, max_fragments: int):
+        self.timeout = timeout
+        self.max_datagrams = max_datagrams
+        self.max_bytes = max_bytes
+        self.max_fragments = max_fragments
+        self._held: dict[tuple, _Datagram] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
+    def add(self, key: tuple, header: bytes, offset: int, more: bool, data, now: float):
+        """Add one fragment; return (header, payload) once the datagram is whole.
+
+        ``key`` is (src, dst, protocol, id). ``header`` is this fragment's
+        IP header (only the first fragment's is kept). Raises MalformedFrame
+        (and forgets the datagram) for overlaps and broken fragments.
+        """
+        if more and len(data) % 8:
+            raise MalformedFrame("fragment-unaligned")
+        if not data:
+            raise MalformedFrame("fragment-empty")
+        end = offset + len(data)
+        if end > 65535 - 20:
+            raise MalformedFrame("fragment-too-long")
+        entry = self._held.get(key)
+        if entry is None:
+            if len(self._held) >= self.max_datagrams:
+                raise MalformedFrame("reassembly-datagrams-full")
+            entry = _Datagram(expires_at=now + self.timeout)
+            self._held[key] = entry
+        if self._bytes + len(data) > self.max_bytes:
+            self._forget(key)
+            raise MalformedFrame("reassembly-memory-full")
+        for held_offset, held in entry.pieces.items():
+            if offset < held_offset + len(held) and held_offset < end:
+                if held_offset == offset and held == data:
+                    return None  # an exact duplicate
+                self._forget(key)
+                raise MalformedFrame("fragment-overlap")
+        if not more:
+            if entry.total >= 0 and entry.total != end:
+                self._forget(key)
+                raise MalformedFrame("fragment-conflicting-end")
+            if any(o + len(d) > end for o, d in entry.pieces.items()):
+                self._forget(key)
+                raise MalformedFrame("fragment-past-end")
+            entry.total = end
+        if entry.total >= 0 and end > entry.total:
+            self._forget(key)
+            raise MalformedFrame("fragment-past-end")
+        if len(entry.pieces) >= self.max_fragments:
+            self._forget(key)
+            raise MalformedFrame("reassembly-too-many-fragments")
+        entry.pieces[offset] = bytes(data)
+        entry.received += len(data)
+        self._bytes += len(data)
+        if offset == 0:
+            entry.first_header = bytes(header)
+        if entry.total < 0 or entry.received != entry.total:
+            return None
+        # No overlaps and every byte counted once: the pieces tile 0..total.
+        self._forget(key)
+        payload = b"".join(entry.pieces[o] for o in sorted(entry.pieces))
+        return entry.first_header, payload
+
+    def _forget(self, key: tuple) -> None:
+        entry = self._held.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry.received
+
+    def expire(self, now: float) -> list[tuple[tuple, bytes, bytes]]:
+        """Drop timed-out datagrams; return (key, first header, first piece) for
+        those whose first fragment arrived (RFC 792 time exceeded, code 1)."""
+        expired = []
+        for key in [k for k, e in self._held.items() if e.expires_at <= now]:
+            entry = self._held[key]
+            if entry.first_header:
+                expired.append((key, entry.first_header, entry.pieces.get(0, b"")))
+            self._forget(key)
+        return expired
+
+    def next_deadline(self):
+        if not self._held:
+            return None
+        return min(e.expires_at for e in self._held.values())
