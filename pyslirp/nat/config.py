@@ -1,0 +1,98 @@
+"""Configuration of one virtual network: addresses, upstreams and every limit."""
+
+import ipaddress
+import random as _random
+from dataclasses import dataclass, field
+
+from pyslirp.stack.config import StackConfig
+
+MIN_MTU = 68  # RFC 791: every host must take 68-byte datagrams
+MAX_MTU = 65520  # slirp4netns's upper bound (libslirp IF_MTU_MAX)
+
+
+@dataclass
+class NetworkConfig:
+    cidr: ipaddress.IPv4Network = field(
+        default_factory=lambda: ipaddress.IPv4Network("10.0.2.0/24")
+    )
+    mtu: int = 1500
+    disable_host_loopback: bool = False
+    # (address, port) pairs; empty means "read /etc/resolv.conf" at start-up.
+    dns_upstreams: list = field(default_factory=list)
+    random: _random.Random = field(default_factory=_random.Random)
+    pcap_path: str | None = None
+
+    # UDP NAT. RFC 4787 REQ-5: a UDP mapping must live at least 2 minutes,
+    # 5 recommended. DNS flows are one query and one answer, so they go sooner
+    # (libslirp uses 10 s for them too).
+    max_udp_flows: int = 1024
+    udp_idle_timeout: float = 300.0
+    udp_dns_idle_timeout: float = 10.0
+    # DNS proxy: how many guest queries may wait for an upstream at once, and
+    # how long one upstream gets before the next is asked.
+    dns_max_pending: int = 512
+    dns_upstream_timeout: float = 2.0
+    # DHCP: libslirp hands out 16 addresses from .15; we do the same.
+    dhcp_pool_size: int = 16
+    dhcp_lease_time: int = 86400
+    # ICMP echo relay through host ping sockets.
+    max_ping_sockets: int = 64
+    ping_idle_timeout: float = 30.0
+    # Frames read from the TAP per wake-up before host sockets get a turn.
+    tap_batch: int = 512
+
+    def __post_init__(self) -> None:
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(f"MTU must be between {MIN_MTU} and {MAX_MTU}, got {self.mtu}")
+        if self.cidr.prefixlen > 26:
+            # room for .2, .3, .15 .. .15+pool and .100 as libslirp lays them out
+            raise ValueError(f"CIDR {self.cidr} is too small: the prefix must be /26 or shorter")
+
+    def host(self, offset: int) -> ipaddress.IPv4Address:
+        return self.cidr.network_address + offset
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.host(2)
+
+    @property
+    def dns(self) -> ipaddress.IPv4Address:
+        return self.host(3)
+
+    @property
+    def dhcp_start(self) -> ipaddress.IPv4Address:
+        return self.host(15)
+
+    @property
+    def recommended_guest(self) -> ipaddress.IPv4Address:
+        return self.host(100)
+
+    def stack_config(self) -> StackConfig:
+        gateway = self.gateway.packed
+        return StackConfig(
+            network=self.cidr.network_address.packed,
+            prefix_len=self.cidr.prefixlen,
+            gateway=gateway,
+            dns=self.dns.packed,
+            gateway_mac=b"\x52\x55" + gateway,
+            mtu=self.mtu,
+        )
+
+
+def read_resolv_conf(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """Every IPv4 nameserver in resolv.conf, as (address, 53)."""
+    upstreams = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        addr = ipaddress.ip_address(parts[1].split("%")[0])
+                    except ValueError:
+                        continue
+                    if addr.version == 4:
+                        upstreams.append((str(addr), 53))
+    except OSError:
+        pass
+    return upstreams

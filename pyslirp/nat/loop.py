@@ -1,0 +1,170 @@
+"""The event loop of the python backend: the TAP, host sockets and one timer.
+
+Per wake-up: read the TAP until EAGAIN (at most ``tap_batch`` frames), feed
+every frame to the stack, hand the stack's events to the services, serve the
+host sockets that are ready, run what is due, then write everything the stack
+has queued for the guest in one flush and sleep until the next deadline.
+This module is the one reader of ``time.monotonic()``.
+"""
+
+import errno
+import logging
+import os
+import selectors
+import time
+
+from pyslirp.stack.events import IcmpEchoRequested, UdpDatagramReceived
+from pyslirp.stack.interface import Stack
+
+from .config import NetworkConfig
+
+log = logging.getLogger("pyslirp")
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+MAX_FRAME = 65536 + 14  # MTU 65520 plus Ethernet header, with room to spare
+
+
+class Loop:
+    def __init__(
+        self, config: NetworkConfig, tap_fd: int, stop_fd: int | None = None, capture=None
+    ) -> None:
+        self.config = config
+        self.tap_fd = tap_fd
+        self.stop_fd = stop_fd
+        self.capture = capture
+        self.stack = Stack(config.stack_config(), config.random)
+        self.selector = selectors.DefaultSelector()
+        self.counters: dict[str, int] = {"tap-write-dropped": 0}
+        self._running = False
+        self._handlers: dict[int, object] = {}
+        self.services: list = []  # objects with next_deadline() and handle_timer(now)
+        self._event_handlers: dict[type, object] = {}
+        os.set_blocking(tap_fd, False)
+        self.selector.register(tap_fd, READ, None)
+        if stop_fd is not None:
+            self.selector.register(stop_fd, READ, None)
+        from .services import install
+
+        install(self)
+
+    # -------------------------------------------------------- registration
+    def on_event(self, event_type: type, handler) -> None:
+        """Route stack events of ``event_type`` to ``handler(event, now)``."""
+        self._event_handlers[event_type] = handler
+
+    def register(self, fileobj, events: int, handler) -> None:
+        """Call ``handler(mask, now)`` when ``fileobj`` is ready."""
+        self.selector.register(fileobj, events, handler)
+
+    def modify(self, fileobj, events: int, handler) -> None:
+        self.selector.modify(fileobj, events, handler)
+
+    def unregister(self, fileobj) -> None:
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    # -------------------------------------------------------------- running
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        self._running = True
+        stack = self.stack
+        while self._running:
+            timeout = self._next_timeout()
+            ready = self.selector.select(timeout)
+            now = time.monotonic()
+            for key, mask in ready:
+                fd = key.fd
+                if fd == self.tap_fd:
+                    self._read_tap(now)
+                elif fd == self.stop_fd:
+                    self._running = False
+                elif key.data is not None:
+                    key.data(mask, now)
+            self._dispatch_events(now)
+            deadline = stack.get_timer()
+            if deadline is not None and deadline <= now:
+                stack.handle_timer(now)
+            for service in self.services:
+                due = service.next_deadline()
+                if due is not None and due <= now:
+                    service.handle_timer(now)
+            self._dispatch_events(now)
+            self.flush(now)
+
+    def _next_timeout(self) -> float | None:
+        deadlines = [self.stack.get_timer()]
+        deadlines.extend(service.next_deadline() for service in self.services)
+        deadlines = [d for d in deadlines if d is not None]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _read_tap(self, now: float) -> None:
+        receive = self.stack.receive_frame
+        capture = self.capture
+        for _ in range(self.config.tap_batch):
+            try:
+                frame = os.read(self.tap_fd, MAX_FRAME)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.EAGAIN):
+                    return
+                raise
+            if not frame:
+                return
+            if capture is not None:
+                capture.write(frame)
+            receive(frame, now)
+            # Dispatch as we go so that per-flow back-pressure stays accurate.
+            if self.stack._events:
+                self._dispatch_events(now)
+
+    def _dispatch_events(self, now: float) -> None:
+        next_event = self.stack.next_event
+        handlers = self._event_handlers
+        event = next_event()
+        while event is not None:
+            handler = handlers.get(type(event))
+            if handler is not None:
+                handler(event, now)
+            event = next_event()
+
+    def flush(self, now: float) -> None:
+        frames = self.stack.frames_to_send(now)
+        if not frames:
+            return
+        capture = self.capture
+        for frame in frames:
+            if capture is not None:
+                capture.write(frame)
+            try:
+                os.write(self.tap_fd, frame)
+            except BlockingIOError:
+                self.counters["tap-write-dropped"] += 1
+            except OSError as exc:
+                # EIO while the TAP is down: the guest is not listening yet.
+                if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
+                    raise
+                self.counters["tap-write-dropped"] += 1
+        if capture is not None:
+            capture.flush()
+
+    def close(self) -> None:
+        for service in self.services:
+            close = getattr(service, "close", None)
+            if close is not None:
+                close()
+        self.selector.close()
+
+
+__all__ = ["Loop", "READ", "WRITE", "IcmpEchoRequested", "UdpDatagramReceived"]

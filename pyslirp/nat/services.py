@@ -1,0 +1,18 @@
+"""Wires the host-side services into a loop."""
+
+from pyslirp.stack.events import IcmpEchoRequested, UdpDatagramReceived
+
+from .dhcp import DhcpServer
+from .dns import DnsProxy
+from .icmp import IcmpRelay
+from .udp import UdpNat
+
+
+def install(loop) -> None:
+    loop.dhcp = DhcpServer(loop.config)
+    loop.dns = DnsProxy(loop)
+    loop.udp = UdpNat(loop, loop.dhcp, loop.dns)
+    loop.icmp = IcmpRelay(loop)
+    loop.on_event(UdpDatagramReceived, loop.udp.on_datagram)
+    loop.on_event(IcmpEchoRequested, loop.icmp.on_echo)
+    loop.services.extend([loop.udp, loop.dns, loop.icmp])

@@ -1,0 +1,206 @@
+"""UDP NAT: one host socket per guest source endpoint.
+
+The mapping is endpoint-independent (RFC 4787 REQ-1): a guest (address,
+port) keeps one unconnected host socket whatever it talks to, and replies
+from any peer come back to it. ICMP errors about its datagrams arrive through
+IP_RECVERR on that socket and are passed on to the guest.
+"""
+
+import errno
+import logging
+import socket
+import struct
+
+from pyslirp.stack import icmpv4
+
+from .addressing import AddressMap
+
+log = logging.getLogger("pyslirp.udp")
+
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+# struct sock_extended_err: errno, origin, type, code, pad, info, data
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
+SO_EE_ORIGIN_ICMP = 2
+DNS_PORT = 53
+DHCP_SERVER_PORT = 67
+DHCP_CLIENT_PORT = 68
+RECV_BATCH = 64  # datagrams per socket per wake-up, for fairness
+
+
+class UdpFlow:
+    __slots__ = ("guest", "guest_port", "idle_timeout", "last_active", "nat", "sock")
+
+    def __init__(self, nat, sock, guest, guest_port, idle_timeout, now):
+        self.nat = nat
+        self.sock = sock
+        self.guest = guest
+        self.guest_port = guest_port
+        self.idle_timeout = idle_timeout
+        self.last_active = now
+
+    def on_ready(self, mask: int, now: float) -> None:
+        self.nat.read_flow(self, now)
+
+
+class UdpNat:
+    def __init__(self, loop, dhcp, dns) -> None:
+        self.loop = loop
+        self.stack = loop.stack
+        self.config = loop.config
+        self.dhcp = dhcp
+        self.dns = dns
+        self.addresses = AddressMap(loop.config)
+        self.flows: dict[tuple, UdpFlow] = {}
+        self.counters = {"flows-opened": 0, "flows-refused": 0, "flows-expired": 0}
+        self._sweep_at = None
+
+    # ------------------------------------------------------------ guest -> host
+    def on_datagram(self, event, now: float) -> None:
+        stack = self.stack
+        dst, dport = event.dst, event.dst_port
+        if dport == DHCP_SERVER_PORT and (
+            dst == self.addresses.gateway or dst[0] == 255 or dst == stack.config.broadcast
+        ):
+            for reply, to_ip, to_mac in self.dhcp.handle(event.payload, event.src_mac, now):
+                stack.send_udp(
+                    self.addresses.gateway,
+                    DHCP_SERVER_PORT,
+                    to_ip,
+                    DHCP_CLIENT_PORT,
+                    reply,
+                    now,
+                    dst_mac=to_mac,
+                )
+            return
+        if dst == self.addresses.dns:
+            if dport == DNS_PORT:
+                self.dns.query(event.src, event.src_port, event.payload, now)
+            else:
+                stack.send_icmp_error(
+                    icmpv4.DEST_UNREACHABLE, icmpv4.PORT_UNREACHABLE, event.packet, now, src=dst
+                )
+            return
+        if dst[0] == 255 or dst == stack.config.broadcast:
+            stack.drops["udp-broadcast"] += 1
+            return
+        host = self.addresses.to_host(dst)
+        if isinstance(host, int):
+            stack.send_icmp_error(icmpv4.DEST_UNREACHABLE, host, event.packet, now)
+            return
+        flow = self.flows.get((event.src, event.src_port))
+        if flow is None:
+            flow = self._open(event, now)
+            if flow is None:
+                return
+        flow.last_active = now
+        try:
+            flow.sock.sendto(event.payload, (host, dport))
+        except BlockingIOError:
+            stack.drops["udp-host-buffer-full"] += 1
+        except OSError as exc:
+            code = {
+                errno.ENETUNREACH: icmpv4.NET_UNREACHABLE,
+                errno.EHOSTUNREACH: icmpv4.HOST_UNREACHABLE,
+                errno.ECONNREFUSED: icmpv4.PORT_UNREACHABLE,
+            }.get(exc.errno)
+            if code is not None:
+                stack.send_icmp_error(icmpv4.DEST_UNREACHABLE, code, event.packet, now)
+            else:
+                stack.drops[f"udp-sendto-{errno.errorcode.get(exc.errno, exc.errno)}"] += 1
+
+    def _open(self, event, now: float):
+        if len(self.flows) >= self.config.max_udp_flows:
+            self.expire(now)
+        if len(self.flows) >= self.config.max_udp_flows:
+            self.counters["flows-refused"] += 1
+            self.stack.send_icmp_error(
+                icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
+            )
+            return None
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:  # EMFILE/ENFILE: refuse this flow, keep the others
+            self.counters["flows-refused"] += 1
+            log.warning("cannot open a UDP socket: %s", exc)
+            self.stack.send_icmp_error(
+                icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
+            )
+            return None
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+        sock.bind(("0.0.0.0", 0))
+        timeout = (
+            self.config.udp_dns_idle_timeout
+            if event.dst_port == DNS_PORT
+            else self.config.udp_idle_timeout
+        )
+        flow = UdpFlow(self, sock, event.src, event.src_port, timeout, now)
+        self.flows[(event.src, event.src_port)] = flow
+        self.loop.register(sock, 1, flow.on_ready)
+        self.counters["flows-opened"] += 1
+        log.info(
+            "udp flow %s:%d opened (host port %d)",
+            socket.inet_ntoa(event.src),
+            event.src_port,
+            sock.getsockname()[1],
+        )
+        if self._sweep_at is None:
+            self._sweep_at = now + 1.0
+        return flow
+
+    # ------------------------------------------------------------ host -> guest
+    def read_flow(self, flow: UdpFlow, now: float) -> None:
+        stack = self.stack
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = flow.sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._read_error(flow, now)
+                continue
+            flow.last_active = now
+            stack.send_udp(
+                self.addresses.to_guest(addr[0]), addr[1], flow.guest, flow.guest_port, data, now
+            )
+
+    def _read_error(self, flow: UdpFlow, now: float) -> None:
+        """Pass an ICMP error from the host's network on to the guest."""
+        try:
+            _data, ancdata, _flags, addr = flow.sock.recvmsg(512, 512, socket.MSG_ERRQUEUE)
+        except OSError:
+            return
+        for level, kind, cdata in ancdata:
+            if level != socket.SOL_IP or kind != IP_RECVERR or len(cdata) < _EXTENDED_ERR.size:
+                continue
+            _errno, origin, icmp_type, code, _pad, info, _ = _EXTENDED_ERR.unpack_from(cdata)
+            if origin != SO_EE_ORIGIN_ICMP or icmp_type != icmpv4.DEST_UNREACHABLE:
+                continue
+            peer = self.addresses.to_guest(addr[0])
+            quote = self.stack.udp_quote(flow.guest, flow.guest_port, peer, addr[1])
+            mtu = info if code == icmpv4.FRAGMENTATION_NEEDED else 0
+            self.stack.send_icmp_error(icmp_type, code, quote, now, mtu=mtu, src=peer)
+
+    # ------------------------------------------------------------ timers
+    def next_deadline(self):
+        return self._sweep_at
+
+    def handle_timer(self, now: float) -> None:
+        self.expire(now)
+        self._sweep_at = now + 1.0 if self.flows else None
+
+    def expire(self, now: float) -> None:
+        for key, flow in list(self.flows.items()):
+            if now - flow.last_active >= flow.idle_timeout:
+                self._close(key, flow)
+                self.counters["flows-expired"] += 1
+
+    def _close(self, key, flow: UdpFlow) -> None:
+        del self.flows[key]
+        self.loop.unregister(flow.sock)
+        flow.sock.close()
+        log.info("udp flow %s:%d closed", socket.inet_ntoa(flow.guest), flow.guest_port)
+
+    def close(self) -> None:
+        for key, flow in list(self.flows.items()):
+            self._close(key, flow)
