@@ -1,0 +1,181 @@
+"""End-to-end harness: a real forwarder, a real namespace, real clients.
+
+Every process, mount and file made here is removed on exit, also when the
+test fails. Guest-side commands run with ``nsenter --net=PATH``.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FORWARDER = [sys.executable, "-m", "forwarder"]
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+def is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+class Forwarder:
+    def __init__(self, ns_path: str, proc: subprocess.Popen, log_path: str) -> None:
+        self.ns_path = ns_path
+        self.proc = proc
+        self.log_path = log_path
+        self._background: list[subprocess.Popen] = []
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def guest_cmd(self, cmd: list[str]) -> list[str]:
+        return ["nsenter", f"--net={self.ns_path}", *cmd]
+
+    def run(self, cmd: list[str], timeout: float = 30.0, check: bool = False, **kw):
+        return subprocess.run(self.guest_cmd(cmd), capture_output=True, text=True,
+                              timeout=timeout, check=check, **kw)
+
+    def popen(self, cmd: list[str], **kw) -> subprocess.Popen:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        proc = subprocess.Popen(self.guest_cmd(cmd), **kw)
+        self._background.append(proc)
+        return proc
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def socket_count(self) -> int:
+        count = 0
+        for name in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{self.pid}/fd/{name}").startswith("socket:"):
+                    count += 1
+            except OSError:
+                pass
+        return count
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text()
+        except OSError:
+            return ""
+
+    def _stop_background(self) -> None:
+        for proc in self._background:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _wait_for_tap(ns_path: str, tap: str, proc: subprocess.Popen, log_path: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"forwarder exited with {proc.returncode}: "
+                               f"{Path(log_path).read_text()}")
+        if is_mounted(ns_path):
+            probe = subprocess.run(["nsenter", f"--net={ns_path}", "ip", "link", "show", tap],
+                                   capture_output=True, timeout=5)
+            if probe.returncode == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"forwarder did not start: {Path(log_path).read_text()}")
+
+
+def configure_guest(fwd: Forwarder, address: str = "10.0.2.100/24", mtu: int | None = None,
+                    gateway: str = "10.0.2.2", tap: str = "tap0") -> None:
+    cmds = [["ip", "link", "set", "lo", "up"], ["ip", "link", "set", tap, "up"]]
+    if mtu:
+        cmds.append(["ip", "link", "set", tap, "mtu", str(mtu)])
+    cmds += [["ip", "addr", "add", address, "dev", tap],
+             ["ip", "route", "add", "default", "via", gateway]]
+    for cmd in cmds:
+        fwd.run(cmd, timeout=10, check=True)
+
+
+@contextlib.contextmanager
+def forwarder(*extra_args: str, dns_upstreams=(), mtu: int | None = None,
+              configure: bool = True, prefix: list[str] | None = None, env=None,
+              expect_exit: int | None = 0):
+    """Start the forwarder in its PATH form; yield a Forwarder.
+
+    ``prefix`` wraps the command (e.g. ``["ip", "netns", "exec", NAME]`` to run
+    the forwarder inside a test-made host namespace).
+    """
+    workdir = tempfile.mkdtemp(prefix="pyslirp-test-")
+    ns_path = os.path.join(workdir, "net")
+    Path(ns_path).touch()
+    log_path = os.path.join(workdir, "forwarder.log")
+    args = list(extra_args)
+    for upstream in dns_upstreams:
+        args += ["--dns-upstream", upstream]
+    if mtu is not None:
+        args += ["--mtu", str(mtu)]
+    cmd = [*(prefix or []), *FORWARDER, *args, ns_path]
+    log_file = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    fwd = Forwarder(ns_path, proc, log_path)
+    try:
+        _wait_for_tap(ns_path, "tap0", proc, log_path)
+        if configure:
+            configure_guest(fwd, mtu=mtu)
+        yield fwd
+    finally:
+        fwd._stop_background()
+        code = None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        else:
+            code = proc.returncode
+        log_file.close()
+        if is_mounted(ns_path):
+            subprocess.run(["umount", "-l", ns_path], check=False)
+        for name in os.listdir(workdir):
+            os.unlink(os.path.join(workdir, name))
+        os.rmdir(workdir)
+    if expect_exit is not None:
+        assert code == expect_exit, f"forwarder exited with {code}"
+
+
+@contextlib.contextmanager
+def netns(name_prefix: str = "pyslirp"):
+    """A named namespace (ip netns add), removed on exit."""
+    name = f"{name_prefix}-{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "pids", name], capture_output=True)
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def __getattr__(name):
+    if name == "DnsServer":  # written beside us in tests/dnsserver.py
+        from tests.dnsserver import DnsServer
+
+        return DnsServer
+    raise AttributeError(name)
