@@ -1,14 +1,19 @@
-import os
-import shutil
-
 import pytest
 
 
+def _resolv_conf_is_ours() -> bool:
+    try:
+        with open("/etc/resolv.conf") as f:
+            servers = [line.split()[1] for line in f if line.startswith("nameserver")]
+    except OSError:
+        return True
+    return all(s.startswith("127.") for s in servers)
+
+
 def pytest_collection_modifyitems(config, items):
-    # End-to-end tests need root, /dev/net/tun and nsenter; without them they
-    # cannot run at all, which is a failure of the machine, not a skip.
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("nsenter"):
-        for item in items:
-            if "e2e" in item.keywords:
-                item.add_marker(pytest.mark.xfail(reason="needs root, /dev/net/tun, nsenter",
-                                                  run=False, strict=True))
+    # The forwarder proxies whatever the guest asks, and some tools resolve
+    # names behind our back: end-to-end tests run only inside .ci/sandbox,
+    # where /etc/resolv.conf names 127.0.0.1 and never the host's resolver.
+    if any("e2e" in item.keywords for item in items) and not _resolv_conf_is_ours():
+        pytest.exit("end-to-end tests must run inside .ci/sandbox "
+                    "(/etc/resolv.conf names a resolver that is not ours)", returncode=3)
