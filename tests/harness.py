@@ -40,8 +40,9 @@ class Forwarder:
         return ["nsenter", f"--net={self.ns_path}", *cmd]
 
     def run(self, cmd: list[str], timeout: float = 30.0, check: bool = False, **kw):
-        return subprocess.run(self.guest_cmd(cmd), capture_output=True, text=True,
-                              timeout=timeout, check=check, **kw)
+        return subprocess.run(
+            self.guest_cmd(cmd), capture_output=True, text=True, timeout=timeout, check=check, **kw
+        )
 
     def popen(self, cmd: list[str], **kw) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.PIPE)
@@ -83,32 +84,49 @@ def _wait_for_tap(ns_path: str, tap: str, proc: subprocess.Popen, log_path: str)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"forwarder exited with {proc.returncode}: "
-                               f"{Path(log_path).read_text()}")
+            raise RuntimeError(
+                f"forwarder exited with {proc.returncode}: {Path(log_path).read_text()}"
+            )
         if is_mounted(ns_path):
-            probe = subprocess.run(["nsenter", f"--net={ns_path}", "ip", "link", "show", tap],
-                                   capture_output=True, timeout=5)
+            probe = subprocess.run(
+                ["nsenter", f"--net={ns_path}", "ip", "link", "show", tap],
+                capture_output=True,
+                timeout=5,
+            )
             if probe.returncode == 0:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"forwarder did not start: {Path(log_path).read_text()}")
 
 
-def configure_guest(fwd: Forwarder, address: str = "10.0.2.100/24", mtu: int | None = None,
-                    gateway: str = "10.0.2.2", tap: str = "tap0") -> None:
+def configure_guest(
+    fwd: Forwarder,
+    address: str = "10.0.2.100/24",
+    mtu: int | None = None,
+    gateway: str = "10.0.2.2",
+    tap: str = "tap0",
+) -> None:
     cmds = [["ip", "link", "set", "lo", "up"], ["ip", "link", "set", tap, "up"]]
     if mtu:
         cmds.append(["ip", "link", "set", tap, "mtu", str(mtu)])
-    cmds += [["ip", "addr", "add", address, "dev", tap],
-             ["ip", "route", "add", "default", "via", gateway]]
+    cmds += [
+        ["ip", "addr", "add", address, "dev", tap],
+        ["ip", "route", "add", "default", "via", gateway],
+    ]
     for cmd in cmds:
         fwd.run(cmd, timeout=10, check=True)
 
 
 @contextlib.contextmanager
-def forwarder(*extra_args: str, dns_upstreams=(), mtu: int | None = None,
-              configure: bool = True, prefix: list[str] | None = None, env=None,
-              expect_exit: int | None = 0):
+def forwarder(
+    *extra_args: str,
+    dns_upstreams=(),
+    mtu: int | None = None,
+    configure: bool = True,
+    prefix: list[str] | None = None,
+    env=None,
+    expect_exit: int | None = 0,
+):
     """Start the forwarder in its PATH form; yield a Forwarder.
 
     ``prefix`` wraps the command (e.g. ``["ip", "netns", "exec", NAME]`` to run
@@ -125,8 +143,14 @@ def forwarder(*extra_args: str, dns_upstreams=(), mtu: int | None = None,
         args += ["--mtu", str(mtu)]
     cmd = [*(prefix or []), *FORWARDER, *args, ns_path]
     log_file = open(log_path, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
     fwd = Forwarder(ns_path, proc, log_path)
     try:
         _wait_for_tap(ns_path, "tap0", proc, log_path)
@@ -165,8 +189,9 @@ def netns(name_prefix: str = "pyslirp"):
         yield name
     finally:
         subprocess.run(["ip", "netns", "pids", name], capture_output=True)
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                              text=True).stdout.split()
+        pids = subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True
+        ).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
