@@ -1,0 +1,307 @@
+"""Namespaces, the TAP device and the bind mount, through ctypes and pyroute2.
+
+The namespace work happens in a forked child, as slirp4netns does it: the
+child enters (or creates) the network namespace, opens the TAP there, sets up
+the links, and hands the TAP's file descriptor back over a unix socket. The
+parent never leaves its own namespaces, so host sockets are made on the host.
+A child is needed because a process cannot go back: joining a user namespace
+is one-way, and an unprivileged user inside ``unshare -rm`` may create a
+network namespace but may not setns() back into the host's one.
+
+Everything here raises ``StartupError`` with one line fit for the user.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+
+# <sched.h>, <sys/mount.h>, <linux/if_tun.h>
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+_IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags, rest of the union
+
+TUN_PATH = "/dev/net/tun"
+OWN_NETNS = "/proc/thread-self/ns/net"
+
+
+class StartupError(Exception):
+    """A failure to start, with a one-line message for the user."""
+
+
+def _errno_text(err: int) -> str:
+    return os.strerror(err)
+
+
+class _Libc:
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self.unshare = libc.unshare
+        self.unshare.argtypes = [ctypes.c_int]
+        self.setns = libc.setns
+        self.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+        self.mount = libc.mount
+        self.mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_void_p,
+        ]
+        self.umount2 = libc.umount2
+        self.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+_libc: _Libc | None = None
+
+
+def libc() -> _Libc:
+    global _libc
+    if _libc is None:
+        _libc = _Libc()
+    return _libc
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise StartupError(f"{what}: {_errno_text(err)}")
+
+
+def unshare_net() -> None:
+    _check(libc().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+
+
+def bind_mount(source: str, target: str) -> None:
+    result = libc().mount(os.fsencode(source), os.fsencode(target), b"none", MS_BIND, None)
+    if result != 0:
+        err = ctypes.get_errno()
+        raise StartupError(f"cannot bind-mount the namespace on {target}: {_errno_text(err)}")
+
+
+def unmount(target: str) -> int:
+    """Lazily unmount ``target``; the errno, or 0."""
+    if libc().umount2(os.fsencode(target), MNT_DETACH) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def same_namespace(path_a: str, path_b: str) -> bool:
+    a, b = os.stat(path_a), os.stat(path_b)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def validate_tap_name(name: str) -> None:
+    """The kernel's rules for an interface name (dev_valid_name)."""
+    if not name or name in (".", "..") or len(os.fsencode(name)) >= IFNAMSIZ:
+        raise StartupError(f"invalid TAP name {name!r}: 1 to {IFNAMSIZ - 1} bytes")
+    if any(c in name for c in "/:") or any(c.isspace() for c in name):
+        raise StartupError(f"invalid TAP name {name!r}: no '/', ':' or white space")
+
+
+def open_tap(name: str) -> int:
+    """Open a TAP (IFF_TAP | IFF_NO_PI) named ``name`` in the current network
+    namespace. The device lives as long as the returned descriptor."""
+    try:
+        fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StartupError(f'open("{TUN_PATH}"): {exc.strerror}') from None
+    ifreq = _IFREQ.pack(os.fsencode(name), IFF_TAP | IFF_NO_PI)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, ifreq)
+    except OSError as exc:
+        os.close(fd)
+        hint = ""
+        if exc.errno in (errno.EBUSY, errno.EINVAL, errno.EEXIST):
+            hint = f" (is the name {name} taken by another device?)"
+        raise StartupError(
+            f"cannot create TAP {name}: ioctl(TUNSETIFF): {exc.strerror}{hint}"
+        ) from None
+    return fd
+
+
+# ------------------------------------------------------------------ links
+@dataclass
+class LinkSetup:
+    """What to do to the links inside the namespace (pyroute2)."""
+
+    loopback_up: bool = False
+    configure: bool = False  # -c: TAP up with MTU, address, default route
+    mtu: int = 1500
+    address: str = ""
+    prefix_len: int = 24
+    gateway: str = ""
+
+
+def setup_links(tap: str, setup: LinkSetup) -> None:
+    if not (setup.loopback_up or setup.configure):
+        return
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    step = "open netlink"
+    try:
+        with IPRoute() as ipr:
+            if setup.loopback_up or setup.configure:
+                step = "set lo up"
+                (lo,) = ipr.link_lookup(ifname="lo")
+                ipr.link("set", index=lo, state="up")
+            if setup.configure:
+                (index,) = ipr.link_lookup(ifname=tap)
+                step = f"set {tap} MTU {setup.mtu}"
+                ipr.link("set", index=index, mtu=setup.mtu)
+                step = f"set {tap} up"
+                ipr.link("set", index=index, state="up")
+                step = f"add address {setup.address}/{setup.prefix_len} to {tap}"
+                ipr.addr("add", index=index, address=setup.address, prefixlen=setup.prefix_len)
+                step = f"add default route via {setup.gateway}"
+                ipr.route("add", dst="0.0.0.0/0", gateway=setup.gateway, oif=index)
+    except NetlinkError as exc:
+        raise StartupError(
+            f"cannot configure the namespace: {step}: {_errno_text(exc.code)}"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot configure the namespace: {step}: {exc}") from None
+
+
+# ------------------------------------------------------------ the targets
+@dataclass
+class NewNamespace:
+    """Create a network namespace and bind-mount it on ``path``."""
+
+    path: str
+
+
+@dataclass
+class ExistingNamespace:
+    """Join the network namespace at ``netns_path`` (and the user namespace
+    at ``userns_path`` first, where it differs from ours)."""
+
+    netns_path: str
+    userns_path: str | None = None
+
+
+@dataclass
+class Attachment:
+    """A TAP obtained from a namespace; ``close`` undoes what the front end made."""
+
+    tap_fd: int
+    tap_name: str
+    mounted_path: str | None = None
+
+    def close(self) -> None:
+        if self.tap_fd >= 0:
+            os.close(self.tap_fd)
+            self.tap_fd = -1
+        if self.mounted_path is not None:
+            err = unmount(self.mounted_path)
+            if err not in (0, errno.EINVAL, errno.ENOENT):
+                print(
+                    f"cannot unmount {self.mounted_path}: {_errno_text(err)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.mounted_path = None
+
+
+def _enter(target: ExistingNamespace) -> None:
+    """In the child: join the user namespace (if it differs) and the network
+    namespace of the target. The wording follows slirp4netns."""
+    try:
+        net_fd = os.open(target.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StartupError(f"{target.netns_path}: {exc.strerror}") from None
+    try:
+        if target.userns_path is not None:
+            try:
+                user_fd = os.open(target.userns_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise StartupError(f"{target.userns_path}: {exc.strerror}") from None
+            try:
+                own = os.fstat(user_fd)
+                mine = os.stat("/proc/self/ns/user")
+                if (own.st_dev, own.st_ino) != (mine.st_dev, mine.st_ino):
+                    # As in slirp4netns, a failure here is not fatal by itself:
+                    # joining the network namespace decides.
+                    libc().setns(user_fd, CLONE_NEWUSER)
+            finally:
+                os.close(user_fd)
+        _check(libc().setns(net_fd, CLONE_NEWNET), "setns(CLONE_NEWNET)")
+    finally:
+        os.close(net_fd)
+
+
+def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
+    """Runs in the forked child; reports back over ``sock`` and never returns."""
+    code = 1
+    try:
+        mounted = False
+        try:
+            if isinstance(target, NewNamespace):
+                unshare_net()
+            else:
+                _enter(target)
+            tap_fd = open_tap(tap)
+            setup_links(tap, setup)
+            if isinstance(target, NewNamespace):
+                bind_mount(OWN_NETNS, target.path)
+                mounted = True
+            socket.send_fds(sock, [b"\0"], [tap_fd])
+            print(f"sent tapfd={tap_fd} for {tap}", file=sys.stderr, flush=True)
+            code = 0
+        except StartupError as exc:
+            if mounted:
+                unmount(target.path)
+            sock.sendall(str(exc).encode(errors="replace")[:4000])
+        except BaseException as exc:  # noqa: BLE001 - must not escape a forked child
+            if mounted:
+                unmount(target.path)
+            sock.sendall(f"namespace set-up failed: {exc!r}".encode(errors="replace")[:4000])
+    finally:
+        os._exit(code)
+
+
+def attach(target, tap: str, setup: LinkSetup) -> Attachment:
+    """Get a TAP named ``tap`` inside ``target``'s network namespace."""
+    validate_tap_name(tap)
+    if setup.loopback_up or setup.configure:
+        import pyroute2  # noqa: F401 - import once, before the fork, not in every child
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        parent_sock.close()
+        _child(target, tap, setup, child_sock)
+    child_sock.close()
+    try:
+        message, fds, _flags, _addr = socket.recv_fds(parent_sock, 4096, 1)
+        if message and message != b"\0":
+            while chunk := parent_sock.recv(4096):
+                message += chunk
+    finally:
+        parent_sock.close()
+        _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if fds and code == 0 and message == b"\0":
+        tap_fd = fds[0]
+        os.set_inheritable(tap_fd, False)
+        print(f"received tapfd={tap_fd}", file=sys.stderr, flush=True)
+        mounted = target.path if isinstance(target, NewNamespace) else None
+        return Attachment(tap_fd, tap, mounted)
+    for fd in fds:
+        os.close(fd)
+    if message and message != b"\0":
+        raise StartupError(message.decode(errors="replace"))
+    raise StartupError(f"the namespace set-up child failed (exit status {code})")
