@@ -40,6 +40,12 @@ class NetworkConfig:
     ping_idle_timeout: float = 30.0
     # Frames read from the TAP per wake-up before host sockets get a turn.
     tap_batch: int = 512
+    # DHCP (added with the DHCP server): how long an OFFERed address stays
+    # reserved for a client that has not REQUESTed it yet (RFC 2131 4.3.1
+    # leaves it to the server; a REQUEST follows within seconds), and how long a DECLINEd address stays out of the pool (RFC 2131 4.3.3:
+    # "mark the network address as not available").
+    dhcp_offer_timeout: float = 60.0
+    dhcp_decline_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:

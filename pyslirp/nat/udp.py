@@ -71,6 +71,9 @@ class UdpNat:
                     now,
                     dst_mac=to_mac,
                 )
+            # An ACKed address needs no ARP before we send to it.
+            while (lease := self.dhcp.next_event()) is not None:
+                stack.learn_neighbor(lease.address, lease.mac)
             return
         if dst == self.addresses.dns:
             if dport == DNS_PORT:
