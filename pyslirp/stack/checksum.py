@@ -32,8 +32,12 @@ def checksum(data) -> int:
 
 
 def is_valid(data) -> bool:
-    """True if ``data`` (checksum field included) sums to all ones."""
-    return partial_sum(data) == 0
+    """True if ``data`` (checksum field included) sums to all ones.
+
+    A partial sum of 0 is either all ones (valid) or, for all-zero data, a
+    true zero: an all-zero message never carries a valid checksum.
+    """
+    return partial_sum(data) == 0 and any(data)
 
 
 def pseudo_header_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int:
