@@ -161,8 +161,9 @@ def _parse_options(data: bytes, options: dict) -> None:
         value = data[i + 2 : i + 2 + length]
         options[code] = options[code] + value if code in options else value
         i += 2 + length
-    # RFC 2131 4.1 asks for an end option, but clients that stop at the
-    # buffer's end are common enough to accept.
+    # RFC 2131 4.1: the options end with the end option; a message cut short
+    # anywhere, even between options, is not to be believed.
+    raise MalformedDhcp("dhcp-no-end-option")
 
 
 class DhcpServer:
