@@ -39,7 +39,7 @@ With two, join the network namespace of PID (or of PATH with
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
 --netns-type=TYPE        specify network namespace type ([path|pid], default=pid)
 --userns-path=PATH       specify user namespace path
---backend=NAME           specify the backend ([python], default=python)
+--backend=NAME           specify the backend ([BACKENDS], default=python)
 --pcap=FILE              write every frame to and from the TAP to FILE (pcap)
 --dns-upstream=ADDR[:PORT]
                          resolver for the DNS proxy (repeatable;
@@ -233,7 +233,9 @@ def parse(argv: list[str]) -> tuple[str | None, Options | None]:
     parser = _parser()
     ns = parser.parse_intermixed_args(argv)
     if ns.help:
-        return USAGE, None
+        from pyslirp.backend import BACKENDS
+
+        return USAGE.replace("BACKENDS", "|".join(BACKENDS)), None
     if ns.version:
         return version_text(), None
     return None, Options(ns)
@@ -313,6 +315,14 @@ def run(argv: list[str]) -> int:
         gateway=str(config.gateway),
     )
     try:
+        from pyslirp.backend import create_backend
+
+        try:
+            # Made before the namespace work, so that a backend that cannot
+            # start (a missing library) leaves nothing to undo.
+            backend = create_backend(options.backend, config)
+        except Exception as exc:
+            return _fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
         try:
             attachment = attach(options.target, options.tap, setup)
         except StartupError as exc:
@@ -320,9 +330,7 @@ def run(argv: list[str]) -> int:
         try:
             sys.stdout.write(banner(options))
             sys.stdout.flush()
-            from pyslirp.backend import create_backend
-
-            create_backend(options.backend, config).run(attachment.tap_fd, stop_r)
+            backend.run(attachment.tap_fd, stop_r)
         except Exception as exc:
             logging.getLogger("pyslirp").debug("backend failed", exc_info=True)
             return _fail(f"backend {options.backend} failed: {exc}")

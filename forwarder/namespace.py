@@ -276,7 +276,10 @@ def attach(target, tap: str, setup: LinkSetup) -> Attachment:
     """Get a TAP named ``tap`` inside ``target``'s network namespace."""
     validate_tap_name(tap)
     if setup.loopback_up or setup.configure:
-        import pyroute2  # noqa: F401 - import once, before the fork, not in every child
+        try:
+            import pyroute2  # noqa: F401 - once, before the fork, not in every child
+        except ImportError as exc:
+            raise StartupError(f"pyroute2 is needed to set up the links: {exc}") from None
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sys.stdout.flush()
     sys.stderr.flush()

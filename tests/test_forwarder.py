@@ -1,0 +1,504 @@
+"""The front end: command line, both start forms, errors, signals, --pcap.
+
+The guest is the Linux kernel in a real network namespace; guest commands run
+with nsenter. Every namespace, process and mount made here goes away in a
+finally block.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import harness
+
+FORWARDER = [sys.executable, "-m", "forwarder"]
+REPO = harness.REPO
+NOBODY = 65534
+
+
+# --------------------------------------------------------------- helpers
+def run_forwarder(*args: str, timeout: float = 20.0, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*FORWARDER, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def netns_id(pid: int | str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+@contextlib.contextmanager
+def target_process(*unshare_flags: str):
+    """A `sleep` in a fresh network namespace (made with unshare); yields its PID."""
+    proc = subprocess.Popen(["unshare", *unshare_flags, "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 5
+        while netns_id(proc.pid) == netns_id("self"):
+            assert time.monotonic() < deadline, "unshare did not make a namespace"
+            time.sleep(0.01)
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def in_target(pid: int, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["nsenter", "-t", str(pid), "-n", *cmd], capture_output=True, text=True, timeout=15, **kw
+    )
+
+
+@contextlib.contextmanager
+def background_forwarder(*args: str):
+    """The forwarder in the PID form, with its output in a file."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([*FORWARDER, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            yield proc, log
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+
+
+def read_log(log) -> str:
+    log.seek(0)
+    return log.read()
+
+
+def wait_for(predicate, what: str, proc=None, log=None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"forwarder exited {proc.returncode}: {read_log(log)}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def ping(runner, address: str) -> None:
+    result = runner(["ping", "-c", "1", "-W", "2", address])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 received" in result.stdout
+
+
+def assert_nothing_left(ns_path: str | None = None) -> None:
+    if ns_path is not None:
+        assert not harness.is_mounted(ns_path)
+        assert Path(ns_path).is_file()
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == ""
+
+
+# ------------------------------------------------------------- the CLI
+def test_version_has_slirp4netns_layout_and_our_version():
+    from pyslirp import __version__
+
+    for flag in ("-v", "--version"):
+        result = run_forwarder(flag)
+        assert result.returncode == 0
+        lines = result.stdout.splitlines()
+        assert lines[0] == f"pyslirp-forwarder version {__version__}"
+        assert lines[1].startswith("backends: python")
+        assert result.stderr == ""
+
+
+def test_help_lists_the_slirp4netns_spellings():
+    for flag in ("-h", "--help"):
+        result = run_forwarder(flag)
+        assert result.returncode == 0
+        assert result.stdout.startswith("Usage: pyslirp-forwarder [OPTION]... PATH\n")
+        for option in (
+            "-c, --configure",
+            "-m, --mtu=MTU",
+            "--cidr=CIDR",
+            "--disable-host-loopback",
+            "--netns-type=TYPE",
+            "--userns-path=PATH",
+            "--backend=NAME",
+            "--pcap=FILE",
+            "--dns-upstream=ADDR[:PORT]",
+            "--log-level=LEVEL",
+            "-h, --help",
+            "-v, --version",
+        ):
+            assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "missing PATH, or PID and TAPNAME"),
+        (["--mtu", "67"], "MTU must be an integer from 68 to 65520"),
+        (["--mtu=65521"], "MTU must be an integer from 68 to 65520"),
+        (["-m", "x"], "MTU must be an integer from 68 to 65520"),
+        (["--cidr", "10.0.2.0/26"], "prefix length needs to be 1-25"),
+        (["--cidr", "10.0.2.0/0"], "prefix length needs to be 1-25"),
+        (["--cidr", "10.0.2.100/24"], "CIDR needs to be a network address like 10.0.2.0/24"),
+        (["--cidr", "10.0.2/24"], "invalid CIDR: 10.0.2/24"),
+        (["--cidr", "10.0.2.256/24"], "invalid network address: 10.0.2.256"),
+        (["--backend=bogus"], "unknown backend 'bogus' (available: python"),
+        (["--log-level=loud"], "invalid --log-level 'loud'"),
+        (["--dns-upstream", "::1"], "invalid --dns-upstream '::1'"),
+        (["--dns-upstream", "127.0.0.1:0"], "invalid --dns-upstream"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--netns-type=tapfd"], "--netns-type=tapfd is not supported yet"),
+        (["--netns-type=bogus"], '--netns-type must be either "pid" or "path"'),
+        (["--pcap", "/nonexistent-dir/x.pcap"], "cannot write pcap file /nonexistent-dir/x.pcap"),
+    ],
+)
+def test_bad_option_is_one_line_and_exit_1(tmp_path, args, message):
+    ns_file = tmp_path / "net"
+    ns_file.touch()
+    positional = [str(ns_file)] if args else []
+    result = run_forwarder(*args, *positional)
+    assert_one_line_error(result, message)
+    assert_nothing_left(str(ns_file))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["0", "tap0"], "PID must be a positive integer"),
+        (["abc", "tap0"], "PID must be a positive integer"),
+        (["4242"], "TAPNAME is required after the PID 4242"),
+        (["--netns-type=path", "/nonexistent/net", "tap0"], "existing path expected when"),
+        (["--netns-type=path", "/proc/self/ns/net"], "TAPNAME is required with --netns-type"),
+        (["--userns-path=/nonexistent/user", "1", "tap0"], "userns path doesn't exist"),
+        (["1", "this-name-is-too-long"], "invalid TAP name 'this-name-is-too-long'"),
+        (["1", "a/b"], "invalid TAP name 'a/b'"),
+    ],
+)
+def test_bad_positional_is_one_line_and_exit_1(args, message):
+    assert_one_line_error(run_forwarder(*args), message)
+
+
+def test_missing_path_is_not_created(tmp_path):
+    missing = tmp_path / "net"
+    result = run_forwarder(str(missing))
+    assert_one_line_error(result, f"namespace file {missing} does not exist")
+    assert not missing.exists()
+
+
+# ------------------------------------------------------ PATH form, e2e
+@pytest.mark.e2e
+def test_path_form_static_guest_pings_gateway_and_dns():
+    with harness.forwarder(dns_upstreams=["127.0.0.1:9"]) as fwd:
+        ping(fwd.run, "10.0.2.2")
+        ping(fwd.run, "10.0.2.3")
+        links = fwd.run(["ip", "-o", "link", "show", "lo"]).stdout
+        assert "UP" in links  # the front end brings lo up in a namespace it makes
+        banner = fwd.log()
+        for line in (
+            "* MTU:             1500",
+            "* Network:         10.0.2.0",
+            "* Netmask:         255.255.255.0",
+            "* Gateway:         10.0.2.2",
+            "* DNS:             10.0.2.3",
+            "* DHCP begin:      10.0.2.15",
+            "* DHCP end:        10.0.2.30",
+            "* Recommended IP:  10.0.2.100",
+            "* DNS upstreams:   127.0.0.1:9 (from command line)",
+            "WARNING: 127.0.0.1:* on the host is accessible as 10.0.2.2",
+            "sent tapfd=",
+            "received tapfd=",
+        ):
+            assert line in banner, banner
+        ns_path = fwd.ns_path
+    assert not harness.is_mounted(ns_path)
+    assert_nothing_left()
+
+
+@pytest.mark.e2e
+def test_path_form_configure_sets_address_route_mtu_in_custom_cidr():
+    args = ("-c", "--mtu", "65520", "--cidr", "10.9.8.0/24", "--disable-host-loopback")
+    with harness.forwarder(*args, configure=False) as fwd:
+        wait_for(
+            lambda: "default via 10.9.8.2" in fwd.run(["ip", "-4", "route"]).stdout,
+            "the route from --configure",
+        )
+        addr = fwd.run(["ip", "-o", "-4", "addr", "show", "dev", "tap0"]).stdout
+        assert "inet 10.9.8.100/24" in addr
+        link = fwd.run(["ip", "-o", "link", "show", "tap0"]).stdout
+        assert "mtu 65520" in link and ",UP" in link
+        assert "state UP" in fwd.run(["ip", "-o", "link", "show", "lo"]).stdout or (
+            "LOOPBACK,UP" in fwd.run(["ip", "-o", "link", "show", "lo"]).stdout
+        )
+        ping(fwd.run, "10.9.8.2")
+        ping(fwd.run, "10.9.8.3")
+        banner = fwd.log()
+        assert "* Recommended IP:  10.9.8.100" in banner
+        assert "* MTU:             65520" in banner
+        assert "WARNING: 127.0.0.1:*" not in banner
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_within_a_second_and_unmounts(sig):
+    with harness.forwarder() as fwd:
+        ping(fwd.run, "10.0.2.2")
+        assert harness.is_mounted(fwd.ns_path)
+        started = time.monotonic()
+        fwd.proc.send_signal(sig)
+        code = fwd.proc.wait(timeout=5)
+        elapsed = time.monotonic() - started
+        assert code == 0
+        assert elapsed < 1.0, elapsed
+        assert not harness.is_mounted(fwd.ns_path)
+        assert Path(fwd.ns_path).is_file()
+        assert "Traceback" not in fwd.log()
+
+
+@pytest.mark.e2e
+def test_pcap_is_read_by_tshark_without_malformed_frames(tmp_path):
+    pcap = tmp_path / "capture.pcap"
+    with harness.forwarder("--pcap", str(pcap)) as fwd:
+        ping(fwd.run, "10.0.2.2")
+        ping(fwd.run, "10.0.2.3")
+    fields = subprocess.run(
+        ["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.protocols"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert fields.returncode == 0, fields.stderr
+    protocols = fields.stdout.splitlines()
+    assert sum("icmp" in p for p in protocols) >= 4  # two requests, two replies
+    assert any("arp" in p for p in protocols)
+    bad = subprocess.run(
+        [
+            "tshark",
+            "-r",
+            str(pcap),
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-Y",
+            '_ws.malformed || _ws.expert.severity == "Error" || ip.checksum.status == "Bad"'
+            ' || icmp.checksum.status == "Bad"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 0, bad.stderr
+    assert bad.stdout == ""
+
+
+@pytest.mark.e2e
+def test_path_is_a_directory_fails_cleanly(tmp_path):
+    result = run_forwarder(str(tmp_path))
+    assert_one_line_error(result, f"cannot bind-mount the namespace on {tmp_path}")
+    assert not harness.is_mounted(str(tmp_path))
+
+
+# ------------------------------------------------------- PID form, e2e
+@pytest.mark.e2e
+@pytest.mark.parametrize("unshare_flags", [("-n",), ("-r", "-n")], ids=["netns", "userns+netns"])
+def test_pid_form_with_configure(unshare_flags):
+    with (
+        target_process(*unshare_flags) as pid,
+        background_forwarder("--dns-upstream", "127.0.0.1:9", str(pid), "tap0", "-c") as (
+            proc,
+            log,
+        ),
+    ):
+        wait_for(
+            lambda: "default via 10.0.2.2" in in_target(pid, ["ip", "-4", "route"]).stdout,
+            "the route from --configure",
+            proc,
+            log,
+        )
+        ping(lambda cmd: in_target(pid, cmd), "10.0.2.2")
+        ping(lambda cmd: in_target(pid, cmd), "10.0.2.3")
+        assert f"TAP:             tap0 in the network namespace of PID {pid}" in read_log(log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        # The TAP goes with the forwarder.
+        assert in_target(pid, ["ip", "link", "show", "tap0"]).returncode != 0
+
+
+@pytest.mark.e2e
+def test_netns_type_path_with_userns_path_and_static_guest():
+    with (
+        target_process("-r", "-n") as pid,
+        background_forwarder(
+            "--netns-type=path",
+            f"--userns-path=/proc/{pid}/ns/user",
+            f"/proc/{pid}/ns/net",
+            "guest1",
+        ) as (proc, log),
+    ):
+        wait_for(
+            lambda: in_target(pid, ["ip", "link", "show", "guest1"]).returncode == 0,
+            "the TAP",
+            proc,
+            log,
+        )
+        for cmd in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "link", "set", "guest1", "up"],
+            ["ip", "addr", "add", "10.0.2.50/24", "dev", "guest1"],
+            ["ip", "route", "add", "default", "via", "10.0.2.2"],
+        ):
+            assert in_target(pid, cmd).returncode == 0
+        ping(lambda cmd: in_target(pid, cmd), "10.0.2.2")
+        ping(lambda cmd: in_target(pid, cmd), "10.0.2.3")
+
+
+@pytest.mark.e2e
+def test_pid_gone_is_one_line():
+    proc = subprocess.Popen(["true"])
+    proc.wait(timeout=5)
+    result = run_forwarder(str(proc.pid), "tap0")
+    assert_one_line_error(result, f"/proc/{proc.pid}/ns/net: No such file or directory")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "make_device",
+    [
+        ["ip", "link", "add", "tap0", "type", "bridge"],
+        ["ip", "tuntap", "add", "tap0", "mode", "tun"],
+    ],
+    ids=["bridge", "tun-device"],
+)
+def test_tap_name_taken_by_another_device_or_forwarder(make_device):
+    with target_process("-n") as pid:
+        made = in_target(pid, make_device)
+        assert made.returncode == 0, made.stderr
+        result = run_forwarder(str(pid), "tap0", "-c")
+        assert_one_line_error(result, "cannot create TAP tap0: ioctl(TUNSETIFF)", "taken")
+        links = in_target(pid, ["ip", "-o", "link"]).stdout.splitlines()
+        assert len(links) == 2  # lo and that device, nothing else
+        # A TAP that a running forwarder holds is taken too.
+        with background_forwarder(str(pid), "tap1") as (proc, log):
+            wait_for(
+                lambda: in_target(pid, ["ip", "link", "show", "tap1"]).returncode == 0,
+                "the first forwarder's TAP",
+                proc,
+                log,
+            )
+            second = run_forwarder(str(pid), "tap1")
+            assert_one_line_error(second, "Device or resource busy")
+            assert proc.poll() is None
+    assert_nothing_left()
+
+
+# ------------------------------------------ an unprivileged user, e2e
+UNPRIVILEGED_SCRIPT = r"""
+set -eu
+work=$1; py=$2; tun_mode=$3
+# This mount namespace is the test's own: nothing below is seen outside.
+mkdir "$work/dev"
+mount -t tmpfs -o mode=755 none "$work/dev"
+mknod "$work/dev/tun" c 10 200
+chmod "$tun_mode" "$work/dev/tun"
+mount --bind "$work/dev/tun" /dev/net/tun
+case "$py" in /root/*)
+    # The interpreter lives under root's 0700 home here: give the
+    # unprivileged user a way through, in this namespace only.
+    mkdir "$work/root"
+    mount --bind /root "$work/root"
+    mount -t tmpfs -o mode=755 none /root
+    top=$(echo "$py" | cut -d/ -f3)
+    mkdir "/root/$top"
+    mount --bind "$work/root/$top" "/root/$top"
+esac
+touch "$work/net"
+chown 65534:65534 "$work" "$work/net"
+chmod 755 "$work"
+exec setpriv --reuid=65534 --regid=65534 --clear-groups \
+  unshare -rm --propagation private sh -c '
+    set -u
+    work=$1; py=$2
+    "$py" -m forwarder --dns-upstream 127.0.0.1:9 "$work/net" >"$work/log" 2>&1 &
+    pid=$!
+    i=0
+    while [ $i -lt 100 ]; do
+        nsenter --net="$work/net" ip link show tap0 >/dev/null 2>&1 && break
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.05; i=$((i+1))
+    done
+    if kill -0 $pid 2>/dev/null; then
+        nsenter --net="$work/net" sh -c "ip link set tap0 up &&
+            ip addr add 10.0.2.100/24 dev tap0 &&
+            ip route add default via 10.0.2.2 &&
+            ping -c 1 -W 2 10.0.2.2" >"$work/ping" 2>&1 || true
+        kill -TERM $pid
+    fi
+    wait $pid; echo "forwarder-exit=$?"
+    grep -c " $work/net " /proc/self/mountinfo || true
+  ' sh "$work" "$py"
+"""
+
+
+def run_unprivileged(tun_mode: str) -> tuple[str, str, str]:
+    """Run the PATH form as uid 65534 inside `unshare -rm`, with a private
+    /dev/net/tun node of mode ``tun_mode``. Returns (output, log, ping)."""
+    work = tempfile.mkdtemp(prefix="pyslirp-unpriv-")
+    try:
+        result = subprocess.run(
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                UNPRIVILEGED_SCRIPT,
+                "sh",
+                work,
+                sys.executable,
+                tun_mode,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+        def read(name):
+            path = os.path.join(work, name)
+            return Path(path).read_text() if os.path.exists(path) else ""
+
+        return result.stdout, read("log"), read("ping")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_unprivileged_user_in_unshare_rm_with_usable_tun():
+    output, log, ping_out = run_unprivileged("0666")
+    assert "forwarder-exit=0" in output, output + log
+    assert "1 received" in ping_out, ping_out + log
+    assert output.strip().splitlines()[-1] == "0"  # no mount left on the ns file
+
+
+@pytest.mark.e2e
+def test_unprivileged_user_without_tun_access_fails_cleanly():
+    output, log, _ = run_unprivileged("0600")
+    assert "forwarder-exit=1" in output, output + log
+    assert log.strip() == 'pyslirp-forwarder: open("/dev/net/tun"): Permission denied'
+    assert output.strip().splitlines()[-1] == "0"
