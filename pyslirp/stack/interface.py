@@ -102,7 +102,8 @@ class Stack:
         for _key, header, first in self._reassembler.expire(now):
             self.drops["reassembly-timeout"] += 1
             # RFC 792: time exceeded, code 1, only if the first fragment came.
-            self.send_icmp_error(icmpv4.TIME_EXCEEDED, 1, header + first[:8], now)
+            if header:
+                self.send_icmp_error(icmpv4.TIME_EXCEEDED, 1, header + first[:8], now)
         if self.tcp is not None:
             self.tcp.handle_timer(now)
 
@@ -153,8 +154,16 @@ class Stack:
         if len(original) < ipv4.HEADER_LEN:
             return
         orig_src = original[12:16]
+        orig_dst = original[16:20]
         proto = original[9]
-        if orig_src in (_ZERO_IP, _LIMITED_BROADCAST):
+        # RFC 1122 3.2.2: never about a datagram from an address that does not
+        # name one host, to a broadcast or multicast address, or about a
+        # fragment other than the first.
+        if orig_src == _ZERO_IP or orig_src[0] >= 224 or orig_src == self.config.broadcast:
+            return
+        if orig_dst[0] >= 224 or orig_dst == self.config.broadcast:
+            return
+        if (original[6] & 0x1F) or original[7]:
             return
         if proto == ipv4.PROTO_ICMP:  # RFC 1122 3.2.2: never about an ICMP error
             hl = (original[0] & 0x0F) * 4
@@ -182,6 +191,9 @@ class Stack:
         ttl: int = ipv4.DEFAULT_TTL,
     ) -> None:
         """Send an IP datagram to the guest, fragmenting it to the MTU."""
+        if ipv4.HEADER_LEN + len(payload) > ipv4.MAX_PACKET:
+            self.drops["ipv4-too-long-out"] += 1
+            return
         self._ip_ident = (self._ip_ident + 1) & 0xFFFF
         if ipv4.HEADER_LEN + len(payload) <= self.config.mtu:
             packets = [
@@ -217,7 +229,7 @@ class Stack:
         oper, sha, spa, _tha, tpa = arp.parse(data)
         if spa != _ZERO_IP and self.config.in_network(spa) and spa not in self._local:
             self._learn(spa, sha, now)
-        if oper == arp.REQUEST and tpa in self._local and spa != tpa:
+        if oper == arp.REQUEST and tpa in self._local and spa != tpa and not sha[0] & 1:
             mac = self.config.mac_for(tpa)
             reply = arp.emit(arp.REPLY, mac, tpa, sha, spa)
             self._out.append(ethernet.header(sha, mac, ethernet.ETHERTYPE_ARP) + reply)
@@ -238,7 +250,7 @@ class Stack:
         header = ipv4.parse(data)
         packet = data[: header.total_len]
         src, dst = header.src, header.dst
-        if src[0] >= 224 or src == _LIMITED_BROADCAST or src[0] == 127:
+        if src[0] >= 224 or src[0] == 127 or src == self.config.broadcast:
             raise MalformedFrame("ipv4-bad-source")
         if (
             self._arp_cache.get(src) != src_mac
@@ -279,9 +291,9 @@ class Stack:
             )
             if whole is None:
                 return
-            first_header, payload = whole
-            packet = first_header + payload
-            payload = memoryview(packet)[len(first_header) :]
+            packet = memoryview(whole)
+            header = ipv4.parse(packet)  # the first fragment's header, made whole
+            payload = packet[header.header_len :]
             self.counters["reassembled"] += 1
         proto = header.protocol
         if proto == ipv4.PROTO_UDP:
@@ -299,7 +311,8 @@ class Stack:
             # RFC 1122 3.2.2.1: protocol unreachable for what we cannot carry.
             self.drops["ipv4-protocol-unsupported"] += 1
             if not broadcast:
-                self.send_icmp_error(icmpv4.DEST_UNREACHABLE, 2, packet, now)
+                src = dst if local else None
+                self.send_icmp_error(icmpv4.DEST_UNREACHABLE, 2, packet, now, src=src)
 
     def _receive_udp(self, header, packet, payload, src_mac, broadcast, now) -> None:
         sport, dport, length = udp.parse(payload, header.src, header.dst)

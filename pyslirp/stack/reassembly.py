@@ -10,7 +10,10 @@ since 2018. That way no byte the guest sent can be replaced by another.
 
 from dataclasses import dataclass, field
 
+from . import checksum
 from .errors import MalformedFrame
+
+MAX_PACKET = 65535
 
 
 @dataclass(slots=True)
@@ -39,11 +42,14 @@ class Reassembler:
         return self._bytes
 
     def add(self, key: tuple, header: bytes, offset: int, more: bool, data, now: float):
-        """Add one fragment; return (header, payload) once the datagram is whole.
+        """Add one fragment; return the whole IP packet once the datagram is complete.
 
         ``key`` is (src, dst, protocol, id). ``header`` is this fragment's
-        IP header (only the first fragment's is kept). Raises MalformedFrame
-        (and forgets the datagram) for overlaps and broken fragments.
+        IP header (only the first fragment's is kept, options included). The
+        packet returned carries the first fragment's header with the total
+        length, flags and checksum of the reassembled datagram. Raises
+        MalformedFrame (and forgets the datagram) for overlaps and broken
+        fragments.
         """
         if more and len(data) % 8:
             raise MalformedFrame("fragment-unaligned")
@@ -90,8 +96,15 @@ class Reassembler:
             return None
         # No overlaps and every byte counted once: the pieces tile 0..total.
         self._forget(key)
-        payload = b"".join(entry.pieces[o] for o in sorted(entry.pieces))
-        return entry.first_header, payload
+        head = bytearray(entry.first_header)
+        if len(head) + entry.total > MAX_PACKET:
+            raise MalformedFrame("reassembly-too-long")
+        head[2:4] = (len(head) + entry.total).to_bytes(2, "big")
+        head[6:8] = b"\0\0"  # no flags, offset 0: a whole datagram
+        head[10:12] = b"\0\0"
+        head[10:12] = checksum.checksum(head).to_bytes(2, "big")
+        pieces = [entry.pieces[o] for o in sorted(entry.pieces)]
+        return b"".join([head, *pieces])
 
     def _forget(self, key: tuple) -> None:
         entry = self._held.pop(key, None)
@@ -100,12 +113,12 @@ class Reassembler:
 
     def expire(self, now: float) -> list[tuple[tuple, bytes, bytes]]:
         """Drop timed-out datagrams; return (key, first header, first piece) for
-        those whose first fragment arrived (RFC 792 time exceeded, code 1)."""
+        each, the header and piece empty where the first fragment never came
+        (RFC 792: time exceeded, code 1, only when it did)."""
         expired = []
         for key in [k for k, e in self._held.items() if e.expires_at <= now]:
             entry = self._held[key]
-            if entry.first_header:
-                expired.append((key, entry.first_header, entry.pieces.get(0, b"")))
+            expired.append((key, entry.first_header, entry.pieces.get(0, b"")))
             self._forget(key)
         return expired
 
