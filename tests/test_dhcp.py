@@ -440,3 +440,134 @@ def test_lease_through_the_loop_and_the_stack_learns_the_guest():
         ack = Ether(net.receive(predicate=_is_dhcp))
         assert dict(o for o in ack[DHCP].options if isinstance(o, tuple))["message-type"] == 5
         assert net.loop.stack.guest_mac == MAC_A
+
+
+# ------------------------------------------------- end to end: real clients
+# The clients' own scripts would rewrite /etc/resolv.conf; ours only record
+# what they were given and configure the interface, inside the namespace.
+DHCLIENT_SCRIPT = """#!/bin/sh
+env | grep -E '^(reason|interface|new_[a-z0-9_]*)=' | sort >> {out}
+echo ---- >> {out}
+case "$reason" in
+PREINIT) ip link set dev "$interface" up ;;
+BOUND|RENEW|REBIND|REBOOT)
+    ip addr replace "$new_ip_address/$new_subnet_mask" dev "$interface"
+    [ -n "$new_interface_mtu" ] && ip link set dev "$interface" mtu "$new_interface_mtu"
+    for router in $new_routers; do ip route replace default via "$router" dev "$interface"; done
+    ;;
+esac
+exit 0
+"""
+
+UDHCPC_SCRIPT = """#!/bin/sh
+env | grep -E '^(ip|subnet|router|dns|mtu|interface|serverid|lease)=' | sort >> {out}
+echo "event=$1" >> {out}
+echo ---- >> {out}
+case "$1" in
+deconfig) ip link set dev "$interface" up ;;
+bound|renew)
+    ip addr replace "$ip/$subnet" dev "$interface"
+    [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
+    for r in $router; do ip route replace default via "$r" dev "$interface"; done
+    ;;
+esac
+exit 0
+"""
+
+
+def _script(tmp_path, text):
+    out = tmp_path / "env.txt"
+    script = tmp_path / "script.sh"
+    script.write_text(text.format(out=out))
+    script.chmod(0o755)
+    return script, out
+
+
+def _last_record(out) -> dict:
+    records = [r for r in out.read_text().split("----\n") if r.strip()]
+    return dict(line.split("=", 1) for line in records[-1].splitlines())
+
+
+def _check_guest_configured(fwd):
+    addr = fwd.run(["ip", "-4", "-o", "addr", "show", "dev", "tap0"]).stdout
+    assert "inet 10.0.2.15/24" in addr, addr
+    route = fwd.run(["ip", "-4", "route", "show", "default"]).stdout
+    assert route.startswith("default via 10.0.2.2 dev tap0"), route
+    link = fwd.run(["ip", "-o", "link", "show", "dev", "tap0"]).stdout
+    assert " mtu 1500 " in link, link
+
+
+@pytest.mark.e2e
+def test_dhclient_gets_a_lease_and_keeps_it_across_a_restart(tmp_path):
+    from tests import harness
+
+    script, out = _script(tmp_path, DHCLIENT_SCRIPT)
+    lease_file, pid_file = tmp_path / "lease", tmp_path / "pid"
+    base = ["dhclient", "-v", "-lf", str(lease_file), "-pf", str(pid_file), "-sf", str(script)]
+    with harness.forwarder(configure=False) as fwd:
+        try:
+            first = fwd.run([*base, "-1", "tap0"], timeout=30)
+            assert first.returncode == 0, first.stderr
+            assert "DHCPACK of 10.0.2.15 from 10.0.2.2" in first.stderr
+            got = _last_record(out)
+            assert got["reason"] == "BOUND"
+            assert got["new_ip_address"] == "10.0.2.15"
+            assert got["new_subnet_mask"] == "255.255.255.0"
+            assert got["new_routers"] == "10.0.2.2"
+            assert got["new_domain_name_servers"] == "10.0.2.3"
+            assert got["new_interface_mtu"] == "1500"
+            assert got["new_dhcp_server_identifier"] == "10.0.2.2"
+            assert got["new_dhcp_lease_time"] == "86400"
+            _check_guest_configured(fwd)
+            # Stop the client (it daemonised) and start it again: it asks for
+            # its old address straight away (INIT-REBOOT) and gets it.
+            fwd.run([*base, "-x", "tap0"], timeout=30, check=True)
+            again = fwd.run([*base, "-1", "tap0"], timeout=30)
+            assert again.returncode == 0, again.stderr
+            assert "DHCPDISCOVER" not in again.stderr
+            assert "DHCPREQUEST for 10.0.2.15" in again.stderr
+            assert "DHCPACK of 10.0.2.15" in again.stderr
+            assert _last_record(out)["reason"] == "REBOOT"
+        finally:
+            fwd.run([*base, "-x", "tap0"], timeout=30)
+            _kill_from_pid_file(pid_file)
+
+
+def _kill_from_pid_file(pid_file) -> None:
+    import os
+    import signal
+
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"dhclient" not in f.read():
+                return
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+@pytest.mark.e2e
+def test_udhcpc_gets_a_lease(tmp_path):
+    from tests import harness
+
+    script, out = _script(tmp_path, UDHCPC_SCRIPT)
+    with harness.forwarder(configure=False) as fwd:
+        # -q: quit once bound, so nothing is left running.
+        result = fwd.run(
+            ["udhcpc", "-i", "tap0", "-f", "-q", "-n", "-t", "5", "-T", "1", "-s", str(script)],
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        got = _last_record(out)
+        assert got["event"] == "bound"
+        assert got["ip"] == "10.0.2.15"
+        assert got["subnet"] == "255.255.255.0"
+        assert got["router"] == "10.0.2.2"
+        assert got["dns"].split() == ["10.0.2.3"]
+        assert got["serverid"] == "10.0.2.2"
+        assert got["lease"] == "86400"
+        _check_guest_configured(fwd)

@@ -391,3 +391,41 @@ def test_guest_query_through_the_loop_with_a_dead_first_upstream():
             assert (reply[UDP].sport, reply[UDP].dport) == (53, 33333)
             assert reply[DNS].id == 77 and a_record(reply[DNS]) == "192.0.2.2"
         assert net.loop.dns.counters["dns-upstream-unreachable"] == 1
+
+
+# ------------------------------------------------- end to end: dig as guest
+@pytest.mark.e2e
+def test_dig_through_the_proxy_with_a_dead_first_upstream():
+    from tests import harness
+
+    with (
+        DnsServer(records={"hello.test.": "192.0.2.9"}) as upstream,
+        harness.forwarder(dns_upstreams=[f"127.0.0.1:{dead_port()}", upstream.address]) as fwd,
+    ):
+        dig = ["dig", "@10.0.2.3", "+tries=1", "+time=5"]
+        started = time.monotonic()
+        result = fwd.run([*dig, "hello.test"], timeout=20)
+        elapsed = time.monotonic() - started
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "status: NOERROR" in result.stdout
+        assert "hello.test.\t\t60\tIN\tA\t192.0.2.9" in result.stdout
+        assert ";; SERVER: 10.0.2.3#53(10.0.2.3)" in result.stdout
+        # The dead upstream refused at once (ICMP): no wait for its timeout.
+        assert elapsed < 2.0, elapsed
+        result = fwd.run([*dig, "missing.test"], timeout=20)
+        assert "status: NXDOMAIN" in result.stdout
+        assert upstream.queries == [("hello.test.", 1), ("missing.test.", 1)]
+
+
+@pytest.mark.e2e
+def test_dig_gets_servfail_when_every_upstream_is_silent():
+    from tests import harness
+
+    with (
+        DnsServer(silent=True) as a,
+        DnsServer(silent=True) as b,
+        harness.forwarder(dns_upstreams=[a.address, b.address]) as fwd,
+    ):
+        result = fwd.run(["dig", "@10.0.2.3", "+tries=1", "+time=8", "hello.test"], timeout=20)
+        assert "status: SERVFAIL" in result.stdout, result.stdout
+        assert a.queries == b.queries == [("hello.test.", 1)]
