@@ -669,17 +669,6 @@ def test_unknown_protocol_gets_protocol_unreachable(dst, src):
     assert stack.drops["ipv4-protocol-unsupported"] == 1
 
 
-def test_tcp_without_tcp_layer_gets_port_unreachable():
-    stack = new_stack()
-    if stack.tcp is not None:
-        pytest.skip("the TCP layer is installed")
-    frame = from_guest(
-        IP(src=GUEST, dst=OUT, proto=6) / Raw(bytes.fromhex("3039005000000000") + bytes(12))
-    )
-    stack.receive_frame(frame, 0.0)
-    assert_frames(stack, [icmp_error(3, 3, frame[E:])])
-
-
 @pytest.mark.parametrize("icmp_type", [3, 4, 5, 11, 12])
 def test_no_icmp_error_about_an_icmp_error(icmp_type):
     stack = new_stack()
