@@ -245,7 +245,9 @@ def test_ipv4_fragments_parse():
     offsets = []
     for frame in UDP_FRAGMENTS:
         header = ipv4.parse(frame[E:])
-        assert header.is_fragment and header.ident == UDP_FRAGMENTED_IDENT and not header.dont_fragment
+        assert (
+            header.is_fragment and header.ident == UDP_FRAGMENTED_IDENT and not header.dont_fragment
+        )
         offsets.append((header.fragment_offset, header.more_fragments, header.total_len))
     assert offsets == [(0, True, 1500), (1480, True, 1500), (2960, False, 140)]
 
