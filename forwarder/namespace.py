@@ -147,8 +147,12 @@ class LinkSetup:
 def setup_links(tap: str, setup: LinkSetup) -> None:
     if not (setup.loopback_up or setup.configure):
         return
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    # Imported here, in the child only: the long-lived parent never needs it.
+    try:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+    except ImportError as exc:
+        raise StartupError(f"pyroute2 is needed to set up the links: {exc}") from None
 
     step = "open netlink"
     try:
@@ -275,11 +279,6 @@ def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
 def attach(target, tap: str, setup: LinkSetup) -> Attachment:
     """Get a TAP named ``tap`` inside ``target``'s network namespace."""
     validate_tap_name(tap)
-    if setup.loopback_up or setup.configure:
-        try:
-            import pyroute2  # noqa: F401 - once, before the fork, not in every child
-        except ImportError as exc:
-            raise StartupError(f"pyroute2 is needed to set up the links: {exc}") from None
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -266,7 +266,10 @@ def test_signal_stops_within_a_second_and_unmounts(sig):
         assert elapsed < 1.0, elapsed
         assert not harness.is_mounted(fwd.ns_path)
         assert Path(fwd.ns_path).is_file()
-        assert "Traceback" not in fwd.log()
+        log = fwd.log()
+        assert "Traceback" not in log
+        # No --dns-upstream: the sandbox's /etc/resolv.conf names 127.0.0.1.
+        assert "* DNS upstreams:   127.0.0.1:53 (from /etc/resolv.conf)" in log
 
 
 @pytest.mark.e2e
@@ -401,6 +404,25 @@ def test_tap_name_taken_by_another_device_or_forwarder(make_device):
             second = run_forwarder(str(pid), "tap1")
             assert_one_line_error(second, "Device or resource busy")
             assert proc.poll() is None
+    assert_nothing_left()
+
+
+@pytest.mark.e2e
+def test_configure_failure_removes_the_tap():
+    # The target already has a default route, so --configure cannot add one.
+    with target_process("-n") as pid:
+        for cmd in (
+            ["ip", "link", "add", "br0", "type", "bridge"],
+            ["ip", "link", "set", "br0", "up"],
+            ["ip", "addr", "add", "192.168.77.1/24", "dev", "br0"],
+            ["ip", "route", "add", "default", "via", "192.168.77.2"],
+        ):
+            assert in_target(pid, cmd).returncode == 0
+        result = run_forwarder(str(pid), "tap0", "--configure")
+        assert_one_line_error(
+            result, "cannot configure the namespace: add default route via 10.0.2.2: File exists"
+        )
+        assert in_target(pid, ["ip", "link", "show", "tap0"]).returncode != 0
     assert_nothing_left()
 
 
