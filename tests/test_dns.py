@@ -307,6 +307,32 @@ def test_answers_must_match_id_and_question_and_come_from_the_upstream(make_prox
     assert DNS(loop.stack.sent[0][4]).id == 9
 
 
+def test_garbage_from_guest_and_upstream_never_escapes(make_proxy, manual_upstream):
+    rng = random.Random(5)
+    loop, proxy = make_proxy(manual_upstream.getsockname(), dns_max_pending=4)
+    valid = query("one.test", qid=1)
+    for _ in range(2000):
+        data = bytearray(valid[: rng.randrange(len(valid) + 1)])
+        for _ in range(rng.randrange(4)):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        proxy.query(GUEST, 5353, bytes(data), 0.0)
+    for sent in loop.stack.sent:  # the SERVFAILs given once 4 queries waited
+        assert DNS(sent[4]).rcode == 2
+    proxy_addr = None
+    for _ in range(4):
+        data, proxy_addr = manual_upstream.recvfrom(512)
+    for _ in range(500):
+        garbage = bytearray(data)
+        garbage[2] |= 0x80
+        for _ in range(rng.randrange(1, 6)):
+            garbage[rng.randrange(len(garbage))] = rng.randrange(256)
+        manual_upstream.sendto(bytes(garbage[: rng.randrange(len(garbage) + 1)]), proxy_addr)
+    loop.settle(0.0, 0.3)
+    proxy.handle_timer(10.0)
+    assert proxy.next_deadline() is None and not proxy.upstreams[0].pending
+
+
 def ipv6_check() -> None:
     """Run in a fresh network namespace (the host may have IPv6 off): an
     IPv6 upstream that refuses (ICMPv6 through IPV6_RECVERR), then one that

@@ -30,6 +30,7 @@ resolver, where that is an acceptable trade against a socket per query.
 import errno
 import ipaddress
 import logging
+import selectors
 import socket
 import struct
 from collections import Counter
@@ -138,7 +139,7 @@ class Upstream:
     __slots__ = ("address", "family", "index", "pending", "sock", "sockaddr")
 
     def __init__(self, index: int, address: str, port: int) -> None:
-        addr = ipaddress.ip_address(address.split("%")[0])
+        addr = ipaddress.ip_address(address)  # "fe80::1%eth0" keeps its scope
         self.index = index
         self.address = str(addr)
         self.family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
@@ -272,7 +273,9 @@ class DnsProxy:
             sock.close()
             return None
         upstream.sock = sock
-        self.loop.register(sock, 1, lambda mask, now: self._on_readable(upstream, now))
+        self.loop.register(
+            sock, selectors.EVENT_READ, lambda mask, now: self._on_readable(upstream, now)
+        )
         return sock
 
     def _fail(self, query: DnsQuery, reason: str, now: float) -> None:
