@@ -9,7 +9,7 @@ import abc
 
 from pyslirp.nat.config import NetworkConfig
 
-BACKENDS = ("python",)
+BACKENDS = ("python", "libslirp")
 
 
 class Backend(abc.ABC):
@@ -44,4 +44,10 @@ class PythonBackend(Backend):
 def create_backend(name: str, config: NetworkConfig) -> Backend:
     if name == "python":
         return PythonBackend(config)
+    if name == "libslirp":
+        # Imported here so that nothing else needs cffi or libslirp.so.0; a
+        # missing library raises LibslirpUnavailable with one line to act on.
+        from pyslirp.libslirp import LibslirpBackend
+
+        return LibslirpBackend(config)
     raise ValueError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")

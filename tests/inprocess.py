@@ -2,6 +2,8 @@
 
 The fake TAP is an AF_UNIX SOCK_SEQPACKET socketpair: one end is handed to
 the loop as its TAP fd, the test reads and writes whole frames on the other.
+``InProcessNetwork(backend="libslirp")`` runs another backend the same way
+(through ``create_backend``; then ``net.loop`` is None and ``net.backend`` set).
 """
 
 import os
@@ -14,7 +16,7 @@ from pyslirp.nat.loop import Loop
 
 
 class InProcessNetwork:
-    def __init__(self, **config_kw) -> None:
+    def __init__(self, backend: str = "python", **config_kw) -> None:
         import random
 
         config_kw.setdefault("random", random.Random(1))
@@ -22,13 +24,27 @@ class InProcessNetwork:
         self.guest, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._tap = tap
         self._stop_r, self._stop_w = os.pipe()
-        self.loop = Loop(self.config, tap.fileno(), self._stop_r)
+        if backend == "python":
+            self.backend = None
+            self.loop = Loop(self.config, tap.fileno(), self._stop_r)
+        else:
+            from pyslirp.backend import create_backend
+
+            try:
+                self.backend = create_backend(backend, self.config)
+            except BaseException:
+                self._close_fds()
+                raise
+            self.loop = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
 
     def _run(self) -> None:
         try:
-            self.loop.run()
+            if self.loop is not None:
+                self.loop.run()
+            else:
+                self.backend.run(self._tap.fileno(), self._stop_r)
         except BaseException as exc:  # surfaced by close()
             self.error = exc
 
@@ -43,13 +59,17 @@ class InProcessNetwork:
         os.write(self._stop_w, b"x")
         self._thread.join(timeout=5)
         assert not self._thread.is_alive(), "loop did not stop"
-        self.loop.close()
+        if self.loop is not None:
+            self.loop.close()
+        self._close_fds()
+        if self.error is not None:
+            raise self.error
+
+    def _close_fds(self) -> None:
         for fd in (self._stop_r, self._stop_w):
             os.close(fd)
         self.guest.close()
         self._tap.close()
-        if self.error is not None:
-            raise self.error
 
     def send(self, frame: bytes) -> None:
         self.guest.send(bytes(frame))
