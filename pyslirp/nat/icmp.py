@@ -1,19 +1,308 @@
-"""ICMP echo relay through host ping sockets. STUB: being written."""
+"""ICMP echo relay through host ping sockets.
 
-from pyslirp.stack import icmpv4
+Read first: RFC 792 (echo and the errors), RFC 1122 section 3.2.2.6 (echo),
+icmp(7) on Linux "ping sockets" and ``net.ipv4.ping_group_range``.
+
+The stack answers echo requests to its own addresses (gateway, DNS) itself.
+Echo requests to any other address reach ``IcmpRelay.on_echo`` and leave the
+host through an unprivileged ICMP socket, ``socket(AF_INET, SOCK_DGRAM,
+IPPROTO_ICMP)``. The kernel puts the socket's own identifier (its "port") in
+every request and hands the socket only the replies that carry it, so each
+(guest address, guest identifier) pair gets a socket of its own and every
+reply goes back with the guest's identifier; sequence number and payload pass
+unchanged. A socket serves any number of destinations, lives while the guest
+pings, and is closed after ``ping_idle_timeout`` seconds without traffic; at
+most ``max_ping_sockets`` are open (the least recently used one makes room).
+
+The request leaves with the guest's TTL less one (this relay is a hop), so
+that traceroute-style probes expire where they would. ICMP errors the host's
+network returns for our requests (net/host unreachable, fragmentation needed,
+TTL exceeded) arrive through IP_RECVERR and are passed on to the guest, from
+the address that sent them, quoting the guest's own request. Errors the host
+reports at once (no route, a prohibiting route) become the matching
+destination-unreachable message.
+
+The address map decides what may be pinged: another address inside the
+virtual network has nobody behind it (ICMP host unreachable), and 0/8,
+127/8 and multicast destinations get ICMP net unreachable.
+
+Where the host does not permit ping sockets -- the gid of this process lies
+outside ``net.ipv4.ping_group_range`` (the kernel default is "1 0", nobody),
+so ``socket()`` fails with EACCES or EPERM -- every echo request to an outside
+address is answered with ICMP destination unreachable, code 13
+(communication administratively prohibited), which ping prints as "Packet
+filtered", and one warning names the sysctl. Nothing is sent to the host's
+network then; pings to the gateway and DNS addresses still work.
+"""
+
+import errno
+import logging
+import os
+import socket
+import struct
+from collections import Counter
+
+from pyslirp.stack import icmpv4, ipv4
+
+from .addressing import AddressMap
+
+log = logging.getLogger("pyslirp.icmp")
+
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+# struct sock_extended_err: errno, origin, type, code, pad, info, data
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
+# struct sockaddr_in (SO_EE_OFFENDER follows sock_extended_err): family, port, address
+_SOCKADDR_IN = struct.Struct("=H2s4s")
+SO_EE_ORIGIN_ICMP = 2
+_ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
+PING_SYSCTL = "net.ipv4.ping_group_range"
+RECV_BATCH = 64  # datagrams per socket per wake-up, for fairness
+QUOTES_KEPT = 16  # recent requests per socket kept to quote in ICMP errors
+# Errors a sendto() reports at once, as the destination-unreachable code to answer.
+_SEND_ERRORS = {
+    errno.ENETUNREACH: icmpv4.NET_UNREACHABLE,
+    errno.EHOSTUNREACH: icmpv4.HOST_UNREACHABLE,
+    errno.EACCES: icmpv4.ADMIN_PROHIBITED,
+    errno.EPERM: icmpv4.ADMIN_PROHIBITED,
+}
+_RELAYED_ERRORS = frozenset({icmpv4.DEST_UNREACHABLE, icmpv4.TIME_EXCEEDED})
+
+
+def open_ping_socket() -> socket.socket:
+    """A non-blocking ping socket with IP_RECVERR, bound to a fresh identifier."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+        sock.bind(("0.0.0.0", 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def ping_group_range() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/ping_group_range") as f:
+            return " ".join(f.read().split())
+    except OSError:
+        return "unknown"
+
+
+class PingFlow:
+    """One host ping socket, standing for one (guest address, identifier)."""
+
+    __slots__ = (
+        "guest",
+        "guest_ident",
+        "host_ident",
+        "last_active",
+        "quotes",
+        "relay",
+        "sock",
+        "ttl",
+    )
+
+    def __init__(self, relay, sock, guest: bytes, guest_ident: int, now: float) -> None:
+        self.relay = relay
+        self.sock = sock
+        self.guest = guest
+        self.guest_ident = guest_ident
+        self.host_ident = sock.getsockname()[1]
+        self.last_active = now
+        self.ttl = 0  # the IP_TTL last set on the socket; 0: the host's default
+        self.quotes: dict[int, bytes] = {}  # sequence -> the guest's request, to quote
+
+    def on_ready(self, mask: int, now: float) -> None:
+        self.relay.read_flow(self, now)
 
 
 class IcmpRelay:
-    def __init__(self, loop) -> None:
+    def __init__(self, loop, open_socket=open_ping_socket) -> None:
         self.loop = loop
+        self.stack = loop.stack
+        self.config = loop.config
+        self.addresses = AddressMap(loop.config)
+        self.open_socket = open_socket
+        self.flows: dict[tuple[bytes, int], PingFlow] = {}
+        self.counters: Counter = Counter()
+        self._warned_not_permitted = False
 
+    # ------------------------------------------------------------ guest -> host
     def on_echo(self, event, now: float) -> None:
-        self.loop.stack.send_icmp_error(
-            icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
+        """Relay one IcmpEchoRequested event."""
+        stack = self.stack
+        host = self.addresses.to_host(event.dst)
+        if isinstance(host, int):
+            self.counters["refused-by-address"] += 1
+            stack.send_icmp_error(icmpv4.DEST_UNREACHABLE, host, event.packet, now)
+            return
+        flow = self.flows.get((event.src, event.ident))
+        if flow is None:
+            flow = self._open(event, now)
+            if flow is None:
+                return
+        flow.last_active = now
+        ttl = max(1, event.ttl - 1)
+        if ttl != flow.ttl:
+            flow.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            flow.ttl = ttl
+        quotes = flow.quotes
+        quotes.pop(event.sequence, None)
+        quotes[event.sequence] = event.packet
+        if len(quotes) > QUOTES_KEPT:
+            del quotes[next(iter(quotes))]
+        # The kernel fills in the identifier and the checksum.
+        message = _ECHO.pack(icmpv4.ECHO_REQUEST, 0, 0, 0, event.sequence) + event.payload
+        try:
+            flow.sock.sendto(message, (host, 0))
+        except BlockingIOError:
+            stack.drops["icmp-host-buffer-full"] += 1
+            return
+        except OSError as exc:
+            code = _SEND_ERRORS.get(exc.errno)
+            if code is not None:
+                self.counters["send-refused"] += 1
+                stack.send_icmp_error(icmpv4.DEST_UNREACHABLE, code, event.packet, now)
+            else:
+                stack.drops[f"icmp-sendto-{errno.errorcode.get(exc.errno, exc.errno)}"] += 1
+            return
+        self.counters["echo-requests"] += 1
+
+    def _open(self, event, now: float):
+        if len(self.flows) >= self.config.max_ping_sockets:
+            self.expire(now)
+        if len(self.flows) >= self.config.max_ping_sockets:
+            oldest = min(self.flows, key=lambda key: self.flows[key].last_active)
+            self._close(oldest)
+            self.counters["sockets-evicted"] += 1
+        try:
+            sock = self.open_socket()
+        except OSError as exc:
+            self.counters["sockets-refused"] += 1
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                if not self._warned_not_permitted:
+                    self._warned_not_permitted = True
+                    log.warning(
+                        "ping sockets are not permitted for gid %d (sysctl %s = %s): "
+                        "echo requests to outside addresses are answered with ICMP "
+                        "'administratively prohibited'",
+                        os.getgid(),
+                        PING_SYSCTL,
+                        ping_group_range(),
+                    )
+            else:  # EMFILE, ENFILE, ENOBUFS: refuse this one, keep the others
+                log.warning("cannot open a ping socket: %s", exc)
+            self.stack.send_icmp_error(
+                icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
+            )
+            return None
+        flow = PingFlow(self, sock, event.src, event.ident, now)
+        self.flows[(event.src, event.ident)] = flow
+        self.loop.register(sock, 1, flow.on_ready)
+        self.counters["sockets-opened"] += 1
+        log.info(
+            "ping %s id %d opened (host id %d)",
+            socket.inet_ntoa(event.src),
+            event.ident,
+            flow.host_ident,
+        )
+        return flow
+
+    # ------------------------------------------------------------ host -> guest
+    def read_flow(self, flow: PingFlow, now: float) -> None:
+        stack = self.stack
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = flow.sock.recvfrom(65535)
+            except BlockingIOError:
+                break
+            except OSError:  # an error is queued: read it below
+                break
+            if len(data) < _ECHO.size:
+                continue
+            icmp_type, _code, _csum, _ident, sequence = _ECHO.unpack_from(data)
+            if icmp_type != icmpv4.ECHO_REPLY:
+                continue
+            flow.last_active = now
+            self.counters["echo-replies"] += 1
+            stack.send_echo_reply(
+                self.addresses.to_guest(addr[0]),
+                flow.guest,
+                flow.guest_ident,
+                sequence,
+                data[_ECHO.size :],
+                now,
+            )
+        self._read_errors(flow, now)
+
+    def _read_errors(self, flow: PingFlow, now: float) -> None:
+        """Pass the ICMP errors queued on the socket on to the guest."""
+        for _ in range(RECV_BATCH):
+            try:
+                data, ancdata, _flags, addr = flow.sock.recvmsg(
+                    _ECHO.size, 512, socket.MSG_ERRQUEUE
+                )
+            except OSError:  # EAGAIN: the queue is empty
+                return
+            for level, kind, cdata in ancdata:
+                if level != socket.SOL_IP or kind != IP_RECVERR or len(cdata) < 16:
+                    continue
+                _errno, origin, icmp_type, code, _pad, info, _ = _EXTENDED_ERR.unpack_from(cdata)
+                if origin != SO_EE_ORIGIN_ICMP or icmp_type not in _RELAYED_ERRORS:
+                    continue
+                self._relay_error(flow, data, cdata, addr, icmp_type, code, info, now)
+
+    def _relay_error(self, flow, data, cdata, addr, icmp_type, code, info, now) -> None:
+        # The sender of the error (SO_EE_OFFENDER), else the destination itself.
+        sender = addr[0] if addr else None
+        if len(cdata) >= _EXTENDED_ERR.size + _SOCKADDR_IN.size:
+            family, _port, raw = _SOCKADDR_IN.unpack_from(cdata, _EXTENDED_ERR.size)
+            if family == socket.AF_INET:
+                sender = socket.inet_ntoa(raw)
+        if sender is None:
+            return
+        sequence = _ECHO.unpack_from(data)[4] if len(data) >= _ECHO.size else None
+        quote = flow.quotes.get(sequence)
+        if quote is None:
+            if sequence is None or not addr:
+                return
+            quote = self._synthetic_quote(flow, self.addresses.to_guest(addr[0]), sequence)
+        frag_needed = (icmp_type, code) == (icmpv4.DEST_UNREACHABLE, icmpv4.FRAGMENTATION_NEEDED)
+        mtu = info if frag_needed else 0
+        self.counters["errors-relayed"] += 1
+        self.stack.send_icmp_error(
+            icmp_type, code, quote, now, mtu=mtu, src=self.addresses.to_guest(sender)
         )
 
+    @staticmethod
+    def _synthetic_quote(flow: PingFlow, dst: bytes, sequence: int) -> bytes:
+        """The start of a request the guest sent, when it is no longer kept."""
+        head = ipv4.header(flow.guest, dst, ipv4.PROTO_ICMP, _ECHO.size, 0)
+        return head + _ECHO.pack(icmpv4.ECHO_REQUEST, 0, 0, flow.guest_ident, sequence)
+
+    # ------------------------------------------------------------ timers
     def next_deadline(self):
-        return None
+        if not self.flows:
+            return None
+        oldest = min(flow.last_active for flow in self.flows.values())
+        return oldest + self.config.ping_idle_timeout
 
     def handle_timer(self, now: float) -> None:
-        pass
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        timeout = self.config.ping_idle_timeout
+        for key in [k for k, f in self.flows.items() if now - f.last_active >= timeout]:
+            self._close(key)
+            self.counters["sockets-expired"] += 1
+
+    def _close(self, key) -> None:
+        flow = self.flows.pop(key)
+        self.loop.unregister(flow.sock)
+        flow.sock.close()
+        log.info("ping %s id %d closed", socket.inet_ntoa(flow.guest), flow.guest_ident)
+
+    def close(self) -> None:
+        for key in list(self.flows):
+            self._close(key)
