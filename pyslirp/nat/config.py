@@ -50,9 +50,9 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:
             raise ValueError(f"MTU must be between {MIN_MTU} and {MAX_MTU}, got {self.mtu}")
-        if self.cidr.prefixlen > 26:
-            # room for .2, .3, .15 .. .15+pool and .100 as libslirp lays them out
-            raise ValueError(f"CIDR {self.cidr} is too small: the prefix must be /26 or shorter")
+        if self.cidr.prefixlen > 25:
+            # room for .2, .3, .15 .. .15+pool and .100 (slirp4netns: "1-25")
+            raise ValueError(f"CIDR {self.cidr} is too small: the prefix must be /25 or shorter")
 
     def host(self, offset: int) -> ipaddress.IPv4Address:
         return self.cidr.network_address + offset
