@@ -46,6 +46,25 @@ class NetworkConfig:
     # "mark the network address as not available").
     dhcp_offer_timeout: float = 60.0
     dhcp_decline_timeout: float = 600.0
+    # TCP (added with the TCP NAT; protocol timers are in
+    # pyslirp.stack.tcp_layer.TcpConfig). Connections the stack tracks and
+    # host sockets open at once: past it (or past the process's file
+    # descriptor limit) new guest connections get RST, the others carry on.
+    tcp_max_connections: int = 4096
+    # Per connection, bytes from the guest the host socket has not taken yet
+    # (the guest's window) and bytes for the guest it has not acknowledged:
+    # memory per connection is bounded by their sum.
+    tcp_receive_buffer: int = 1 << 20
+    tcp_send_buffer: int = 1 << 20
+    # A host connect still pending after this long becomes ICMP host
+    # unreachable for the guest (BSD's connection-establishment timer, 75 s).
+    tcp_connect_timeout: float = 75.0
+    # TIME-WAIT lifetime (Linux's 60 s; RFC 9293's 2*MSL is 4 minutes).
+    tcp_time_wait_timeout: float = 60.0
+    # Keep-alive toward a silent guest (RFC 1122 4.2.3.6: not under 2 hours).
+    tcp_keepalive_idle: float = 7200.0
+    # Check the checksum of every segment from the guest (RFC 9293 3.1).
+    tcp_verify_checksum: bool = True
 
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:

@@ -5,6 +5,7 @@ from pyslirp.stack.events import IcmpEchoRequested, UdpDatagramReceived
 from .dhcp import DhcpServer
 from .dns import DnsProxy
 from .icmp import IcmpRelay
+from .tcp import TcpNat
 from .udp import UdpNat
 
 
@@ -16,3 +17,5 @@ def install(loop) -> None:
     loop.on_event(UdpDatagramReceived, loop.udp.on_datagram)
     loop.on_event(IcmpEchoRequested, loop.icmp.on_echo)
     loop.services.extend([loop.udp, loop.dns, loop.icmp])
+    loop.tcp = TcpNat(loop, loop.dns)
+    loop.services.append(loop.tcp)

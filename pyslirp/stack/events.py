@@ -29,3 +29,54 @@ class IcmpEchoRequested:
     payload: bytes
     ttl: int
     packet: bytes
+
+
+# TCP. ``conn`` is the stack's TcpConnection (addresses in conn.remote,
+# conn.remote_port for the guest and conn.local, conn.local_port for the
+# address it talks to); the NAT side keeps its own state in ``conn.user``.
+
+
+@dataclass(slots=True)
+class TcpConnectRequested:
+    """A guest SYN to a new destination: answer with tcp.accept or tcp.refuse."""
+
+    conn: object
+
+
+@dataclass(slots=True)
+class TcpConnected:
+    """A connection we opened toward the guest (tcp.connect) is established."""
+
+    conn: object
+
+
+@dataclass(slots=True)
+class TcpDataReceived:
+    """Bytes (conn.rx) or the guest's FIN (conn.guest_fin) wait for the NAT side.
+
+    Sent when there was nothing waiting before; read with tcp.consume."""
+
+    conn: object
+
+
+@dataclass(slots=True)
+class TcpSendSpaceOpened:
+    """The guest acknowledged data, so tcp.send takes bytes again."""
+
+    conn: object
+
+
+@dataclass(slots=True)
+class TcpConnectionReset:
+    """The connection is gone abnormally: the guest reset it, it timed out,
+    or the guest refused our SYN. The NAT side should reset its socket."""
+
+    conn: object
+    reason: str
+
+
+@dataclass(slots=True)
+class TcpConnectionClosed:
+    """Both directions finished normally (TIME-WAIT or CLOSED)."""
+
+    conn: object

@@ -1,0 +1,460 @@
+"""TCP NAT: each guest connection relayed onto one host socket.
+
+A guest SYN reaches us as TcpConnectRequested. We connect a non-blocking host
+socket to the mapped address (10.0.2.2 is the host's 127.0.0.1) and answer
+the stack once the connect finishes: accept (the guest gets SYN-ACK), or
+refuse with a RST (ECONNREFUSED) or an ICMP destination unreachable
+(unreachable networks and hosts, a connect that timed out, a firewall).
+Repeated guest SYNs are absorbed by the stack, so there is one host
+connection per guest connection.
+
+Flow control both ways without growing memory: guest bytes wait in the
+stack's receive buffer until the host socket takes them (its free space is
+the window the guest sees); host bytes are read only as far as the stack's
+send buffer has room, and reading stops until the guest acknowledges.
+
+Closing: the guest's FIN becomes shutdown(SHUT_WR) once its bytes are out;
+the host's EOF becomes our FIN after the buffered bytes; a reset either way
+becomes a reset the other way (SO_LINGER 0 makes close() send RST). A host
+socket is closed as soon as both directions are finished or either side
+reset, so no host socket outlives its connection.
+
+DNS over TCP to the DNS address (RFC 7766) is answered here through the DNS
+proxy's engine, with no host socket.
+"""
+
+import errno
+import itertools
+import logging
+import socket
+import struct
+
+from pyslirp.stack import icmpv4
+from pyslirp.stack.events import (
+    TcpConnected,
+    TcpConnectionClosed,
+    TcpConnectionReset,
+    TcpConnectRequested,
+    TcpDataReceived,
+    TcpSendSpaceOpened,
+)
+from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
+
+from .addressing import AddressMap
+
+log = logging.getLogger("pyslirp.tcp")
+
+READ = 1  # selectors.EVENT_READ
+WRITE = 2  # selectors.EVENT_WRITE
+DNS_PORT = 53
+RECV_MAX = 512 * 1024  # bytes read from a host socket per wake-up
+SENDMSG_MAX = 64  # chunks handed to one sendmsg (IOV_MAX is 1024)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+TCP_NODELAY = socket.TCP_NODELAY
+
+# What a failed host connect becomes for the guest: None is a RST.
+CONNECT_ERRORS = {
+    errno.ECONNREFUSED: None,
+    errno.ENETUNREACH: icmpv4.NET_UNREACHABLE,
+    errno.EHOSTUNREACH: icmpv4.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: icmpv4.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: icmpv4.HOST_UNREACHABLE,
+    errno.EACCES: icmpv4.ADMIN_PROHIBITED,
+    errno.EPERM: icmpv4.ADMIN_PROHIBITED,
+}
+
+
+def tcp_config_from(config) -> TcpConfig:
+    """The stack's TCP settings from the network's configuration."""
+    return TcpConfig(
+        max_connections=config.tcp_max_connections,
+        receive_buffer=config.tcp_receive_buffer,
+        send_buffer=config.tcp_send_buffer,
+        time_wait_timeout=config.tcp_time_wait_timeout,
+        keepalive_idle=config.tcp_keepalive_idle,
+        verify_checksum=config.tcp_verify_checksum,
+    )
+
+
+class TcpFlow:
+    """The host side of one guest connection."""
+
+    __slots__ = (
+        "nat",
+        "conn",
+        "sock",
+        "host",
+        "mask",
+        "connecting",
+        "connect_at",
+        "host_eof",
+        "shut_wr",
+        "closed",
+        "on_ready",
+    )
+
+    def __init__(self, nat, conn, sock, host) -> None:
+        self.nat = nat
+        self.conn = conn
+        self.sock = sock
+        self.host = host  # (address, port) on the host
+        self.mask = 0
+        self.connecting = True
+        self.connect_at = 0.0
+        self.host_eof = False
+        self.shut_wr = False
+        self.closed = False
+        self.on_ready = self._ready
+
+    def _ready(self, mask: int, now: float) -> None:
+        nat = self.nat
+        if self.connecting:
+            nat.connect_finished(self, now)
+            return
+        if mask & WRITE:
+            nat.write_host(self, now)
+        if mask & READ and not self.closed:
+            nat.read_host(self, now)
+
+
+class DnsTcpSession:
+    """DNS over TCP (RFC 7766 section 8: two-byte length, then the message),
+    answered through the DNS proxy's engine. Queries may be pipelined; at
+    most ``MAX_PENDING`` wait at once, further bytes wait in the window."""
+
+    MAX_PENDING = 16
+
+    __slots__ = ("nat", "conn", "buffer", "pending", "closed")
+
+    def __init__(self, nat, conn) -> None:
+        self.nat = nat
+        self.conn = conn
+        self.buffer = bytearray()
+        self.pending: list = []
+        self.closed = False
+
+    def readable(self, now: float) -> None:
+        conn = self.conn
+        tcp = self.nat.tcp
+        self._parse(now)
+        while conn.rx and len(self.pending) < self.MAX_PENDING:
+            chunk = conn.rx[0]
+            size = len(chunk)
+            self.buffer += chunk
+            tcp.consume(conn, size, now)
+            self._parse(now)
+        if not conn.rx and conn.guest_fin and not self.pending:
+            tcp.close(conn, now)
+
+    def _parse(self, now: float) -> None:
+        buffer = self.buffer
+        while len(buffer) >= 2 and len(self.pending) < self.MAX_PENDING:
+            size = int.from_bytes(buffer[:2], "big")
+            if len(buffer) < 2 + size:
+                return
+            message = bytes(buffer[2 : 2 + size])
+            del buffer[: 2 + size]
+            holder = []
+            query = self.nat.dns.resolve(message, now, lambda r, t, h=holder: self._answer(h, r, t))
+            if query is not None and not query.done:
+                holder.append(query)
+                self.pending.append(query)
+
+    def _answer(self, holder, response: bytes, now: float) -> None:
+        if self.closed:
+            return
+        if holder and holder[0] in self.pending:
+            self.pending.remove(holder[0])
+        message = len(response).to_bytes(2, "big") + response
+        tcp = self.nat.tcp
+        if tcp.send(self.conn, message, now) < len(message):
+            tcp.abort(self.conn, now)  # the guest does not read its answers
+            self.close()
+            return
+        self.readable(now)
+
+    def close(self) -> None:
+        self.closed = True
+        for query in self.pending:
+            query.cancel()
+        self.pending.clear()
+
+
+class TcpNat:
+    def __init__(self, loop, dns=None) -> None:
+        self.loop = loop
+        self.stack = loop.stack
+        self.config = loop.config
+        self.dns = dns
+        self.tcp = TcpLayer(loop.stack, tcp_config_from(loop.config))
+        self.addresses = AddressMap(loop.config)
+        self.flows: set[TcpFlow] = set()
+        # Connecting flows in the order of their deadlines (all deadlines are
+        # "started + tcp_connect_timeout").
+        self._connecting: dict[TcpFlow, None] = {}
+        self.counters = {
+            "connections-opened": 0,
+            "connections-refused": 0,
+            "connections-unreachable": 0,
+            "connections-timed-out": 0,
+            "connections-limited": 0,
+            "dns-sessions": 0,
+        }
+        loop.on_event(TcpConnectRequested, self.on_connect_requested)
+        loop.on_event(TcpDataReceived, self.on_data)
+        loop.on_event(TcpSendSpaceOpened, self.on_send_space)
+        loop.on_event(TcpConnectionReset, self.on_reset)
+        loop.on_event(TcpConnectionClosed, self.on_closed)
+        loop.on_event(TcpConnected, self.on_connected)
+
+    # ------------------------------------------------------------ opening
+    def on_connect_requested(self, event, now: float) -> None:
+        conn = event.conn
+        tcp = self.tcp
+        dst, port = conn.local, conn.local_port
+        if dst == self.addresses.dns:
+            if port == DNS_PORT and self.dns is not None:
+                conn.user = DnsTcpSession(self, conn)
+                self.counters["dns-sessions"] += 1
+                tcp.accept(conn, now)
+            else:
+                tcp.refuse(conn, now)
+            return
+        host = self.addresses.to_host(dst)
+        if isinstance(host, int):
+            self.counters["connections-unreachable"] += 1
+            tcp.refuse(conn, now, icmp_code=host)
+            return
+        if len(self.flows) >= self.config.tcp_max_connections:
+            self.counters["connections-limited"] += 1
+            log.warning("tcp %s refused: %d connections open", conn.describe(), len(self.flows))
+            tcp.refuse(conn, now)
+            return
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: refuse this one, keep the others
+            self.counters["connections-limited"] += 1
+            log.warning("tcp %s refused: cannot open a socket: %s", conn.describe(), exc)
+            tcp.refuse(conn, now)
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        flow = TcpFlow(self, conn, sock, (host, port))
+        conn.user = flow
+        self.flows.add(flow)
+        err = sock.connect_ex(flow.host)
+        if err in (errno.EINPROGRESS, errno.EAGAIN, 0):
+            flow.connect_at = now + self.config.tcp_connect_timeout
+            self._connecting[flow] = None
+            self._set_mask(flow, WRITE)
+        else:
+            self._connect_failed(flow, err, now)
+
+    def connect_finished(self, flow: TcpFlow, now: float) -> None:
+        err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == errno.EINPROGRESS:
+            return
+        self._connecting.pop(flow, None)
+        if err:
+            self._connect_failed(flow, err, now)
+            return
+        flow.connecting = False
+        conn = flow.conn
+        self.counters["connections-opened"] += 1
+        log.info("tcp %s opened (host %s:%d)", conn.describe(), *flow.host)
+        self.tcp.accept(conn, now)
+        self._set_mask(flow, READ)
+
+    def _connect_failed(self, flow: TcpFlow, err: int, now: float) -> None:
+        conn = flow.conn
+        code = CONNECT_ERRORS.get(err)
+        if err == errno.ETIMEDOUT:
+            self.counters["connections-timed-out"] += 1
+        elif code is None:
+            self.counters["connections-refused"] += 1
+        else:
+            self.counters["connections-unreachable"] += 1
+        log.info(
+            "tcp %s failed: host %s:%d: %s", conn.describe(), *flow.host, os_strerror(err)
+        )
+        self._release(flow)
+        self.tcp.refuse(conn, now, icmp_code=code)
+
+    def on_connected(self, event, now: float) -> None:
+        """Connections toward the guest belong to port forwarding (not here)."""
+
+    # ------------------------------------------------------------ guest -> host
+    def on_data(self, event, now: float) -> None:
+        user = event.conn.user
+        if user is None:
+            return
+        if type(user) is TcpFlow:
+            if not user.mask & WRITE and not user.closed:
+                self.write_host(user, now)
+        elif not user.closed:
+            user.readable(now)
+
+    def write_host(self, flow: TcpFlow, now: float) -> None:
+        conn = flow.conn
+        rx = conn.rx
+        sock = flow.sock
+        tcp = self.tcp
+        while rx:
+            if len(rx) == 1:
+                chunk = rx[0]
+                wanted = len(chunk)
+                try:
+                    sent = sock.send(chunk)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self._host_reset(flow, exc, now)
+                    return
+            else:
+                chunks = list(itertools.islice(rx, SENDMSG_MAX))
+                wanted = sum(map(len, chunks))
+                try:
+                    sent = sock.sendmsg(chunks)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self._host_reset(flow, exc, now)
+                    return
+            tcp.consume(conn, sent, now)
+            if sent < wanted:
+                self._set_mask(flow, flow.mask | WRITE)
+                return
+        if flow.mask & WRITE:
+            self._set_mask(flow, flow.mask & ~WRITE)
+        if conn.guest_fin and not flow.shut_wr:
+            flow.shut_wr = True
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._maybe_finished(flow, now)
+
+    # ------------------------------------------------------------ host -> guest
+    def read_host(self, flow: TcpFlow, now: float) -> None:
+        conn = flow.conn
+        tcp = self.tcp
+        space = tcp.send_space(conn)
+        if space <= 0:
+            self._set_mask(flow, flow.mask & ~READ)  # TcpSendSpaceOpened resumes
+            return
+        try:
+            data = flow.sock.recv(space if space < RECV_MAX else RECV_MAX)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._host_reset(flow, exc, now)
+            return
+        if data:
+            tcp.send(conn, data, now)
+            return
+        flow.host_eof = True
+        self._set_mask(flow, flow.mask & ~READ)
+        tcp.close(conn, now)
+        self._maybe_finished(flow, now)
+
+    def on_send_space(self, event, now: float) -> None:
+        flow = event.conn.user
+        if type(flow) is TcpFlow and not flow.closed and not flow.host_eof:
+            self._set_mask(flow, flow.mask | READ)
+
+    # ------------------------------------------------------------ endings
+    def _host_reset(self, flow: TcpFlow, exc: OSError, now: float) -> None:
+        """The host peer reset (or the socket broke): reset the guest too."""
+        conn = flow.conn
+        self._log_end(flow, f"reset by host ({os_strerror(exc.errno)})")
+        self._release(flow)
+        self.tcp.abort(conn, now)
+
+    def on_reset(self, event, now: float) -> None:
+        user = event.conn.user
+        if user is None:
+            return
+        if type(user) is not TcpFlow:
+            user.close()
+            return
+        if user.closed:
+            return
+        self._log_end(user, event.reason)
+        self._release(user, reset=True)
+
+    def on_closed(self, event, now: float) -> None:
+        user = event.conn.user
+        if type(user) is TcpFlow and not user.closed:
+            self._maybe_finished(user, now)
+        elif user is not None and type(user) is not TcpFlow:
+            user.close()
+
+    def _maybe_finished(self, flow: TcpFlow, now: float) -> None:
+        """Both directions done: the host socket has nothing left to do."""
+        if flow.host_eof and flow.shut_wr and not flow.closed:
+            self._log_end(flow, "closed")
+            self._release(flow)
+
+    def _log_end(self, flow: TcpFlow, how: str) -> None:
+        conn = flow.conn
+        log.info(
+            "tcp %s %s: %d bytes from the guest, %d bytes to the guest",
+            conn.describe(),
+            how,
+            conn.bytes_in,
+            conn.bytes_out,
+        )
+
+    def _release(self, flow: TcpFlow, reset: bool = False) -> None:
+        if flow.closed:
+            return
+        flow.closed = True
+        self.flows.discard(flow)
+        self._connecting.pop(flow, None)
+        if flow.mask:
+            self.loop.unregister(flow.sock)
+            flow.mask = 0
+        if reset and not flow.connecting:
+            try:
+                flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        flow.sock.close()
+
+    def _set_mask(self, flow: TcpFlow, mask: int) -> None:
+        if mask == flow.mask or flow.closed:
+            return
+        if not flow.mask:
+            self.loop.register(flow.sock, mask, flow.on_ready)
+        elif not mask:
+            self.loop.unregister(flow.sock)
+        else:
+            self.loop.modify(flow.sock, mask, flow.on_ready)
+        flow.mask = mask
+
+    # ------------------------------------------------------------ timers
+    def next_deadline(self):
+        for flow in self._connecting:
+            return flow.connect_at
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        connecting = self._connecting
+        while connecting:
+            flow = next(iter(connecting))
+            if flow.connect_at > now:
+                return
+            del connecting[flow]
+            self._connect_failed(flow, errno.ETIMEDOUT, now)
+
+    def close(self) -> None:
+        for flow in list(self.flows):
+            self._release(flow, reset=True)
+
+
+def os_strerror(err) -> str:
+    try:
+        return errno.errorcode.get(err, str(err))
+    except TypeError:
+        return str(err)

@@ -1,0 +1,776 @@
+"""One TCP connection toward the guest: the RFC 9293 state machine.
+
+Read first: RFC 9293 section 3.10 (event processing, followed here step by
+step), RFC 6298 (retransmission timer), RFC 5681 and RFC 6582 (congestion
+control, fast retransmit, NewReno recovery), RFC 5961 (blind RST, SYN and ACK
+injection), RFC 7323 (window scale, timestamps, PAWS), RFC 1122 4.2.3.6
+(keep-alive), RFC 6191 (reusing a TIME_WAIT connection).
+
+A connection never touches a device: it updates its fields from one parsed
+segment and asks its layer (tcp_layer.TcpLayer) to emit segments and to queue
+events. Time is the ``now`` argument; timers are deadlines (``*_at``).
+
+Not supported, on purpose: SACK (we neither send nor use SACK blocks; the
+guest's SACK-permitted is ignored), urgent data (delivered inline as normal
+bytes), TCP Fast Open (data on a SYN is not acknowledged, the guest resends
+it), ECN.
+"""
+
+import enum
+from collections import deque
+
+from .events import TcpDataReceived, TcpSendSpaceOpened
+from .tcp import ACK, FIN, PSH, RST, SYN
+
+MASK = 0xFFFFFFFF
+HALF = 0x80000000
+
+
+class TcpState(enum.Enum):
+    CLOSED = "CLOSED"
+    LISTEN = "LISTEN"  # a guest SYN is recorded; the host connection is being made
+    SYN_SENT = "SYN-SENT"
+    SYN_RECEIVED = "SYN-RECEIVED"
+    ESTABLISHED = "ESTABLISHED"
+    FIN_WAIT_1 = "FIN-WAIT-1"
+    FIN_WAIT_2 = "FIN-WAIT-2"
+    CLOSE_WAIT = "CLOSE-WAIT"
+    CLOSING = "CLOSING"
+    LAST_ACK = "LAST-ACK"
+    TIME_WAIT = "TIME-WAIT"
+
+
+CLOSED = TcpState.CLOSED
+LISTEN = TcpState.LISTEN
+SYN_SENT = TcpState.SYN_SENT
+SYN_RECEIVED = TcpState.SYN_RECEIVED
+ESTABLISHED = TcpState.ESTABLISHED
+FIN_WAIT_1 = TcpState.FIN_WAIT_1
+FIN_WAIT_2 = TcpState.FIN_WAIT_2
+CLOSE_WAIT = TcpState.CLOSE_WAIT
+CLOSING = TcpState.CLOSING
+LAST_ACK = TcpState.LAST_ACK
+TIME_WAIT = TcpState.TIME_WAIT
+
+# States in which data from the guest is accepted (RFC 9293 3.10.7.4, seventh).
+RECEIVING = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
+# States in which our data and FIN may still be (re)transmitted.
+SENDING = frozenset({ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING, LAST_ACK})
+# States after the guest's FIN: its direction is finished.
+GUEST_FINISHED = frozenset({CLOSE_WAIT, CLOSING, LAST_ACK, TIME_WAIT})
+# States the NAT side may still send data in.
+OPEN_FOR_SEND = frozenset({LISTEN, SYN_SENT, SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT})
+
+
+def _addr(addr: bytes) -> str:
+    if len(addr) == 4:
+        return ".".join(str(b) for b in addr)
+    return "[" + ":".join(f"{addr[i] << 8 | addr[i + 1]:x}" for i in range(0, 16, 2)) + "]"
+
+
+def seq_lt(a: int, b: int) -> bool:
+    """a comes before b in sequence space (RFC 1982 serial arithmetic)."""
+    return 0 < ((b - a) & MASK) < HALF
+
+
+def seq_le(a: int, b: int) -> bool:
+    return ((b - a) & MASK) < HALF
+
+
+class TcpConnection:
+    """The guest is the remote end; we are the local end, speaking for the
+    host (``local`` is the address the guest connects to).
+
+    Data from the guest waits in ``rx`` (a deque of bytes-like chunks,
+    ``rx_bytes`` long) until the NAT side consumes it; ``guest_fin`` tells
+    that the guest's FIN follows the last byte. Data for the guest waits in
+    ``snd_buf`` from SND.UNA on, acknowledged bytes are cut from its front.
+    ``user`` is for the NAT side.
+    """
+
+    __slots__ = (
+        "layer",
+        "key",
+        "local",
+        "local_port",
+        "remote",
+        "remote_port",
+        "serial",
+        "state",
+        "user",
+        # frame template (see TcpLayer._emit)
+        "eth",
+        "addrs",
+        "ip_sum",
+        "tcp_sum",
+        # send sequence variables (RFC 9293 3.3.1)
+        "iss",
+        "snd_una",
+        "snd_nxt",
+        "snd_max",
+        "snd_wnd",
+        "snd_wl1",
+        "snd_wl2",
+        "max_snd_wnd",
+        "snd_buf",
+        "snd_limit",
+        "send_blocked",
+        "close_requested",
+        "fin_seq",
+        "fin_acked",
+        # receive sequence variables
+        "irs",
+        "rcv_nxt",
+        "rcv_adv",
+        "rcv_limit",
+        "rx",
+        "rx_bytes",
+        "rx_notified",
+        "guest_fin",
+        "ooo",
+        "ooo_fin",
+        # options
+        "mss",
+        "guest_mss",
+        "ws_enabled",
+        "snd_wscale",
+        "rcv_wscale",
+        "ts_enabled",
+        "ts_recent",
+        "ts_offset",
+        "sack_permitted",
+        "syn_packet",
+        # RFC 6298 and RFC 5681 state
+        "srtt",
+        "rttvar",
+        "rto",
+        "rtt_seq",
+        "rtt_time",
+        "rtx_at",
+        "retries",
+        "persisting",
+        "cwnd",
+        "ssthresh",
+        "bytes_acked",
+        "dupacks",
+        "recover",
+        "in_recovery",
+        # other timers
+        "wait_at",
+        "last_rx",
+        "keepalive_probes",
+        "heap_at",
+        # bookkeeping
+        "ack_pending",
+        "dirty",
+        "rcv_sws",
+        "bytes_in",
+        "bytes_out",
+        "retransmits",
+        "end_notified",
+    )
+
+    def __init__(self, layer, key, local, local_port, remote, remote_port, serial, now):
+        config = layer.config
+        self.layer = layer
+        self.key = key
+        self.local = local
+        self.local_port = local_port
+        self.remote = remote
+        self.remote_port = remote_port
+        self.serial = serial
+        self.state = CLOSED
+        self.user = None
+        self.eth = None
+        self.addrs = local + remote
+        self.ip_sum = 0
+        self.tcp_sum = 0
+        self.iss = 0
+        self.snd_una = self.snd_nxt = self.snd_max = 0
+        self.snd_wnd = 0
+        self.snd_wl1 = self.snd_wl2 = 0
+        self.max_snd_wnd = 0
+        self.snd_buf = bytearray()
+        self.snd_limit = config.send_buffer
+        self.send_blocked = False
+        self.close_requested = False
+        self.fin_seq = None
+        self.fin_acked = False
+        self.irs = 0
+        self.rcv_nxt = 0
+        self.rcv_adv = 0
+        self.rcv_limit = config.receive_buffer
+        self.rx = deque()
+        self.rx_bytes = 0
+        self.rx_notified = False
+        self.guest_fin = False
+        self.ooo = []  # [(seq, bytes-like)] sorted by seq, bounded by config
+        self.ooo_fin = None
+        self.mss = 536  # RFC 9293 3.7.1: the default when no MSS option came
+        self.guest_mss = 536
+        self.ws_enabled = False
+        self.snd_wscale = 0
+        self.rcv_wscale = 0
+        self.ts_enabled = False
+        self.ts_recent = 0
+        self.ts_offset = 0
+        self.sack_permitted = False
+        self.syn_packet = b""
+        self.srtt = None
+        self.rttvar = 0.0
+        self.rto = config.initial_rto
+        self.rtt_seq = None
+        self.rtt_time = 0.0
+        self.rtx_at = None
+        self.retries = 0
+        self.persisting = False
+        self.cwnd = 0
+        self.ssthresh = 1 << 30
+        self.bytes_acked = 0
+        self.dupacks = 0
+        self.recover = 0
+        self.in_recovery = False
+        self.wait_at = None
+        self.last_rx = now
+        self.keepalive_probes = 0
+        self.heap_at = None
+        self.ack_pending = False
+        self.dirty = False
+        self.rcv_sws = 536
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.retransmits = 0
+        self.end_notified = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<TcpConnection {self.describe()} {self.state.value} "
+            f"snd_una={self.snd_una} snd_nxt={self.snd_nxt} rcv_nxt={self.rcv_nxt}>"
+        )
+
+    def describe(self) -> str:
+        """'guest:port -> peer:port' for logs."""
+        return f"{_addr(self.remote)}:{self.remote_port} -> {_addr(self.local)}:{self.local_port}"
+
+    # ------------------------------------------------------------ helpers
+    def send_space(self) -> int:
+        return self.snd_limit - len(self.snd_buf)
+
+    def in_flight(self) -> int:
+        return (self.snd_nxt - self.snd_una) & MASK
+
+    def receive_window(self) -> int:
+        """The window we would advertise now: free receive buffer, never
+        moving the right edge left (RFC 9293 3.8.6.2.2 and 3.10.7.4)."""
+        space = self.rcv_limit - self.rx_bytes
+        if space < 0:
+            space = 0
+        advertised = (self.rcv_adv - self.rcv_nxt) & MASK
+        if advertised >= HALF:
+            advertised = 0
+        return space if space > advertised else advertised
+
+    def window_field(self) -> int:
+        """Window for the header, scaled (RFC 7323 2.2), updating RCV.ADV.
+
+        Receiver silly window avoidance (RFC 9293 3.8.6.2.2): the right edge
+        moves only when it can move by min(buffer/2, MSS)."""
+        space = self.rcv_limit - self.rx_bytes
+        if space < 0:
+            space = 0
+        advertised = (self.rcv_adv - self.rcv_nxt) & MASK
+        if advertised >= HALF:
+            advertised = 0
+        if space - advertised < self.rcv_sws:
+            space = advertised
+        shift = self.rcv_wscale
+        field = space >> shift
+        if field > 0xFFFF:
+            field = 0xFFFF
+        elif (field << shift) < advertised:
+            field = (advertised + (1 << shift) - 1) >> shift  # never shrink
+        self.rcv_adv = (self.rcv_nxt + (field << shift)) & MASK
+        return field
+
+    def set_rto_sample(self, rtt: float) -> None:
+        """RFC 6298 section 2: smooth one round-trip sample into RTO."""
+        config = self.layer.config
+        if rtt < 0:
+            return
+        if self.srtt is None:
+            self.srtt = rtt
+            self.rttvar = rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        rto = self.srtt + max(config.clock_granularity, 4 * self.rttvar)
+        if rto < config.min_rto:
+            rto = config.min_rto
+        elif rto > config.max_rto:
+            rto = config.max_rto
+        self.rto = rto
+
+    def mark(self) -> None:
+        """Ask the layer to run ``output`` at the next flush."""
+        if not self.dirty:
+            self.dirty = True
+            self.layer.dirty.append(self)
+
+    def notify_readable(self) -> None:
+        if not self.rx_notified:
+            self.rx_notified = True
+            self.layer.events.append(TcpDataReceived(self))
+
+    # ------------------------------------------------------------ ingress
+    def segment_arrives(self, seg, now: float) -> None:
+        """RFC 9293 3.10.7.4, step by step, for the synchronized states
+        (and SYN-RECEIVED). The caller handles LISTEN and SYN-SENT."""
+        layer = self.layer
+        state = self.state
+        flags = seg.flags
+        seq = seg.seq
+        payload = seg.payload
+        self.last_rx = now
+        self.keepalive_probes = 0
+
+        if state is SYN_RECEIVED and flags & (SYN | ACK | RST) == SYN:
+            if seq == self.irs:  # our SYN-ACK was lost: send it again
+                layer.send_syn_ack(self, now)
+            return
+
+        # RFC 7323 5.3 R1: PAWS, drop a segment older than TS.Recent.
+        ts = seg.timestamp
+        if (
+            self.ts_enabled
+            and ts is not None
+            and not flags & RST
+            and ((ts[0] - self.ts_recent) & MASK) >= HALF
+        ):
+            layer.counters["tcp-paws-rejected"] += 1
+            self.ack_pending = True
+            self.mark()
+            return
+
+        # First: is the segment acceptable?
+        rcv_nxt = self.rcv_nxt
+        plen = len(payload)
+        seg_len = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+        wnd = self.receive_window()
+        offset = (seq - rcv_nxt) & MASK
+        if seg_len == 0:
+            acceptable = offset == 0 or offset < wnd
+        elif wnd == 0:
+            acceptable = False
+        else:
+            acceptable = offset < wnd or ((offset + seg_len - 1) & MASK) < wnd
+        text_allowed = True
+        if not acceptable:
+            if wnd == 0 and offset == 0:
+                # RFC 9293: with a zero window still take ACKs and RSTs; the
+                # text is dropped (and the ACK tells the guest the window).
+                text_allowed = False
+                self.ack_pending = True
+                self.mark()
+            else:
+                if not flags & RST:
+                    layer.counters["tcp-out-of-window"] += 1
+                    if state is TIME_WAIT and flags & FIN:
+                        self.wait_at = now + layer.config.time_wait_timeout
+                    self.ack_pending = True
+                    self.mark()
+                    layer.arm(self)
+                return
+
+        # Second: RST (RFC 5961 3.2: exact match resets, else challenge ACK).
+        if flags & RST:
+            if offset == 0:
+                layer.connection_reset(self, "reset by guest", now)
+            else:
+                layer.challenge_ack(self, now)
+            return
+
+        # Fourth: SYN in a synchronized state (RFC 5961 4.2): challenge ACK.
+        if flags & SYN:
+            layer.challenge_ack(self, now)
+            return
+
+        # Fifth: ACK.
+        if not flags & ACK:
+            return
+        ack = seg.ack
+        if state is SYN_RECEIVED:
+            if seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max):
+                self._established(seg, now)
+                state = ESTABLISHED
+            else:
+                layer.send_reset(self.local, self.local_port, self.remote, self.remote_port, ack)
+                return
+        una = self.snd_una
+        if seq_lt(self.snd_max, ack):
+            # Acknowledges what we never sent: answer with an ACK, drop.
+            layer.counters["tcp-ack-too-new"] += 1
+            self.ack_pending = True
+            self.mark()
+            return
+        if seq_lt(ack, (una - self.max_snd_wnd) & MASK):
+            # RFC 5961 5.2: too old to be anything but an injection.
+            layer.counters["tcp-ack-too-old"] += 1
+            layer.challenge_ack(self, now)
+            return
+        window = seg.window << self.snd_wscale
+        if ack != una:
+            if seq_lt(una, ack):
+                self._new_ack(ack, ts, now)
+        elif seg_len == 0 and window == self.snd_wnd and self.snd_max != una:
+            self._duplicate_ack(now)
+        # Window update (RFC 9293 3.10.7.4, fifth, ESTABLISHED).
+        if seq_lt(self.snd_wl1, seq) or (self.snd_wl1 == seq and seq_le(self.snd_wl2, ack)):
+            if window != self.snd_wnd:
+                if window > self.snd_wnd:
+                    self.mark()
+                    if self.persisting:
+                        self.persisting = False
+                        self.rtx_at = None
+                self.snd_wnd = window
+                if window > self.max_snd_wnd:
+                    self.max_snd_wnd = window
+            self.snd_wl1 = seq
+            self.snd_wl2 = ack
+        if self.fin_acked:
+            state = self.state
+            if state is FIN_WAIT_1:
+                self.state = state = FIN_WAIT_2
+            elif state is CLOSING:
+                self.enter_time_wait(now)
+                return
+            elif state is LAST_ACK:
+                layer.connection_closed(self, now)
+                return
+
+        # RFC 7323 4.3: remember the guest's timestamp for our echoes.
+        if ts is not None and self.ts_enabled and seq_le(seq, rcv_nxt):
+            self.ts_recent = ts[0]
+
+        # Seventh: segment text.
+        if plen:
+            self.ack_pending = True
+            self.mark()
+            if text_allowed and self.state in RECEIVING:
+                start = seq
+                data = payload
+                if offset >= HALF:  # begins before RCV.NXT: cut what we have
+                    cut = (rcv_nxt - seq) & MASK
+                    data = data[cut:]
+                    start = rcv_nxt
+                    offset = 0
+                room = wnd - offset
+                if len(data) > room:
+                    data = data[:room]
+                    flags &= ~FIN  # the FIN lies beyond the window
+                if data:
+                    if offset == 0:
+                        self._deliver(data)
+                        if self.ooo:
+                            self._drain_ooo(now)
+                    else:
+                        self._queue_ooo(start, data)
+            else:
+                flags &= ~FIN
+
+        # Eighth: FIN.
+        if flags & FIN:
+            self.ack_pending = True
+            self.mark()
+            fin_at = (seq + plen) & MASK
+            if fin_at == self.rcv_nxt:
+                self._fin_received(now)
+            elif seq_lt(self.rcv_nxt, fin_at):
+                self.ooo_fin = fin_at
+        layer.arm(self)
+
+    def _established(self, seg, now: float) -> None:
+        """SYN-RECEIVED -> ESTABLISHED on the ACK of our SYN."""
+        self.snd_una = seg.ack
+        if seq_lt(self.snd_nxt, seg.ack):
+            self.snd_nxt = seg.ack
+        self.snd_wnd = seg.window << self.snd_wscale
+        self.max_snd_wnd = self.snd_wnd
+        self.snd_wl1 = seg.seq
+        self.snd_wl2 = seg.ack
+        self.state = ESTABLISHED
+        if self.retries == 0:  # Karn: only a SYN-ACK sent once gives a sample
+            self.set_rto_sample(now - self.rtt_time)
+        self.retries = 0
+        self.rtx_at = None
+        self.layer.keepalive_start(self, now)
+        self.mark()  # data or a FIN may be waiting for this moment
+
+    def _new_ack(self, ack: int, ts, now: float) -> None:
+        """SND.UNA < SEG.ACK =< SND.MAX: new data acknowledged."""
+        acked = (ack - self.snd_una) & MASK
+        data_acked = acked
+        if self.fin_seq is not None and seq_lt(self.fin_seq, ack):
+            self.fin_acked = True
+            data_acked -= 1
+        if data_acked:
+            del self.snd_buf[:data_acked]
+            self.bytes_out += data_acked
+        self.snd_una = ack
+        if seq_lt(self.snd_nxt, ack):
+            self.snd_nxt = ack
+        # RTT: RFC 7323 4.1 from the echoed timestamp, else RFC 6298 with Karn.
+        if ts is not None and self.ts_enabled and ts[1]:
+            self.set_rto_sample(((self.layer.ts_clock(self, now) - ts[1]) & MASK) / 1000.0)
+        elif self.rtt_seq is not None and seq_le(self.rtt_seq, ack):
+            self.set_rto_sample(now - self.rtt_time)
+            self.rtt_seq = None
+        self.retries = 0
+        # Congestion control: RFC 5681 section 3.1, RFC 6582 for recovery.
+        mss = self.mss
+        if self.in_recovery:
+            if seq_le(self.recover, ack):
+                self.in_recovery = False
+                flight = self.in_flight()
+                self.cwnd = min(self.ssthresh, max(flight, mss) + mss)
+            else:  # partial ACK: the next hole is lost too
+                self.layer.retransmit_first(self, now)
+                cwnd = self.cwnd - acked + mss
+                self.cwnd = cwnd if cwnd > mss else mss
+        elif self.cwnd < self.ssthresh:
+            self.cwnd += acked  # slow start
+        else:
+            self.bytes_acked += acked
+            if self.bytes_acked >= self.cwnd:
+                self.bytes_acked -= self.cwnd
+                self.cwnd += mss
+        if self.cwnd > self.layer.max_cwnd:
+            self.cwnd = self.layer.max_cwnd
+        self.dupacks = 0
+        # RFC 6298 5.2 and 5.3.
+        self.rtx_at = None if ack == self.snd_max else now + self.rto
+        self.persisting = False
+        if self.send_blocked and len(self.snd_buf) <= self.snd_limit * 3 // 4:
+            self.send_blocked = False
+            self.layer.events.append(TcpSendSpaceOpened(self))
+        self.mark()
+
+    def _duplicate_ack(self, now: float) -> None:
+        """RFC 5681 3.2 with RFC 6582 (NewReno)."""
+        self.dupacks += 1
+        mss = self.mss
+        if self.in_recovery:
+            self.cwnd += mss  # each duplicate means one segment has left
+            self.mark()
+        elif self.dupacks == self.layer.config.dupack_threshold and seq_lt(
+            self.recover, self.snd_una
+        ):
+            self.ssthresh = max(self.in_flight() // 2, 2 * mss)
+            self.recover = self.snd_max
+            self.in_recovery = True
+            self.rtt_seq = None
+            self.layer.counters["tcp-fast-retransmits"] += 1
+            self.layer.retransmit_first(self, now)
+            self.cwnd = self.ssthresh + 3 * mss
+            self.rtx_at = now + self.rto
+
+    def _deliver(self, data) -> None:
+        n = len(data)
+        self.rx.append(data)
+        self.rx_bytes += n
+        self.bytes_in += n
+        self.rcv_nxt = (self.rcv_nxt + n) & MASK
+        self.notify_readable()
+
+    def _queue_ooo(self, start: int, data) -> None:
+        """Keep an in-window segment that came early (bounded in count; its
+        bytes are bounded by the window it lies in)."""
+        ooo = self.ooo
+        layer = self.layer
+        if len(ooo) >= layer.config.max_out_of_order:
+            layer.counters["tcp-ooo-dropped"] += 1
+            return
+        rcv_nxt = self.rcv_nxt
+        offset = (start - rcv_nxt) & MASK
+        i = len(ooo)
+        while i and ((ooo[i - 1][0] - rcv_nxt) & MASK) > offset:
+            i -= 1
+        if i and ooo[i - 1][0] == start and len(ooo[i - 1][1]) >= len(data):
+            layer.counters["tcp-ooo-duplicate"] += 1
+            return
+        ooo.insert(i, (start, data))
+        layer.counters["tcp-ooo-queued"] += 1
+
+    def _drain_ooo(self, now: float) -> None:
+        ooo = self.ooo
+        while ooo:
+            start, data = ooo[0]
+            offset = (start - self.rcv_nxt) & MASK
+            if offset >= HALF:  # starts before RCV.NXT: keep only the new tail
+                end = (start + len(data) - self.rcv_nxt) & MASK
+                del ooo[0]
+                if 0 < end < HALF:
+                    self._deliver(data[len(data) - end :])
+            elif offset == 0:
+                del ooo[0]
+                self._deliver(data)
+            else:
+                break
+        if self.ooo_fin is not None and self.ooo_fin == self.rcv_nxt:
+            self.ooo_fin = None
+            self._fin_received(now)
+
+    def _fin_received(self, now: float) -> None:
+        self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+        self.ooo.clear()
+        self.guest_fin = True
+        self.ack_pending = True
+        self.mark()
+        self.notify_readable()
+        state = self.state
+        if state is ESTABLISHED or state is SYN_RECEIVED:
+            self.state = CLOSE_WAIT
+        elif state is FIN_WAIT_1:
+            if self.fin_acked:
+                self.enter_time_wait(now)
+            else:
+                self.state = CLOSING
+        elif state is FIN_WAIT_2:
+            self.enter_time_wait(now)
+
+    def enter_time_wait(self, now: float) -> None:
+        self.state = TIME_WAIT
+        self.rtx_at = None
+        self.persisting = False
+        self.wait_at = now + self.layer.config.time_wait_timeout
+        self.layer.time_wait_entered(self, now)
+
+    # ------------------------------------------------------------ egress
+    def output(self, now: float) -> None:
+        """Send what the windows allow, the FIN when its turn comes, and an
+        ACK if one is owed and nothing else carried it."""
+        self.dirty = False
+        layer = self.layer
+        sent = False
+        if self.state in SENDING:
+            buf = self.snd_buf
+            una = self.snd_una
+            old_nxt = self.snd_nxt
+            buffered = len(buf)
+            sent_off = (old_nxt - una) & MASK
+            win = self.snd_wnd if self.snd_wnd < self.cwnd else self.cwnd
+            mss = self.mss
+            closing = self.close_requested and not self.fin_acked
+            emit = layer.emit
+            while sent_off < buffered and sent_off < win:
+                n = buffered - sent_off
+                if n > mss:
+                    n = mss
+                if n > win - sent_off:
+                    n = win - sent_off
+                    # Sender SWS avoidance (RFC 9293 3.8.6.2.1): no small
+                    # window-limited segment while others are in flight.
+                    if n < mss and sent_off:
+                        break
+                end = sent_off + n
+                if end == buffered:
+                    flags = ACK | PSH | FIN if closing else ACK | PSH
+                else:
+                    flags = ACK
+                emit(self, flags, (una + sent_off) & MASK, buf[sent_off:end], now)
+                sent_off = end + 1 if flags & FIN else end
+                sent = True
+            if closing and sent_off == buffered:
+                emit(self, ACK | FIN, (una + buffered) & MASK, b"", now)
+                sent_off = buffered + 1
+                sent = True
+            if sent:
+                nxt = (una + sent_off) & MASK
+                if sent_off > buffered and self.fin_seq is None:
+                    self._fin_sent((una + buffered) & MASK)
+                if old_nxt == self.snd_max:  # new data: time it (Karn: never a resend)
+                    if self.rtt_seq is None and not self.ts_enabled:
+                        self.rtt_seq = nxt
+                        self.rtt_time = now
+                elif seq_lt(self.snd_max, nxt):
+                    self.rtt_seq = None
+                self.snd_nxt = nxt
+                if seq_lt(self.snd_max, nxt):
+                    self.snd_max = nxt
+                if self.rtx_at is None or self.persisting:
+                    self.persisting = False
+                    self.rtx_at = now + self.rto
+            elif self.snd_wnd == 0 and sent_off < buffered and self.rtx_at is None:
+                # RFC 9293 3.8.6.1: probe the zero window.
+                self.persisting = True
+                self.rtx_at = now + self.rto
+        if self.ack_pending:
+            if not sent:
+                layer.emit(self, ACK, self.snd_nxt, b"", now)
+            self.ack_pending = False
+        layer.arm(self)
+
+    def _fin_sent(self, fin_seq: int) -> None:
+        self.fin_seq = fin_seq
+        state = self.state
+        if state is ESTABLISHED:
+            self.state = FIN_WAIT_1
+        elif state is CLOSE_WAIT:
+            self.state = LAST_ACK
+
+    # ------------------------------------------------------------ timers
+    def on_timer(self, now: float) -> None:
+        if self.rtx_at is not None and self.rtx_at <= now:
+            self.rtx_at = None
+            self._retransmission_timeout(now)
+        if self.state is CLOSED:
+            return
+        if self.wait_at is not None and self.wait_at <= now:
+            self.wait_at = None
+            if self.state is TIME_WAIT:
+                self.layer.connection_closed(self, now)
+            else:
+                self.layer.keepalive_due(self, now)
+
+    def _retransmission_timeout(self, now: float) -> None:
+        layer = self.layer
+        config = layer.config
+        state = self.state
+        self.retries += 1
+        if state is SYN_RECEIVED or state is SYN_SENT:
+            limit = config.syn_retries
+        else:
+            limit = config.max_retransmits
+        if self.retries > limit:
+            layer.abort(self, now, "timeout")
+            return
+        self.rto = min(self.rto * 2, config.max_rto)  # RFC 6298 5.5
+        if self.persisting:
+            # A zero-window probe: an old sequence number elicits an ACK that
+            # carries the guest's current window (what Linux sends too).
+            layer.counters["tcp-window-probes"] += 1
+            layer.emit(self, ACK, (self.snd_una - 1) & MASK, b"", now)
+            self.rtx_at = now + self.rto
+            layer.arm(self)
+            return
+        self.retransmits += 1
+        layer.counters["tcp-timeouts"] += 1
+        if state is SYN_RECEIVED:
+            layer.send_syn_ack(self, now)
+            self.rtx_at = now + self.rto
+            layer.arm(self)
+            return
+        if state is SYN_SENT:
+            layer.send_syn(self, now)
+            self.rtx_at = now + self.rto
+            layer.arm(self)
+            return
+        # RFC 5681 section 3.1 eq. 4 and the loss window; go back N.
+        mss = self.mss
+        self.ssthresh = max(self.in_flight() // 2, 2 * mss)
+        self.cwnd = mss
+        self.in_recovery = False
+        self.recover = self.snd_max
+        self.dupacks = 0
+        self.rtt_seq = None
+        self.snd_nxt = self.snd_una
+        self.output(now)

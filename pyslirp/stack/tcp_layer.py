@@ -1,0 +1,674 @@
+"""The stack's TCP layer: the connection table, demultiplexing, emission of
+segments toward the guest, the timer heap, and the commands of the NAT side.
+
+Read first: RFC 9293 3.10.7.1 (segments for no connection), RFC 6528 (ISN),
+RFC 6928 (initial window), RFC 5961 section 7 (challenge ACK rate limit).
+
+Commands (each takes ``now``): ``accept``, ``refuse``, ``send`` (returns how
+many bytes were taken), ``consume`` (the NAT side has passed on that many
+bytes of ``conn.rx``), ``close`` (our FIN after the buffered data), ``abort``
+(RST), and ``connect`` for connections we open toward the guest.
+"""
+
+import heapq
+import struct
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from . import checksum, ethernet, icmpv4, ipv4, tcp
+from .events import (
+    TcpConnected,
+    TcpConnectionClosed,
+    TcpConnectionReset,
+    TcpConnectRequested,
+)
+from .tcp import ACK, FIN, PSH, RST, SYN
+from .tcp_connection import (
+    CLOSE_WAIT,
+    CLOSED,
+    ESTABLISHED,
+    FIN_WAIT_2,
+    LISTEN,
+    MASK,
+    OPEN_FOR_SEND,
+    RECEIVING,
+    SYN_RECEIVED,
+    SYN_SENT,
+    TIME_WAIT,
+    TcpConnection,
+    seq_le,
+    seq_lt,
+)
+
+
+@dataclass(slots=True)
+class TcpConfig:
+    # Connections in the table, TIME-WAIT included (those are reclaimed
+    # first when the table is full). Each costs at most the two buffers below.
+    max_connections: int = 4096
+    # Per connection: bytes from the guest not yet taken by the host socket
+    # (bounds the window we advertise) and bytes for the guest not yet
+    # acknowledged by it. 1 MiB each keeps a 64 KiB-segment link busy.
+    receive_buffer: int = 1 << 20
+    send_buffer: int = 1 << 20
+    # Segments held out of order per connection (their bytes are bounded by
+    # the receive window they must lie in).
+    max_out_of_order: int = 256
+    # RFC 6298: initial RTO 1 s (2.1), bounds (2.4, 2.5). The lower bound is
+    # Linux's 200 ms rather than the RFC's 1 s: the guest is one hop away.
+    initial_rto: float = 1.0
+    min_rto: float = 0.2
+    max_rto: float = 60.0
+    clock_granularity: float = 0.001
+    # Retransmissions before giving up (RFC 1122 4.2.3.5 R2), for data and
+    # for our SYN or SYN-ACK (Linux's tcp_synack_retries is 5 too).
+    max_retransmits: int = 12
+    syn_retries: int = 5
+    dupack_threshold: int = 3  # RFC 5681 3.2
+    # TIME-WAIT: 2*MSL would be 4 minutes (RFC 9293); Linux uses 60 s.
+    time_wait_timeout: float = 60.0
+    # RFC 1122 4.2.3.6: keep-alive no sooner than 2 hours idle; we probe a
+    # silent guest so that its connections do not hold host sockets forever.
+    keepalive_idle: float = 7200.0
+    keepalive_interval: float = 75.0
+    keepalive_probes: int = 9
+    challenge_ack_limit: int = 1000  # per second, RFC 5961 section 7
+    window_scaling: bool = True  # RFC 7323 section 2
+    timestamps: bool = True  # RFC 7323 sections 3-5
+    # The guest's checksum is checked by default; a TAP that hands us frames
+    # straight from the guest kernel's memory may turn this off.
+    verify_checksum: bool = True
+
+
+# Ethernet, IPv4 and TCP headers of one segment in one pack (54 bytes): the
+# cached Ethernet header, then version/IHL, TOS, total length, ID, flags,
+# TTL, protocol, header checksum, both addresses, then the TCP header.
+_FRAME4 = struct.Struct("!14sBBHHHBBH8sHHIIBBHHH")
+_PACKET4 = struct.Struct("!BBHHHBBH8sHHIIBBHHH")
+_TS_OPTION = struct.Struct("!BBBBII")
+_TS_SUM = 0x0101 + 0x080A  # the NOP NOP kind length words of that option
+_IP_FIXED_SUM = 0x4500 + 0x4000 + ((ipv4.DEFAULT_TTL << 8) | ipv4.PROTO_TCP)
+_DF = 0x4000
+_MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
+
+
+class TcpLayer:
+    def __init__(self, stack, config: TcpConfig | None = None) -> None:
+        self.stack = stack
+        self.config = config or TcpConfig()
+        self.random = stack.random
+        self.connections: dict[tuple, TcpConnection] = {}
+        self.events = stack._events
+        self.dirty: list[TcpConnection] = []
+        self.counters: Counter = Counter()
+        self.verify_checksum = self.config.verify_checksum
+        self.max_cwnd = 1 << 30
+        self._heap: list = []
+        self._serial = 0
+        self._time_wait: deque = deque()
+        self._challenge_second = -1
+        self._challenge_count = 0
+        # RFC 7323 2.3: the smallest shift that lets our buffer be advertised.
+        shift = 0
+        while (self.config.receive_buffer >> shift) > 0xFFFF and shift < tcp.MAX_WINDOW_SCALE:
+            shift += 1
+        self._rcv_wscale = shift
+        stack.tcp = self
+
+    @property
+    def mss_limit(self) -> int:
+        """Largest payload per segment the MTU allows (IPv4, no options)."""
+        return self.stack.config.mtu - ipv4.HEADER_LEN - tcp.HEADER_LEN
+
+    # ------------------------------------------------------------ ingress
+    def receive_segment(self, ip, packet, payload, now: float) -> None:
+        seg = tcp.parse(payload, ip.src, ip.dst, self.verify_checksum)
+        key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
+        conn = self.connections.get(key)
+        if conn is not None:
+            state = conn.state
+            if state is LISTEN:
+                self._listen_arrives(conn, seg, now)
+                return
+            if state is SYN_SENT:
+                self._syn_sent_arrives(conn, seg, now)
+                return
+            if state is not TIME_WAIT or not self._reopens(conn, seg):
+                conn.segment_arrives(seg, now)
+                return
+            self.remove(conn)
+            self.counters["tcp-time-wait-reused"] += 1
+        self._no_connection(ip, packet, seg, key, now)
+
+    @staticmethod
+    def _reopens(conn: TcpConnection, seg) -> bool:
+        """A new SYN for a TIME-WAIT connection (RFC 1122 4.2.2.13, RFC 6191)."""
+        if seg.flags & (SYN | ACK | RST) != SYN:
+            return False
+        if conn.ts_enabled and seg.timestamp is not None:
+            return seq_lt(conn.ts_recent, seg.timestamp[0])
+        return seq_lt(conn.rcv_nxt, seg.seq)
+
+    def _no_connection(self, ip, packet, seg, key, now: float) -> None:
+        """RFC 9293 3.10.7.1 (CLOSED) and 3.10.7.2 (LISTEN)."""
+        flags = seg.flags
+        if flags & RST:
+            return
+        if flags & ACK:
+            self.counters["tcp-no-connection"] += 1
+            self.send_reset(ip.dst, seg.dst_port, ip.src, seg.src_port, seg.ack)
+            return
+        if not flags & SYN:
+            self.counters["tcp-no-connection"] += 1
+            return
+        if flags & FIN:
+            self.counters["tcp-syn-fin"] += 1
+            return
+        if len(self.connections) >= self.config.max_connections and not self._reclaim():
+            self.counters["tcp-refused-table-full"] += 1
+            ack = (seg.seq + seg.length) & MASK
+            self.send_reset(ip.dst, seg.dst_port, ip.src, seg.src_port, 0, ack)
+            return
+        conn = self._new_connection(key, ip.dst, seg.dst_port, ip.src, seg.src_port, now)
+        conn.state = LISTEN
+        conn.irs = seg.seq
+        conn.rcv_nxt = (seg.seq + 1) & MASK
+        self._take_syn_options(conn, seg)
+        conn.syn_packet = bytes(packet[: ip.header_len + tcp.HEADER_LEN])
+        self.counters["tcp-connect-requests"] += 1
+        self.events.append(TcpConnectRequested(conn))
+
+    def _listen_arrives(self, conn: TcpConnection, seg, now: float) -> None:
+        """The guest's SYN is recorded, the NAT side has not answered yet."""
+        flags = seg.flags
+        if flags & RST:
+            if seg.seq == conn.rcv_nxt:
+                self.connection_reset(conn, "reset by guest", now)
+            return
+        if flags & (SYN | ACK) == SYN:
+            if seg.seq == conn.irs:
+                self.counters["tcp-syn-repeated"] += 1
+            else:  # a new attempt from the same port: answer that one
+                conn.irs = seg.seq
+                conn.rcv_nxt = (seg.seq + 1) & MASK
+                self._take_syn_options(conn, seg)
+
+    def _syn_sent_arrives(self, conn: TcpConnection, seg, now: float) -> None:
+        """RFC 9293 3.10.7.3, for connections we open toward the guest."""
+        flags = seg.flags
+        if flags & ACK and (seq_le(seg.ack, conn.iss) or seq_lt(conn.snd_nxt, seg.ack)):
+            if not flags & RST:
+                self.send_reset(conn.local, conn.local_port, conn.remote, conn.remote_port, seg.ack)
+            return
+        if flags & RST:
+            if flags & ACK:
+                self.connection_reset(conn, "refused by guest", now)
+            return
+        if not flags & SYN:
+            return
+        conn.irs = seg.seq
+        conn.rcv_nxt = (seg.seq + 1) & MASK
+        if seg.window_scale >= 0 and conn.ws_enabled:
+            conn.snd_wscale = seg.window_scale
+        else:
+            conn.ws_enabled = False
+            conn.snd_wscale = conn.rcv_wscale = 0
+        if seg.timestamp is not None and conn.ts_enabled:
+            conn.ts_recent = seg.timestamp[0]
+        else:
+            conn.ts_enabled = False
+        conn.guest_mss = max(seg.mss or 536, _MIN_MSS)
+        self._set_mss(conn)
+        if flags & ACK:
+            conn.snd_una = seg.ack
+            conn.snd_wnd = conn.max_snd_wnd = seg.window  # never scaled on a SYN
+            conn.snd_wl1 = seg.seq
+            conn.snd_wl2 = seg.ack
+            conn.state = ESTABLISHED
+            if conn.retries == 0:
+                conn.set_rto_sample(now - conn.rtt_time)
+            conn.retries = 0
+            conn.rtx_at = None
+            conn.ack_pending = True
+            conn.mark()
+            self.keepalive_start(conn, now)
+            self.events.append(TcpConnected(conn))
+        else:  # simultaneous open
+            conn.state = SYN_RECEIVED
+            self.send_syn_ack(conn, now)
+        self.arm(conn)
+
+    # ------------------------------------------------------------ setup
+    def _new_connection(self, key, local, local_port, remote, remote_port, now):
+        self._serial += 1
+        conn = TcpConnection(self, key, local, local_port, remote, remote_port, self._serial, now)
+        mac = self.stack._arp_cache.get(remote)
+        if mac is not None and len(remote) == 4:
+            conn.eth = ethernet.header(mac, self.stack.gateway_mac, ethernet.ETHERTYPE_IPV4)
+        both = int.from_bytes(local, "big") + int.from_bytes(remote, "big")
+        conn.ip_sum = _IP_FIXED_SUM + both
+        conn.tcp_sum = both + tcp.PROTOCOL + local_port + remote_port
+        conn.ts_offset = self.random.getrandbits(32)
+        conn.rcv_sws = min(conn.rcv_limit // 2, self.mss_limit)
+        self.connections[key] = conn
+        return conn
+
+    def _take_syn_options(self, conn: TcpConnection, seg) -> None:
+        config = self.config
+        conn.guest_mss = max(seg.mss or 536, _MIN_MSS)
+        if seg.window_scale >= 0 and config.window_scaling:
+            conn.ws_enabled = True
+            conn.snd_wscale = seg.window_scale
+            conn.rcv_wscale = self._rcv_wscale
+        else:
+            conn.ws_enabled = False
+            conn.snd_wscale = conn.rcv_wscale = 0
+        conn.ts_enabled = seg.timestamp is not None and config.timestamps
+        if conn.ts_enabled:
+            conn.ts_recent = seg.timestamp[0]
+        conn.sack_permitted = seg.sack_permitted
+
+    def _set_mss(self, conn: TcpConnection) -> None:
+        mss = min(conn.guest_mss, self.mss_limit)
+        if conn.ts_enabled:
+            mss -= 12
+        conn.mss = mss
+        # RFC 6928: the initial window.
+        conn.cwnd = min(10 * mss, max(2 * mss, 14600))
+
+    def _initial_sequence(self, conn: TcpConnection) -> None:
+        conn.iss = self.random.getrandbits(32)
+        conn.snd_una = conn.iss
+        conn.snd_nxt = conn.snd_max = (conn.iss + 1) & MASK
+        conn.recover = conn.iss
+
+    # ------------------------------------------------------------ commands
+    def accept(self, conn: TcpConnection, now: float) -> None:
+        """The host connection is made: answer the guest's SYN."""
+        if conn.state is not LISTEN:
+            return
+        self._initial_sequence(conn)
+        self._set_mss(conn)
+        conn.state = SYN_RECEIVED
+        self.send_syn_ack(conn, now)
+        conn.rtx_at = now + conn.rto
+        self.arm(conn)
+        if conn.close_requested:
+            conn.mark()
+
+    def refuse(self, conn: TcpConnection, now: float, icmp_code: int | None = None) -> None:
+        """The host connection failed: RST (refused), or ICMP destination
+        unreachable with ``icmp_code`` quoting the guest's SYN."""
+        if conn.state is not LISTEN:
+            return
+        self.remove(conn)
+        conn.end_notified = True
+        self.counters["tcp-refused"] += 1
+        if icmp_code is None:
+            self.send_reset(
+                conn.local, conn.local_port, conn.remote, conn.remote_port, 0, conn.rcv_nxt
+            )
+        else:
+            self.stack.send_icmp_error(icmpv4.DEST_UNREACHABLE, icmp_code, conn.syn_packet, now)
+
+    def send_space(self, conn: TcpConnection) -> int:
+        """How many bytes ``send`` would take now (0 marks the connection as
+        waiting for TcpSendSpaceOpened)."""
+        if conn.close_requested or conn.state not in OPEN_FOR_SEND:
+            return 0
+        space = conn.snd_limit - len(conn.snd_buf)
+        if space <= 0:
+            conn.send_blocked = True
+            return 0
+        return space
+
+    def send(self, conn: TcpConnection, data, now: float) -> int:
+        """Queue bytes for the guest; returns how many were taken."""
+        if conn.close_requested or conn.state not in OPEN_FOR_SEND:
+            return 0
+        space = conn.snd_limit - len(conn.snd_buf)
+        size = len(data)
+        if size > space:
+            conn.send_blocked = True
+            if space <= 0:
+                return 0
+            data = memoryview(data)[:space]
+            size = space
+        conn.snd_buf += data
+        conn.mark()
+        return size
+
+    def consume(self, conn: TcpConnection, count: int, now: float) -> None:
+        """The NAT side passed ``count`` bytes from the front of conn.rx on."""
+        if count <= 0:
+            return
+        rx = conn.rx
+        conn.rx_bytes -= count
+        while count > 0:
+            head = rx[0]
+            size = len(head)
+            if size <= count:
+                rx.popleft()
+                count -= size
+            else:
+                rx[0] = head[count:]
+                break
+        if not rx:
+            conn.rx_notified = False
+        if conn.state in RECEIVING:
+            space = conn.rcv_limit - conn.rx_bytes
+            advertised = (conn.rcv_adv - conn.rcv_nxt) & MASK
+            if space - advertised >= conn.rcv_sws:  # a window update is worth a segment
+                conn.ack_pending = True
+                conn.mark()
+
+    def close(self, conn: TcpConnection, now: float) -> None:
+        """No more data from the host: FIN once the buffered bytes are out."""
+        if conn.close_requested:
+            return
+        conn.close_requested = True
+        state = conn.state
+        if state is LISTEN:
+            self.refuse(conn, now)
+        elif state is SYN_SENT:
+            self.abort(conn, now)
+        elif state is not CLOSED:
+            conn.mark()
+
+    def abort(self, conn: TcpConnection, now: float, reason: str | None = None) -> None:
+        """Reset the connection (RFC 9293 3.10.5 ABORT). With a ``reason`` the
+        stack itself gave up, and the NAT side gets TcpConnectionReset."""
+        state = conn.state
+        if state is CLOSED:
+            return
+        if state is LISTEN:
+            self.refuse(conn, now)
+        else:
+            if state is not SYN_SENT and state is not TIME_WAIT:
+                self.emit(conn, RST | ACK, conn.snd_nxt, b"", now)
+            self.remove(conn)
+        self.counters["tcp-aborted"] += 1
+        if reason is not None and not conn.end_notified:
+            conn.end_notified = True
+            self.events.append(TcpConnectionReset(conn, reason))
+        conn.end_notified = True
+
+    def connect(
+        self, local: bytes, local_port: int, remote: bytes, remote_port: int, now: float
+    ) -> TcpConnection | None:
+        """Open a connection toward the guest (for port forwarding). None if
+        that 4-tuple is in use or the table is full."""
+        key = (remote, remote_port, local, local_port)
+        if key in self.connections:
+            return None
+        if len(self.connections) >= self.config.max_connections and not self._reclaim():
+            return None
+        conn = self._new_connection(key, local, local_port, remote, remote_port, now)
+        conn.state = SYN_SENT
+        self._initial_sequence(conn)
+        conn.ws_enabled = self.config.window_scaling
+        conn.rcv_wscale = self._rcv_wscale if conn.ws_enabled else 0
+        conn.ts_enabled = self.config.timestamps
+        self.send_syn(conn, now)
+        conn.rtx_at = now + conn.rto
+        self.arm(conn)
+        return conn
+
+    # ------------------------------------------------------------ endings
+    def remove(self, conn: TcpConnection) -> None:
+        if self.connections.get(conn.key) is conn:
+            del self.connections[conn.key]
+        conn.state = CLOSED
+        conn.rtx_at = conn.wait_at = None
+
+    def connection_reset(self, conn: TcpConnection, reason: str, now: float) -> None:
+        self.remove(conn)
+        self.counters["tcp-reset-by-guest"] += 1
+        if not conn.end_notified:
+            conn.end_notified = True
+            self.events.append(TcpConnectionReset(conn, reason))
+
+    def connection_closed(self, conn: TcpConnection, now: float) -> None:
+        self.remove(conn)
+        if not conn.end_notified:
+            conn.end_notified = True
+            self.events.append(TcpConnectionClosed(conn))
+
+    def time_wait_entered(self, conn: TcpConnection, now: float) -> None:
+        self._time_wait.append(conn)
+        self.arm(conn)
+        if not conn.end_notified:
+            conn.end_notified = True
+            self.events.append(TcpConnectionClosed(conn))
+
+    def _reclaim(self) -> bool:
+        """Free the oldest TIME-WAIT entry for a new connection."""
+        queue = self._time_wait
+        while queue:
+            conn = queue.popleft()
+            if conn.state is TIME_WAIT:
+                self.remove(conn)
+                self.counters["tcp-time-wait-reclaimed"] += 1
+                return True
+        return False
+
+    def keepalive_start(self, conn: TcpConnection, now: float) -> None:
+        if self.config.keepalive_idle:
+            conn.wait_at = now + self.config.keepalive_idle
+
+    def keepalive_due(self, conn: TcpConnection, now: float) -> None:
+        config = self.config
+        if conn.state not in (ESTABLISHED, CLOSE_WAIT, FIN_WAIT_2):
+            return  # retransmission timers bound the other states
+        if conn.snd_nxt != conn.snd_una or conn.persisting:
+            conn.wait_at = now + config.keepalive_idle
+            return
+        if conn.keepalive_probes == 0 and now - conn.last_rx < config.keepalive_idle:
+            conn.wait_at = conn.last_rx + config.keepalive_idle
+            return
+        if conn.keepalive_probes >= config.keepalive_probes:
+            self.abort(conn, now, "keep-alive timeout")
+            return
+        conn.keepalive_probes += 1
+        self.counters["tcp-keepalive-probes"] += 1
+        self.emit(conn, ACK, (conn.snd_una - 1) & MASK, b"", now)
+        conn.wait_at = now + config.keepalive_interval
+
+    def challenge_ack(self, conn: TcpConnection, now: float) -> None:
+        """RFC 5961 3.2 and 4.2, limited in rate (section 7)."""
+        second = int(now)
+        if second != self._challenge_second:
+            self._challenge_second = second
+            self._challenge_count = 0
+        if self._challenge_count >= self.config.challenge_ack_limit:
+            self.counters["tcp-challenge-ack-limited"] += 1
+            return
+        self._challenge_count += 1
+        self.counters["tcp-challenge-acks"] += 1
+        conn.ack_pending = True
+        conn.mark()
+
+    # ------------------------------------------------------------ egress
+    def ts_clock(self, conn: TcpConnection, now: float) -> int:
+        """Our TSval: milliseconds plus a per-connection offset (RFC 7323 5.4)."""
+        return (int(now * 1000) + conn.ts_offset) & MASK
+
+    def emit(self, conn: TcpConnection, flags: int, seq: int, payload, now: float) -> None:
+        """One segment with ACK = RCV.NXT, our window and timestamps."""
+        window = conn.window_field()
+        if conn.ts_enabled:
+            ts_val = (int(now * 1000) + conn.ts_offset) & MASK
+            ts_ecr = conn.ts_recent
+            options = _TS_OPTION.pack(1, 1, 8, 10, ts_val, ts_ecr)
+            self._frame(
+                conn, flags, seq, conn.rcv_nxt, window, options, _TS_SUM + ts_val + ts_ecr, payload
+            )
+        else:
+            self._frame(conn, flags, seq, conn.rcv_nxt, window, b"", 0, payload)
+
+    def _frame(self, conn, flags, seq, ack, window, options, options_sum, payload) -> None:
+        header_len = 20 + len(options)
+        size = len(payload)
+        tcp_len = header_len + size
+        total = 20 + tcp_len
+        stack = self.stack
+        ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
+        s = (conn.ip_sum + total + ident) % 0xFFFF
+        ip_csum = (~s) & 0xFFFF if s else 0
+        offset_flags = (header_len << 10) | flags
+        s = conn.tcp_sum + tcp_len + seq + ack + offset_flags + window + options_sum
+        if size:
+            s += checksum.partial_sum(payload)
+        s %= 0xFFFF
+        tcp_csum = (~s) & 0xFFFF if s else 0
+        eth = conn.eth
+        if eth is not None:
+            head = _FRAME4.pack(
+                eth,
+                0x45,
+                0,
+                total,
+                ident,
+                _DF,
+                ipv4.DEFAULT_TTL,
+                ipv4.PROTO_TCP,
+                ip_csum,
+                conn.addrs,
+                conn.local_port,
+                conn.remote_port,
+                seq,
+                ack,
+                header_len << 2,
+                flags,
+                window,
+                tcp_csum,
+                0,
+            )
+            stack._out.append(b"".join((head, options, payload)))
+            return
+        head = _PACKET4.pack(
+            0x45,
+            0,
+            total,
+            ident,
+            _DF,
+            ipv4.DEFAULT_TTL,
+            ipv4.PROTO_TCP,
+            ip_csum,
+            conn.addrs,
+            conn.local_port,
+            conn.remote_port,
+            seq,
+            ack,
+            header_len << 2,
+            flags,
+            window,
+            tcp_csum,
+            0,
+        )
+        stack._send_packet(conn.remote, b"".join((head, options, payload)), 0.0)
+        mac = stack._arp_cache.get(conn.remote)
+        if mac is not None:
+            conn.eth = ethernet.header(mac, stack.gateway_mac, ethernet.ETHERTYPE_IPV4)
+
+    def _syn_options(self, conn: TcpConnection, now: float) -> bytes:
+        return tcp.build_options(
+            mss=self.mss_limit,
+            window_scale=conn.rcv_wscale if conn.ws_enabled else -1,
+            timestamp=(self.ts_clock(conn, now), conn.ts_recent) if conn.ts_enabled else None,
+        )
+
+    def send_syn_ack(self, conn: TcpConnection, now: float) -> None:
+        options = self._syn_options(conn, now)
+        window = min(conn.rcv_limit, 0xFFFF)  # RFC 7323 2.2: a SYN's window is not scaled
+        conn.rcv_adv = (conn.rcv_nxt + window) & MASK
+        conn.rtt_time = now
+        self._frame(
+            conn,
+            SYN | ACK,
+            conn.iss,
+            conn.rcv_nxt,
+            window,
+            options,
+            checksum.partial_sum(options),
+            b"",
+        )
+
+    def send_syn(self, conn: TcpConnection, now: float) -> None:
+        options = self._syn_options(conn, now)
+        window = min(conn.rcv_limit, 0xFFFF)
+        conn.rtt_time = now
+        self._frame(conn, SYN, conn.iss, 0, window, options, checksum.partial_sum(options), b"")
+
+    def retransmit_first(self, conn: TcpConnection, now: float) -> None:
+        """Resend the first unacknowledged segment (fast retransmit)."""
+        buf = conn.snd_buf
+        size = min(len(buf), conn.mss)
+        conn.retransmits += 1
+        if size:
+            flags = ACK | PSH if size == len(buf) else ACK
+            self.emit(conn, flags, conn.snd_una, buf[:size], now)
+        elif conn.fin_seq is not None and not conn.fin_acked:
+            self.emit(conn, ACK | FIN, conn.snd_una, b"", now)
+
+    def send_reset(
+        self,
+        src: bytes,
+        src_port: int,
+        dst: bytes,
+        dst_port: int,
+        seq: int,
+        ack: int | None = None,
+    ) -> None:
+        """A RST for no connection (RFC 9293 3.10.7.1)."""
+        flags = RST if ack is None else RST | ACK
+        segment = tcp.emit(src, dst, src_port, dst_port, seq, ack or 0, flags, 0)
+        self.counters["tcp-resets-out"] += 1
+        self.stack.send_ip(src, dst, ipv4.PROTO_TCP, segment, 0.0)
+
+    # ------------------------------------------------------------ the verbs
+    def flush(self, now: float) -> None:
+        dirty = self.dirty
+        if not dirty:
+            return
+        self.dirty = []
+        for conn in dirty:
+            if conn.dirty:
+                if conn.state is CLOSED:
+                    conn.dirty = False
+                else:
+                    conn.output(now)
+
+    def arm(self, conn: TcpConnection) -> None:
+        """Make sure the heap holds the connection's next deadline."""
+        at = conn.rtx_at
+        wait = conn.wait_at
+        if wait is not None and (at is None or wait < at):
+            at = wait
+        if at is not None:
+            current = conn.heap_at
+            if current is None or at < current:
+                conn.heap_at = at
+                heapq.heappush(self._heap, (at, conn.serial, conn))
+
+    def get_timer(self):
+        heap = self._heap
+        while heap:
+            at, _serial, conn = heap[0]
+            if conn.heap_at == at and conn.state is not CLOSED:
+                return at
+            heapq.heappop(heap)
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, _serial, conn = heapq.heappop(heap)
+            if conn.heap_at != at:
+                continue
+            conn.heap_at = None
+            if conn.state is CLOSED:
+                continue
+            conn.on_timer(now)
+            if conn.state is not CLOSED:
+                self.arm(conn)
