@@ -10,6 +10,9 @@ The libslirp side asks the first nameserver of /etc/resolv.conf: these tests
 run only inside .ci/sandbox, where that is 127.0.0.1, and serve 127.0.0.1:53.
 """
 
+import contextlib
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -206,3 +209,147 @@ def test_frame_parity(answers, scenario):
         python_value, libslirp_value = diff[field]
         assert value_matches(python_cell, python_value), (scenario, field, python_value)
         assert value_matches(libslirp_cell, libslirp_value), (scenario, field, libslirp_value)
+
+
+# ------------------------------------------------------------ end to end
+# The same scenarios through the real forwarder, once per backend, with the
+# Linux kernel as the guest. These run inside .ci/sandbox (conftest checks).
+BACKEND_PARAMS = [
+    pytest.param("python", id="python"),
+    pytest.param("libslirp", id="libslirp", marks=needs_libslirp),
+]
+
+UDHCPC_RECORD = """#!/bin/sh
+env | grep -E '^(ip|subnet|router|dns|mtu|serverid|lease)=' | sort >> {out}
+echo "event=$1" >> {out}
+echo ---- >> {out}
+[ "$1" = deconfig ] && ip link set dev "$interface" up
+exit 0
+"""
+
+
+def start(backend: str, *args: str, **kw):
+    from tests import harness
+
+    return harness.forwarder(f"--backend={backend}", *args, **kw)
+
+
+@contextlib.contextmanager
+def dns_for(backend: str, address: str):
+    """A test DNS server the backend's proxy reaches, and the forwarder
+    arguments that point at it. libslirp asks the first nameserver of
+    /etc/resolv.conf (127.0.0.1 in the sandbox) on port 53 and nothing else."""
+    if backend == "libslirp":
+        with Dns53(address=address) as server:
+            yield server, [], lambda: list(server.queries)
+    else:
+        from tests import harness
+
+        with harness.DnsServer(records={"name.parity.test.": address}) as server:
+            yield server, [server.address], lambda: [q for q, _ in server.queries]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_dhcp_lease(backend, tmp_path):
+    out = tmp_path / "env.txt"
+    script = tmp_path / "record.sh"
+    script.write_text(UDHCPC_RECORD.format(out=out))
+    script.chmod(0o755)
+    with start(backend, configure=False) as fwd:
+        result = fwd.run(
+            ["udhcpc", "-i", "tap0", "-f", "-q", "-n", "-t", "5", "-T", "1", "-s", str(script)],
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+    records = [r for r in out.read_text().split("----\n") if r.strip()]
+    lease = dict(line.split("=", 1) for line in records[-1].splitlines())
+    assert lease["event"] == "bound"
+    assert (lease["ip"], lease["subnet"], lease["router"]) == (
+        "10.0.2.15",
+        "255.255.255.0",
+        "10.0.2.2",
+    )
+    assert lease["dns"].split() == ["10.0.2.3"]
+    assert (lease["serverid"], lease["lease"]) == ("10.0.2.2", "86400")
+    # option 26: ours only (docs/parity.md)
+    assert lease.get("mtu") == ("1500" if backend == "python" else None)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_arp_and_icmp_echo_to_gateway_and_dns(backend):
+    with start(backend) as fwd:
+        for address, mac in (("10.0.2.2", "52:55:0a:00:02:02"), ("10.0.2.3", "52:55:0a:00:02:03")):
+            ping = fwd.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", address], timeout=15)
+            assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
+            neigh = fwd.run(["ip", "neigh", "show", address, "dev", "tap0"]).stdout
+            assert f"lladdr {mac}" in neigh, neigh
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_dns_through_the_proxy(backend):
+    with (
+        dns_for(backend, "192.0.2.99") as (_, upstreams, queries),
+        start(backend, dns_upstreams=upstreams) as fwd,
+    ):
+        dig = fwd.run(
+            ["dig", "@10.0.2.3", "+short", "+tries=2", "+time=2", "name.parity.test", "A"],
+            timeout=20,
+        )
+        assert dig.stdout.split() == ["192.0.2.99"], (dig.stdout, dig.stderr)
+        assert "name.parity.test." in queries()
+
+
+@pytest.mark.e2e
+@needs_libslirp
+def test_e2e_libslirp_refuses_a_dns_upstream_it_cannot_use():
+    with pytest.raises(RuntimeError) as info, start("libslirp", dns_upstreams=["127.0.0.1:5353"]):
+        pass
+    message = str(info.value)
+    assert "exited with 1" in message
+    assert "--dns-upstream 127.0.0.1:5353 is not supported by the libslirp backend" in message
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_udp_echo(backend):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as echo, start(backend) as fwd:
+        echo.bind(("127.0.0.1", 0))
+        echo.settimeout(10)
+        received = []
+
+        def serve_one() -> None:
+            data, peer = echo.recvfrom(100)
+            received.append((data, peer))
+            echo.sendto(b"echoed: " + data, peer)
+
+        server = threading.Thread(target=serve_one, daemon=True)
+        server.start()
+        out = fwd.run(
+            ["socat", "-T", "3", "-", f"UDP4:10.0.2.2:{echo.getsockname()[1]}"],
+            input="udp parity\n",
+            timeout=15,
+        )
+        server.join(timeout=10)
+        assert out.stdout == "echoed: udp parity\n", out.stderr
+        assert received[0][0] == b"udp parity\n" and received[0][1][0] == "127.0.0.1"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_disable_host_loopback(backend):
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server,
+        start(backend, "--disable-host-loopback") as fwd,
+    ):
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(1)
+        fwd.run(
+            ["socat", "-T", "1", "-", f"UDP4:10.0.2.2:{server.getsockname()[1]}"],
+            input="blocked\n",
+            timeout=10,
+        )
+        with pytest.raises(TimeoutError):
+            server.recvfrom(100)
