@@ -41,9 +41,12 @@ GW_MAC = "52:55:0a:00:02:02"
 HOST_SIDE = "10.200.0.1"
 PEER = "10.200.0.2"
 PEER_UNREACHABLE = "10.201.0.5"  # the peer has an "unreachable" route for it
+PEER_NO_ROUTE = "10.206.0.5"  # the peer has no route for it
+PEER_PROHIBITED = "10.207.0.5"  # the peer has a "prohibit" route for it
 PEER_FORWARDS = "10.202.0.5"  # the peer forwards it (where a TTL of 1 expires)
 LOCAL_UNREACHABLE = "10.204.0.5"  # "unreachable" route in the host namespace
 LOCAL_PROHIBITED = "10.205.0.5"  # "prohibit" route in the host namespace
+LOCAL_THROW = "10.208.0.5"  # "throw" route in the host namespace: no route at all
 CLONE_NEWNET = 0x40000000
 FIRST_ID = 0x1001
 WAIT = 3.0
@@ -85,6 +88,7 @@ def host_and_peer(ping_range: str = "0 2147483647"):
         sh("ip", "-n", host, "route", "add", "default", "via", PEER)
         sh("ip", "-n", host, "route", "add", "unreachable", "10.204.0.0/24")
         sh("ip", "-n", host, "route", "add", "prohibit", "10.205.0.0/24")
+        sh("ip", "-n", host, "route", "add", "throw", "10.208.0.0/24")
         in_ns(host, "sysctl", "-q", "-w", f"net.ipv4.ping_group_range={ping_range}")
         sh("ip", "-n", peer, "addr", "add", f"{PEER}/24", "dev", "p0")
         sh("ip", "-n", peer, "link", "set", "p0", "up")
@@ -95,6 +99,7 @@ def host_and_peer(ping_range: str = "0 2147483647"):
         sh("ip", "-n", peer, "link", "set", "d2", "up")
         sh("ip", "-n", peer, "route", "add", "10.202.0.0/24", "dev", "d1")
         sh("ip", "-n", peer, "route", "add", "unreachable", "10.201.0.0/24")
+        sh("ip", "-n", peer, "route", "add", "prohibit", "10.207.0.0/24")
         in_ns(peer, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         in_ns(peer, "sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0")
         yield host, peer
@@ -257,7 +262,9 @@ def test_echo_to_martian_address_is_net_unreachable(relay, dst):
 
 
 @pytest.mark.parametrize(
-    "dst,code", [(LOCAL_UNREACHABLE, 1), (LOCAL_PROHIBITED, 13)], ids=["unreachable", "prohibit"]
+    "dst,code",
+    [(LOCAL_UNREACHABLE, 1), (LOCAL_PROHIBITED, 13), (LOCAL_THROW, 0)],
+    ids=["unreachable", "prohibit", "no-route"],
 )
 def test_host_route_errors_answered_at_once(relay, dst, code):
     loop, r = relay, relay.relay
@@ -266,13 +273,18 @@ def test_host_route_errors_answered_at_once(relay, dst, code):
     assert loop.frames(1.0, 1, timeout=0.5) == [icmp_error(3, code, request)]
 
 
-def test_unreachable_from_a_router_is_passed_on(relay):
+@pytest.mark.parametrize(
+    "dst,code",
+    [(PEER_UNREACHABLE, 1), (PEER_NO_ROUTE, 0), (PEER_PROHIBITED, 13)],
+    ids=["host", "net", "prohibited"],
+)
+def test_unreachable_from_a_router_is_passed_on(relay, dst, code):
     loop, r = relay, relay.relay
-    request = echo_from_guest(PEER_UNREACHABLE, 7, 1, b"far away")
+    request = echo_from_guest(dst, 7, 1, b"far away")
     loop.guest_sends(r, request, 1.0)
     frames = loop.frames(1.0, 1)
     # From the router that said so, quoting the guest's own request.
-    assert frames == [icmp_error(3, 1, request, src=PEER)], describe(frames)
+    assert frames == [icmp_error(3, code, request, src=PEER)], describe(frames)
     assert r.counters["errors-relayed"] == 1
 
 
