@@ -11,8 +11,11 @@ run only inside .ci/sandbox, where that is 127.0.0.1, and serve 127.0.0.1:53.
 """
 
 import contextlib
+import hashlib
+import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,8 @@ from tests.test_libslirp import (
     network,
     receive,
     resolv_conf_is_ours,
+    tcp_syn,
+    tcp_to,
     udp_frame,
     udp_from,
 )
@@ -45,7 +50,7 @@ CHECKSUMMED = (IP, ICMP, UDP, TCP)
 
 
 # -------------------------------------------------------------- scenarios
-def scenarios(closed: int) -> list[tuple[str, bytes, object]]:
+def scenarios(closed: int, listening: int) -> list[tuple[str, bytes, object]]:
     """(name, guest frame, predicate for the answer), sent in this order."""
     return [
         # captured from a Linux guest: who-has 10.0.2.2 from 10.0.2.100
@@ -62,10 +67,12 @@ def scenarios(closed: int) -> list[tuple[str, bytes, object]]:
             udp_frame("10.0.2.3", 53, dns_query("parity.test."), sport=45000),
             udp_from(53),
         ),
+        ("tcp-syn-refused", tcp_syn("10.0.2.2", closed, sport=41000), tcp_to(41000)),
+        ("tcp-syn-accepted", tcp_syn("10.0.2.2", listening, sport=41001), tcp_to(41001)),
     ]
 
 
-SCENARIO_NAMES = [name for name, _, _ in scenarios(1)]
+SCENARIO_NAMES = [name for name, _, _ in scenarios(1, 2)]
 
 
 # ---------------------------------------------------------------- fields
@@ -109,7 +116,9 @@ def flatten(frame: bytes) -> dict[str, object]:
                 out["DHCP.option-order"] = " ".join(order)
             elif name == "TCP" and field.name == "options":
                 for option_name, option_value in value:
-                    out[f"TCP.option.{option_name}"] = _plain(option_value)
+                    if option_name != "NOP":
+                        out[f"TCP.option.{option_name}"] = _plain(option_value)
+                out["TCP.option-order"] = " ".join(option_name for option_name, _ in value)
             elif field.name == "chksum" and type(layer) in CHECKSUMMED:
                 out[f"{name}.chksum"] = "valid" if checksum_ok(frame, type(layer)) else "invalid"
             else:
@@ -158,11 +167,11 @@ def value_matches(cell: str, value) -> bool:
 
 
 # ------------------------------------------------------------ the runs
-def run_backend(backend: str, closed: int) -> dict[str, dict | None]:
+def run_backend(backend: str, closed: int, listening: int) -> dict[str, dict | None]:
     config = {"dns_upstreams": [("127.0.0.1", 53)]} if backend == "python" else {}
     answers: dict[str, dict | None] = {}
     with network(backend, **config) as net:
-        for name, frame, predicate in scenarios(closed):
+        for name, frame, predicate in scenarios(closed, listening):
             net.send(frame)
             answer = receive(net, predicate, timeout=2.0)
             answers[name] = None if answer is None else flatten(answer)
@@ -177,8 +186,13 @@ def answers():
             "resolver that is not ours)"
         )
     closed = closed_port()
-    with Dns53(address="192.0.2.77") as dns:
-        result = {backend: run_backend(backend, closed) for backend in ("python", "libslirp")}
+    with Dns53(address="192.0.2.77") as dns, socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listening = listener.getsockname()[1]
+        result = {
+            backend: run_backend(backend, closed, listening) for backend in ("python", "libslirp")
+        }
     assert dns.queries == ["parity.test.", "parity.test."]
     return result
 
@@ -353,3 +367,104 @@ def test_e2e_disable_host_loopback(backend):
         )
         with pytest.raises(TimeoutError):
             server.recvfrom(100)
+
+
+class OneShotTcpServer:
+    """Accepts one connection on 127.0.0.1: sends ``payload`` (then closes), or
+    with payload None reads to EOF and keeps the sha256 of what came."""
+
+    def __init__(self, payload: bytes | None = None) -> None:
+        self.payload = payload
+        self.digest: str | None = None
+        self.received = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.sock.settimeout(30)
+        self.port = self.sock.getsockname()[1]
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+            with conn:
+                conn.settimeout(30)
+                if self.payload is not None:
+                    conn.sendall(self.payload)
+                    return
+                digest = hashlib.sha256()
+                while chunk := conn.recv(1 << 16):
+                    digest.update(chunk)
+                    self.received += len(chunk)
+                self.digest = digest.hexdigest()
+        except BaseException as exc:
+            self.error = exc
+
+    def close(self) -> None:
+        self._thread.join(timeout=30)
+        self.sock.close()
+        if self.error is not None:
+            raise self.error
+
+
+TRANSFER_SIZE = 16 << 20
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_tcp_transfer_both_ways_with_integrity(backend, tmp_path):
+    data = os.urandom(TRANSFER_SIZE)
+    expected = hashlib.sha256(data).hexdigest()
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(data)
+    download = tmp_path / "download.bin"
+    with start(backend) as fwd:
+        server = OneShotTcpServer()
+        try:
+            result = fwd.run(
+                ["socat", "-u", f"FILE:{upload}", f"TCP:10.0.2.2:{server.port}"], timeout=60
+            )
+        finally:
+            server.close()
+        assert result.returncode == 0, result.stderr
+        assert (server.received, server.digest) == (TRANSFER_SIZE, expected)
+        server = OneShotTcpServer(payload=data)
+        try:
+            result = fwd.run(
+                ["socat", "-u", f"TCP:10.0.2.2:{server.port}", f"CREATE:{download}"], timeout=60
+            )
+        finally:
+            server.close()
+        assert result.returncode == 0, result.stderr
+        assert hashlib.sha256(download.read_bytes()).hexdigest() == expected
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_tcp_refused_port_fails_fast(backend):
+    port = closed_port()
+    with start(backend) as fwd:
+        began = time.monotonic()
+        result = fwd.run(
+            ["socat", "-u", "-", f"TCP:10.0.2.2:{port},connect-timeout=5"], input="", timeout=15
+        )
+        elapsed = time.monotonic() - began
+    assert result.returncode != 0
+    assert "Connection refused" in result.stderr, result.stderr
+    assert elapsed < 3
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_disable_host_loopback_tcp(backend):
+    with socket.socket() as listener, start(backend, "--disable-host-loopback") as fwd:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        result = fwd.run(
+            ["socat", "-u", "-", f"TCP:10.0.2.2:{port},connect-timeout=5"], input="", timeout=15
+        )
+        assert result.returncode != 0
+        assert "Network is unreachable" in result.stderr, result.stderr
