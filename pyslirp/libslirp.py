@@ -528,11 +528,13 @@ class LibslirpBackend(Backend):
 
     # ------------------------------------------------------- extra fds
     def register(self, fd: int, events: int, handler) -> None:
-        """Serve ``fd`` in the loop: ``handler(revents, now)`` on poll events."""
-        self._extra[fd] = (events, handler)
+        """Serve ``fd`` in the loop: ``handler(revents, now)`` on poll events
+        (select.POLL* masks). The handler runs in the loop's thread and may call
+        the backend's methods directly. Safe to call from any thread."""
+        self._in_loop(self._extra.__setitem__, fd, (events, handler))
 
     def unregister(self, fd: int) -> None:
-        self._extra.pop(fd, None)
+        self._in_loop(self._extra.pop, fd, None)
 
     # ------------------------------------------------------------ forwards
     def add_hostfwd(
@@ -580,6 +582,10 @@ class LibslirpBackend(Backend):
             log.warning("libslirp had no forward for %s:%d", host, host_port)
 
     def list_hostfwd(self) -> list[dict]:
+        """The forwards in place, in the order they were added."""
+        return self._in_loop(self._list_hostfwd)
+
+    def _list_hostfwd(self) -> list[dict]:
         return [
             {
                 "id": forward_id,

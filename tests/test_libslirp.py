@@ -664,3 +664,45 @@ def test_hostfwd_errors(sandbox):
         with pytest.raises(ValueError):
             net.backend.add_hostfwd("tcp", "127.0.0.1", free_port(), "192.0.2.1", 80)
         assert net.backend.list_hostfwd() == []
+
+
+@needs_libslirp
+def test_hostfwd_added_before_run_works(sandbox):
+    host_port = free_port(socket.SOCK_DGRAM)
+    net = InProcessNetwork(backend="libslirp")
+    fwd = net.backend.add_hostfwd("udp", "127.0.0.1", host_port, GUEST, 5454)
+    with net, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        _learn_guest(net)
+        client.sendto(b"early forward", ("127.0.0.1", host_port))
+        frame = Ether(
+            receive(net, predicate=lambda f: UDP in Ether(f) and Ether(f)[UDP].dport == 5454)
+        )
+        assert bytes(frame[UDP].payload) == b"early forward"
+        net.backend.remove_hostfwd(fwd)
+
+
+@needs_libslirp
+def test_registered_fd_is_served_by_the_loop_thread(sandbox):
+    # How the API socket will live in this loop: its handler runs in the loop
+    # thread and may call the backend directly.
+    import select
+
+    ours, theirs = socket.socketpair()
+    calls = []
+    with ours, theirs, network() as net:
+        backend = net.backend
+        host_port = free_port()
+
+        def on_ready(mask, now):
+            ours.recv(100)
+            calls.append((threading.get_ident(), mask))
+            backend.add_hostfwd("tcp", "127.0.0.1", host_port, GUEST, 22)
+
+        backend.register(ours.fileno(), select.POLLIN, on_ready)
+        theirs.send(b"go")
+        deadline = time.monotonic() + 2
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) == 1 and calls[0][0] != threading.get_ident()
+        assert [f["host_port"] for f in backend.list_hostfwd()] == [host_port]
+        backend.unregister(ours.fileno())
