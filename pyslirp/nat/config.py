@@ -21,6 +21,11 @@ class NetworkConfig:
     dns_upstreams: list = field(default_factory=list)
     random: _random.Random = field(default_factory=_random.Random)
     pcap_path: str | None = None
+    # slirp4netns's --outbound-addr: host sockets toward the outside are
+    # bound to this IPv4 address (None: the kernel chooses).
+    outbound_addr: str | None = None
+    # slirp4netns's --disable-dns: no DNS proxy at the DNS address.
+    disable_dns: bool = False
 
     # UDP NAT. RFC 4787 REQ-5: a UDP mapping must live at least 2 minutes,
     # 5 recommended. DNS flows are one query and one answer, so they go sooner

@@ -17,5 +17,6 @@ def install(loop) -> None:
     loop.on_event(UdpDatagramReceived, loop.udp.on_datagram)
     loop.on_event(IcmpEchoRequested, loop.icmp.on_echo)
     loop.services.extend([loop.udp, loop.dns, loop.icmp])
-    loop.tcp = TcpNat(loop, loop.dns)
+    # --disable-dns: TCP to the DNS address is refused like any other port.
+    loop.tcp = TcpNat(loop, None if loop.config.disable_dns else loop.dns)
     loop.services.append(loop.tcp)

@@ -28,7 +28,17 @@ RECV_BATCH = 64  # datagrams per socket per wake-up, for fairness
 
 
 class UdpFlow:
-    __slots__ = ("guest", "guest_port", "idle_timeout", "last_active", "nat", "sock")
+    __slots__ = (
+        "guest",
+        "guest_port",
+        "idle_timeout",
+        "last_active",
+        "nat",
+        "sock",
+        "opened_at",
+        "bytes_from_guest",
+        "bytes_to_guest",
+    )
 
     def __init__(self, nat, sock, guest, guest_port, idle_timeout, now):
         self.nat = nat
@@ -37,6 +47,9 @@ class UdpFlow:
         self.guest_port = guest_port
         self.idle_timeout = idle_timeout
         self.last_active = now
+        self.opened_at = now
+        self.bytes_from_guest = 0  # payload bytes, for list_connections
+        self.bytes_to_guest = 0
 
     def on_ready(self, mask: int, now: float) -> None:
         self.nat.read_flow(self, now)
@@ -53,6 +66,9 @@ class UdpNat:
         self.flows: dict[tuple, UdpFlow] = {}
         self.counters = {"flows-opened": 0, "flows-refused": 0, "flows-expired": 0}
         self._sweep_at = None
+        # --outbound-addr: the address host sockets are bound to.
+        self.bind_addr = (loop.config.outbound_addr or "0.0.0.0", 0)
+        self.dns_enabled = not loop.config.disable_dns
 
     # ------------------------------------------------------------ guest -> host
     def on_datagram(self, event, now: float) -> None:
@@ -76,7 +92,7 @@ class UdpNat:
                 stack.learn_neighbor(lease.address, lease.mac)
             return
         if dst == self.addresses.dns:
-            if dport == DNS_PORT:
+            if dport == DNS_PORT and self.dns_enabled:
                 self.dns.query(event.src, event.src_port, event.payload, now)
             else:
                 stack.send_icmp_error(
@@ -96,6 +112,7 @@ class UdpNat:
             if flow is None:
                 return
         flow.last_active = now
+        flow.bytes_from_guest += len(event.payload)
         try:
             flow.sock.sendto(event.payload, (host, dport))
         except BlockingIOError:
@@ -131,7 +148,16 @@ class UdpNat:
             return None
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
-        sock.bind(("0.0.0.0", 0))
+        try:
+            sock.bind(self.bind_addr)
+        except OSError as exc:  # --outbound-addr gone from the host, or no port left
+            sock.close()
+            self.counters["flows-refused"] += 1
+            log.warning("cannot bind a UDP socket to %s: %s", self.bind_addr[0], exc)
+            self.stack.send_icmp_error(
+                icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
+            )
+            return None
         timeout = (
             self.config.udp_dns_idle_timeout
             if event.dst_port == DNS_PORT
@@ -163,6 +189,7 @@ class UdpNat:
                 self._read_error(flow, now)
                 continue
             flow.last_active = now
+            flow.bytes_to_guest += len(data)
             stack.send_udp(
                 self.addresses.to_guest(addr[0]), addr[1], flow.guest, flow.guest_port, data, now
             )
