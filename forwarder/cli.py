@@ -1,16 +1,27 @@
-"""The command line: pyslirp-forwarder [OPTION]... PATH | PID TAPNAME.
+"""The command line: pyslirp-forwarder [OPTION]... PATH | PID TAPNAME | -- COMMAND.
 
-Options keep slirp4netns's spelling, defaults and (where it has one) error
-wording. Every error is one line on stderr and exit status 1, and leaves no
-mount, namespace or TAP behind.
+Every slirp4netns 1.2 option is accepted with its spelling, default and (where
+it has one) error wording, so that rootlesskit and podman can run us in its
+place; ours sit beside them. Every error is one line on stderr and exit status
+1, and leaves no mount, namespace, TAP or socket file behind.
+
+Lifecycle, as slirp4netns: set up the TAP, the forwards (-p) and the API
+socket; enter the sandbox and the seccomp filter if asked; write "1" to the
+ready fd and close it; serve until SIGINT/SIGTERM or a hang-up on the exit
+fd; then close every host socket, remove the API socket and the bind mount,
+and exit 0.
 """
 
 import argparse
+import fcntl
 import ipaddress
 import logging
 import os
 import re
+import select
 import signal
+import socket
+import struct
 import sys
 
 PROG = "pyslirp-forwarder"
@@ -22,23 +33,46 @@ NETWORK_PREFIX_MIN = 1
 NETWORK_PREFIX_MAX = 25
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _CIDR_FORM = re.compile(r"^((\d{1,3}\.){3}\d{1,3})/(\d{1,2})$")
+_PUBLISH_FORM = re.compile(
+    r"^(?:(?P<addr>[^:/\[\]]+):)?(?P<host>\d{1,5}):(?P<guest>\d{1,5})(?:/(?P<proto>[a-z]+))?$"
+)
+SIOCGIFADDR = 0x8915
 
 USAGE = f"""\
 Usage: {PROG} [OPTION]... PATH
        {PROG} [OPTION]... PID|PATH TAPNAME
+       {PROG} [OPTION]... -- COMMAND [ARG]...
 User-mode networking for unprivileged network namespaces, in pure Python.
 
-With one argument, create a network namespace with a TAP named {DEFAULT_TAP}
-and bind-mount it on PATH (an existing file); enter it with nsenter --net=PATH.
-With two, join the network namespace of PID (or of PATH with
---netns-type=path) and create TAPNAME there.
+With PATH alone, create a network namespace with a TAP named {DEFAULT_TAP} and
+bind-mount it on PATH (an existing file); enter it with nsenter --net=PATH.
+With PID (or PATH and --netns-type=path) and TAPNAME, create TAPNAME in the
+network namespace of PID (or at PATH), as slirp4netns does. With -- COMMAND,
+run COMMAND in new user (unless root), mount and network namespaces set up
+as with -c, with a resolv.conf that names the DNS proxy, and exit with its
+status.
 
 -c, --configure          bring up the interface
+-e, --exit-fd=FD         specify the FD for terminating {PROG}
+-r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default=1500, max=65520)
+-6, --enable-ipv6        enable IPv6 (not supported yet: refused)
+-a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default={DEFAULT_CIDR})
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
 --netns-type=TYPE        specify network namespace type ([path|pid], default=pid)
 --userns-path=PATH       specify user namespace path
+--enable-sandbox         create a new mount namespace (and drop all caps except \
+CAP_NET_BIND_SERVICE if running as the root)
+--enable-seccomp         enable seccomp to limit syscalls
+--outbound-addr=IPv4     sets outbound ipv4 address to bound to
+--outbound-addr6=IPv6    sets outbound ipv6 address to bound to (no effect until IPv6)
+--disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
+--macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
+--target-type=TYPE       specify the target type ([netns], default=netns)
+-p, --publish=[HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp]
+                         forward a host port to the guest (repeatable;
+                         default HOST_ADDR=0.0.0.0, protocol tcp)
 --backend=NAME           specify the backend ([BACKENDS], default=python)
 --pcap=FILE              write every frame to and from the TAP to FILE (pcap)
 --dns-upstream=ADDR[:PORT]
@@ -60,13 +94,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, add_help=False)
+    p = _Parser(prog=PROG, add_help=False, allow_abbrev=False)
     p.add_argument("-c", "--configure", action="store_true")
+    p.add_argument("-e", "--exit-fd", default=None)
+    p.add_argument("-r", "--ready-fd", default=None)
     p.add_argument("-m", "--mtu", default="1500")
+    p.add_argument("-6", "--enable-ipv6", action="store_true")
+    p.add_argument("-a", "--api-socket", default=None)
     p.add_argument("--cidr", default=DEFAULT_CIDR)
     p.add_argument("--disable-host-loopback", action="store_true")
+    p.add_argument("--no-host-loopback", action="store_true")  # deprecated spelling
     p.add_argument("--netns-type", default=None)
     p.add_argument("--userns-path", default=None)
+    p.add_argument("--enable-sandbox", action="store_true")
+    p.add_argument("--create-sandbox", action="store_true")  # deprecated spelling
+    p.add_argument("--enable-seccomp", action="store_true")
+    p.add_argument("--outbound-addr", default=None)
+    p.add_argument("--outbound-addr6", default=None)
+    p.add_argument("--disable-dns", action="store_true")
+    p.add_argument("--macaddress", default=None)
+    p.add_argument("--target-type", default=None)
+    p.add_argument("-p", "--publish", action="append", default=[])
     p.add_argument("--backend", default="python")
     p.add_argument("--pcap", default=None)
     p.add_argument("--dns-upstream", action="append", default=[])
@@ -136,17 +184,135 @@ def parse_upstream(text: str) -> tuple[str, int]:
     return str(address), port
 
 
+def parse_fd(text: str | None, name: str) -> int | None:
+    """-e/-r: slirp4netns's wording; the descriptor must be open too."""
+    if text is None:
+        return None
+    try:
+        fd = int(text, 10)
+    except ValueError:
+        fd = -1
+    if fd < 0:
+        raise UsageError(f"{name} must be a non-negative integer")
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        raise UsageError(f"{name} {fd}: {exc.strerror}") from None
+    return fd
+
+
+def parse_mac(text: str) -> str:
+    parts = text.split(":")
+    try:
+        octets = bytes(int(p, 16) for p in parts if len(p) in (1, 2))
+    except ValueError:
+        octets = b""
+    if len(parts) != 6 or len(octets) != 6:
+        raise UsageError(
+            f'"{text}" is an invalid MAC address: it has to be 6 bytes in hex, '
+            "each separated by a ':'"
+        )
+    if octets[0] & 1:
+        raise UsageError(f'"{text}" is an invalid MAC address: it is a multicast address')
+    if octets == bytes(6):
+        raise UsageError(f'"{text}" is an invalid MAC address: it is all zero')
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def interface_ipv4(name: str) -> str | None:
+    """The IPv4 address of interface ``name`` in our network namespace."""
+    if not name or len(name.encode()) >= 16:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            ifreq = fcntl.ioctl(sock, SIOCGIFADDR, struct.pack("16s16x", name.encode()))
+        except OSError:
+            return None
+    return socket.inet_ntoa(ifreq[20:24])
+
+
+def parse_outbound_addr(text: str) -> str:
+    try:
+        address = str(ipaddress.IPv4Address(text))
+    except ValueError:
+        address = interface_ipv4(text)
+    if address is None:
+        raise UsageError("outbound-addr has to be valid ipv4 address or interface name.")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((address, 0))
+        except OSError as exc:
+            raise UsageError(f"--outbound-addr {address}: {exc.strerror}") from None
+    return address
+
+
+def parse_outbound_addr6(text: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(text))
+    except ValueError:
+        pass
+    try:
+        socket.if_nametoindex(text)
+    except OSError:
+        raise UsageError("outbound-addr6 has to be valid ipv6 address or interface name.") from None
+    return text
+
+
+def parse_publish(text: str) -> tuple[str, str, int, int]:
+    """-p [HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp] -> (proto, addr, host, guest)."""
+    form = "expected [HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp], e.g. 8080:80/tcp"
+    if text.startswith("[") or text.count(":") > 2:
+        raise UsageError(f"invalid --publish {text!r}: IPv6 host addresses are not supported yet")
+    match = _PUBLISH_FORM.match(text)
+    if not match:
+        raise UsageError(f"invalid --publish {text!r}: {form}")
+    proto = match.group("proto") or "tcp"
+    if proto not in ("tcp", "udp"):
+        raise UsageError(f"invalid --publish {text!r}: the protocol must be tcp or udp")
+    addr = match.group("addr") or "0.0.0.0"
+    try:
+        socket.inet_pton(socket.AF_INET, addr)
+    except OSError:
+        raise UsageError(f"invalid --publish {text!r}: {addr!r} is not an IPv4 address") from None
+    host_port, guest_port = int(match.group("host")), int(match.group("guest"))
+    for port in (host_port, guest_port):
+        if not 1 <= port <= 65535:
+            raise UsageError(f"invalid --publish {text!r}: ports are 1 to 65535")
+    return proto, addr, host_port, guest_port
+
+
 # --------------------------------------------------------------- options
 class Options:
     """The validated command line."""
 
-    def __init__(self, ns) -> None:
+    def __init__(self, ns, command: list[str] | None = None) -> None:
         from pyslirp.backend import BACKENDS
         from pyslirp.nat.config import NetworkConfig, read_resolv_conf
 
         from .namespace import ExistingNamespace, NewNamespace
 
-        self.configure = ns.configure
+        self.warnings: list[str] = []
+        self.command = command
+        if ns.enable_ipv6:
+            raise UsageError(
+                "--enable-ipv6: IPv6 is not supported yet, the namespace gets IPv4 only "
+                "(podman: set enable_ipv6=false in network_cmd_options)"
+            )
+        if ns.target_type not in (None, "netns"):
+            if ns.target_type == "bess":
+                raise UsageError("--target-type=bess is not supported")
+            raise UsageError('--target-type must be either "netns" or "bess"')
+        if ns.no_host_loopback:
+            self.warnings.append(
+                "WARNING: --no-host-loopback is deprecated and will be removed in future "
+                "releases, please use --disable-host-loopback instead."
+            )
+        if ns.create_sandbox:
+            self.warnings.append(
+                "WARNING: --create-sandbox is deprecated and will be removed in future "
+                "releases, please use --enable-sandbox instead."
+            )
+        self.configure = ns.configure or command is not None
         if ns.backend not in BACKENDS:
             raise UsageError(f"unknown backend {ns.backend!r} (available: {', '.join(BACKENDS)})")
         self.backend = ns.backend
@@ -155,8 +321,39 @@ class Options:
                 f"invalid --log-level {ns.log_level!r} (choose from {', '.join(LOG_LEVELS)})"
             )
         self.log_level = ns.log_level.upper()
+        self.exit_fd = parse_fd(ns.exit_fd, "exit-fd")
+        self.ready_fd = parse_fd(ns.ready_fd, "ready-fd")
         mtu = parse_mtu(ns.mtu)
         cidr = parse_cidr(ns.cidr)
+        self.macaddress = None
+        if ns.macaddress is not None:
+            if not self.configure:
+                raise UsageError(
+                    "--macaddr cannot be specified when --configure or -c is not specified"
+                )
+            self.macaddress = parse_mac(ns.macaddress)
+        self.outbound_addr = (
+            parse_outbound_addr(ns.outbound_addr) if ns.outbound_addr is not None else None
+        )
+        self.outbound_addr6 = None
+        if ns.outbound_addr6 is not None:
+            self.outbound_addr6 = parse_outbound_addr6(ns.outbound_addr6)
+            self.warnings.append(
+                "WARNING: --outbound-addr6 has no effect: IPv6 is not supported yet"
+            )
+        self.publish = [parse_publish(p) for p in ns.publish]
+        self.api_socket = ns.api_socket
+        if self.api_socket is not None and len(os.fsencode(self.api_socket)) >= 108:
+            raise UsageError("the specified API socket path is too long (>= 108)")
+        self.enable_sandbox = ns.enable_sandbox or ns.create_sandbox
+        self.enable_seccomp = ns.enable_seccomp
+        if self.enable_seccomp:
+            from .sandbox import SandboxError, _arch
+
+            try:
+                _arch()
+            except SandboxError as exc:
+                raise UsageError(str(exc)) from None
         upstreams = [parse_upstream(u) for u in ns.dns_upstream]
         self.upstreams_from = "command line" if upstreams else "/etc/resolv.conf"
         if not upstreams:
@@ -171,12 +368,16 @@ class Options:
             self.config = NetworkConfig(
                 cidr=cidr,
                 mtu=mtu,
-                disable_host_loopback=ns.disable_host_loopback,
+                disable_host_loopback=ns.disable_host_loopback or ns.no_host_loopback,
                 dns_upstreams=upstreams,
                 pcap_path=ns.pcap,
+                outbound_addr=self.outbound_addr,
+                disable_dns=ns.disable_dns,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        guest = self.config.recommended_guest
+        self.publish = [(proto, addr, hp, str(guest), gp) for proto, addr, hp, gp in self.publish]
 
         # Positional arguments, as slirp4netns reads them.
         args = ns.args
@@ -187,6 +388,20 @@ class Options:
             raise UsageError('--netns-type must be either "pid" or "path"')
         if ns.userns_path is not None and not os.path.exists(ns.userns_path):
             raise UsageError(f"userns path doesn't exist: {ns.userns_path}")
+        self.userns_path = ns.userns_path
+        if command is not None:
+            if args:
+                raise UsageError("PATH, PID or TAPNAME cannot be combined with -- COMMAND")
+            if netns_type is not None or ns.userns_path is not None:
+                raise UsageError(
+                    "--netns-type and --userns-path cannot be combined with -- COMMAND"
+                )
+            if not command:
+                raise UsageError("missing COMMAND after -- (see --help)")
+            self.target = None  # made by the run mode
+            self.tap = DEFAULT_TAP
+            self.where = "network namespace of COMMAND"
+            return
         if not args:
             raise UsageError("missing PATH, or PID and TAPNAME (see --help)")
         if len(args) > 2:
@@ -230,6 +445,10 @@ class Options:
 
 def parse(argv: list[str]) -> tuple[str | None, Options | None]:
     """Returns (text to print and exit 0, None) or (None, options)."""
+    command = None
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
     parser = _parser()
     ns = parser.parse_intermixed_args(argv)
     if ns.help:
@@ -238,7 +457,7 @@ def parse(argv: list[str]) -> tuple[str | None, Options | None]:
         return USAGE.replace("BACKENDS", "|".join(BACKENDS)), None
     if ns.version:
         return version_text(), None
-    return None, Options(ns)
+    return None, Options(ns, command)
 
 
 # ---------------------------------------------------------------- banner
@@ -259,14 +478,24 @@ def banner(options: Options) -> str:
         f"* TAP:             {options.tap} in the {options.where}",
         f"* DNS upstreams:   {upstreams} (from {options.upstreams_from})",
     ]
+    if options.api_socket:
+        lines.append(f"* API Socket:      {options.api_socket}")
+    if config.outbound_addr:
+        lines.append(f"* Outbound IPv4:   {config.outbound_addr}")
+    if options.macaddress:
+        lines.append(f"* MAC address:     {options.macaddress}")
+    for proto, addr, host_port, guest, guest_port in options.publish:
+        lines.append(f"* Publish:         {proto} {addr}:{host_port} -> {guest}:{guest_port}")
     if config.pcap_path:
         lines.append(f"* Pcap:            {config.pcap_path}")
+    if config.disable_dns:
+        lines.append(f"* DNS proxy:       disabled ({config.dns} answers port unreachable)")
     if not config.disable_host_loopback:
         lines.append(
             f"WARNING: 127.0.0.1:* on the host is accessible as {config.gateway} "
             "(set --disable-host-loopback to prohibit connecting to 127.0.0.1:*)"
         )
-    if not config.dns_upstreams:
+    if not config.dns_upstreams and not config.disable_dns:
         lines.append(f"WARNING: no DNS upstream: queries to {config.dns} will go unanswered")
     return "\n".join(lines) + "\n"
 
@@ -277,9 +506,217 @@ def _fail(message: str) -> int:
     return 1
 
 
-def run(argv: list[str]) -> int:
+class SetupError(Exception):
+    """A failure after the namespace is attached; one line for the user."""
+
+
+def _preload(backend) -> None:
+    """Import now what the loop may import later: after pivot_root the
+    Python library is out of reach."""
+    import pyslirp.nat.forward  # noqa: F401
+    import pyslirp.pcap  # noqa: F401
+
+    if backend.name == "libslirp":
+        import pyslirp.libslirp  # noqa: F401
+
+
+def _watch_exit_fd(backend, fd: int, request_stop) -> None:
+    """-e: stop when the descriptor reports hang-up (or an error); data on
+    it is read and ignored."""
+
+    def on_ready(mask: int, now: float) -> None:
+        poller = select.poll()
+        poller.register(fd, 0)  # only POLLHUP, POLLERR, POLLNVAL are reported
+        if poller.poll(0):
+            logging.getLogger("pyslirp").info("exitfd event")
+            backend.unregister(fd)
+            request_stop()
+            return
+        try:
+            if os.read(fd, 4096) == b"":
+                backend.unregister(fd)
+                request_stop()
+        except OSError:
+            pass
+
+    backend.register(fd, 1, on_ready)
+
+
+def _signal_ready(fd: int) -> None:
+    try:
+        while True:
+            try:
+                os.write(fd, b"1")
+                break
+            except InterruptedError:
+                continue
+    except OSError as exc:
+        logging.getLogger("pyslirp").warning("ready-fd %d: %s", fd, exc.strerror)
+    finally:
+        os.close(fd)
+
+
+def serve(options: Options, on_signal=None, on_ready=None) -> int:
+    """Attach to options.target and carry its traffic until told to stop.
+
+    ``on_signal(signum)`` may claim SIGINT/SIGTERM (return True) instead of
+    stopping; ``on_ready(backend, request_stop)`` runs once everything is set
+    up, before the sandbox and the ready fd (the run mode uses both)."""
     from .namespace import LinkSetup, NewNamespace, StartupError, attach
 
+    for fd in (options.exit_fd, options.ready_fd):
+        if fd is not None and fd > 2:
+            os.set_inheritable(fd, False)
+    # Stop on SIGINT/SIGTERM through a pipe that the backend watches; a
+    # signal during start-up makes the backend return at once.
+    stop_r, stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def request_stop() -> None:
+        try:
+            os.write(stop_w, b"s")
+        except OSError:
+            pass
+
+    def handle_signal(signum, frame):
+        if on_signal is not None and on_signal(signum):
+            return
+        request_stop()
+
+    previous = {s: signal.signal(s, handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    config = options.config
+    setup = LinkSetup(
+        loopback_up=isinstance(options.target, NewNamespace) or options.configure,
+        configure=options.configure,
+        mtu=config.mtu,
+        address=str(config.recommended_guest),
+        prefix_len=config.cidr.prefixlen,
+        gateway=str(config.gateway),
+        mac=options.macaddress,
+    )
+    log = logging.getLogger("pyslirp")
+    try:
+        from pyslirp.backend import create_backend
+
+        try:
+            # Made before the namespace work, so that a backend that cannot
+            # start (a missing library) leaves nothing to undo.
+            backend = create_backend(options.backend, config)
+        except Exception as exc:
+            return _fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
+        for option, wanted in (
+            ("outbound_addr", config.outbound_addr),
+            ("disable_dns", config.disable_dns),
+        ):
+            if wanted and option not in backend.supported_options:
+                backend.close()
+                flag = "--" + option.replace("_", "-")
+                return _fail(f"{flag} is not supported by the {backend.name} backend yet")
+        try:
+            attachment = attach(options.target, options.tap, setup)
+        except StartupError as exc:
+            backend.close()
+            return _fail(str(exc))
+        api = None
+        keeper = None
+        try:
+            for line in options.warnings:
+                print(line)
+            sys.stdout.write(banner(options))
+            sys.stdout.flush()
+            _set_up(options, backend, attachment.tap_fd, stop_r, request_stop)
+            if options.api_socket is not None:
+                from .api import Api, ApiError, ApiServer
+
+                api = ApiServer(options.api_socket, Api(backend, config))
+                try:
+                    api.listen()
+                except ApiError as exc:
+                    raise SetupError(str(exc)) from None
+                api.attach(backend)
+            if on_ready is not None:
+                on_ready(backend, request_stop)
+            if options.enable_sandbox or options.enable_seccomp:
+                keeper = _lock_down(options, backend, attachment, api)
+            if options.ready_fd is not None:
+                _signal_ready(options.ready_fd)
+                options.ready_fd = None
+            backend.run(attachment.tap_fd, stop_r)
+        except SetupError as exc:
+            return _fail(str(exc))
+        except Exception as exc:
+            log.debug("backend failed", exc_info=True)
+            return _fail(f"backend {options.backend} failed: {exc}")
+        finally:
+            if api is not None:
+                api.close()
+            attachment.close()
+            backend.close()
+            if keeper is not None:
+                keeper.finish()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(stop_r)
+        os.close(stop_w)
+    return 0
+
+
+def _set_up(options: Options, backend, tap_fd: int, stop_r: int, request_stop) -> None:
+    backend.start(tap_fd, stop_r)
+    for proto, addr, host_port, guest, guest_port in options.publish:
+        try:
+            backend.add_hostfwd(proto, addr, host_port, guest, guest_port)
+        except OSError as exc:
+            raise SetupError(
+                f"cannot publish {proto} {addr}:{host_port}: {exc.strerror or exc}"
+            ) from None
+        except (ValueError, NotImplementedError) as exc:
+            raise SetupError(f"cannot publish {proto} {addr}:{host_port}: {exc}") from None
+    if options.exit_fd is not None:
+        _watch_exit_fd(backend, options.exit_fd, request_stop)
+
+
+def _lock_down(options: Options, backend, attachment, api):
+    """--enable-sandbox and --enable-seccomp; returns the keeper that will
+    clean up at exit what we may no longer touch."""
+    from .sandbox import (
+        Keeper,
+        SandboxError,
+        create_sandbox,
+        enable_seccomp,
+        join_user_namespace,
+        resolv_conf_warning,
+    )
+
+    remove = None
+    if api is not None and api._identity is not None:
+        remove = (api.path, api._identity)
+        api._identity = None
+    keeper = None
+    if attachment.mounted_path is not None or remove is not None:
+        keeper = Keeper(attachment.mounted_path, remove)
+        attachment.mounted_path = None
+    _preload(backend)
+    try:
+        if options.enable_sandbox:
+            warning = resolv_conf_warning()
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+            if os.geteuid() != 0:
+                userns = getattr(options.target, "userns_path", None)
+                if userns is None:
+                    raise SandboxError("--enable-sandbox needs root or a target user namespace")
+                join_user_namespace(userns)
+            create_sandbox()
+        if options.enable_seccomp:
+            blocked = enable_seccomp()
+            print(f"seccomp: The following syscalls are blocked: {' '.join(blocked)}", flush=True)
+    except SandboxError as exc:
+        raise SetupError(str(exc)) from None
+    return keeper
+
+
+def run(argv: list[str]) -> int:
     try:
         text, options = parse(argv)
     except UsageError as exc:
@@ -293,55 +730,11 @@ def run(argv: list[str]) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if options.command is not None:
+        from .runmode import run_command
 
-    # Stop on SIGINT/SIGTERM through a pipe that the backend watches; a
-    # signal during start-up makes the backend return at once.
-    stop_r, stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-
-    def on_signal(signum, frame):
-        try:
-            os.write(stop_w, b"s")
-        except OSError:
-            pass
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    config = options.config
-    setup = LinkSetup(
-        loopback_up=isinstance(options.target, NewNamespace),
-        configure=options.configure,
-        mtu=config.mtu,
-        address=str(config.recommended_guest),
-        prefix_len=config.cidr.prefixlen,
-        gateway=str(config.gateway),
-    )
-    try:
-        from pyslirp.backend import create_backend
-
-        try:
-            # Made before the namespace work, so that a backend that cannot
-            # start (a missing library) leaves nothing to undo.
-            backend = create_backend(options.backend, config)
-        except Exception as exc:
-            return _fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
-        try:
-            attachment = attach(options.target, options.tap, setup)
-        except StartupError as exc:
-            return _fail(str(exc))
-        try:
-            sys.stdout.write(banner(options))
-            sys.stdout.flush()
-            backend.run(attachment.tap_fd, stop_r)
-        except Exception as exc:
-            logging.getLogger("pyslirp").debug("backend failed", exc_info=True)
-            return _fail(f"backend {options.backend} failed: {exc}")
-        finally:
-            attachment.close()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        os.close(stop_r)
-        os.close(stop_w)
-    return 0
+        return run_command(options)
+    return serve(options)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -142,6 +142,7 @@ class LinkSetup:
     address: str = ""
     prefix_len: int = 24
     gateway: str = ""
+    mac: str | None = None  # --macaddress: the TAP's MAC, set with -c
 
 
 def setup_links(tap: str, setup: LinkSetup) -> None:
@@ -163,6 +164,9 @@ def setup_links(tap: str, setup: LinkSetup) -> None:
                 ipr.link("set", index=lo, state="up")
             if setup.configure:
                 (index,) = ipr.link_lookup(ifname=tap)
+                if setup.mac:
+                    step = f"set {tap} MAC address {setup.mac}"
+                    ipr.link("set", index=index, address=setup.mac)
                 step = f"set {tap} MTU {setup.mtu}"
                 ipr.link("set", index=index, mtu=setup.mtu)
                 step = f"set {tap} up"

@@ -1,0 +1,402 @@
+"""The API socket (-a/--api-socket): slirp4netns's protocol, byte for byte.
+
+One JSON request per connection on a unix stream socket; one compact JSON
+reply; then the connection is closed. slirp4netns 1.2 answers:
+
+    {"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr":
+     "0.0.0.0", "host_port": 8080, "guest_addr": "10.0.2.100", "guest_port": 80}}
+        -> {"return":{"id":1}}
+    {"execute": "list_hostfwd"}
+        -> {"entries":[{"id":1,"proto":"tcp","host_addr":"0.0.0.0",...}]}
+    {"execute": "remove_hostfwd", "arguments": {"id": 1}}
+        -> {"return":{}}
+
+and errors as {"error":{"desc":"bad request: ..."}} with the wording below
+(checked against slirp4netns 1.2.0 itself). Beside them, ours:
+
+    {"execute": "list_connections"}
+        -> {"return":{"connections":[{"proto":"tcp","guest":...},...]}}
+
+The request ends when the client shuts down its writing side (as rootlesskit
+and podman do), or as soon as the bytes received form a whole JSON object
+(slirp4netns answers its first read, so clients that never shut down work
+with it too). 4096 bytes or more is "too large", as in slirp4netns.
+
+The socket file is made mode 0600 and removed at exit (slirp4netns leaves it
+755 and behind after a signal).
+"""
+
+import errno
+import ipaddress
+import json
+import logging
+import os
+import socket
+import stat
+import time
+
+log = logging.getLogger("pyslirp.api")
+
+READ = 1  # select.POLLIN == selectors.EVENT_READ
+MAX_MESSAGE = 4096  # slirp4netns's buffer: a read that fills it is "too large"
+MAX_CLIENTS = 16  # connections waiting for their request at once; oldest dropped
+CLIENT_TIMEOUT = 10.0  # seconds a silent client may keep its connection
+REPLY_TIMEOUT = 2.0  # seconds to hand a reply to a client that does not read
+SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
+
+
+class ApiError(Exception):
+    """Could not set up the API socket; one line for the user."""
+
+
+def _error(desc: str) -> bytes:
+    return json.dumps({"error": {"desc": f"bad request: {desc}"}}, separators=(",", ":")).encode()
+
+
+def _compact(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+E_PARSE = _error("cannot parse JSON")
+E_NOT_OBJECT = _error("json_object() failed")
+E_NO_EXECUTE = _error("no execute found")
+E_UNKNOWN = _error("unknown execute")
+E_TOO_LARGE = _error("too large message")
+OK_EMPTY = b'{"return":{}}'
+
+
+def _reject_constant(name):
+    raise ValueError(f"not JSON: {name}")  # NaN and Infinity, which parson refuses
+
+
+def parse_request(data: bytes):
+    """The request object, or an error reply (bytes)."""
+    # slirp4netns hands parson a C string: it ends at the first NUL.
+    data = data.split(b"\0", 1)[0]
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return E_PARSE
+    if not isinstance(value, dict):
+        return E_NOT_OBJECT
+    if not isinstance(value.get("execute"), str):
+        return E_NO_EXECUTE
+    return value
+
+
+def _argument(request: dict, name: str):
+    arguments = request.get("arguments")
+    if isinstance(arguments, dict):
+        return arguments.get(name)
+    return None
+
+
+def _string(request: dict, name: str) -> str | None:
+    """parson's json_object_dotget_string: None unless a string."""
+    value = _argument(request, name)
+    return value if isinstance(value, str) else None
+
+
+def _number(request: dict, name: str) -> int:
+    """parson's json_object_dotget_number cast to int: 0 unless a number."""
+    value = _argument(request, name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    try:
+        return int(value)
+    except (OverflowError, ValueError):
+        return 0
+
+
+def _ipv4(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        return False
+    return True
+
+
+class Api:
+    """The requests, over a backend (pyslirp.backend.Backend)."""
+
+    def __init__(self, backend, config) -> None:
+        self.backend = backend
+        self.config = config
+        self.default_guest = str(config.recommended_guest)
+
+    def handle(self, data: bytes) -> bytes:
+        request = parse_request(data)
+        if isinstance(request, bytes):
+            return request
+        execute = request["execute"]
+        handler = {
+            "add_hostfwd": self.add_hostfwd,
+            "list_hostfwd": self.list_hostfwd,
+            "remove_hostfwd": self.remove_hostfwd,
+            "list_connections": self.list_connections,
+        }.get(execute)
+        if handler is None:
+            return E_UNKNOWN
+        return handler(request)
+
+    def add_hostfwd(self, request: dict) -> bytes:
+        def bad(name: str) -> bytes:
+            return _error(f"add_hostfwd: bad arguments.{name}")
+
+        proto = _string(request, "proto")
+        if proto not in ("tcp", "udp"):
+            return bad("proto")
+        host_addr = _string(request, "host_addr") or "0.0.0.0"
+        if not _ipv4(host_addr):
+            return bad("host_addr")
+        host_port = _number(request, "host_port")
+        # slirp4netns only refuses 0; a port outside 1-65535 is refused too.
+        if not 1 <= host_port <= 65535:
+            return bad("host_port")
+        guest_addr = _string(request, "guest_addr") or self.default_guest
+        if not _ipv4(guest_addr) or not self._guest_address(guest_addr):
+            return bad("guest_addr")
+        guest_port = _number(request, "guest_port")
+        if not 1 <= guest_port <= 65535:
+            return bad("guest_port")
+        try:
+            forward_id = self.backend.add_hostfwd(
+                proto, host_addr, host_port, guest_addr, guest_port
+            )
+        except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning(
+                "add_hostfwd %s %s:%d -> %s:%d failed: %s",
+                proto,
+                host_addr,
+                host_port,
+                guest_addr,
+                guest_port,
+                reason,
+            )
+            return _error("add_hostfwd: slirp_add_hostfwd failed")
+        return _compact({"return": {"id": forward_id}})
+
+    def _guest_address(self, text: str) -> bool:
+        address = ipaddress.IPv4Address(text)
+        config = self.config
+        return address in config.cidr and address not in (
+            config.cidr.network_address,
+            config.cidr.broadcast_address,
+            config.gateway,
+            config.dns,
+        )
+
+    def list_hostfwd(self, request: dict) -> bytes:
+        try:
+            entries = self.backend.list_hostfwd()
+        except NotImplementedError:
+            entries = []
+        # slirp4netns 1.2 answers without a "return" wrapper.
+        return _compact({"entries": entries})
+
+    def remove_hostfwd(self, request: dict) -> bytes:
+        forward_id = _number(request, "id")
+        try:
+            self.backend.remove_hostfwd(forward_id)
+        except KeyError:
+            return _error("remove_hostfwd: bad arguments.id")
+        except (OSError, RuntimeError, NotImplementedError) as exc:
+            log.warning("remove_hostfwd %d failed: %s", forward_id, exc)
+            return _error("remove_hostfwd: slirp_remove_hostfwd failed")
+        return OK_EMPTY
+
+    def list_connections(self, request: dict) -> bytes:
+        try:
+            connections = self.backend.list_connections()
+        except NotImplementedError:
+            return _error(f"list_connections: not supported by the {self.backend.name} backend")
+        return _compact({"return": {"connections": connections}})
+
+
+class _Client:
+    __slots__ = ("sock", "buffer", "since")
+
+    def __init__(self, sock, since: float) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.since = since
+
+
+class ApiServer:
+    """The listening socket and its connections, served by the backend's loop."""
+
+    def __init__(self, path: str, api: Api) -> None:
+        self.path = path
+        self.api = api
+        self.sock: socket.socket | None = None
+        self._identity = None  # (st_dev, st_ino) of our socket file
+        self._clients: dict[int, _Client] = {}
+        self._backend = None
+
+    # ------------------------------------------------------------ set-up
+    def listen(self) -> None:
+        """Bind and listen (raises ApiError with slirp4netns's wording)."""
+        path = self.path
+        if len(os.fsencode(path)) >= SUN_PATH_MAX:
+            raise ApiError(f"the specified API socket path is too long (>= {SUN_PATH_MAX})")
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket, as slirp4netns does: avoid EADDRINUSE
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ApiError(f"api socket {path}: {exc.strerror}") from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)  # the file is born 0600: no window for others
+        try:
+            sock.bind(path)
+            sock.listen(MAX_CLIENTS)
+        except OSError as exc:
+            sock.close()
+            raise ApiError(f"api_bindlisten: bind {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        sock.setblocking(False)
+        st = os.stat(path)
+        self._identity = (st.st_dev, st.st_ino)
+        self.sock = sock
+
+    def attach(self, backend) -> None:
+        """Serve the socket in the backend's loop."""
+        self._backend = backend
+        backend.register(self.sock.fileno(), READ, self._on_listen)
+
+    # ------------------------------------------------------------ serving
+    def _on_listen(self, mask: int, now: float) -> None:
+        for _ in range(MAX_CLIENTS):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.warning("api: accept failed: %s", exc)
+                break
+            conn.setblocking(False)
+            self._evict(now)
+            client = _Client(conn, now)
+            self._clients[conn.fileno()] = client
+            self._backend.register(conn.fileno(), READ, lambda m, t, c=client: self._read(c))
+            self._read(client)
+
+    def _evict(self, now: float) -> None:
+        """Drop clients that said nothing for too long, and the oldest ones
+        past MAX_CLIENTS (a stuck client must not take the socket away)."""
+        clients = sorted(self._clients.values(), key=lambda c: c.since)
+        excess = len(clients) - MAX_CLIENTS + 1
+        for index, client in enumerate(clients):
+            if index < excess or now - client.since > CLIENT_TIMEOUT:
+                self._drop(client)
+
+    def _read(self, client: _Client) -> None:
+        sock = client.sock
+        if sock.fileno() < 0:
+            return
+        done = False
+        while True:
+            try:
+                chunk = sock.recv(MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                done = True
+                break
+            if not chunk:
+                done = True
+                break
+            client.buffer += chunk
+            if len(client.buffer) >= MAX_MESSAGE:
+                log.warning("api: too large message (>= %d bytes)", MAX_MESSAGE)
+                self._reply(client, E_TOO_LARGE)
+                return
+        if done or _complete(client.buffer):
+            data = bytes(client.buffer)
+            log.info("api: got request: %s", data.decode("utf-8", "replace").strip())
+            try:
+                reply = self.api.handle(data)
+            except Exception:  # a bug must not stop the network
+                log.exception("api: request failed")
+                reply = _error("internal error")
+            self._reply(client, reply)
+
+    def _reply(self, client: _Client, reply: bytes) -> None:
+        sock = client.sock
+        try:
+            sock.settimeout(REPLY_TIMEOUT)
+            sock.sendall(reply)
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                log.info("api: reply not delivered: %s", exc)
+        self._drop(client)
+
+    def _drop(self, client: _Client) -> None:
+        fd = client.sock.fileno()
+        if fd >= 0:
+            self._clients.pop(fd, None)
+            try:
+                self._backend.unregister(fd)
+            except Exception:  # the loop may be gone at exit
+                pass
+        client.sock.close()
+
+    # ------------------------------------------------------------ the end
+    def close(self) -> None:
+        for client in list(self._clients.values()):
+            self._drop(client)
+        if self.sock is not None:
+            if self._backend is not None:
+                try:
+                    self._backend.unregister(self.sock.fileno())
+                except Exception:
+                    pass
+            self.sock.close()
+            self.sock = None
+        self.remove_file()
+
+    def remove_file(self) -> None:
+        """Unlink the socket file if it is still ours."""
+        if self._identity is None:
+            return
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        self._identity = None
+
+
+def _complete(buffer: bytearray) -> bool:
+    """Whether the bytes so far are a whole JSON object (answer now, without
+    waiting for the client to shut down its side)."""
+    text = bytes(buffer).split(b"\0", 1)[0].strip()
+    if not text.endswith(b"}"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+
+
+def request(path: str, message, timeout: float = 5.0) -> dict:
+    """A client: send one request (a dict or bytes), return the parsed reply."""
+    data = message if isinstance(message, bytes) else json.dumps(message).encode()
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))
