@@ -321,6 +321,8 @@ class Options:
                 f"invalid --log-level {ns.log_level!r} (choose from {', '.join(LOG_LEVELS)})"
             )
         self.log_level = ns.log_level.upper()
+        # The run mode is for people: the banner only when they ask for logs.
+        self.quiet = command is not None and self.log_level not in ("DEBUG", "INFO")
         self.exit_fd = parse_fd(ns.exit_fd, "exit-fd")
         self.ready_fd = parse_fd(ns.ready_fd, "ready-fd")
         mtu = parse_mtu(ns.mtu)
@@ -592,6 +594,7 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         prefix_len=config.cidr.prefixlen,
         gateway=str(config.gateway),
         mac=options.macaddress,
+        report=not options.quiet,
     )
     log = logging.getLogger("pyslirp")
     try:
@@ -620,9 +623,10 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         keeper = None
         try:
             for line in options.warnings:
-                print(line)
-            sys.stdout.write(banner(options))
-            sys.stdout.flush()
+                print(line, file=sys.stderr if options.quiet else sys.stdout)
+            if not options.quiet:
+                sys.stdout.write(banner(options))
+                sys.stdout.flush()
             _set_up(options, backend, attachment.tap_fd, stop_r, request_stop)
             if options.api_socket is not None:
                 from .api import Api, ApiError, ApiServer

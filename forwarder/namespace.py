@@ -143,6 +143,7 @@ class LinkSetup:
     prefix_len: int = 24
     gateway: str = ""
     mac: str | None = None  # --macaddress: the TAP's MAC, set with -c
+    report: bool = True  # print slirp4netns's "sent tapfd=" / "received tapfd=" lines
 
 
 def setup_links(tap: str, setup: LinkSetup) -> None:
@@ -266,7 +267,8 @@ def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
                 bind_mount(OWN_NETNS, target.path)
                 mounted = True
             socket.send_fds(sock, [b"\0"], [tap_fd])
-            print(f"sent tapfd={tap_fd} for {tap}", file=sys.stderr, flush=True)
+            if setup.report:
+                print(f"sent tapfd={tap_fd} for {tap}", file=sys.stderr, flush=True)
             code = 0
         except StartupError as exc:
             if mounted:
@@ -303,7 +305,8 @@ def attach(target, tap: str, setup: LinkSetup) -> Attachment:
     if fds and code == 0 and message == b"\0":
         tap_fd = fds[0]
         os.set_inheritable(tap_fd, False)
-        print(f"received tapfd={tap_fd}", file=sys.stderr, flush=True)
+        if setup.report:
+            print(f"received tapfd={tap_fd}", file=sys.stderr, flush=True)
         mounted = target.path if isinstance(target, NewNamespace) else None
         return Attachment(tap_fd, tap, mounted)
     for fd in fds:

@@ -14,6 +14,7 @@ last process, and the resolv.conf file is removed.
 """
 
 import ctypes
+import errno
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ CLONE_NEWNS = 0x00020000
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
 EXIT_SETUP_FAILED = 125  # as env(1) and container runtimes: our failure, not COMMAND's
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
@@ -68,7 +70,14 @@ def _child(command, resolv_conf, to_parent: int, from_parent: int, uid: int, gid
         os.close(from_parent)
         if resolv_conf is not None:
             source, target = os.fsencode(resolv_conf), b"/etc/resolv.conf"
-            if lib.mount(source, target, None, MS_BIND, None) != 0:
+            result = lib.mount(source, target, None, MS_BIND, None)
+            if result != 0 and ctypes.get_errno() == errno.ENOENT:
+                # The file there is itself a bind mount of a deleted file
+                # (as in a sandbox): a mount cannot go on top of it, but in
+                # this private namespace it can go away first.
+                lib.umount2(target, MNT_DETACH)
+                result = lib.mount(source, target, None, MS_BIND, None)
+            if result != 0:
                 print(
                     f"pyslirp-forwarder: warning: cannot bind-mount {resolv_conf} on "
                     f"/etc/resolv.conf: {_errno_text()}",

@@ -213,7 +213,7 @@ def libc():
         lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.unshare.argtypes = [ctypes.c_int]
         lib.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-        lib.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        lib.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
         lib.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
         lib.syscall.restype = ctypes.c_long
         _libc = lib
@@ -306,13 +306,13 @@ def create_sandbox() -> None:
 def drop_capabilities() -> None:
     """No new privileges; every capability but CAP_NET_BIND_SERVICE gone."""
     lib = libc()
-    if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0) != 0:
+    if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         _fail("prctl(PR_SET_NO_NEW_PRIVS)")
-    if lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0) != 0:
+    if lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
         _fail("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
     cap = 0
     while True:
-        if cap != CAP_NET_BIND_SERVICE and lib.prctl(PR_CAPBSET_DROP, cap, 0, 0) != 0:
+        if cap != CAP_NET_BIND_SERVICE and lib.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             if ctypes.get_errno() == errno.EINVAL:
                 break  # past the last capability the kernel knows
             _fail("prctl(PR_CAPBSET_DROP)")
@@ -378,7 +378,7 @@ def enable_seccomp() -> list[str]:
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // _SOCK_FILTER.size, ctypes.addressof(buffer))
     lib = libc()
-    if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0) != 0:
+    if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         _fail("seccomp: prctl(PR_SET_NO_NEW_PRIVS)")
     result = lib.syscall(
         nr_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, ctypes.byref(fprog)
