@@ -15,7 +15,9 @@ API that we write below, and drive it from a Python ``poll`` loop:
 How our NetworkConfig maps onto SlirpConfig: ``cidr`` gives vnetwork and
 vnetmask, the gateway (.2) vhost, the DNS address (.3) vnameserver, .15
 vdhcp_start; ``mtu`` gives if_mtu and if_mru (as slirp4netns does);
-``disable_host_loopback`` maps one to one; ``pcap_path`` is served by our loop.
+``disable_host_loopback``, ``outbound_addr`` (SlirpConfig 2) and ``disable_dns``
+(SlirpConfig 3; as in slirp4netns, the DNS address then becomes an ordinary
+outside address) map one to one; ``pcap_path`` is served by our loop.
 ``dns_upstreams`` cannot be honoured in general: libslirp sends every query for
 the DNS address to the first nameserver of /etc/resolv.conf (its own parser,
 re-read when the file changes), so upstreams other than that one are refused.
@@ -37,6 +39,7 @@ import logging
 import os
 import re
 import select
+import socket
 import struct
 import threading
 import time
@@ -61,7 +64,12 @@ typedef struct Slirp Slirp;
 struct in_addr { uint32_t s_addr; };
 struct in6_addr { uint32_t s6_addr32[4]; };
 struct sockaddr;
-struct sockaddr_in;
+struct sockaddr_in {            /* Linux: sa_family_t is unsigned short */
+    unsigned short sin_family;
+    uint16_t sin_port;
+    struct in_addr sin_addr;
+    unsigned char sin_zero[8];
+};
 struct sockaddr_in6;
 typedef unsigned int socklen_t;
 
@@ -281,6 +289,50 @@ def check_dns_upstreams(config: NetworkConfig, resolv_conf: str = "/etc/resolv.c
     )
 
 
+_CONNECTION = re.compile(
+    r"^\s*(TCP|UDP|ICMP)\[([^\]]*)\]\s+(-?\d+)\s+(\S+)\s+(\d+|-)\s+(\S+)\s+(\d+|-)"
+    r"\s+(\d+)\s+(\d+)\s*$"
+)
+
+
+def parse_connection_info(text: str, cidr: ipaddress.IPv4Network) -> list[dict]:
+    """slirp_connection_info's table as dicts with the python backend's keys
+    (proto, guest, host, state) and libslirp's extras (fd, queues).
+
+    libslirp prints a guest-opened flow as guest -> destination, and a
+    forwarded one as host socket -> guest: the side inside ``cidr`` is the
+    guest. Listening forwards have state HOST_FORWARD; UDP and ICMP states
+    are the seconds left before the flow expires."""
+    out = []
+    for line in text.splitlines():
+        match = _CONNECTION.match(line)
+        if match is None:
+            continue
+        proto, state, fd, src, src_port, dst, dst_port, recv_q, send_q = match.groups()
+        source = src if src_port == "-" else f"{src}:{src_port}"
+        destination = dst if dst_port == "-" else f"{dst}:{dst_port}"
+        try:
+            source_is_guest = ipaddress.IPv4Address(src) in cidr
+        except ValueError:  # "*": an unbound listener
+            source_is_guest = False
+        guest, host = (source, destination) if source_is_guest else (destination, source)
+        entry = {
+            "proto": proto.lower(),
+            "guest": guest,
+            "host": host,
+            "state": state,
+            "fd": int(fd),
+            "recv_queue": int(recv_q),
+            "send_queue": int(send_q),
+        }
+        seconds = re.fullmatch(r"(-?\d+) sec", state)
+        if seconds:
+            entry["state"] = "open"
+            entry["expires_in"] = int(seconds[1])
+        out.append(entry)
+    return out
+
+
 class _Timer:
     __slots__ = ("cb", "cb_opaque", "timer_id", "expire_ms")
 
@@ -297,7 +349,13 @@ class LibslirpBackend(Backend):
     def __init__(self, config: NetworkConfig, binding: Binding | None = None) -> None:
         super().__init__(config)
         self.binding = binding or load()
-        check_dns_upstreams(config)
+        # --outbound-addr needs SlirpConfig version 2 (4.2), --disable-dns 3 (4.3).
+        version = self.binding.config_version
+        self.supported_options = frozenset(
+            name for name, needed in (("outbound_addr", 2), ("disable_dns", 3)) if version >= needed
+        )
+        if not config.disable_dns:
+            check_dns_upstreams(config)
         ffi = self.binding.ffi
         self.ffi = ffi
         self.lib = self.binding.lib
@@ -411,6 +469,18 @@ class LibslirpBackend(Backend):
         cfg.if_mru = config.mtu
         cfg.disable_host_loopback = config.disable_host_loopback
         cfg.enable_emu = False
+        version = self.binding.config_version
+        self._outbound = ffi.NULL
+        if config.outbound_addr and version >= 2:
+            # libslirp keeps this pointer: it lives as long as the backend.
+            self._outbound = ffi.new("struct sockaddr_in *")
+            self._outbound.sin_family = socket.AF_INET
+            self._outbound.sin_addr = _in_addr(ipaddress.IPv4Address(config.outbound_addr))
+            cfg.outbound_addr = self._outbound
+        if config.disable_dns and version >= 3:
+            # Note libslirp's meaning: the DNS address is then an ordinary
+            # outside address, as with slirp4netns --disable-dns.
+            cfg.disable_dns = True
         self._cfg = cfg
         slirp = self.lib.slirp_new(cfg, self._callbacks, ffi.NULL)
         if slirp == ffi.NULL:
@@ -613,6 +683,10 @@ class LibslirpBackend(Backend):
             if self.binding.glib is not None:
                 self.binding.glib.g_free(raw)
 
+    def list_connections(self) -> list[dict]:
+        """Every socket libslirp holds, from slirp_connection_info."""
+        return parse_connection_info(self.connection_info(), self.config.cidr)
+
     # ------------------------------------------------------ thread safety
     def _check_open(self) -> None:
         if self._slirp is None:
@@ -659,30 +733,31 @@ class LibslirpBackend(Backend):
             future.set_exception(RuntimeError("the libslirp backend has stopped"))
 
     # ------------------------------------------------------------- running
-    def run(self, tap_fd: int, stop_fd: int) -> None:
-        if self._slirp is None:
-            raise RuntimeError("this libslirp backend has been closed")
+    def start(self, tap_fd: int, stop_fd: int) -> None:
+        """Open the pcap file and take the TAP; run() calls it if needed."""
+        self._check_open()
+        if self.tap_fd is not None:
+            return
         from pyslirp.pcap import PcapWriter
 
+        self.capture = PcapWriter(self.config.pcap_path) if self.config.pcap_path else None
+        self.tap_fd = tap_fd
+        os.set_blocking(tap_fd, False)
+
+    def run(self, tap_fd: int, stop_fd: int) -> None:
+        self.start(tap_fd, stop_fd)
         log.info(
             "libslirp %s (SlirpConfig version %d)",
             self.binding.version_string,
             self.binding.config_version,
         )
-        self.capture = PcapWriter(self.config.pcap_path) if self.config.pcap_path else None
-        self.tap_fd = tap_fd
-        os.set_blocking(tap_fd, False)
         with self._calls_lock:
             self._loop_thread = threading.get_ident()
         try:
             self._loop(tap_fd, stop_fd)
         finally:
             self._fail_calls()
-            self.tap_fd = None
             self.close()
-            if self.capture is not None:
-                self.capture.close()
-                self.capture = None
 
     def _loop(self, tap_fd: int, stop_fd: int) -> None:
         ffi = self.ffi
@@ -699,6 +774,16 @@ class LibslirpBackend(Backend):
         get_revents = self._cb_get_revents
         POLLIN = select.POLLIN
         wake_fd = self._wake_r
+        # libslirp reads its clock (a process-wide "curtime") only in
+        # slirp_pollfds_poll, and stamps new sockets with it in slirp_input.
+        # Prime it now: a flow opened by the very first guest frame would
+        # otherwise expire at once (created at time 0).
+        self._poll_fds.clear()
+        self._poll_events.clear()
+        self._revents = {}
+        timeout[0] = 0
+        lib.slirp_pollfds_fill(slirp, timeout, add_poll, ffi.NULL)
+        lib.slirp_pollfds_poll(slirp, 0, get_revents, ffi.NULL)
         while True:
             # What libslirp wants watched, and for how long we may sleep.
             self._poll_fds.clear()
@@ -772,12 +857,17 @@ class LibslirpBackend(Backend):
                 return
 
     def close(self) -> None:
-        """Free the libslirp instance (closing its host sockets); idempotent."""
+        """Free the libslirp instance (closing its host sockets) and the pcap
+        file; idempotent."""
         slirp, self._slirp = self._slirp, None
         if slirp is not None:
             self.lib.slirp_cleanup(slirp)
             os.close(self._wake_r)
             os.close(self._wake_w)
+        self.tap_fd = None
+        capture, self.capture = self.capture, None
+        if capture is not None:
+            capture.close()
         self._forwards.clear()
         self._timers.clear()
         self._timer_heap.clear()

@@ -706,3 +706,116 @@ def test_registered_fd_is_served_by_the_loop_thread(sandbox):
         assert len(calls) == 1 and calls[0][0] != threading.get_ident()
         assert [f["host_port"] for f in backend.list_hostfwd()] == [host_port]
         backend.unregister(ours.fileno())
+
+
+FIRST_FRAME_SCRIPT = """
+import socket, sys
+sys.path.insert(0, {repo!r})
+from tests.test_libslirp import network, receive, udp_frame, udp_from
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, network() as net:
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(2)
+    port = server.getsockname()[1]
+    net.send(udp_frame("10.0.2.2", port, b"first frame"))
+    data, peer = server.recvfrom(100)
+    server.sendto(b"reply", peer)
+    assert receive(net, udp_from(port)) is not None, "no reply"
+print("ok")
+"""
+
+
+@needs_libslirp
+def test_flow_opened_by_the_first_frame_of_a_process_survives(sandbox):
+    # libslirp's clock is process-wide and starts at 0: a fresh process shows
+    # whether the loop sets it before the first guest frame.
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_FRAME_SCRIPT.format(repo=REPO)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+CONNECTION_INFO = """\
+  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ
+  TCP[HOST_FORWARD]   12       127.0.0.1  8080      10.0.2.100    80     0     0
+  TCP[ESTABLISHED]    14       127.0.0.1  8080      10.0.2.100    80     0     5
+  TCP[SYN_SENT]       15      10.0.2.100 41000        10.0.2.2  5000     0     0
+  UDP[HOST_FORWARD]   16               *  5353      10.0.2.100    53     0     0
+  UDP[236 sec]        17      10.0.2.100 40000        10.0.2.3    53     0     0
+  ICMP[10 sec]        18      10.0.2.100  -           10.0.2.2  -        0     0
+"""
+
+
+def test_connection_info_is_parsed_into_flows():
+    import ipaddress
+
+    flows = libslirp.parse_connection_info(CONNECTION_INFO, ipaddress.IPv4Network("10.0.2.0/24"))
+    assert [(f["proto"], f["state"], f["guest"], f["host"]) for f in flows] == [
+        ("tcp", "HOST_FORWARD", "10.0.2.100:80", "127.0.0.1:8080"),
+        ("tcp", "ESTABLISHED", "10.0.2.100:80", "127.0.0.1:8080"),
+        ("tcp", "SYN_SENT", "10.0.2.100:41000", "10.0.2.2:5000"),
+        ("udp", "HOST_FORWARD", "10.0.2.100:53", "*:5353"),
+        ("udp", "open", "10.0.2.100:40000", "10.0.2.3:53"),
+        ("icmp", "open", "10.0.2.100", "10.0.2.2"),
+    ]
+    assert flows[1]["send_queue"] == 5 and flows[4]["expires_in"] == 236
+    assert flows[0]["fd"] == 12
+
+
+@needs_libslirp
+def test_list_connections_shows_flows_and_forwards(sandbox):
+    host_port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, network() as net:
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(2)
+        port = server.getsockname()[1]
+        net.send(udp_frame("10.0.2.2", port, b"x", sport=40123))
+        server.recvfrom(10)
+        net.backend.add_hostfwd("tcp", "127.0.0.1", host_port, GUEST, 8080)
+        flows = {
+            (f["proto"], f["guest"], f["host"], f["state"]) for f in net.backend.list_connections()
+        }
+        assert ("udp", f"{GUEST}:40123", f"10.0.2.2:{port}", "open") in flows
+        assert ("tcp", f"{GUEST}:8080", f"127.0.0.1:{host_port}", "HOST_FORWARD") in flows
+
+
+@needs_libslirp
+def test_outbound_addr_binds_host_sockets(sandbox):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(2)
+        with network(outbound_addr="127.0.0.2") as net:
+            assert "outbound_addr" in net.backend.supported_options
+            net.send(udp_frame("10.0.2.2", server.getsockname()[1], b"from outbound"))
+            data, peer = server.recvfrom(100)
+            assert data == b"from outbound" and peer[0] == "127.0.0.2"
+
+
+@needs_libslirp
+def test_disable_dns_is_passed_to_libslirp_and_skips_the_upstream_check(sandbox):
+    # Only the configuration is checked: with disable_dns, libslirp sends what
+    # the guest sends to 10.0.2.3 to that address on the host's network.
+    config = NetworkConfig(disable_dns=True, dns_upstreams=[("127.0.0.1", 5353)])
+    backend = create_backend("libslirp", config)
+    try:
+        assert "disable_dns" in backend.supported_options
+        assert backend._cfg.disable_dns and backend._cfg.version >= 3
+    finally:
+        backend.close()
+
+
+@needs_libslirp
+def test_start_then_close_without_run_releases_everything(sandbox, tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    guest, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with guest, tap:
+        backend = create_backend("libslirp", NetworkConfig(pcap_path=str(tmp_path / "p.pcap")))
+        backend.start(tap.fileno(), tap.fileno())
+        backend.add_hostfwd("udp", "127.0.0.1", free_port(socket.SOCK_DGRAM), GUEST, 53)
+        backend.close()
+        backend.close()
+        with pytest.raises(RuntimeError):
+            backend.add_hostfwd("udp", "127.0.0.1", free_port(socket.SOCK_DGRAM), GUEST, 53)
+    assert len(os.listdir("/proc/self/fd")) == before
