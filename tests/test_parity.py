@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -468,3 +469,62 @@ def test_e2e_disable_host_loopback_tcp(backend):
         )
         assert result.returncode != 0
         assert "Network is unreachable" in result.stderr, result.stderr
+
+
+def wait_listening(fwd, kind: str, port: int, guest: bool = True) -> None:
+    """Until a socket listens on ``port`` (``ss -lt``/``-lu``) in the guest, or
+    on the host with guest=False (the forwarder adds its forwards just after
+    the TAP appears), 5 s at most."""
+    deadline = time.monotonic() + 5
+    cmd = ["ss", "-Hn", f"-l{kind}", f"sport = :{port}"]
+    while time.monotonic() < deadline:
+        if guest:
+            out = fwd.run(cmd, timeout=5).stdout
+        else:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    where = "guest" if guest else "host"
+    raise AssertionError(f"nothing listens on {kind} port {port} on the {where}")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_tcp_port_forward(backend):
+    from tests.test_libslirp import free_port
+
+    host_port = free_port()
+    with start(backend, "-p", f"127.0.0.1:{host_port}:8080/tcp") as fwd:
+        fwd.popen(["socat", "TCP4-LISTEN:8080", 'SYSTEM:echo "$SOCAT_PEERADDR"; cat'])
+        wait_listening(fwd, "t", 8080)
+        wait_listening(fwd, "t", host_port, guest=False)
+        payload = os.urandom(1 << 20)
+        with socket.create_connection(("127.0.0.1", host_port), timeout=10) as client:
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            received = bytearray()
+            while chunk := client.recv(1 << 16):
+                received += chunk
+        peer, _, echoed = bytes(received).partition(b"\n")
+        # a client on host loopback appears as the gateway, in both backends
+        assert peer == b"10.0.2.2"
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_e2e_udp_port_forward(backend):
+    from tests.test_libslirp import free_port
+
+    host_port = free_port(socket.SOCK_DGRAM)
+    with start(backend, "-p", f"127.0.0.1:{host_port}:5353/udp") as fwd:
+        fwd.popen(["socat", "UDP4-RECVFROM:5353", "SYSTEM:cat"])
+        wait_listening(fwd, "u", 5353)
+        wait_listening(fwd, "u", host_port, guest=False)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            client.sendto(b"udp through the forward", ("127.0.0.1", host_port))
+            data, peer = client.recvfrom(100)
+        assert data == b"udp through the forward"
+        assert peer == ("127.0.0.1", host_port)
