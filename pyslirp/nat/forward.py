@@ -469,7 +469,7 @@ def list_connections(loop, now: float) -> list[dict]:
     if tcp is not None:
         for flow in list(tcp.flows):
             conn = flow.conn
-            state = getattr(conn.state, "value", str(conn.state))
+            state = conn.state.name.replace("_", "-")  # RFC 9293 spelling: SYN-SENT
             entry = {
                 "proto": "tcp",
                 "guest": _endpoint(conn.remote, conn.remote_port),
