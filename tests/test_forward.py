@@ -7,14 +7,21 @@ forwarder inside a test-made "host" namespace joined by a veth pair to a
 """
 
 import contextlib
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from pyslirp.nat.forward import Forwards, list_connections, validate
+from tests import harness
 from tests.inprocess import InProcessNetwork
 
 GUEST_MAC = "02:00:00:00:00:01"
@@ -310,3 +317,184 @@ def test_tcp_forward_refused_by_guest_resets_the_client():
                 client.recv(10)
         finally:
             client.close()
+
+
+# ------------------------------------------------------------ end to end
+GUEST_SERVER = r"""
+import socket, sys, threading
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 7000))
+    while True:
+        data, peer = s.recvfrom(65535)
+        s.sendto(f"{peer[0]}:{peer[1]}|".encode() + data, peer)
+def tcp_client(conn, peer):
+    with conn:
+        conn.sendall(f"{peer[0]}:{peer[1]}\n".encode())
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            conn.sendall(data)
+def tcp():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 8080))
+    s.listen()
+    while True:
+        conn, peer = s.accept()
+        threading.Thread(target=tcp_client, args=(conn, peer), daemon=True).start()
+threading.Thread(target=udp, daemon=True).start()
+threading.Thread(target=tcp, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+CLIENT = r"""
+import hashlib, os, socket, sys, time
+addr, udp_port, tcp_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(0.5)
+for _ in range(20):
+    u.sendto(b"hello", (addr, udp_port))
+    try:
+        reply = u.recv(1000)
+        break
+    except (TimeoutError, ConnectionRefusedError):
+        continue
+seen, data = reply.decode().split("|")
+assert data == "hello", reply
+print("udp", u.getsockname()[1], seen)
+t = socket.create_connection((addr, tcp_port), timeout=10)
+f = t.makefile("rb")
+seen = f.readline().decode().strip()
+blob = os.urandom(1 << 20)
+import threading
+threading.Thread(target=t.sendall, args=(blob,), daemon=True).start()
+got = f.read(len(blob))
+print("tcp", t.getsockname()[1], seen, got == blob)
+"""
+
+HOST_SIDE, CLIENT_SIDE = "192.168.77.1", "192.168.77.2"
+
+
+@contextlib.contextmanager
+def host_and_client():
+    """Two test namespaces: "host" (where the forwarder runs) and "client",
+    joined by a veth pair."""
+    names = [f"pyslirp-fwd{tag}-{uuid.uuid4().hex[:6]}" for tag in ("h", "c")]
+    made = []
+    try:
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            made.append(name)
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        host, client = names
+        sh = lambda *a: subprocess.run(a, check=True)  # noqa: E731
+        sh("ip", "link", "add", "h0", "netns", host, "type", "veth", "peer", "c0", "netns", client)
+        sh("ip", "-n", host, "addr", "add", f"{HOST_SIDE}/24", "dev", "h0")
+        sh("ip", "-n", host, "link", "set", "h0", "up")
+        sh("ip", "-n", client, "addr", "add", f"{CLIENT_SIDE}/24", "dev", "c0")
+        sh("ip", "-n", client, "link", "set", "c0", "up")
+        yield host, client
+    finally:
+        for name in made:
+            pids = subprocess.run(
+                ["ip", "netns", "pids", name], capture_output=True, text=True
+            ).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def client_in(ns: str, addr: str, udp_port: int, tcp_port: int) -> dict:
+    out = subprocess.run(
+        [
+            "nsenter",
+            f"--net=/run/netns/{ns}",
+            sys.executable,
+            "-c",
+            CLIENT,
+            addr,
+            str(udp_port),
+            str(tcp_port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {}
+    for line in out.stdout.splitlines():
+        kind, port, seen, *rest = line.split()
+        rows[kind] = (int(port), seen, rest)
+    return rows
+
+
+@contextlib.contextmanager
+def guest_server(fwd):
+    server = fwd.popen(["python3", "-c", GUEST_SERVER], stdin=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        yield server
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+
+
+@pytest.mark.e2e
+def test_e2e_guest_sees_real_client_address_and_gateway_for_loopback():
+    with (
+        host_and_client() as (host, client),
+        harness.forwarder(
+            "-p", "5000:7000/udp", "-p", "5001:8080", prefix=["nsenter", f"--net=/run/netns/{host}"]
+        ) as fwd,
+        guest_server(fwd),
+    ):
+        far = client_in(client, HOST_SIDE, 5000, 5001)
+        assert far["udp"][1] == f"{CLIENT_SIDE}:{far['udp'][0]}"
+        assert far["tcp"][1] == f"{CLIENT_SIDE}:{far['tcp'][0]}"
+        assert far["tcp"][2] == ["True"]  # 1 MiB both ways, intact
+        near = client_in(host, "127.0.0.1", 5000, 5001)
+        assert near["udp"][1] == f"{GW}:{near['udp'][0]}"
+        assert near["tcp"][1] == f"{GW}:{near['tcp'][0]}"
+        assert near["tcp"][2] == ["True"]
+
+
+@pytest.mark.e2e
+def test_e2e_removing_a_forward_keeps_its_connections():
+    from forwarder.api import request
+
+    work = tempfile.mkdtemp(prefix="pyslirp-fwd-")
+    api = os.path.join(work, "api.sock")
+    try:
+        with harness.forwarder("-a", api) as fwd, guest_server(fwd):
+            port = free_port(socket.SOCK_STREAM)
+            add = {"proto": "tcp", "host_addr": "127.0.0.1", "host_port": port, "guest_port": 8080}
+            deadline = time.monotonic() + 10
+            while not os.path.exists(api) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert request(api, {"execute": "add_hostfwd", "arguments": add}) == {
+                "return": {"id": 1}
+            }
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            try:
+                reader = conn.makefile("rb")
+                assert reader.readline().startswith(b"10.0.2.2:")
+                assert request(api, {"execute": "remove_hostfwd", "arguments": {"id": 1}}) == {
+                    "return": {}
+                }
+                assert request(api, {"execute": "list_hostfwd"}) == {"entries": []}
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                conn.sendall(b"still here\n")
+                assert reader.readline() == b"still here\n"
+            finally:
+                conn.close()
+            # The same port can be forwarded again, with a new id.
+            assert request(api, {"execute": "add_hostfwd", "arguments": add}) == {
+                "return": {"id": 2}
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
