@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 from pyslirp.stack.events import TcpConnected, UdpDatagramReceived
 
+from .tcp import TCP_NODELAY, TcpFlow
+
 log = logging.getLogger("pyslirp.forward")
 
 READ = 1  # selectors.EVENT_READ
@@ -238,14 +240,13 @@ class Forwards:
         """See the guest's datagrams first: replies to forward clients are
         ours, everything else goes on to the UDP NAT."""
         if self._udp_fallback is None:
-            self._udp_fallback = self.loop._event_handlers.get(UdpDatagramReceived)
+            self._udp_fallback = self.loop.udp.on_datagram
             self.loop.on_event(UdpDatagramReceived, self.on_udp_datagram)
 
     def on_udp_datagram(self, event, now: float) -> None:
         flow = self.udp_flows.get((event.src, event.src_port, event.dst, event.dst_port))
         if flow is None:
-            if self._udp_fallback is not None:
-                self._udp_fallback(event, now)
+            self._udp_fallback(event, now)
             return
         flow.last_active = now
         flow.bytes_from_guest += len(event.payload)
@@ -334,8 +335,6 @@ class Forwards:
 
     def _connect_guest(self, nat, forward: Forward, sock, client, now: float) -> bool:
         """Open the guest side of an accepted client; False to refuse it."""
-        from .tcp import TCP_NODELAY, TcpFlow
-
         if len(nat.flows) >= self.config.tcp_max_connections:
             log.warning(
                 "forward %d: %d connections open, client refused", forward.id, len(nat.flows)
