@@ -77,9 +77,14 @@ class Loop:
     def run(self) -> None:
         self._running = True
         stack = self.stack
+        events = stack._events
+        select = self.selector.select
         while self._running:
-            timeout = self._next_timeout()
-            ready = self.selector.select(timeout)
+            # One pass over the timers per wake-up: the earliest deadline sets
+            # the sleep, and the timers run after it only if it has come.
+            deadline = self._next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = select(timeout)
             now = time.monotonic()
             for key, mask in ready:
                 fd = key.fd
@@ -89,16 +94,31 @@ class Loop:
                     self._running = False
                 elif key.data is not None:
                     key.data(mask, now)
-            self._dispatch_events(now)
-            deadline = stack.get_timer()
+            if events:
+                self._dispatch_events(now)
             if deadline is not None and deadline <= now:
-                stack.handle_timer(now)
-            for service in self.services:
-                due = service.next_deadline()
-                if due is not None and due <= now:
-                    service.handle_timer(now)
-            self._dispatch_events(now)
+                self._run_timers(now)
+                if events:
+                    self._dispatch_events(now)
             self.flush(now)
+
+    def _next_deadline(self) -> float | None:
+        deadline = self.stack.get_timer()
+        for service in self.services:
+            due = service.next_deadline()
+            if due is not None and (deadline is None or due < deadline):
+                deadline = due
+        return deadline
+
+    def _run_timers(self, now: float) -> None:
+        stack = self.stack
+        deadline = stack.get_timer()
+        if deadline is not None and deadline <= now:
+            stack.handle_timer(now)
+        for service in self.services:
+            due = service.next_deadline()
+            if due is not None and due <= now:
+                service.handle_timer(now)
 
     def _next_timeout(self) -> float | None:
         deadlines = [self.stack.get_timer()]

@@ -47,7 +47,9 @@ log = logging.getLogger("pyslirp.tcp")
 READ = 1  # selectors.EVENT_READ
 WRITE = 2  # selectors.EVENT_WRITE
 DNS_PORT = 53
-RECV_MAX = 512 * 1024  # bytes read from a host socket per wake-up
+# Bytes read from a host socket per wake-up, into one reused buffer: a
+# fresh recv(n) would make malloc map and unmap n bytes every call.
+RECV_MAX = 256 * 1024
 SENDMSG_MAX = 64  # chunks handed to one sendmsg (IOV_MAX is 1024)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 TCP_NODELAY = socket.TCP_NODELAY
@@ -189,6 +191,7 @@ class TcpNat:
         self.tcp = TcpLayer(loop.stack, tcp_config_from(loop.config))
         self.addresses = AddressMap(loop.config)
         self.flows: set[TcpFlow] = set()
+        self._recv_buffer = memoryview(bytearray(RECV_MAX))
         # Connecting flows in the order of their deadlines (all deadlines are
         # "started + tcp_connect_timeout").
         self._connecting: dict[TcpFlow, None] = {}
@@ -343,15 +346,16 @@ class TcpNat:
         if space <= 0:
             self._set_mask(flow, flow.mask & ~READ)  # TcpSendSpaceOpened resumes
             return
+        buffer = self._recv_buffer
         try:
-            data = flow.sock.recv(space if space < RECV_MAX else RECV_MAX)
+            size = flow.sock.recv_into(buffer[:space] if space < RECV_MAX else buffer)
         except BlockingIOError:
             return
         except OSError as exc:
             self._host_reset(flow, exc, now)
             return
-        if data:
-            tcp.send(conn, data, now)
+        if size:
+            tcp.send(conn, buffer[:size], now)
             return
         flow.host_eof = True
         self._set_mask(flow, flow.mask & ~READ)

@@ -54,6 +54,7 @@ class Stack:
             config.reassembly_max_fragments,
         )
         self._local = {config.gateway, config.dns}
+        self._broadcast = config.broadcast  # a computed property: once, not per packet
         self.tcp = None  # set by the TCP layer: receive_segment(header, packet, now)
 
     # ------------------------------------------------------------ the verbs
@@ -78,6 +79,8 @@ class Stack:
         return self._events.popleft() if self._events else None
 
     def get_timer(self):
+        if not self._arp_pending and not self._reassembler._held:  # the common case
+            return self.tcp.get_timer() if self.tcp is not None else None
         deadlines = [p.retry_at for p in self._arp_pending.values()]
         reassembly = self._reassembler.next_deadline()
         if reassembly is not None:
@@ -250,7 +253,7 @@ class Stack:
         header = ipv4.parse(data)
         packet = data[: header.total_len]
         src, dst = header.src, header.dst
-        if src[0] >= 224 or src[0] == 127 or src == self.config.broadcast:
+        if src[0] >= 224 or src[0] == 127 or src == self._broadcast:
             raise MalformedFrame("ipv4-bad-source")
         if (
             self._arp_cache.get(src) != src_mac
@@ -271,7 +274,7 @@ class Stack:
             self.drops["ipv4-too-big"] += 1
             return
         local = dst in self._local
-        broadcast = dst == _LIMITED_BROADCAST or dst == self.config.broadcast
+        broadcast = dst == _LIMITED_BROADCAST or dst == self._broadcast
         if dst[0] >= 224 and not broadcast:
             self.drops["ipv4-multicast"] += 1
             return

@@ -65,6 +65,9 @@ class TcpConfig:
     max_retransmits: int = 12
     syn_retries: int = 5
     dupack_threshold: int = 3  # RFC 5681 3.2
+    # RFC 1122 4.2.3.2 allows 500 ms; a guest that writes small pieces with
+    # Nagle on waits this long for each ACK, so it stays short. 0: off.
+    delayed_ack_timeout: float = 0.002
     # TIME-WAIT: 2*MSL would be 4 minutes (RFC 9293); Linux uses 60 s.
     time_wait_timeout: float = 60.0
     # RFC 1122 4.2.3.6: keep-alive no sooner than 2 hours idle; we probe a
@@ -90,6 +93,18 @@ _TS_SUM = 0x0101 + 0x080A  # the NOP NOP kind length words of that option
 _IP_FIXED_SUM = 0x4500 + 0x4000 + ((ipv4.DEFAULT_TTL << 8) | ipv4.PROTO_TCP)
 _DF = 0x4000
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
+
+
+def _deadline(conn: TcpConnection):
+    """The connection's earliest timer, or None."""
+    at = conn.rtx_at
+    other = conn.wait_at
+    if other is not None and (at is None or other < at):
+        at = other
+    other = conn.delack_at
+    if other is not None and (at is None or other < at):
+        at = other
+    return at
 
 
 class TcpLayer:
@@ -496,6 +511,8 @@ class TcpLayer:
     def emit(self, conn: TcpConnection, flags: int, seq: int, payload, now: float) -> None:
         """One segment with ACK = RCV.NXT, our window and timestamps."""
         window = conn.window_field()
+        conn.ack_sent = conn.rcv_nxt
+        conn.delack_at = None
         if conn.ts_enabled:
             ts_val = (int(now * 1000) + conn.ts_offset) & MASK
             ts_ecr = conn.ts_recent
@@ -641,10 +658,7 @@ class TcpLayer:
 
     def arm(self, conn: TcpConnection) -> None:
         """Make sure the heap holds the connection's next deadline."""
-        at = conn.rtx_at
-        wait = conn.wait_at
-        if wait is not None and (at is None or wait < at):
-            at = wait
+        at = _deadline(conn)
         if at is not None:
             current = conn.heap_at
             if current is None or at < current:
@@ -656,7 +670,17 @@ class TcpLayer:
         while heap:
             at, _serial, conn = heap[0]
             if conn.heap_at == at and conn.state is not CLOSED:
-                return at
+                real = _deadline(conn)
+                if real == at:
+                    return at
+                # The deadline moved later or went away: fix the entry now
+                # rather than wake up for nothing.
+                heapq.heappop(heap)
+                conn.heap_at = None
+                if real is not None:
+                    conn.heap_at = real
+                    heapq.heappush(heap, (real, conn.serial, conn))
+                continue
             heapq.heappop(heap)
         return None
 

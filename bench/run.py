@@ -1,0 +1,364 @@
+"""Throughput, request/response and connection rates: pyslirp against slirp4netns.
+
+Usage (as root, from the repository):  python3 bench/run.py [--time 3] [--mtu 1500 65520]
+    [--backend python slirp4netns] [--runs 1]
+
+For each backend and MTU: a fresh network namespace (``ip netns add``), the
+forwarder attached to it with ``--configure --netns-type=path NS tap0``, then
+from inside the namespace toward host servers on 127.0.0.1 reached as
+10.0.2.2 (host loopback is allowed for both backends):
+
+- iperf3 guest -> host and host -> guest (``-R``), Gbit/s;
+- 1-byte request/response over one connection (TCP_NODELAY), transactions/s;
+- connect/close rate (the client connects and closes, 4 at a time),
+  connections/s;
+- CPU seconds of the forwarder process per GB moved in the iperf3 runs.
+
+All traffic stays on loopback and in namespaces this script creates. Every
+run is bounded in time, and every process and namespace is removed at exit.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Run inside the namespace: 1-byte request/response for DURATION seconds.
+RR_CLIENT = """
+import socket, sys, time
+s = socket.create_connection(("10.0.2.2", int(sys.argv[1])), timeout=5)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+end = time.monotonic() + float(sys.argv[2])
+n = 0
+while True:
+    s.send(b"x")
+    if s.recv(1) != b"x":
+        raise SystemExit("short read")
+    n += 1
+    if n % 64 == 0 and time.monotonic() >= end:
+        break
+print(n / (time.monotonic() - end + float(sys.argv[2])), n)
+"""
+
+# Run inside the namespace: connect and close, WORKERS at a time.
+CC_CLIENT = """
+import socket, sys, time, threading
+port, duration, workers = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+counts = [0] * workers
+errors = [0] * workers
+start = time.monotonic()
+end = start + duration
+def work(i):
+    while time.monotonic() < end:
+        try:
+            s = socket.create_connection(("10.0.2.2", port), timeout=5)
+            s.close()
+            counts[i] += 1
+        except OSError:
+            errors[i] += 1
+threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(sum(counts) / (time.monotonic() - start), sum(errors), sum(counts))
+"""
+
+
+class EchoServer:
+    """1-byte echo on 127.0.0.1 (one thread per connection)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.sock.getsockname()[1]
+        self.stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn) -> None:
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.stop = True
+        self.sock.close()
+
+
+class AcceptCloseServer:
+    """Accepts and closes on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    if os.environ.get("BENCH_CPU_SPLIT"):
+        print(f"  utime {int(fields[11]) / CLK_TCK} stime {int(fields[12]) / CLK_TCK}", file=sys.stderr)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@contextlib.contextmanager
+def namespace(name: str):
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield f"/run/netns/{name}"
+    finally:
+        pids = subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True
+        ).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@contextlib.contextmanager
+def forwarder(
+    backend: str, mtu: int, ns_name: str, ns_path: str, extra: list[str], profile: str | None
+):
+    if backend == "slirp4netns":
+        cmd = ["slirp4netns", "--configure", f"--mtu={mtu}", "--netns-type=path", ns_path, "tap0"]
+    else:
+        wrap = ["-m", "cProfile", "-o", profile] if profile else []
+        cmd = [
+            sys.executable,
+            *wrap,
+            "-m",
+            "forwarder",
+            "--configure",
+            f"--mtu={mtu}",
+            "--netns-type=path",
+            *extra,
+            ns_path,
+            "tap0",
+        ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                ["ip", "-n", ns_name, "-4", "addr", "show", "tap0"], capture_output=True, text=True
+            ).stdout
+            routes = subprocess.run(
+                ["ip", "-n", ns_name, "route"], capture_output=True, text=True
+            ).stdout
+            if "10.0.2.100" in out and "default" in routes:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"{backend} exited with {proc.returncode}")
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"{backend} did not configure tap0 within 10 s")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def in_ns(ns_name: str, cmd: list[str], timeout: float) -> str:
+    result = subprocess.run(
+        ["ip", "netns", "exec", ns_name, *cmd], capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode:
+        raise RuntimeError(f"{cmd[0]} failed: {result.stderr.strip() or result.stdout[-500:]}")
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def iperf(ns_name: str, port: int, pid: int, duration: float, reverse: bool):
+    """(Gbit/s, forwarder CPU seconds per GB)."""
+    cmd = ["iperf3", "-c", "10.0.2.2", "-p", str(port), "-t", str(duration), "-J"]
+    if reverse:
+        cmd.append("-R")
+    cpu0 = cpu_seconds(pid)
+    out = in_ns(ns_name, cmd, timeout=duration + 30)
+    cpu = cpu_seconds(pid) - cpu0
+    report = json.loads(out)
+    end = report["end"]["sum_received"]
+    gigabytes = end["bytes"] / 1e9
+    return end["bits_per_second"] / 1e9, (cpu / gigabytes if gigabytes else float("nan"))
+
+
+def request_response(ns_name: str, port: int, pid: int, duration: float):
+    """(transactions/s, forwarder CPU microseconds per transaction)."""
+    cpu0 = cpu_seconds(pid)
+    out = in_ns(
+        ns_name,
+        [sys.executable, "-c", RR_CLIENT, str(port), str(duration)],
+        timeout=duration + 30,
+    )
+    cpu = cpu_seconds(pid) - cpu0
+    rate, count = out.split()
+    return float(rate), cpu / int(count) * 1e6
+
+
+def connect_close(ns_name: str, port: int, pid: int, duration: float):
+    """(connections/s, forwarder CPU microseconds per connection)."""
+    cpu0 = cpu_seconds(pid)
+    out = in_ns(
+        ns_name,
+        [sys.executable, "-c", CC_CLIENT, str(port), str(duration), "4"],
+        timeout=duration + 60,
+    )
+    cpu = cpu_seconds(pid) - cpu0
+    rate, errors, count = out.split()
+    if int(errors):
+        print(f"  ({errors} connect errors)", file=sys.stderr)
+    return float(rate), cpu / max(int(count), 1) * 1e6
+
+
+METRICS = [
+    ("guest->host", "Gbit/s"),
+    ("host->guest", "Gbit/s"),
+    ("guest->host CPU", "s/GB"),
+    ("host->guest CPU", "s/GB"),
+    ("1-byte request/response", "tx/s"),
+    ("request/response CPU", "us/tx"),
+    ("connect/close", "conn/s"),
+    ("connect/close CPU", "us/conn"),
+]
+
+
+TESTS = ("up", "down", "rr", "cc")
+
+
+def measure(backend, mtu, duration, extra, tests, profile, ports) -> dict:
+    name = f"pyslirp-bench-{os.getpid()}-{backend}-{mtu}"
+    profile = f"{profile}.{backend}.{mtu}" if profile and backend == "python" else None
+    results = {}
+    with namespace(name) as ns_path, forwarder(backend, mtu, name, ns_path, extra, profile) as p:
+        in_ns(name, ["ip", "link", "set", "lo", "up"], timeout=10)
+        if "up" in tests:
+            rate, cpu = iperf(name, ports["iperf"], p.pid, duration, reverse=False)
+            results["guest->host"], results["guest->host CPU"] = rate, cpu
+        if "down" in tests:
+            rate, cpu = iperf(name, ports["iperf"], p.pid, duration, reverse=True)
+            results["host->guest"], results["host->guest CPU"] = rate, cpu
+        if "rr" in tests:
+            rate, cpu = request_response(name, ports["echo"], p.pid, duration)
+            results["1-byte request/response"], results["request/response CPU"] = rate, cpu
+        if "cc" in tests:
+            rate, cpu = connect_close(name, ports["close"], p.pid, duration)
+            results["connect/close"], results["connect/close CPU"] = rate, cpu
+    return results
+
+
+def table(results: dict, backends: list[str], mtus: list[int]) -> str:
+    head = ["metric", "MTU", *backends]
+    if "python" in backends and "slirp4netns" in backends:
+        head.append("python/slirp4netns")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mtu in mtus:
+        for metric, unit in METRICS:
+            row = [f"{metric} ({unit})", str(mtu)]
+            values = {b: results.get((b, mtu), {}).get(metric) for b in backends}
+            if all(v is None for v in values.values()):
+                continue
+            for b in backends:
+                v = values[b]
+                row.append("-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}"))
+            if len(head) > len(backends) + 2:
+                p, s = values.get("python"), values.get("slirp4netns")
+                row.append(f"{p / s:.2f}x" if p and s else "-")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--time", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--mtu", type=int, nargs="+", default=[1500, 65520])
+    parser.add_argument("--backend", nargs="+", default=["python", "slirp4netns"])
+    parser.add_argument(
+        "--forwarder-arg", action="append", default=[], help="extra option for our forwarder"
+    )
+    parser.add_argument("--tests", nargs="+", default=list(TESTS), choices=TESTS)
+    parser.add_argument("--profile", help="cProfile our forwarder into PROFILE.python.MTU")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (it creates network namespaces)", file=sys.stderr)
+        return 2
+    for tool in ("iperf3", "ip") + (("slirp4netns",) if "slirp4netns" in args.backend else ()):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 2
+    iperf_port = free_port()
+    iperf_server = subprocess.Popen(
+        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    echo = EchoServer()
+    closer = AcceptCloseServer()
+    ports = {"iperf": iperf_port, "echo": echo.port, "close": closer.port}
+    results = {}
+    try:
+        time.sleep(0.3)
+        for mtu in args.mtu:
+            for backend in args.backend:
+                print(f"{backend}, MTU {mtu} ...", file=sys.stderr)
+                results[(backend, mtu)] = measure(
+                    backend, mtu, args.time, args.forwarder_arg, args.tests, args.profile, ports
+                )
+    finally:
+        iperf_server.terminate()
+        iperf_server.wait(timeout=5)
+        echo.close()
+        closer.close()
+    print(table(results, args.backend, args.mtu))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
