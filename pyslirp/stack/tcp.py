@@ -157,7 +157,7 @@ def build_options(
     if mss:
         parts.append(_MSS_OPTION.pack(OPT_MSS, 4, mss))
     if sack_permitted and timestamp is not None:
-        parts.append(b"\x04\x02" + _TS_OPTION.pack(OPT_TIMESTAMPS, 10, 0, 0, *timestamp)[2:])
+        parts.append(_TS_OPTION.pack(OPT_SACK_PERMITTED, 2, OPT_TIMESTAMPS, 10, *timestamp))
     else:
         if sack_permitted:
             parts.append(b"\x01\x01\x04\x02")

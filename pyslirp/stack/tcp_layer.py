@@ -599,6 +599,7 @@ class TcpLayer:
         options = self._syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)  # RFC 7323 2.2: a SYN's window is not scaled
         conn.rcv_adv = (conn.rcv_nxt + window) & MASK
+        conn.ack_sent = conn.rcv_nxt
         conn.rtt_time = now
         self._frame(
             conn,
