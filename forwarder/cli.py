@@ -198,6 +198,8 @@ def parse_fd(text: str | None, name: str) -> int | None:
         os.fstat(fd)
     except OSError as exc:
         raise UsageError(f"{name} {fd}: {exc.strerror}") from None
+    if fd > 2:
+        os.set_inheritable(fd, False)  # not for COMMAND in the run mode
     return fd
 
 
@@ -566,9 +568,6 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
     up, before the sandbox and the ready fd (the run mode uses both)."""
     from .namespace import LinkSetup, NewNamespace, StartupError, attach
 
-    for fd in (options.exit_fd, options.ready_fd):
-        if fd is not None and fd > 2:
-            os.set_inheritable(fd, False)
     # Stop on SIGINT/SIGTERM through a pipe that the backend watches; a
     # signal during start-up makes the backend return at once.
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)

@@ -180,10 +180,21 @@ def test_signal_goes_to_the_command_and_its_status_comes_back(sig):
     assert_nothing_left(before)
 
 
-def test_exit_fd_stops_the_command_too():
+def test_exit_fd_stops_the_command_too_and_is_not_inherited():
     exit_r, exit_w = os.pipe()
     proc = subprocess.Popen(
-        [*FORWARDER, "-e", str(exit_r), "--dns-upstream=127.0.0.1:9", "--", "sleep", "30"],
+        [
+            *FORWARDER,
+            "-e",
+            str(exit_r),
+            "--dns-upstream=127.0.0.1:9",
+            "--",
+            "sh",
+            "-c",
+            f"test -e /proc/self/fd/{exit_r} && echo leaked; exec sleep 30",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
         cwd=REPO,
         pass_fds=(exit_r,),
         start_new_session=True,
@@ -195,6 +206,7 @@ def test_exit_fd_stops_the_command_too():
         os.close(exit_w)
         exit_w = -1
         assert proc.wait(timeout=5) == 128 + signal.SIGTERM
+        assert proc.stdout.read() == ""
     finally:
         if exit_w >= 0:
             os.close(exit_w)
