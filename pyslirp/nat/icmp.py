@@ -68,13 +68,14 @@ _SEND_ERRORS = {
 _RELAYED_ERRORS = frozenset({icmpv4.DEST_UNREACHABLE, icmpv4.TIME_EXCEEDED})
 
 
-def open_ping_socket() -> socket.socket:
-    """A non-blocking ping socket with IP_RECVERR, bound to a fresh identifier."""
+def open_ping_socket(bind_addr: str = "0.0.0.0") -> socket.socket:
+    """A non-blocking ping socket with IP_RECVERR, bound to a fresh identifier
+    (on ``bind_addr``: --outbound-addr)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
-        sock.bind(("0.0.0.0", 0))
+        sock.bind((bind_addr, 0))
     except OSError:
         sock.close()
         raise
@@ -177,7 +178,7 @@ class IcmpRelay:
             self._close(oldest)
             self.counters["sockets-evicted"] += 1
         try:
-            sock = self.open_socket()
+            sock = self.open_socket(self.config.outbound_addr or "0.0.0.0")
         except OSError as exc:
             self.counters["sockets-refused"] += 1
             if exc.errno in (errno.EACCES, errno.EPERM):
