@@ -509,7 +509,8 @@ class TcpConnection:
                     start = rcv_nxt
                     offset = 0
                 room = wnd - offset
-                if len(data) > room:
+                trimmed = len(data) > room
+                if trimmed:
                     data = data[:room]
                     flags &= ~FIN  # the FIN lies beyond the window
                 if data:
@@ -517,7 +518,7 @@ class TcpConnection:
                         self._deliver(data)
                         if self.ooo:
                             self._drain_ooo(now)
-                        else:
+                        elif not trimmed:
                             # RFC 1122 4.2.3.2 and RFC 5681 4.2: delay the ACK
                             # of in-order data, so that an answer can carry
                             # it, but ACK every second full-sized segment.

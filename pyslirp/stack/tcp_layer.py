@@ -374,8 +374,12 @@ class TcpLayer:
             space = conn.rcv_limit - conn.rx_bytes
             advertised = (conn.rcv_adv - conn.rcv_nxt) & MASK
             if space - advertised >= conn.rcv_sws:  # a window update is worth a segment
-                conn.ack_pending = True
-                conn.mark()
+                if advertised < conn.delack_bytes() or not self.config.delayed_ack_timeout:
+                    conn.ack_pending = True  # the guest is about to stall: now
+                    conn.mark()
+                elif conn.delack_at is None:  # else with the next segment, or soon
+                    conn.delack_at = now + self.config.delayed_ack_timeout
+                    self.arm(conn)
 
     def close(self, conn: TcpConnection, now: float) -> None:
         """No more data from the host: FIN once the buffered bytes are out."""
