@@ -278,9 +278,7 @@ class TcpNat:
             self.counters["connections-refused"] += 1
         else:
             self.counters["connections-unreachable"] += 1
-        log.info(
-            "tcp %s failed: host %s:%d: %s", conn.describe(), *flow.host, os_strerror(err)
-        )
+        log.info("tcp %s failed: host %s:%d: %s", conn.describe(), *flow.host, os_strerror(err))
         self._release(flow)
         self.tcp.refuse(conn, now, icmp_code=code)
 
@@ -388,16 +386,19 @@ class TcpNat:
         self._release(user, reset=True)
 
     def on_closed(self, event, now: float) -> None:
+        """Both FINs are acknowledged: the byte counts are final."""
         user = event.conn.user
-        if type(user) is TcpFlow and not user.closed:
-            self._maybe_finished(user, now)
-        elif user is not None and type(user) is not TcpFlow:
+        if type(user) is TcpFlow:
+            self._log_end(user, "closed")
+            if not user.closed:
+                self._maybe_finished(user, now)
+        elif user is not None:
             user.close()
 
     def _maybe_finished(self, flow: TcpFlow, now: float) -> None:
-        """Both directions done: the host socket has nothing left to do."""
+        """Both directions done: the host socket has nothing left to do (the
+        stack may still be delivering its last bytes to the guest)."""
         if flow.host_eof and flow.shut_wr and not flow.closed:
-            self._log_end(flow, "closed")
             self._release(flow)
 
     def _log_end(self, flow: TcpFlow, how: str) -> None:
