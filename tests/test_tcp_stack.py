@@ -61,6 +61,7 @@ class Script:
         self.tcp = TcpLayer(self.stack, TcpConfig(**tcp_config))
         self.ident = 0x1000
         self.iss = iss
+        self.strict = True  # every frame fed must parse
 
     # -- the guest's side
     def feed(
@@ -91,7 +92,8 @@ class Script:
         if payload:
             pkt = pkt / Raw(payload)
         self.stack.receive_frame(bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / pkt), now)
-        assert not self.stack.drops, self.stack.drops
+        if self.strict:
+            assert not self.stack.drops, self.stack.drops
 
     def events(self):
         out = []
@@ -974,3 +976,67 @@ def test_lossy_link_between_two_stacks_keeps_data_intact(seed):
     assert h_conn.retransmits + g_conn.retransmits > 0  # the link did lose frames
     assert ("host", "TcpConnectionClosed") in closed and ("guest", "TcpConnectionClosed") in closed
     assert len(h_conn.snd_buf) == 0 and h_conn.rx_bytes == 0 and not h_conn.ooo
+
+
+# ---------------------------------------------------------------- fuzz
+def test_fuzzed_segments_never_escape_and_the_table_stays_bounded():
+    rnd = random.Random(1234)
+    s = Script(max_connections=50)
+    conns = [s.handshake()]
+    s.strict = False
+    flag_choices = ["S", "A", "PA", "FA", "R", "RA", "SA", "", "FPAU", "SF", "U", "EC"]
+    for i in range(3000):
+        now = 1.0 + i * 0.01
+        flags = rnd.choice(flag_choices)
+        seq = rnd.choice([GISN + 1 + rnd.randrange(-3000, 3000), rnd.getrandbits(32)])
+        ack = rnd.choice([ISS + 1 + rnd.randrange(-3000, 3000), rnd.getrandbits(32), 0])
+        options = rnd.choice(
+            [
+                None,
+                LINUX_SYN,
+                [("MSS", rnd.randrange(0, 65536))],
+                [("WScale", rnd.randrange(0, 256))],
+                [("Timestamp", (rnd.getrandbits(32), rnd.getrandbits(32)))],
+                [("SAck", (1, 2))],
+            ]
+        )
+        sport = rnd.choice([GPORT, GPORT, rnd.randrange(1, 65536)])
+        payload = bytes(rnd.getrandbits(8) for _ in range(rnd.choice([0, 0, 1, 100, 1448])))
+        s.feed(
+            now,
+            flags,
+            seq,
+            ack,
+            payload=payload,
+            window=rnd.randrange(0, 65536),
+            options=options or [],
+            sport=sport,
+        )
+        for event in s.events():
+            conn = event.conn
+            if isinstance(event, TcpConnectRequested):
+                action = rnd.random()
+                if action < 0.6:
+                    s.tcp.accept(conn, now)
+                    conns.append(conn)
+                elif action < 0.8:
+                    s.tcp.refuse(conn, now, icmp_code=rnd.choice([None, 0, 1, 13]))
+            elif isinstance(event, TcpDataReceived):
+                s.tcp.consume(conn, conn.rx_bytes, now)
+        for conn in rnd.sample(conns, min(3, len(conns))):
+            action = rnd.random()
+            if action < 0.3:
+                s.tcp.send(conn, bytes(rnd.randrange(0, 5000)), now)
+            elif action < 0.35:
+                s.tcp.close(conn, now)
+            elif action < 0.37:
+                s.tcp.abort(conn, now)
+        if rnd.random() < 0.2:
+            s.tick(now + rnd.random() * 5)
+        s.stack.frames_to_send(now)
+        assert len(s.tcp.connections) <= 50
+    assert s.stack.drops["internal-error"] == 0, s.stack.last_internal_error
+    for conn in s.tcp.connections.values():
+        assert conn.rx_bytes <= conn.rcv_limit
+        assert len(conn.snd_buf) <= conn.snd_limit
+        assert len(conn.ooo) <= s.tcp.config.max_out_of_order
