@@ -459,7 +459,7 @@ def test_data_to_guest_segmented_windowed_and_window_update():
     )
     s.feed(1.3, "A", GISN + 1, ISS + 5121, window=23, ts=(103, t2))
     s.expect(1.3)
-    assert conn.snd_buf == bytearray()
+    assert len(conn.snd_buf) == 0
     assert conn.bytes_out == 5120
 
 
@@ -642,7 +642,7 @@ def test_sequence_numbers_wrap_both_ways(iss, gisn):
         assert got == data
         s.feed(1.2, "A", gisn + 1, iss + 1 + len(data), ts=(102, s.ts(1.1)))
         assert conn.snd_una == (iss + 1 + len(data)) & MASK
-        assert conn.snd_buf == bytearray()
+        assert len(conn.snd_buf) == 0
         seq = gisn + 1
         for i in range(0, len(data), 1000):
             s.feed(
@@ -1040,3 +1040,27 @@ def test_fuzzed_segments_never_escape_and_the_table_stays_bounded():
         assert conn.rx_bytes <= conn.rcv_limit
         assert len(conn.snd_buf) <= conn.snd_limit
         assert len(conn.ooo) <= s.tcp.config.max_out_of_order
+
+
+def test_send_buffer_views_drops_and_merges():
+    from pyslirp.stack.tcp_connection import SendBuffer
+
+    rnd = random.Random(5)
+    buf = SendBuffer()
+    model = bytearray()
+    for _ in range(2000):
+        action = rnd.random()
+        if action < 0.5:
+            data = bytes(rnd.getrandbits(8) for _ in range(rnd.choice([1, 10, 3000, 9000])))
+            buf.append(memoryview(data) if rnd.random() < 0.5 else data)
+            model += data
+        elif action < 0.7 and model:
+            count = rnd.randrange(0, len(model) + 1)
+            buf.drop(count)
+            del model[:count]
+        elif model:
+            start = rnd.randrange(0, len(model))
+            end = rnd.randrange(start, len(model) + 1)
+            assert bytes(buf.view(start, end)) == bytes(model[start:end])
+        assert len(buf) == len(model)
+    assert all(len(c) for c in buf.chunks)

@@ -231,3 +231,23 @@ def test_mutated_options_raise_malformed_frame_only():
 def test_flags_round_trip():
     for flags in range(256):
         assert tcp.flags_from_str(tcp.flags_to_str(flags)) == flags
+
+
+def test_fast_partial_sum_equals_the_plain_definition():
+    """checksum.partial_sum reads little-endian and folds (a speed-up for
+    64 KiB segments); it must equal the big-endian definition exactly."""
+    from pyslirp.stack import checksum
+
+    def plain(data: bytes) -> int:
+        value = int.from_bytes(data, "big")
+        if len(data) & 1:
+            value <<= 8
+        return value % 0xFFFF
+
+    rnd = random.Random(3)
+    sizes = list(range(0, 64)) + [599, 600, 601, 1460, 65467, 65468, 65535, 65536]
+    sizes += [rnd.randrange(0, 70000) for _ in range(40)]
+    for size in sizes:
+        for data in (rnd.randbytes(size), b"\xff" * size, bytes(size)):
+            assert checksum.partial_sum(data) == plain(data), size
+            assert checksum.partial_sum(memoryview(data)) == plain(data), size

@@ -69,6 +69,73 @@ GUEST_FINISHED = frozenset({CLOSE_WAIT, CLOSING, LAST_ACK, TIME_WAIT})
 OPEN_FOR_SEND = frozenset({LISTEN, SYN_SENT, SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT})
 
 
+class SendBuffer:
+    """Bytes for the guest from SND.UNA on, as the chunks they came in.
+
+    Appending keeps the chunk (small ones are merged); acknowledged bytes are
+    dropped from the front; a segment inside one chunk is a view, not a
+    copy. A bytearray would copy all it holds whenever it grows after its
+    front was cut."""
+
+    __slots__ = ("chunks", "offset", "size")
+
+    MERGE = 4096  # chunks smaller than this are joined on append
+
+    def __init__(self) -> None:
+        self.chunks: deque = deque()
+        self.offset = 0  # into chunks[0]
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, data) -> None:
+        size = len(data)
+        if not size:
+            return
+        chunks = self.chunks
+        if size < self.MERGE and chunks and len(chunks[-1]) < self.MERGE:
+            chunks[-1] = b"".join((chunks[-1], data))
+        else:
+            chunks.append(bytes(data))
+        self.size += size
+
+    def drop(self, count: int) -> None:
+        """Forget ``count`` acknowledged bytes at the front."""
+        if count >= self.size:
+            self.chunks.clear()
+            self.offset = self.size = 0
+            return
+        self.size -= count
+        chunks = self.chunks
+        count += self.offset
+        while count >= len(chunks[0]):
+            count -= len(chunks.popleft())
+        self.offset = count
+
+    def view(self, start: int, end: int):
+        """Bytes [start, end) counted from SND.UNA (a view when it can)."""
+        start += self.offset
+        end += self.offset
+        parts = []
+        for chunk in self.chunks:
+            size = len(chunk)
+            if start >= size:
+                start -= size
+                end -= size
+                continue
+            if end <= size:
+                piece = memoryview(chunk)[start:end]
+                if not parts:
+                    return piece
+                parts.append(piece)
+                break
+            parts.append(memoryview(chunk)[start:])
+            start = 0
+            end -= size
+        return b"".join(parts)
+
+
 def _addr(addr: bytes) -> str:
     if len(addr) == 4:
         return ".".join(str(b) for b in addr)
@@ -199,7 +266,7 @@ class TcpConnection:
         self.snd_wnd = 0
         self.snd_wl1 = self.snd_wl2 = 0
         self.max_snd_wnd = 0
-        self.snd_buf = bytearray()
+        self.snd_buf = SendBuffer()
         self.snd_limit = config.send_buffer
         self.send_blocked = False
         self.close_requested = False
@@ -586,7 +653,7 @@ class TcpConnection:
             self.fin_acked = True
             data_acked -= 1
         if data_acked:
-            del self.snd_buf[:data_acked]
+            self.snd_buf.drop(data_acked)
             self.bytes_out += data_acked
         self.snd_una = ack
         if seq_lt(self.snd_nxt, ack):
@@ -754,7 +821,7 @@ class TcpConnection:
                     flags = ACK | PSH | FIN if closing else ACK | PSH
                 else:
                     flags = ACK
-                emit(self, flags, (una + sent_off) & MASK, buf[sent_off:end], now)
+                emit(self, flags, (una + sent_off) & MASK, buf.view(sent_off, end), now)
                 sent_off = end + 1 if flags & FIN else end
                 sent = True
             if closing and sent_off == buffered:

@@ -349,7 +349,7 @@ class TcpLayer:
                 return 0
             data = memoryview(data)[:space]
             size = space
-        conn.snd_buf += data
+        conn.snd_buf.append(data)
         conn.mark()
         return size
 
@@ -629,7 +629,7 @@ class TcpLayer:
         conn.retransmits += 1
         if size:
             flags = ACK | PSH if size == len(buf) else ACK
-            self.emit(conn, flags, conn.snd_una, buf[:size], now)
+            self.emit(conn, flags, conn.snd_una, buf.view(0, size), now)
         elif conn.fin_seq is not None and not conn.fin_acked:
             self.emit(conn, ACK | FIN, conn.snd_una, b"", now)
 
