@@ -47,8 +47,9 @@ class NetworkConfig:
     tap_batch: int = 512
     # DHCP (added with the DHCP server): how long an OFFERed address stays
     # reserved for a client that has not REQUESTed it yet (RFC 2131 4.3.1
-    # leaves it to the server; a REQUEST follows within seconds), and how long a DECLINEd address stays out of the pool (RFC 2131 4.3.3:
-    # "mark the network address as not available").
+    # leaves it to the server; a REQUEST follows within seconds), and how
+    # long a DECLINEd address stays out of the pool (RFC 2131 4.3.3: "mark
+    # the network address as not available").
     dhcp_offer_timeout: float = 60.0
     dhcp_decline_timeout: float = 600.0
     # TCP (added with the TCP NAT; protocol timers are in
