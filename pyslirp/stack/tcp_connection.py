@@ -238,6 +238,7 @@ class TcpConnection:
         "ack_pending",
         "ack_sent",
         "delack_at",
+        "delack_limit",
         "dirty",
         "rcv_sws",
         "bytes_in",
@@ -313,6 +314,7 @@ class TcpConnection:
         self.ack_pending = False
         self.ack_sent = 0
         self.delack_at = None
+        self.delack_limit = 0  # two full-sized guest segments (TcpLayer._set_mss)
         self.dirty = False
         self.rcv_sws = 536
         self.bytes_in = 0
@@ -332,7 +334,7 @@ class TcpConnection:
 
     # ------------------------------------------------------------ helpers
     def send_space(self) -> int:
-        return self.snd_limit - len(self.snd_buf)
+        return self.snd_limit - self.snd_buf.size
 
     def in_flight(self) -> int:
         return (self.snd_nxt - self.snd_una) & MASK
@@ -388,13 +390,6 @@ class TcpConnection:
             rto = config.max_rto
         self.rto = rto
 
-    def delack_bytes(self) -> int:
-        """Two full-sized segments from the guest (0: delayed ACK is off)."""
-        layer = self.layer
-        if not layer.config.delayed_ack_timeout:
-            return 0
-        return 2 * (layer.mss_limit - (12 if self.ts_enabled else 0))
-
     def mark(self) -> None:
         """Ask the layer to run ``output`` at the next flush."""
         if not self.dirty:
@@ -449,7 +444,7 @@ class TcpConnection:
                         self.ts_recent = ts[0]
                     if plen:
                         self._deliver(payload)
-                        if ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_bytes():
+                        if ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit:
                             if self.delack_at is None:
                                 self.delack_at = now + layer.config.delayed_ack_timeout
                         else:
@@ -589,7 +584,7 @@ class TcpConnection:
                             # RFC 1122 4.2.3.2 and RFC 5681 4.2: delay the ACK
                             # of in-order data, so that an answer can carry
                             # it, but ACK every second full-sized segment.
-                            delay = ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_bytes()
+                            delay = ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit
                     else:
                         self._queue_ooo(start, data)
             else:
@@ -649,18 +644,19 @@ class TcpConnection:
         """SND.UNA < SEG.ACK =< SND.MAX: new data acknowledged."""
         acked = (ack - self.snd_una) & MASK
         data_acked = acked
-        if self.fin_seq is not None and seq_lt(self.fin_seq, ack):
+        if self.fin_seq is not None and 0 < ((ack - self.fin_seq) & MASK) < HALF:
             self.fin_acked = True
             data_acked -= 1
         if data_acked:
             self.snd_buf.drop(data_acked)
             self.bytes_out += data_acked
         self.snd_una = ack
-        if seq_lt(self.snd_nxt, ack):
+        if 0 < ((ack - self.snd_nxt) & MASK) < HALF:
             self.snd_nxt = ack
         # RTT: RFC 7323 4.1 from the echoed timestamp, else RFC 6298 with Karn.
         if ts is not None and self.ts_enabled and ts[1]:
-            self.set_rto_sample(((self.layer.ts_clock(self, now) - ts[1]) & MASK) / 1000.0)
+            ts_now = int(now * 1000) + self.ts_offset  # TcpLayer.ts_clock
+            self.set_rto_sample(((ts_now - ts[1]) & MASK) / 1000.0)
         elif self.rtt_seq is not None and seq_le(self.rtt_seq, ack):
             self.set_rto_sample(now - self.rtt_time)
             self.rtt_seq = None
@@ -689,11 +685,11 @@ class TcpConnection:
         # RFC 6298 5.2 and 5.3.
         self.rtx_at = None if ack == self.snd_max else now + self.rto
         self.persisting = False
-        if self.send_blocked and len(self.snd_buf) <= self.snd_limit * 3 // 4:
+        if self.send_blocked and self.snd_buf.size <= self.snd_limit * 3 // 4:
             self.send_blocked = False
             self.layer.events.append(TcpSendSpaceOpened(self))
         if (
-            (self.snd_max - ack) & MASK < len(self.snd_buf)
+            (self.snd_max - ack) & MASK < self.snd_buf.size
             or self.snd_nxt != self.snd_max
             or (self.close_requested and not self.fin_acked)
         ):

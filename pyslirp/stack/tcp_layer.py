@@ -288,6 +288,8 @@ class TcpLayer:
         if conn.ts_enabled:
             mss -= 12
         conn.mss = mss
+        if self.config.delayed_ack_timeout:  # ACK at least every second full segment
+            conn.delack_limit = 2 * (self.mss_limit - (12 if conn.ts_enabled else 0))
         # RFC 6928: the initial window.
         conn.cwnd = min(10 * mss, max(2 * mss, 14600))
 
@@ -331,7 +333,7 @@ class TcpLayer:
         waiting for TcpSendSpaceOpened)."""
         if conn.close_requested or conn.state not in OPEN_FOR_SEND:
             return 0
-        space = conn.snd_limit - len(conn.snd_buf)
+        space = conn.snd_limit - conn.snd_buf.size
         if space <= 0:
             conn.send_blocked = True
             return 0
@@ -341,7 +343,7 @@ class TcpLayer:
         """Queue bytes for the guest; returns how many were taken."""
         if conn.close_requested or conn.state not in OPEN_FOR_SEND:
             return 0
-        space = conn.snd_limit - len(conn.snd_buf)
+        space = conn.snd_limit - conn.snd_buf.size
         size = len(data)
         if size > space:
             conn.send_blocked = True
@@ -374,7 +376,7 @@ class TcpLayer:
             space = conn.rcv_limit - conn.rx_bytes
             advertised = (conn.rcv_adv - conn.rcv_nxt) & MASK
             if space - advertised >= conn.rcv_sws:  # a window update is worth a segment
-                if advertised < conn.delack_bytes() or not self.config.delayed_ack_timeout:
+                if advertised < conn.delack_limit or not self.config.delayed_ack_timeout:
                     conn.ack_pending = True  # the guest is about to stall: now
                     conn.mark()
                 elif conn.delack_at is None:  # else with the next segment, or soon
@@ -513,19 +515,58 @@ class TcpLayer:
         return (int(now * 1000) + conn.ts_offset) & MASK
 
     def emit(self, conn: TcpConnection, flags: int, seq: int, payload, now: float) -> None:
-        """One segment with ACK = RCV.NXT, our window and timestamps."""
+        """One segment with ACK = RCV.NXT, our window and timestamps (the
+        hot path: _frame inlined for the common case)."""
         window = conn.window_field()
-        conn.ack_sent = conn.rcv_nxt
+        ack = conn.ack_sent = conn.rcv_nxt
         conn.delack_at = None
         if conn.ts_enabled:
             ts_val = (int(now * 1000) + conn.ts_offset) & MASK
             ts_ecr = conn.ts_recent
             options = _TS_OPTION.pack(1, 1, 8, 10, ts_val, ts_ecr)
-            self._frame(
-                conn, flags, seq, conn.rcv_nxt, window, options, _TS_SUM + ts_val + ts_ecr, payload
-            )
+            options_sum = _TS_SUM + ts_val + ts_ecr
+            header_len = 32
         else:
-            self._frame(conn, flags, seq, conn.rcv_nxt, window, b"", 0, payload)
+            options = b""
+            options_sum = 0
+            header_len = 20
+        eth = conn.eth
+        if eth is None:
+            self._frame(conn, flags, seq, ack, window, options, options_sum, payload)
+            return
+        size = len(payload)
+        tcp_len = header_len + size
+        total = 20 + tcp_len
+        stack = self.stack
+        ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
+        s = (conn.ip_sum + total + ident) % 0xFFFF
+        ip_csum = (~s) & 0xFFFF if s else 0
+        s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
+        if size:
+            s += checksum.partial_sum(payload)
+        s %= 0xFFFF
+        head = _FRAME4.pack(
+            eth,
+            0x45,
+            0,
+            total,
+            ident,
+            _DF,
+            ipv4.DEFAULT_TTL,
+            ipv4.PROTO_TCP,
+            ip_csum,
+            conn.addrs,
+            conn.local_port,
+            conn.remote_port,
+            seq,
+            ack,
+            header_len << 2,
+            flags,
+            window,
+            (~s) & 0xFFFF if s else 0,
+            0,
+        )
+        stack._out.append(b"".join((head, options, payload)) if size else head + options)
 
     def _frame(self, conn, flags, seq, ack, window, options, options_sum, payload) -> None:
         header_len = 20 + len(options)
