@@ -31,6 +31,40 @@ class StackConfig:
     reassembly_max_bytes: int = 4 * 1024 * 1024
     reassembly_max_fragments: int = 256  # per datagram; bounds overlap checks
 
+    # IPv6 (off unless enabled): slirp4netns's defaults, fd00::/64 with the
+    # gateway at ::2 (also answering as fe80::2) and the DNS proxy at ::3.
+    ipv6: bool = False
+    ipv6_prefix: bytes = bytes.fromhex("fd000000000000000000000000000000")
+    ipv6_prefix_len: int = 64  # SLAAC over Ethernet needs /64 (RFC 4862 5.5.3, RFC 2464)
+    ipv6_gateway: bytes = bytes.fromhex("fd000000000000000000000000000002")
+    ipv6_dns: bytes = bytes.fromhex("fd000000000000000000000000000003")
+    ipv6_link_local: bytes = bytes.fromhex("fe800000000000000000000000000002")
+    # Domain names for the RA's DNSSL option (and DHCPv6's domain list).
+    dns_search: tuple = ()
+    # Router advertisements: RFC 4861 6.2.1 defaults (MaxRtrAdvInterval 600 s,
+    # MinRtrAdvInterval 0.33 of it, router lifetime 3 times it), the first
+    # few 16 s apart (6.2.4: MAX_INITIAL_RTR_ADVERT_INTERVAL, 3 of them), and
+    # at most one multicast answer to solicitations per 3 s (6.2.6).
+    ra_interval_max: float = 600.0
+    ra_interval_min: float = 198.0
+    ra_initial_interval: float = 16.0
+    ra_initial_count: int = 3
+    ra_min_delay: float = 3.0
+    router_lifetime: int = 1800
+    # RFC 4861 6.2.1 AdvValidLifetime (30 days) and AdvPreferredLifetime (7 days).
+    prefix_valid_lifetime: int = 2592000
+    prefix_preferred_lifetime: int = 604800
+    # RFC 8106 5.1: at least MaxRtrAdvInterval; 3 times it is its suggestion.
+    dns_lifetime: int = 1800
+    # Neighbour discovery toward the guest (RFC 4861 10: MAX_MULTICAST_SOLICIT
+    # 3, RETRANS_TIMER 1 s); the queue and cache bounds are ARP's.
+    nd_attempts: int = 3
+    nd_retry_interval: float = 1.0
+    # RFC 4443 2.4(f): ICMPv6 errors are rate limited (token bucket of this
+    # size, refilled at this rate per second; Linux allows about 1000/s).
+    icmpv6_error_burst: int = 100
+    icmpv6_error_rate: float = 1000.0
+
     @property
     def netmask_int(self) -> int:
         bits = len(self.network) * 8
@@ -49,5 +83,17 @@ class StackConfig:
         return value.to_bytes(len(self.network), "big")
 
     def mac_for(self, addr: bytes) -> bytes:
-        """The MAC the stack uses for one of its own IPv4 addresses."""
+        """The MAC the stack uses for one of its own addresses: libslirp's
+        52:55 and the IPv4 address, or 52:56 and the low 32 bits of an IPv6
+        one (so fd00::2 and fe80::2 are 52:56:00:00:00:02)."""
+        if len(addr) == 16:
+            return b"\x52\x56" + addr[-4:]
         return b"\x52\x55" + addr[-4:]
+
+    def in_prefix6(self, addr: bytes) -> bool:
+        """Whether an IPv6 address lies in the guest's prefix."""
+        if len(addr) != 16:
+            return False
+        shift = 128 - self.ipv6_prefix_len
+        prefix = int.from_bytes(self.ipv6_prefix, "big") >> shift
+        return int.from_bytes(addr, "big") >> shift == prefix

@@ -13,10 +13,11 @@ hostile guest cannot stop the process.
 
 from collections import Counter, deque
 
-from . import arp, checksum, ethernet, icmpv4, ipv4, udp
+from . import arp, checksum, ethernet, icmpv4, icmpv6, ipv4, ipv6, udp
 from .config import StackConfig
 from .errors import MalformedFrame
 from .events import IcmpEchoRequested, UdpDatagramReceived
+from .ipv6_layer import Ipv6Layer
 from .reassembly import Reassembler
 
 _ZERO_IP = bytes(4)
@@ -56,6 +57,8 @@ class Stack:
         self._local = {config.gateway, config.dns}
         self._broadcast = config.broadcast  # a computed property: once, not per packet
         self.tcp = None  # set by the TCP layer: receive_segment(header, packet, now)
+        # IPv6 (config.ipv6): ingress, neighbour discovery, RAs, egress.
+        self.ipv6 = Ipv6Layer(self) if config.ipv6 else None
 
     # ------------------------------------------------------------ the verbs
     def receive_frame(self, frame, now: float) -> None:
@@ -79,12 +82,16 @@ class Stack:
         return self._events.popleft() if self._events else None
 
     def get_timer(self):
-        if not self._arp_pending and not self._reassembler._held:  # the common case
-            return self.tcp.get_timer() if self.tcp is not None else None
+        if not self._arp_pending and not self._reassembler._held and self.ipv6 is None:
+            return self.tcp.get_timer() if self.tcp is not None else None  # the common case
         deadlines = [p.retry_at for p in self._arp_pending.values()]
         reassembly = self._reassembler.next_deadline()
         if reassembly is not None:
             deadlines.append(reassembly)
+        if self.ipv6 is not None:
+            due = self.ipv6.next_deadline()
+            if due is not None:
+                deadlines.append(due)
         if self.tcp is not None:
             tcp = self.tcp.get_timer()
             if tcp is not None:
@@ -102,11 +109,16 @@ class Stack:
             pending.attempts += 1
             pending.retry_at = now + self.config.arp_retry_interval
             self._send_arp_request(addr)
-        for _key, header, first in self._reassembler.expire(now):
+        for key, header, first in self._reassembler.expire(now):
             self.drops["reassembly-timeout"] += 1
+            if len(key[0]) == 16:
+                if self.ipv6 is not None:
+                    self.ipv6.reassembly_expired(header, first, now)
             # RFC 792: time exceeded, code 1, only if the first fragment came.
-            if header:
+            elif header:
                 self.send_icmp_error(icmpv4.TIME_EXCEEDED, 1, header + first[:8], now)
+        if self.ipv6 is not None:
+            self.ipv6.handle_timer(now)
         if self.tcp is not None:
             self.tcp.handle_timer(now)
 
@@ -134,6 +146,11 @@ class Stack:
     def send_echo_reply(
         self, src: bytes, dst: bytes, ident: int, sequence: int, payload, now: float
     ) -> None:
+        if len(dst) == 16:
+            word = (ident << 16) | sequence
+            message = icmpv6.emit(src, dst, icmpv6.ECHO_REPLY, 0, word, payload)
+            self.send_ip(src, dst, icmpv6.PROTOCOL, message, now)
+            return
         self.send_ip(
             src,
             dst,
@@ -152,7 +169,15 @@ class Stack:
         src: bytes | None = None,
     ) -> None:
         """Send an ICMP error about ``original`` (an IP packet the guest sent,
-        or at least its header and first 8 payload bytes) back to its sender."""
+        or at least its header and first 8 payload bytes) back to its sender.
+
+        The type and code are ICMP's (v4); about an IPv6 packet the matching
+        ICMPv6 error goes (Ipv6Layer.send_error_v4_style), so the NAT side
+        names errors one way for both families."""
+        if original and original[0] >> 4 == 6:
+            if self.ipv6 is not None:
+                self.ipv6.send_error_v4_style(icmp_type, code, original, now, mtu, src)
+            return
         original = bytes(original)
         if len(original) < ipv4.HEADER_LEN:
             return
@@ -194,6 +219,10 @@ class Stack:
         ttl: int = ipv4.DEFAULT_TTL,
     ) -> None:
         """Send an IP datagram to the guest, fragmenting it to the MTU."""
+        if len(dst) == 16:
+            if self.ipv6 is not None:
+                self.ipv6.send(src, dst, protocol, payload, now, dst_mac, ttl)
+            return
         if ipv4.HEADER_LEN + len(payload) > ipv4.MAX_PACKET:
             self.drops["ipv4-too-long-out"] += 1
             return
@@ -213,6 +242,9 @@ class Stack:
     def udp_quote(self, src: bytes, src_port: int, dst: bytes, dst_port: int) -> bytes:
         """A plausible copy of a guest datagram's first bytes, for an ICMP error
         about a flow whose original packet is gone."""
+        if len(src) == 16:
+            head = ipv6.header(src, dst, ipv6.PROTO_UDP, 8)
+            return head + udp.HEADER.pack(src_port, dst_port, 8, 0)
         head = ipv4.header(src, dst, ipv4.PROTO_UDP, 8, 0)
         return head + udp.HEADER.pack(src_port, dst_port, 8, 0)
 
@@ -225,6 +257,8 @@ class Stack:
             self._receive_ipv4(frame[ethernet.HEADER_LEN :], src_mac, now)
         elif ethertype == ethernet.ETHERTYPE_ARP:
             self._receive_arp(frame[ethernet.HEADER_LEN :], src_mac, now)
+        elif ethertype == ethernet.ETHERTYPE_IPV6 and self.ipv6 is not None:
+            self.ipv6.receive(frame[ethernet.HEADER_LEN :], src_mac, now)
         else:
             self.drops["ethertype-unsupported"] += 1
 
@@ -397,7 +431,16 @@ class Stack:
 
     def learn_neighbor(self, addr: bytes, mac: bytes) -> None:
         """Teach the stack a guest address (the DHCP server does on ACK)."""
+        if len(addr) == 16:
+            if self.ipv6 is not None:
+                self.ipv6.learn_neighbor(addr, mac)
+            return
         self._learn(addr, mac, 0.0)
+
+    @property
+    def guest_address6(self) -> bytes | None:
+        """The guest's IPv6 address in the prefix, once learned."""
+        return self.ipv6.guest_address if self.ipv6 is not None else None
 
 
 def checksum_ok(data) -> bool:  # re-exported for tools

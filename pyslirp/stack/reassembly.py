@@ -1,7 +1,13 @@
-"""Reassembly of fragmented IPv4 datagrams from the guest.
+"""Reassembly of fragmented IPv4 and IPv6 datagrams from the guest.
 
 Read first: RFC 791 section 3.2 ("Reassembly"), RFC 815 (hole accounting),
-RFC 5722 and RFC 8900 (why overlapping fragments are dropped, not merged).
+RFC 5722 and RFC 8900 (why overlapping fragments are dropped, not merged);
+for IPv6, RFC 8200 section 4.5 (the fragment header and its reassembly).
+
+One reassembler serves both families, so its bounds (datagrams, bytes,
+fragments per datagram) are shared. The family shows only in the key and in
+``finish``, which turns the first fragment's header and the whole payload
+into a packet (the IPv4 one by default; ``ipv6.finish_reassembly`` for IPv6).
 
 Overlaps: a fragment that repeats exactly what is already held is ignored;
 any other overlap discards the whole datagram, as Linux has done for IPv4
@@ -25,6 +31,18 @@ class _Datagram:
     total: int = -1  # payload length, once the last fragment is seen
 
 
+def finish_ipv4(first_header: bytes, payload_len: int) -> bytes:
+    """The first fragment's IPv4 header, made the header of the whole datagram."""
+    head = bytearray(first_header)
+    if len(head) + payload_len > MAX_PACKET:
+        raise MalformedFrame("reassembly-too-long")
+    head[2:4] = (len(head) + payload_len).to_bytes(2, "big")
+    head[6:8] = b"\0\0"  # no flags, offset 0: a whole datagram
+    head[10:12] = b"\0\0"
+    head[10:12] = checksum.checksum(head).to_bytes(2, "big")
+    return bytes(head)
+
+
 class Reassembler:
     def __init__(self, timeout: float, max_datagrams: int, max_bytes: int, max_fragments: int):
         self.timeout = timeout
@@ -41,22 +59,34 @@ class Reassembler:
     def held_bytes(self) -> int:
         return self._bytes
 
-    def add(self, key: tuple, header: bytes, offset: int, more: bool, data, now: float):
+    def add(
+        self,
+        key: tuple,
+        header: bytes,
+        offset: int,
+        more: bool,
+        data,
+        now: float,
+        finish=None,
+        max_end: int = MAX_PACKET - 20,
+    ):
         """Add one fragment; return the whole IP packet once the datagram is complete.
 
-        ``key`` is (src, dst, protocol, id). ``header`` is this fragment's
-        IP header (only the first fragment's is kept, options included). The
-        packet returned carries the first fragment's header with the total
-        length, flags and checksum of the reassembled datagram. Raises
-        MalformedFrame (and forgets the datagram) for overlaps and broken
-        fragments.
+        ``key`` is (src, dst, protocol, id) for IPv4, (src, dst, id) for IPv6.
+        ``header`` is this fragment's IP header (only the first fragment's is
+        kept, options or extension headers included). The packet returned is
+        ``finish(first header, payload length)`` followed by the payload; the
+        default ``finish`` gives the first fragment's IPv4 header with the
+        total length, flags and checksum of the reassembled datagram.
+        ``max_end`` bounds offset plus length. Raises MalformedFrame (and
+        forgets the datagram) for overlaps and broken fragments.
         """
         if more and len(data) % 8:
             raise MalformedFrame("fragment-unaligned")
         if not data:
             raise MalformedFrame("fragment-empty")
         end = offset + len(data)
-        if end > 65535 - 20:
+        if end > max_end:
             raise MalformedFrame("fragment-too-long")
         entry = self._held.get(key)
         if entry is None:
@@ -96,13 +126,7 @@ class Reassembler:
             return None
         # No overlaps and every byte counted once: the pieces tile 0..total.
         self._forget(key)
-        head = bytearray(entry.first_header)
-        if len(head) + entry.total > MAX_PACKET:
-            raise MalformedFrame("reassembly-too-long")
-        head[2:4] = (len(head) + entry.total).to_bytes(2, "big")
-        head[6:8] = b"\0\0"  # no flags, offset 0: a whole datagram
-        head[10:12] = b"\0\0"
-        head[10:12] = checksum.checksum(head).to_bytes(2, "big")
+        head = (finish or finish_ipv4)(entry.first_header, entry.total)
         pieces = [entry.pieces[o] for o in sorted(entry.pieces)]
         return b"".join([head, *pieces])
 
