@@ -31,7 +31,6 @@ import struct
 
 from pyslirp.stack import icmpv4
 from pyslirp.stack.events import (
-    TcpConnected,
     TcpConnectionClosed,
     TcpConnectionReset,
     TcpConnectRequested,
@@ -208,7 +207,6 @@ class TcpNat:
         loop.on_event(TcpSendSpaceOpened, self.on_send_space)
         loop.on_event(TcpConnectionReset, self.on_reset)
         loop.on_event(TcpConnectionClosed, self.on_closed)
-        loop.on_event(TcpConnected, self.on_connected)
 
     # ------------------------------------------------------------ opening
     def on_connect_requested(self, event, now: float) -> None:
@@ -243,6 +241,15 @@ class TcpNat:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        outbound = self.config.outbound_addr
+        if outbound and not host.startswith("127."):
+            try:  # --outbound-addr: the source address toward the outside
+                sock.bind((outbound, 0))
+            except OSError as exc:
+                log.warning("tcp %s refused: cannot bind %s: %s", conn.describe(), outbound, exc)
+                sock.close()
+                tcp.refuse(conn, now)
+                return
         flow = TcpFlow(self, conn, sock, (host, port))
         conn.user = flow
         self.flows.add(flow)
@@ -281,9 +288,6 @@ class TcpNat:
         log.info("tcp %s failed: host %s:%d: %s", conn.describe(), *flow.host, os_strerror(err))
         self._release(flow)
         self.tcp.refuse(conn, now, icmp_code=code)
-
-    def on_connected(self, event, now: float) -> None:
-        """Connections toward the guest belong to port forwarding (not here)."""
 
     # ------------------------------------------------------------ guest -> host
     def on_data(self, event, now: float) -> None:

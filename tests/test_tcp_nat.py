@@ -1,0 +1,144 @@
+"""TCP NAT through the real loop and real host sockets on loopback: what a
+guest SYN becomes on the host, with limits set through NetworkConfig."""
+
+import socket
+import time
+
+from scapy.layers.inet import ICMP, IP, TCP, IPerror, TCPerror
+from scapy.layers.l2 import Ether
+
+from tests.inprocess import InProcessNetwork
+
+GUEST_MAC = "02:00:00:00:00:01"
+GW_MAC = "52:55:0a:00:02:02"
+GUEST = "10.0.2.100"
+ISN = 5000
+
+
+def guest_syn(dst: str, dport: int, sport: int = 40000, seq: int = ISN) -> bytes:
+    return bytes(
+        Ether(src=GUEST_MAC, dst=GW_MAC)
+        / IP(src=GUEST, dst=dst)
+        / TCP(sport=sport, dport=dport, seq=seq, flags="S", options=[("MSS", 1460)])
+    )
+
+
+def tcp_or_icmp(frame: bytes) -> bool:
+    pkt = Ether(frame)
+    return TCP in pkt or ICMP in pkt
+
+
+def accepted_within(listener: socket.socket, seconds: float) -> list:
+    listener.settimeout(0.05)
+    accepted = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            accepted.append(listener.accept()[0])
+        except TimeoutError:
+            pass
+    return accepted
+
+
+def test_repeated_syns_while_connecting_make_one_host_connection():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        with InProcessNetwork() as net:
+            for _ in range(3):
+                net.send(guest_syn("10.0.2.2", port))
+            reply = Ether(net.receive(predicate=tcp_or_icmp))
+            assert str(reply[TCP].flags) == "SA" and reply[TCP].ack == ISN + 1
+            accepted = accepted_within(listener, 0.5)
+            assert len(accepted) == 1
+            # SYNs that came after the answer get the same SYN-ACK again.
+            for _ in range(3):
+                frame = net.receive(timeout=0.3, predicate=tcp_or_icmp)
+                if frame is None:
+                    break
+                again = Ether(frame)[TCP]
+                assert (str(again.flags), again.seq, again.ack) == ("SA", reply[TCP].seq, ISN + 1)
+            for sock in accepted:
+                sock.close()
+            assert net.loop.tcp.counters["connections-opened"] == 1
+    finally:
+        listener.close()
+
+
+def test_host_connect_timeout_becomes_icmp_host_unreachable():
+    # A listener that never accepts and whose queue is full drops SYNs: the
+    # host connect hangs until our timeout.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = []
+    for _ in range(2):  # non-blocking: the second one hangs like ours will
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        filler.append(sock)
+    time.sleep(0.1)
+    try:
+        with InProcessNetwork(tcp_connect_timeout=0.5) as net:
+            start = time.monotonic()
+            net.send(guest_syn("10.0.2.2", port))
+            reply = Ether(net.receive(timeout=3, predicate=tcp_or_icmp))
+            elapsed = time.monotonic() - start
+            assert ICMP in reply, reply.summary()
+            assert (reply[ICMP].type, reply[ICMP].code) == (3, 1)
+            assert reply[IP].src == "10.0.2.2" and reply[IP].dst == GUEST
+            quoted = reply[IPerror]
+            assert quoted.src == GUEST and quoted.dst == "10.0.2.2"
+            assert reply[TCPerror].seq == ISN and reply[TCPerror].dport == port
+            assert 0.4 < elapsed < 2.5
+            assert net.loop.tcp.counters["connections-timed-out"] == 1
+            assert net.loop.tcp.flows == set()
+    finally:
+        for sock in filler:
+            sock.close()
+        listener.close()
+
+
+def test_connection_limit_refuses_with_rst_and_keeps_the_others():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        with InProcessNetwork(tcp_max_connections=2) as net:
+            flags = {}
+            for sport in (40001, 40002, 40003):
+                net.send(guest_syn("10.0.2.2", port, sport=sport))
+                reply = Ether(net.receive(predicate=tcp_or_icmp))
+                flags[reply[TCP].dport] = str(reply[TCP].flags)
+            assert flags == {40001: "SA", 40002: "SA", 40003: "RA"}
+            # The stack's table has the same bound and answers first.
+            limited = net.loop.stack.tcp.counters["tcp-refused-table-full"]
+            assert limited + net.loop.tcp.counters["connections-limited"] == 1
+            accepted = accepted_within(listener, 0.3)
+            assert len(accepted) == 2
+            for sock in accepted:
+                sock.close()
+    finally:
+        listener.close()
+
+
+def test_disable_dns_refuses_tcp_to_the_dns_address():
+    with InProcessNetwork(disable_dns=True) as net:
+        net.send(guest_syn("10.0.2.3", 53))
+        reply = Ether(net.receive(predicate=tcp_or_icmp))
+        assert str(reply[TCP].flags) == "RA" and reply[IP].src == "10.0.2.3"
+
+
+def test_closed_port_is_rst_and_loopback_disabled_is_icmp_net_unreachable():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with InProcessNetwork() as net:
+        net.send(guest_syn("10.0.2.2", closed))
+        reply = Ether(net.receive(predicate=tcp_or_icmp))
+        assert str(reply[TCP].flags) == "RA" and reply[TCP].ack == ISN + 1
+        assert net.loop.tcp.flows == set()
+    with InProcessNetwork(disable_host_loopback=True) as net:
+        net.send(guest_syn("10.0.2.2", closed))
+        reply = Ether(net.receive(predicate=tcp_or_icmp))
+        assert (reply[ICMP].type, reply[ICMP].code) == (3, 0)
