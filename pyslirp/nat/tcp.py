@@ -194,6 +194,10 @@ class TcpNat:
         # Connecting flows in the order of their deadlines (all deadlines are
         # "started + tcp_connect_timeout").
         self._connecting: dict[TcpFlow, None] = {}
+        # Flows whose connection ended in the stack while the host socket
+        # still has guest bytes to take: deadline by which it must (the
+        # TIME-WAIT timeout), so a host peer that never reads holds nothing.
+        self._lingering: dict[TcpFlow, float] = {}
         self.counters = {
             "connections-opened": 0,
             "connections-refused": 0,
@@ -396,6 +400,8 @@ class TcpNat:
             self._log_end(user, "closed")
             if not user.closed:
                 self._maybe_finished(user, now)
+            if not user.closed:
+                self._lingering[user] = now + self.config.tcp_time_wait_timeout
         elif user is not None:
             user.close()
 
@@ -421,6 +427,7 @@ class TcpNat:
         flow.closed = True
         self.flows.discard(flow)
         self._connecting.pop(flow, None)
+        self._lingering.pop(flow, None)
         if flow.mask:
             self.loop.unregister(flow.sock)
             flow.mask = 0
@@ -444,18 +451,32 @@ class TcpNat:
 
     # ------------------------------------------------------------ timers
     def next_deadline(self):
+        deadline = None
         for flow in self._connecting:
-            return flow.connect_at
-        return None
+            deadline = flow.connect_at
+            break
+        for linger_at in self._lingering.values():
+            if deadline is None or linger_at < deadline:
+                deadline = linger_at
+            break
+        return deadline
 
     def handle_timer(self, now: float) -> None:
         connecting = self._connecting
         while connecting:
             flow = next(iter(connecting))
             if flow.connect_at > now:
-                return
+                break
             del connecting[flow]
             self._connect_failed(flow, errno.ETIMEDOUT, now)
+        lingering = self._lingering
+        while lingering:
+            flow, linger_at = next(iter(lingering.items()))
+            if linger_at > now:
+                break
+            del lingering[flow]
+            log.info("tcp %s: the host did not take the last bytes, reset", flow.conn.describe())
+            self._release(flow, reset=True)
 
     def close(self) -> None:
         for flow in list(self.flows):
