@@ -12,7 +12,10 @@ reply; then the connection is closed. slirp4netns 1.2 answers:
         -> {"return":{}}
 
 and errors as {"error":{"desc":"bad request: ..."}} with the wording below
-(checked against slirp4netns 1.2.0 itself). Beside them, ours:
+(checked against slirp4netns 1.2.0 itself). With IPv6 enabled (-6),
+add_hostfwd also takes an IPv6 host_addr ("::1"), our extension: its
+guest_addr is an IPv6 address in the prefix, or "::" (the default) for the
+guest's own address as learned from neighbour discovery. Beside them, ours:
 
     {"execute": "list_connections"}
         -> {"return":{"connections":[{"proto":"tcp","guest":...},...]}}
@@ -116,6 +119,14 @@ def _ipv4(text: str) -> bool:
     return True
 
 
+def _ipv6(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6, text)
+    except OSError:
+        return False
+    return True
+
+
 class Api:
     """The requests, over a backend (pyslirp.backend.Backend)."""
 
@@ -147,15 +158,21 @@ class Api:
         if proto not in ("tcp", "udp"):
             return bad("proto")
         host_addr = _string(request, "host_addr") or "0.0.0.0"
-        if not _ipv4(host_addr):
+        v6 = bool(getattr(self.config, "enable_ipv6", False)) and _ipv6(host_addr)
+        if not (v6 or _ipv4(host_addr)):
             return bad("host_addr")
         host_port = _number(request, "host_port")
         # slirp4netns only refuses 0; a port outside 1-65535 is refused too.
         if not 1 <= host_port <= 65535:
             return bad("host_port")
-        guest_addr = _string(request, "guest_addr") or self.default_guest
-        if not _ipv4(guest_addr) or not self._guest_address(guest_addr):
-            return bad("guest_addr")
+        if v6:
+            guest_addr = _string(request, "guest_addr") or "::"
+            if not _ipv6(guest_addr) or not self._guest_address6(guest_addr):
+                return bad("guest_addr")
+        else:
+            guest_addr = _string(request, "guest_addr") or self.default_guest
+            if not _ipv4(guest_addr) or not self._guest_address(guest_addr):
+                return bad("guest_addr")
         guest_port = _number(request, "guest_port")
         if not 1 <= guest_port <= 65535:
             return bad("guest_port")
@@ -185,6 +202,17 @@ class Api:
             config.cidr.broadcast_address,
             config.gateway,
             config.dns,
+        )
+
+    def _guest_address6(self, text: str) -> bool:
+        address = ipaddress.IPv6Address(text)
+        config = self.config
+        if address == ipaddress.IPv6Address("::"):
+            return True
+        return address in config.ipv6_prefix and address not in (
+            config.ipv6_prefix.network_address,
+            config.ipv6_gateway,
+            config.ipv6_dns,
         )
 
     def list_hostfwd(self, request: dict) -> bytes:

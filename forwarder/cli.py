@@ -36,6 +36,9 @@ _CIDR_FORM = re.compile(r"^((\d{1,3}\.){3}\d{1,3})/(\d{1,2})$")
 _PUBLISH_FORM = re.compile(
     r"^(?:(?P<addr>[^:/\[\]]+):)?(?P<host>\d{1,5}):(?P<guest>\d{1,5})(?:/(?P<proto>[a-z]+))?$"
 )
+_PUBLISH6_FORM = re.compile(
+    r"^\[(?P<addr>[0-9A-Fa-f:.]+)\]:(?P<host>\d{1,5}):(?P<guest>\d{1,5})(?:/(?P<proto>[a-z]+))?$"
+)
 SIOCGIFADDR = 0x8915
 
 USAGE = f"""\
@@ -56,7 +59,8 @@ status.
 -e, --exit-fd=FD         specify the FD for terminating {PROG}
 -r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default=1500, max=65520)
--6, --enable-ipv6        enable IPv6 (not supported yet: refused)
+-6, --enable-ipv6        enable IPv6 (prefix fd00::/64, gateway fd00::2, DNS fd00::3;
+                         the guest configures itself by SLAAC)
 -a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default={DEFAULT_CIDR})
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
@@ -66,13 +70,20 @@ status.
 CAP_NET_BIND_SERVICE if running as the root)
 --enable-seccomp         enable seccomp to limit syscalls
 --outbound-addr=IPv4     sets outbound ipv4 address to bound to
---outbound-addr6=IPv6    sets outbound ipv6 address to bound to (no effect until IPv6)
+--outbound-addr6=IPv6    sets outbound ipv6 address to bound to
 --disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
 --macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
 --target-type=TYPE       specify the target type ([netns], default=netns)
 -p, --publish=[HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp]
                          forward a host port to the guest (repeatable;
-                         default HOST_ADDR=0.0.0.0, protocol tcp)
+                         default HOST_ADDR=0.0.0.0, protocol tcp; with -6,
+                         [IPv6]:HOST_PORT:GUEST_PORT goes to the guest's
+                         IPv6 address)
+--ipv6-prefix=PREFIX     the guest's IPv6 /64 (default=fd00::/64; "random":
+                         a random unique local prefix, RFC 4193)
+--dns-search=DOMAIN      search domain announced with IPv6 (RA, DHCPv6)
+                         (repeatable; default=the search line of
+                         /etc/resolv.conf)
 --backend=NAME           specify the backend ([BACKENDS], default=python)
 --pcap=FILE              write every frame to and from the TAP to FILE (pcap)
 --dns-upstream=ADDR[:PORT]
@@ -115,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--macaddress", default=None)
     p.add_argument("--target-type", default=None)
     p.add_argument("-p", "--publish", action="append", default=[])
+    p.add_argument("--ipv6-prefix", default=None)
+    p.add_argument("--dns-search", action="append", default=[])
     p.add_argument("--backend", default="python")
     p.add_argument("--pcap", default=None)
     p.add_argument("--dns-upstream", action="append", default=[])
@@ -169,19 +182,29 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network:
 
 
 def parse_upstream(text: str) -> tuple[str, int]:
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
+    """ADDR[:PORT], with an IPv6 ADDR bare or as [ADDR]:PORT."""
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]")
+        if not sep or (port_text and not port_text.startswith(":")):
+            host = ""  # refused below
+        port_text = port_text[1:] if port_text else "53"
+    elif text.count(":") > 1:
         host, port_text = text, "53"
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, "53"
     try:
-        address = ipaddress.IPv4Address(host)
+        address = ipaddress.ip_address(host.split("%")[0])
         port = int(port_text, 10)
         if not 0 < port < 65536:
             raise ValueError
     except ValueError:
         raise UsageError(
-            f"invalid --dns-upstream {text!r}: expected IPv4ADDR[:PORT], e.g. 127.0.0.1:5353"
+            f"invalid --dns-upstream {text!r}: expected ADDR[:PORT], e.g. 127.0.0.1:5353 "
+            "or [::1]:5353"
         ) from None
-    return str(address), port
+    return (host if address.version == 6 else str(address)), port
 
 
 def parse_fd(text: str | None, name: str) -> int | None:
@@ -248,34 +271,88 @@ def parse_outbound_addr(text: str) -> str:
     return address
 
 
+def interface_ipv6(name: str) -> str | None:
+    """A global IPv6 address of interface ``name`` (from /proc/net/if_inet6)."""
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                fields = line.split()
+                # address, index, prefix length, scope (0: global), flags, name
+                if len(fields) >= 6 and fields[5] == name and fields[3] == "00":
+                    return str(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def parse_outbound_addr6(text: str) -> str:
     try:
-        return str(ipaddress.IPv6Address(text))
+        address = str(ipaddress.IPv6Address(text))
     except ValueError:
-        pass
+        address = None
+    if address is None:
+        try:
+            socket.if_nametoindex(text)
+        except OSError:
+            raise UsageError(
+                "outbound-addr6 has to be valid ipv6 address or interface name."
+            ) from None
+        address = interface_ipv6(text)
+        if address is None:
+            raise UsageError(f"--outbound-addr6 {text}: the interface has no global IPv6 address")
     try:
-        socket.if_nametoindex(text)
-    except OSError:
-        raise UsageError("outbound-addr6 has to be valid ipv6 address or interface name.") from None
-    return text
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind((address, 0))
+    except OSError as exc:
+        raise UsageError(f"--outbound-addr6 {address}: {exc.strerror}") from None
+    return address
 
 
-def parse_publish(text: str) -> tuple[str, str, int, int]:
-    """-p [HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp] -> (proto, addr, host, guest)."""
+def parse_ipv6_prefix(text: str) -> ipaddress.IPv6Network:
+    """--ipv6-prefix: a /64 (bare address or PREFIX/64), or "random"."""
+    if text == "random":
+        # RFC 4193 3.2: fd00::/8, a 40-bit random global ID, subnet 0.
+        global_id = os.urandom(5)
+        return ipaddress.IPv6Network((b"\xfd" + global_id + bytes(10), 64))
+    try:
+        network = ipaddress.IPv6Network(text if "/" in text else f"{text}/64")
+    except ValueError as exc:
+        raise UsageError(f"invalid --ipv6-prefix {text!r}: {exc}") from None
+    if network.prefixlen != 64:
+        raise UsageError(f"invalid --ipv6-prefix {text!r}: SLAAC needs a /64")
+    address = network.network_address
+    if (
+        address.is_multicast
+        or address.is_link_local
+        or address.is_loopback
+        or (address.is_unspecified or address.ipv4_mapped is not None)
+    ):
+        raise UsageError(f"invalid --ipv6-prefix {text!r}: not a unicast prefix")
+    return network
+
+
+def parse_publish(text: str, ipv6: bool = False) -> tuple[str, str, int, int]:
+    """-p [HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp] -> (proto, addr, host, guest);
+    with ``ipv6``, HOST_ADDR may be [IPv6]."""
     form = "expected [HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp], e.g. 8080:80/tcp"
-    if text.startswith("[") or text.count(":") > 2:
-        raise UsageError(f"invalid --publish {text!r}: IPv6 host addresses are not supported yet")
-    match = _PUBLISH_FORM.match(text)
+    v6 = text.startswith("[") or text.count(":") > 2
+    if v6 and not ipv6:
+        raise UsageError(f"invalid --publish {text!r}: IPv6 host addresses need --enable-ipv6")
+    match = (_PUBLISH6_FORM if v6 else _PUBLISH_FORM).match(text)
     if not match:
+        if v6:
+            form = "expected [IPv6]:HOST_PORT:GUEST_PORT[/tcp|/udp], e.g. [::1]:8080:80"
         raise UsageError(f"invalid --publish {text!r}: {form}")
     proto = match.group("proto") or "tcp"
     if proto not in ("tcp", "udp"):
         raise UsageError(f"invalid --publish {text!r}: the protocol must be tcp or udp")
     addr = match.group("addr") or "0.0.0.0"
+    family = socket.AF_INET6 if v6 else socket.AF_INET
     try:
-        socket.inet_pton(socket.AF_INET, addr)
+        socket.inet_pton(family, addr)
     except OSError:
-        raise UsageError(f"invalid --publish {text!r}: {addr!r} is not an IPv4 address") from None
+        kind = "IPv6" if v6 else "IPv4"
+        raise UsageError(f"invalid --publish {text!r}: {addr!r} is not an {kind} address") from None
     host_port, guest_port = int(match.group("host")), int(match.group("guest"))
     for port in (host_port, guest_port):
         if not 1 <= port <= 65535:
@@ -289,17 +366,19 @@ class Options:
 
     def __init__(self, ns, command: list[str] | None = None) -> None:
         from pyslirp.backend import BACKENDS
-        from pyslirp.nat.config import NetworkConfig, read_resolv_conf
+        from pyslirp.nat.config import (
+            DEFAULT_IPV6_PREFIX,
+            NetworkConfig,
+            read_resolv_conf,
+            read_resolv_conf_search,
+            valid_domain,
+        )
 
         from .namespace import ExistingNamespace, NewNamespace
 
         self.warnings: list[str] = []
         self.command = command
-        if ns.enable_ipv6:
-            raise UsageError(
-                "--enable-ipv6: IPv6 is not supported yet, the namespace gets IPv4 only "
-                "(podman: set enable_ipv6=false in network_cmd_options)"
-            )
+        self.enable_ipv6 = ns.enable_ipv6
         if ns.target_type not in (None, "netns"):
             if ns.target_type == "bess":
                 raise UsageError("--target-type=bess is not supported")
@@ -342,10 +421,20 @@ class Options:
         self.outbound_addr6 = None
         if ns.outbound_addr6 is not None:
             self.outbound_addr6 = parse_outbound_addr6(ns.outbound_addr6)
-            self.warnings.append(
-                "WARNING: --outbound-addr6 has no effect: IPv6 is not supported yet"
-            )
-        self.publish = [parse_publish(p) for p in ns.publish]
+            if not self.enable_ipv6:
+                self.warnings.append(
+                    "WARNING: --outbound-addr6 has no effect without --enable-ipv6"
+                )
+        ipv6_prefix = parse_ipv6_prefix(ns.ipv6_prefix or DEFAULT_IPV6_PREFIX)
+        if ns.ipv6_prefix is not None and not self.enable_ipv6:
+            raise UsageError("--ipv6-prefix needs --enable-ipv6")
+        for name in ns.dns_search:
+            if not valid_domain(name):
+                raise UsageError(f"invalid --dns-search {name!r}: not a domain name")
+        dns_search = list(ns.dns_search)
+        if not dns_search and self.enable_ipv6:
+            dns_search = read_resolv_conf_search()
+        self.publish = [parse_publish(p, self.enable_ipv6) for p in ns.publish]
         self.api_socket = ns.api_socket
         if self.api_socket is not None and len(os.fsencode(self.api_socket)) >= 108:
             raise UsageError("the specified API socket path is too long (>= 108)")
@@ -361,7 +450,7 @@ class Options:
         upstreams = [parse_upstream(u) for u in ns.dns_upstream]
         self.upstreams_from = "command line" if upstreams else "/etc/resolv.conf"
         if not upstreams:
-            upstreams = read_resolv_conf()
+            upstreams = read_resolv_conf(ipv6=self.enable_ipv6)
         if ns.pcap is not None:
             try:
                 with open(ns.pcap, "ab"):
@@ -377,11 +466,19 @@ class Options:
                 pcap_path=ns.pcap,
                 outbound_addr=self.outbound_addr,
                 disable_dns=ns.disable_dns,
+                enable_ipv6=self.enable_ipv6,
+                ipv6_prefix=ipv6_prefix,
+                outbound_addr6=self.outbound_addr6,
+                dns_search=dns_search,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        guest = self.config.recommended_guest
-        self.publish = [(proto, addr, hp, str(guest), gp) for proto, addr, hp, gp in self.publish]
+        guest = str(self.config.recommended_guest)
+        # An IPv6 forward goes to "::": the guest's SLAAC address, once learned.
+        self.publish = [
+            (proto, addr, hp, "::" if ":" in addr else guest, gp)
+            for proto, addr, hp, gp in self.publish
+        ]
 
         # Positional arguments, as slirp4netns reads them.
         args = ns.args
@@ -482,6 +579,16 @@ def banner(options: Options) -> str:
         f"* TAP:             {options.tap} in the {options.where}",
         f"* DNS upstreams:   {upstreams} (from {options.upstreams_from})",
     ]
+    if config.enable_ipv6:
+        lines += [
+            f"* IPv6 prefix:     {config.ipv6_prefix} (the guest takes its address by SLAAC)",
+            f"* IPv6 gateway:    {config.ipv6_gateway} (also fe80::2)",
+            f"* IPv6 DNS:        {config.ipv6_dns}",
+        ]
+        if config.dns_search:
+            lines.append(f"* DNS search:      {' '.join(config.dns_search)}")
+        if config.outbound_addr6:
+            lines.append(f"* Outbound IPv6:   {config.outbound_addr6}")
     if options.api_socket:
         lines.append(f"* API Socket:      {options.api_socket}")
     if config.outbound_addr:
@@ -489,7 +596,12 @@ def banner(options: Options) -> str:
     if options.macaddress:
         lines.append(f"* MAC address:     {options.macaddress}")
     for proto, addr, host_port, guest, guest_port in options.publish:
-        lines.append(f"* Publish:         {proto} {addr}:{host_port} -> {guest}:{guest_port}")
+        if ":" in addr:
+            target = "the guest's IPv6 address" if guest == "::" else f"[{guest}]"
+            source = f"[{addr}]:{host_port}"
+        else:
+            target, source = guest, f"{addr}:{host_port}"
+        lines.append(f"* Publish:         {proto} {source} -> {target}:{guest_port}")
     if config.pcap_path:
         lines.append(f"* Pcap:            {config.pcap_path}")
     if config.disable_dns:
@@ -499,6 +611,11 @@ def banner(options: Options) -> str:
             f"WARNING: 127.0.0.1:* on the host is accessible as {config.gateway} "
             "(set --disable-host-loopback to prohibit connecting to 127.0.0.1:*)"
         )
+        if config.enable_ipv6:
+            lines.append(
+                f"WARNING: [::1]:* on the host is accessible as [{config.ipv6_gateway}] "
+                "(set --disable-host-loopback to prohibit connecting to [::1]:*)"
+            )
     if not config.dns_upstreams and not config.disable_dns:
         lines.append(f"WARNING: no DNS upstream: queries to {config.dns} will go unanswered")
     return "\n".join(lines) + "\n"
@@ -594,6 +711,7 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         gateway=str(config.gateway),
         mac=options.macaddress,
         report=not options.quiet,
+        ipv6=config.enable_ipv6,
     )
     log = logging.getLogger("pyslirp")
     try:
@@ -608,6 +726,8 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         for option, wanted in (
             ("outbound_addr", config.outbound_addr),
             ("disable_dns", config.disable_dns),
+            ("enable_ipv6", config.enable_ipv6),
+            ("outbound_addr6", config.outbound_addr6),
         ):
             if wanted and option not in backend.supported_options:
                 backend.close()
@@ -620,6 +740,7 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
             return _fail(str(exc))
         api = None
         keeper = None
+        slaac = None
         try:
             for line in options.warnings:
                 print(line, file=sys.stderr if options.quiet else sys.stdout)
@@ -636,11 +757,14 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
                 except ApiError as exc:
                     raise SetupError(str(exc)) from None
                 api.attach(backend)
-            if on_ready is not None:
+            if attachment.netlink_fd >= 0:
+                # -c -6: ready (and COMMAND) once the guest has done SLAAC.
+                slaac = _watch_slaac(options, backend, attachment, request_stop, on_ready)
+            elif on_ready is not None:
                 on_ready(backend, request_stop)
             if options.enable_sandbox or options.enable_seccomp:
                 keeper = _lock_down(options, backend, attachment, api)
-            if options.ready_fd is not None:
+            if options.ready_fd is not None and slaac is None:
                 _signal_ready(options.ready_fd)
                 options.ready_fd = None
             backend.run(attachment.tap_fd, stop_r)
@@ -650,6 +774,8 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
             log.debug("backend failed", exc_info=True)
             return _fail(f"backend {options.backend} failed: {exc}")
         finally:
+            if slaac is not None:
+                slaac.close()
             if api is not None:
                 api.close()
             attachment.close()
@@ -662,6 +788,26 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         os.close(stop_r)
         os.close(stop_w)
     return 0
+
+
+def _watch_slaac(options: Options, backend, attachment, request_stop, on_ready):
+    """Start watching the guest's IPv6 configuration; when it is done (or
+    given up on), run ``on_ready`` and write the ready fd."""
+    from .slaac import SlaacWatch
+
+    config = options.config
+
+    def done(ok: bool) -> None:
+        if on_ready is not None:
+            on_ready(backend, request_stop)
+        if options.ready_fd is not None:
+            _signal_ready(options.ready_fd)
+            options.ready_fd = None
+
+    fd, attachment.netlink_fd = attachment.netlink_fd, -1
+    watch = SlaacWatch(backend, fd, config.ipv6_prefix, config.stack_config().ipv6_link_local, done)
+    watch.start()
+    return watch
 
 
 def _set_up(options: Options, backend, tap_fd: int, stop_r: int, request_stop) -> None:

@@ -144,6 +144,10 @@ class LinkSetup:
     gateway: str = ""
     mac: str | None = None  # --macaddress: the TAP's MAC, set with -c
     report: bool = True  # print slirp4netns's "sent tapfd=" / "received tapfd=" lines
+    # -c with -6: no duplicate address detection on the TAP (we are the only
+    # other node on the link; it would delay the address by a second, which
+    # is why podman turns it off too), and a netlink socket to watch SLAAC.
+    ipv6: bool = False
 
 
 def setup_links(tap: str, setup: LinkSetup) -> None:
@@ -170,6 +174,11 @@ def setup_links(tap: str, setup: LinkSetup) -> None:
                     ipr.link("set", index=index, address=setup.mac)
                 step = f"set {tap} MTU {setup.mtu}"
                 ipr.link("set", index=index, mtu=setup.mtu)
+                if setup.ipv6:
+                    step = f"turn off duplicate address detection on {tap}"
+                    _write_sysctl(f"/proc/sys/net/ipv6/conf/{tap}/accept_dad", "0")
+                    # 2: router advertisements count even if forwarding is on
+                    _write_sysctl(f"/proc/sys/net/ipv6/conf/{tap}/accept_ra", "2")
                 step = f"set {tap} up"
                 ipr.link("set", index=index, state="up")
                 step = f"add address {setup.address}/{setup.prefix_len} to {tap}"
@@ -182,6 +191,16 @@ def setup_links(tap: str, setup: LinkSetup) -> None:
         ) from None
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot configure the namespace: {step}: {exc}") from None
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    """A per-namespace sysctl (/proc/sys/net follows the writer's namespace)."""
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        # Not fatal: the guest still configures itself, a second later.
+        print(f"warning: cannot write {path}: {exc.strerror}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------ the targets
@@ -208,11 +227,19 @@ class Attachment:
     tap_fd: int
     tap_name: str
     mounted_path: str | None = None
+    # -c with -6: a NETLINK_ROUTE socket inside the namespace (forwarder.slaac).
+    netlink_fd: int = -1
 
     def close(self) -> None:
         if self.tap_fd >= 0:
             os.close(self.tap_fd)
             self.tap_fd = -1
+        if self.netlink_fd >= 0:
+            try:
+                os.close(self.netlink_fd)
+            except OSError:
+                pass  # handed to the SLAAC watch, which closed it
+            self.netlink_fd = -1
         if self.mounted_path is not None:
             err = unmount(self.mounted_path)
             if err not in (0, errno.EINVAL, errno.ENOENT):
@@ -262,11 +289,17 @@ def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
             else:
                 _enter(target)
             tap_fd = open_tap(tap)
+            fds = [tap_fd]
+            if setup.ipv6 and setup.configure:
+                from .slaac import open_watch_socket
+
+                watch = open_watch_socket()  # before the link is up: no event is missed
+                fds.append(watch.fileno())
             setup_links(tap, setup)
             if isinstance(target, NewNamespace):
                 bind_mount(OWN_NETNS, target.path)
                 mounted = True
-            socket.send_fds(sock, [b"\0"], [tap_fd])
+            socket.send_fds(sock, [b"\0"], fds)
             if setup.report:
                 print(f"sent tapfd={tap_fd} for {tap}", file=sys.stderr, flush=True)
             code = 0
@@ -294,7 +327,7 @@ def attach(target, tap: str, setup: LinkSetup) -> Attachment:
         _child(target, tap, setup, child_sock)
     child_sock.close()
     try:
-        message, fds, _flags, _addr = socket.recv_fds(parent_sock, 4096, 1)
+        message, fds, _flags, _addr = socket.recv_fds(parent_sock, 4096, 2)
         if message and message != b"\0":
             while chunk := parent_sock.recv(4096):
                 message += chunk
@@ -304,11 +337,13 @@ def attach(target, tap: str, setup: LinkSetup) -> Attachment:
     code = os.waitstatus_to_exitcode(status)
     if fds and code == 0 and message == b"\0":
         tap_fd = fds[0]
-        os.set_inheritable(tap_fd, False)
+        for fd in fds:
+            os.set_inheritable(fd, False)
         if setup.report:
             print(f"received tapfd={tap_fd}", file=sys.stderr, flush=True)
         mounted = target.path if isinstance(target, NewNamespace) else None
-        return Attachment(tap_fd, tap, mounted)
+        netlink_fd = fds[1] if len(fds) > 1 else -1
+        return Attachment(tap_fd, tap, mounted, netlink_fd)
     for fd in fds:
         os.close(fd)
     if message and message != b"\0":

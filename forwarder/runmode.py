@@ -111,7 +111,10 @@ def run_command(options) -> int:
     resolv_conf = None
     if not config.disable_dns:
         resolv_conf = os.path.join(workdir, "resolv.conf")
-        _write(resolv_conf, f"nameserver {config.dns}\n")
+        servers = f"nameserver {config.dns}\n"
+        if config.enable_ipv6:
+            servers += f"nameserver {config.ipv6_dns}\n"
+        _write(resolv_conf, servers)
         os.chmod(workdir, 0o755)
         os.chmod(resolv_conf, 0o644)
     child_r, to_parent = os.pipe2(os.O_CLOEXEC)

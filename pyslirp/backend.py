@@ -68,7 +68,7 @@ class Backend(abc.ABC):
 
 class PythonBackend(Backend):
     name = "python"
-    supported_options = frozenset({"outbound_addr", "disable_dns"})
+    supported_options = frozenset({"outbound_addr", "disable_dns", "enable_ipv6", "outbound_addr6"})
 
     def __init__(self, config: NetworkConfig) -> None:
         super().__init__(config)

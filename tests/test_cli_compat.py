@@ -194,8 +194,9 @@ def test_version_first_line_is_slirp4netns_style():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["-6"], "--enable-ipv6: IPv6 is not supported yet"),
-        (["--enable-ipv6"], "(podman: set enable_ipv6=false in network_cmd_options)"),
+        (["-6", "--mtu", "1000"], "IPv6 needs an MTU of at least 1280, got 1000"),
+        (["--enable-ipv6", "--ipv6-prefix", "fd00::/48"], "SLAAC needs a /64"),
+        (["--ipv6-prefix", "fd01::/64"], "--ipv6-prefix needs --enable-ipv6"),
         (["-e", "x"], "exit-fd must be a non-negative integer"),
         (["--exit-fd=-1"], "exit-fd must be a non-negative integer"),
         (["--exit-fd=987"], "exit-fd 987: Bad file descriptor"),
@@ -221,7 +222,8 @@ def test_version_first_line_is_slirp4netns_style():
         (["--target-type=vm"], '--target-type must be either "netns" or "bess"'),
         (["-p", "80"], "invalid --publish '80': expected [HOST_ADDR:]HOST_PORT:GUEST_PORT"),
         (["-p", "8080:80/sctp"], "the protocol must be tcp or udp"),
-        (["-p", "[::1]:8080:80"], "IPv6 host addresses are not supported yet"),
+        (["-p", "[::1]:8080:80"], "IPv6 host addresses need --enable-ipv6"),
+        (["-6", "-p", "[::1]:8080"], "expected [IPv6]:HOST_PORT:GUEST_PORT"),
         (["-p", "1.2.3:8080:80"], "'1.2.3' is not an IPv4 address"),
         (["--publish=0:80"], "ports are 1 to 65535"),
         (["-p", "8080:70000/udp"], "ports are 1 to 65535"),

@@ -159,7 +159,7 @@ def test_help_lists_the_slirp4netns_spellings():
         (["--cidr", "10.0.2.256/24"], "invalid network address: 10.0.2.256"),
         (["--backend=bogus"], "unknown backend 'bogus' (available: python"),
         (["--log-level=loud"], "invalid --log-level 'loud'"),
-        (["--dns-upstream", "::1"], "invalid --dns-upstream '::1'"),
+        (["--dns-upstream", "[::1]:x"], "invalid --dns-upstream '[::1]:x'"),
         (["--dns-upstream", "127.0.0.1:0"], "invalid --dns-upstream"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["--netns-type=tapfd"], "--netns-type=tapfd is not supported yet"),

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pyslirp.stack.config import StackConfig
 
 MIN_MTU = 68  # RFC 791: every host must take 68-byte datagrams
+MIN_MTU_IPV6 = 1280  # RFC 8200 section 5
+DEFAULT_IPV6_PREFIX = "fd00::/64"  # slirp4netns's and libslirp's
 MAX_MTU = 65520  # slirp4netns's upper bound (libslirp IF_MTU_MAX)
 
 
@@ -72,9 +74,31 @@ class NetworkConfig:
     # Check the checksum of every segment from the guest (RFC 9293 3.1).
     tcp_verify_checksum: bool = True
 
+    # IPv6 (added with IPv6, slirp4netns's -6): off by default as in
+    # slirp4netns. The prefix is a /64 because the guest forms its address by
+    # SLAAC (RFC 4862 5.5.3); the gateway is prefix::2 (and fe80::2), the DNS
+    # proxy prefix::3.
+    enable_ipv6: bool = False
+    ipv6_prefix: ipaddress.IPv6Network = field(
+        default_factory=lambda: ipaddress.IPv6Network(DEFAULT_IPV6_PREFIX)
+    )
+    # slirp4netns's --outbound-addr6: host sockets toward the outside over
+    # IPv6 are bound to this address (None: the kernel chooses).
+    outbound_addr6: str | None = None
+    # Domain search list for the guest (RA DNSSL, DHCPv6 domain list);
+    # empty means "the search line of /etc/resolv.conf", read by the front end.
+    dns_search: list = field(default_factory=list)
+    # Stateless DHCPv6 (RFC 8415 18.3.6): how often the guest should ask
+    # again (INFORMATION_REFRESH_TIME; RFC 8415 21.23's default is 1 day).
+    dhcpv6_refresh_time: int = 86400
+
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:
             raise ValueError(f"MTU must be between {MIN_MTU} and {MAX_MTU}, got {self.mtu}")
+        if self.enable_ipv6 and self.mtu < MIN_MTU_IPV6:
+            raise ValueError(f"IPv6 needs an MTU of at least {MIN_MTU_IPV6}, got {self.mtu}")
+        if self.ipv6_prefix.prefixlen != 64:
+            raise ValueError(f"the IPv6 prefix must be a /64 (for SLAAC), not {self.ipv6_prefix}")
         if self.cidr.prefixlen > 25:
             # room for .2, .3, .15 .. .15+pool and .100 (slirp4netns: "1-25")
             raise ValueError(f"CIDR {self.cidr} is too small: the prefix must be /25 or shorter")
@@ -98,6 +122,14 @@ class NetworkConfig:
     def recommended_guest(self) -> ipaddress.IPv4Address:
         return self.host(100)
 
+    @property
+    def ipv6_gateway(self) -> ipaddress.IPv6Address:
+        return self.ipv6_prefix.network_address + 2
+
+    @property
+    def ipv6_dns(self) -> ipaddress.IPv6Address:
+        return self.ipv6_prefix.network_address + 3
+
     def stack_config(self) -> StackConfig:
         gateway = self.gateway.packed
         return StackConfig(
@@ -107,11 +139,18 @@ class NetworkConfig:
             dns=self.dns.packed,
             gateway_mac=b"\x52\x55" + gateway,
             mtu=self.mtu,
+            ipv6=self.enable_ipv6,
+            ipv6_prefix=self.ipv6_prefix.network_address.packed,
+            ipv6_prefix_len=self.ipv6_prefix.prefixlen,
+            ipv6_gateway=self.ipv6_gateway.packed,
+            ipv6_dns=self.ipv6_dns.packed,
+            dns_search=tuple(self.dns_search),
         )
 
 
-def read_resolv_conf(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
-    """Every IPv4 nameserver in resolv.conf, as (address, 53)."""
+def read_resolv_conf(path: str = "/etc/resolv.conf", ipv6: bool = False) -> list[tuple[str, int]]:
+    """Every IPv4 nameserver in resolv.conf (and the IPv6 ones if ``ipv6``),
+    as (address, 53); an IPv6 one keeps its zone ("fe80::1%eth0")."""
     upstreams = []
     try:
         with open(path) as f:
@@ -124,6 +163,34 @@ def read_resolv_conf(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
                         continue
                     if addr.version == 4:
                         upstreams.append((str(addr), 53))
+                    elif ipv6:
+                        upstreams.append((parts[1], 53))
     except OSError:
         pass
     return upstreams
+
+
+def read_resolv_conf_search(path: str = "/etc/resolv.conf") -> list[str]:
+    """The domain search list of resolv.conf (its last search or domain line)."""
+    search: list[str] = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] in ("search", "domain"):
+                    search = parts[1:] if parts[0] == "search" else parts[1:2]
+    except OSError:
+        pass
+    return [name for name in search if valid_domain(name)]
+
+
+def valid_domain(name: str) -> bool:
+    """A name fit for DNSSL and DHCPv6 (RFC 1035 2.3.4: labels of 1 to 63
+    bytes, at most 253 in all; letters, digits, hyphens and underscores)."""
+    name = name.rstrip(".")
+    if not name or len(name) > 253:
+        return False
+    return all(
+        0 < len(label) <= 63 and all(c.isascii() and (c.isalnum() or c in "-_") for c in label)
+        for label in name.split(".")
+    )

@@ -171,11 +171,15 @@ class DnsProxy:
         self.counters: Counter = Counter()
 
     # ---------------------------------------------------------- the guest side
-    def query(self, guest: bytes, guest_port: int, payload: bytes, now: float) -> None:
-        """A datagram from the guest to the DNS address, port 53."""
+    def query(
+        self, guest: bytes, guest_port: int, payload: bytes, now: float, dst: bytes | None = None
+    ) -> None:
+        """A datagram from the guest to the DNS address (``dst``: the one it
+        was sent to, 10.0.2.3 or fd00::3), port 53."""
+        source = dst or self.address
 
         def answer(response: bytes, now: float) -> None:
-            self.loop.stack.send_udp(self.address, DNS_PORT, guest, guest_port, response, now)
+            self.loop.stack.send_udp(source, DNS_PORT, guest, guest_port, response, now)
 
         self.resolve(payload, now, answer)
 

@@ -23,6 +23,13 @@ TCP: an accepted client socket becomes a connection the stack opens toward
 the guest (``TcpLayer.connect``); once the guest answers (``TcpConnected``)
 the TCP NAT relays both directions exactly as for guest-initiated flows
 (``TcpFlow``), with the same flow control and the same endings.
+
+IPv6 (our extension of slirp4netns's API): a forward whose host address is
+IPv6 (``[::1]:8080``, a V6ONLY socket) goes to an IPv6 guest address: one
+in the prefix, or ``::``, which means the guest's own address as the stack
+learned it from neighbour discovery and its traffic (SLAAC picks it, so it
+is not known in advance); until then its clients are refused. Host and
+guest addresses are of one family: no translation between the two.
 """
 
 import errno
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 
 from pyslirp.stack.events import TcpConnected, UdpDatagramReceived
 
+from .addressing import endpoint
 from .tcp import TCP_NODELAY, TcpFlow
 
 log = logging.getLogger("pyslirp.forward")
@@ -47,6 +55,7 @@ RECV_BATCH = 64  # datagrams read per forward per wake-up
 EPHEMERAL_FIRST, EPHEMERAL_LAST = 32768, 60999
 PORT_ATTEMPTS = 32
 SWEEP_INTERVAL = 1.0
+AUTO_GUEST6 = bytes(16)  # "::": the guest's learned IPv6 address
 
 
 @dataclass(slots=True)
@@ -57,7 +66,7 @@ class Forward:
     host_port: int
     guest_addr: str
     guest_port: int
-    guest: bytes  # guest_addr packed
+    guest: bytes  # guest_addr packed (AUTO_GUEST6: the learned IPv6 address)
     sock: socket.socket
     opened: int = 0  # TCP connections or UDP flows made through it
 
@@ -79,6 +88,7 @@ class UdpForwardFlow:
     __slots__ = (
         "forward",
         "client",
+        "guest",
         "src",
         "src_port",
         "opened_at",
@@ -87,9 +97,10 @@ class UdpForwardFlow:
         "bytes_from_guest",
     )
 
-    def __init__(self, forward: Forward, client, src: bytes, src_port: int, now: float):
+    def __init__(self, forward: Forward, client, guest, src: bytes, src_port: int, now: float):
         self.forward = forward
         self.client = client  # (address string, port) on the host
+        self.guest = guest  # the guest address it goes to
         self.src = src  # the source the guest sees
         self.src_port = src_port
         self.opened_at = now
@@ -100,8 +111,7 @@ class UdpForwardFlow:
     @property
     def guest_key(self) -> tuple:
         """The 4-tuple of the guest's replies: (guest, guest port, src, src port)."""
-        fwd = self.forward
-        return (fwd.guest, fwd.guest_port, self.src, self.src_port)
+        return (self.guest, self.forward.guest_port, self.src, self.src_port)
 
 
 def validate(config, proto, host_addr, host_port, guest_addr, guest_port) -> None:
@@ -109,13 +119,28 @@ def validate(config, proto, host_addr, host_port, guest_addr, guest_port) -> Non
     first word, as slirp4netns's API reports it)."""
     if proto not in PROTOCOLS:
         raise ValueError(f"proto must be tcp or udp, not {proto!r}")
-    try:
-        socket.inet_pton(socket.AF_INET, host_addr)
-    except (OSError, TypeError):
-        raise ValueError(f"host_addr {host_addr!r} is not an IPv4 address") from None
+    family = family_of_text(host_addr)
+    if family is None:
+        raise ValueError(f"host_addr {host_addr!r} is not an IPv4 or IPv6 address")
+    if family == socket.AF_INET6 and not config.enable_ipv6:
+        raise ValueError(f"host_addr {host_addr} is IPv6, and IPv6 is not enabled")
     for name, port in (("host_port", host_port), ("guest_port", guest_port)):
         if type(port) is not int or not 1 <= port <= 65535:
             raise ValueError(f"{name} must be from 1 to 65535, not {port!r}")
+    if family == socket.AF_INET6:
+        try:
+            guest = socket.inet_pton(socket.AF_INET6, guest_addr)
+        except (OSError, TypeError):
+            raise ValueError(f"guest_addr {guest_addr!r} is not an IPv6 address") from None
+        stack = config.stack_config()
+        if guest != AUTO_GUEST6 and (
+            not stack.in_prefix6(guest)
+            or guest in (stack.ipv6_prefix, stack.ipv6_gateway, stack.ipv6_dns)
+        ):
+            raise ValueError(
+                f"guest_addr {guest_addr} is not a guest address in {config.ipv6_prefix} (or ::)"
+            )
+        return
     try:
         guest = socket.inet_pton(socket.AF_INET, guest_addr)
     except (OSError, TypeError):
@@ -130,6 +155,17 @@ def validate(config, proto, host_addr, host_port, guest_addr, guest_port) -> Non
         raise ValueError(f"guest_addr {guest_addr} is not a guest address in {config.cidr}")
 
 
+def family_of_text(addr) -> int | None:
+    """AF_INET or AF_INET6 for an address string; None if it is neither."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, addr)
+        except (OSError, TypeError):
+            continue
+        return family
+    return None
+
+
 class Forwards:
     """Every forward of one loop: add, remove, list, and the relaying."""
 
@@ -139,7 +175,9 @@ class Forwards:
         self.config = loop.config
         stack_config = self.stack.config
         self.gateway = stack_config.gateway
+        self.gateway6 = stack_config.ipv6_gateway
         self._in_network = stack_config.in_network
+        self._in_prefix6 = stack_config.in_prefix6
         self.random = loop.config.random
         self.forwards: dict[int, Forward] = {}
         self._ids = itertools.count(1)
@@ -165,8 +203,11 @@ class Forwards:
         bound (EADDRINUSE for a busy port, EACCES for a privileged one)."""
         validate(self.config, proto, host_addr, host_port, guest_addr, guest_port)
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-        sock = socket.socket(socket.AF_INET, kind)
+        family = family_of_text(host_addr)
+        sock = socket.socket(family, kind)
         try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if proto == "tcp":
                 # A restarted forwarder must get its port back while old
                 # connections sit in TIME-WAIT; a listener still conflicts.
@@ -185,7 +226,7 @@ class Forwards:
             host_port,
             guest_addr,
             guest_port,
-            socket.inet_aton(guest_addr),
+            socket.inet_pton(family, guest_addr),
             sock,
         )
         self.forwards[forward.id] = forward
@@ -221,12 +262,29 @@ class Forwards:
         return [forward.entry() for forward in self.forwards.values()]
 
     # ------------------------------------------------------------ addresses
+    def _guest_of(self, forward: Forward) -> bytes | None:
+        """The guest address a forward goes to now (None: not learned yet)."""
+        if forward.guest == AUTO_GUEST6:
+            return self.stack.guest_address6
+        return forward.guest
+
     def _guest_source(self, client_addr: str, client_port: int, taken) -> tuple | None:
         """The (address, port) the guest sees for a client; None if no port
         is free. ``taken(src, port)`` says whether a pair is in use."""
-        addr = socket.inet_aton(client_addr)
-        if addr[0] in (0, 127) or self._in_network(addr):
-            addr = self.gateway
+        if ":" in client_addr:
+            addr = socket.inet_pton(socket.AF_INET6, client_addr.split("%")[0])
+            # Loopback, unspecified, link-local (another link's) or inside
+            # the prefix: the guest could not answer it, so the gateway.
+            if (
+                addr[:15] == bytes(15)
+                or (addr[0] == 0xFE and addr[1] & 0xC0 == 0x80)
+                or self._in_prefix6(addr)
+            ):
+                addr = self.gateway6
+        else:
+            addr = socket.inet_aton(client_addr)
+            if addr[0] in (0, 127) or self._in_network(addr):
+                addr = self.gateway
         if not taken(addr, client_port):
             return addr, client_port
         for _ in range(PORT_ATTEMPTS):
@@ -274,7 +332,7 @@ class Forwards:
                     continue
             flow.last_active = now
             flow.bytes_to_guest += len(data)
-            send_udp(flow.src, flow.src_port, forward.guest, forward.guest_port, data, now)
+            send_udp(flow.src, flow.src_port, flow.guest, forward.guest_port, data, now)
 
     def _udp_open(self, forward: Forward, client, now: float):
         if len(self.udp_clients) >= self.config.max_udp_flows:
@@ -282,7 +340,11 @@ class Forwards:
         if len(self.udp_clients) >= self.config.max_udp_flows:
             self.counters["udp-flows-refused"] += 1
             return None
-        guest, gport = forward.guest, forward.guest_port
+        guest, gport = self._guest_of(forward), forward.guest_port
+        if guest is None:
+            self.counters["udp-flows-refused"] += 1
+            log.info("forward %d: the guest's IPv6 address is not known yet", forward.id)
+            return None
         flows = self.udp_flows
         source = self._guest_source(
             client[0], client[1], lambda src, port: (guest, gport, src, port) in flows
@@ -290,18 +352,17 @@ class Forwards:
         if source is None:
             self.counters["udp-flows-refused"] += 1
             return None
-        flow = UdpForwardFlow(forward, client, source[0], source[1], now)
+        flow = UdpForwardFlow(forward, client, guest, source[0], source[1], now)
         flows[flow.guest_key] = flow
         self.udp_clients[(forward.id, client)] = flow
         forward.opened += 1
         self.counters["udp-flows-opened"] += 1
         log.info(
-            "forward %d: udp client %s:%d appears as %s:%d",
+            "forward %d: udp client %s:%d appears as %s",
             forward.id,
             client[0],
             client[1],
-            socket.inet_ntoa(source[0]),
-            source[1],
+            endpoint(source[0], source[1]),
         )
         if self._sweep_at is None:
             self._sweep_at = now + SWEEP_INTERVAL
@@ -341,7 +402,10 @@ class Forwards:
             )
             return False
         tcp = nat.tcp
-        guest, gport = forward.guest, forward.guest_port
+        guest, gport = self._guest_of(forward), forward.guest_port
+        if guest is None:
+            log.info("forward %d: the guest's IPv6 address is not known yet", forward.id)
+            return False
         connections = tcp.connections
         source = self._guest_source(
             client[0], client[1], lambda src, port: (guest, gport, src, port) in connections
@@ -366,12 +430,11 @@ class Forwards:
         forward.opened += 1
         self.counters["tcp-connections-opened"] += 1
         log.info(
-            "forward %d: tcp client %s:%d appears as %s:%d",
+            "forward %d: tcp client %s:%d appears as %s",
             forward.id,
             client[0],
             client[1],
-            socket.inet_ntoa(source[0]),
-            source[1],
+            endpoint(source[0], source[1]),
         )
         if len(self.tcp_flows) > 2 * len(nat.flows) + 64:
             self._prune_tcp()
@@ -399,9 +462,9 @@ class Forwards:
                 {
                     "proto": "udp",
                     "forward": fwd.id,
-                    "guest": f"{fwd.guest_addr}:{fwd.guest_port}",
-                    "host": f"{flow.client[0]}:{flow.client[1]}",
-                    "seen_as": f"{socket.inet_ntoa(flow.src)}:{flow.src_port}",
+                    "guest": endpoint(flow.guest, fwd.guest_port),
+                    "host": _host_endpoint(flow.client),
+                    "seen_as": endpoint(flow.src, flow.src_port),
                     "state": "open",
                     "bytes_from_guest": flow.bytes_from_guest,
                     "bytes_to_guest": flow.bytes_to_guest,
@@ -434,7 +497,14 @@ def _reset(sock: socket.socket) -> None:
 
 
 def _endpoint(addr: bytes, port: int) -> str:
-    return f"{socket.inet_ntoa(addr)}:{port}"
+    return endpoint(addr, port)
+
+
+def _host_endpoint(sockaddr) -> str:
+    """A host socket address (v4 or v6 tuple) as address:port text."""
+    if ":" in sockaddr[0]:
+        return f"[{sockaddr[0]}]:{sockaddr[1]}"
+    return f"{sockaddr[0]}:{sockaddr[1]}"
 
 
 def list_connections(loop, now: float) -> list[dict]:
@@ -452,7 +522,7 @@ def list_connections(loop, now: float) -> list[dict]:
             entry = {
                 "proto": "udp",
                 "guest": _endpoint(flow.guest, flow.guest_port),
-                "host": f"{host[0]}:{host[1]}",
+                "host": _host_endpoint(host),
                 "state": "open",
             }
             for key in ("bytes_from_guest", "bytes_to_guest"):
@@ -472,7 +542,7 @@ def list_connections(loop, now: float) -> list[dict]:
             entry = {
                 "proto": "tcp",
                 "guest": _endpoint(conn.remote, conn.remote_port),
-                "host": f"{flow.host[0]}:{flow.host[1]}",
+                "host": _host_endpoint(flow.host),
                 "state": "CONNECTING" if flow.connecting else state,
                 "bytes_from_guest": conn.bytes_in,
                 "bytes_to_guest": conn.bytes_out,

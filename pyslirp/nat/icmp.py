@@ -26,6 +26,13 @@ The address map decides what may be pinged: another address inside the
 virtual network has nobody behind it (ICMP host unreachable), and 0/8,
 127/8 and multicast destinations get ICMP net unreachable.
 
+IPv6 works the same way through ``socket(AF_INET6, SOCK_DGRAM,
+IPPROTO_ICMPV6)`` (the same sysctl governs both): echo requests to fd00::2,
+fe80::2 and fd00::3 are the stack's, others leave with the guest's hop limit
+less one, and ICMPv6 destination unreachable, packet too big and time
+exceeded come back through IPV6_RECVERR. The NAT side names errors in ICMP
+(v4) terms for both families; the stack sends the ICMPv6 equivalent.
+
 Where the host does not permit ping sockets -- the gid of this process lies
 outside ``net.ipv4.ping_group_range`` (the kernel default is "1 0", nobody),
 so ``socket()`` fails with EACCES or EPERM -- every echo request to an outside
@@ -42,9 +49,10 @@ import socket
 import struct
 from collections import Counter
 
-from pyslirp.stack import icmpv4, ipv4
+from pyslirp.stack import icmpv4, icmpv6, ipv4, ipv6
 
-from .addressing import AddressMap
+from .addressing import AddressMap, to_text
+from .udp import ICMPV6_AS_V4, IPV6_RECVERR, SO_EE_ORIGIN_ICMP6
 
 log = logging.getLogger("pyslirp.icmp")
 
@@ -53,6 +61,7 @@ IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 _EXTENDED_ERR = struct.Struct("=IBBBBII")
 # struct sockaddr_in (SO_EE_OFFENDER follows sock_extended_err): family, port, address
 _SOCKADDR_IN = struct.Struct("=H2s4s")
+_SOCKADDR_IN6 = struct.Struct("=H2s4s16s")  # family, port, flow info, address
 SO_EE_ORIGIN_ICMP = 2
 _ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 PING_SYSCTL = "net.ipv4.ping_group_range"
@@ -68,13 +77,28 @@ _SEND_ERRORS = {
 _RELAYED_ERRORS = frozenset({icmpv4.DEST_UNREACHABLE, icmpv4.TIME_EXCEEDED})
 
 
-def open_ping_socket(bind_addr: str = "0.0.0.0") -> socket.socket:
-    """A non-blocking ping socket with IP_RECVERR, bound to a fresh identifier
-    (on ``bind_addr``: --outbound-addr)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+def _relayed_error(level: int, kind: int, origin: int, icmp_type: int, code: int):
+    """An ICMP or ICMPv6 error worth relaying, as ICMP (v4) (type, code)."""
+    if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVERR and origin == SO_EE_ORIGIN_ICMP6:
+        return ICMPV6_AS_V4.get((icmp_type, code))
+    if (level, kind, origin) == (socket.SOL_IP, IP_RECVERR, SO_EE_ORIGIN_ICMP):
+        return (icmp_type, code) if icmp_type in _RELAYED_ERRORS else None
+    return None
+
+
+def open_ping_socket(bind_addr: str = "0.0.0.0", family: int = socket.AF_INET) -> socket.socket:
+    """A non-blocking ping socket with IP_RECVERR (IPV6_RECVERR), bound to a
+    fresh identifier (on ``bind_addr``: --outbound-addr or --outbound-addr6)."""
+    if family == socket.AF_INET6:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
         sock.bind((bind_addr, 0))
     except OSError:
         sock.close()
@@ -145,8 +169,12 @@ class IcmpRelay:
                 return
         flow.last_active = now
         ttl = max(1, event.ttl - 1)
+        v6 = len(event.src) == 16
         if ttl != flow.ttl:
-            flow.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            if v6:
+                flow.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+            else:
+                flow.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
             flow.ttl = ttl
         quotes = flow.quotes
         quotes.pop(event.sequence, None)
@@ -154,7 +182,8 @@ class IcmpRelay:
         if len(quotes) > QUOTES_KEPT:
             del quotes[next(iter(quotes))]
         # The kernel fills in the identifier and the checksum.
-        message = _ECHO.pack(icmpv4.ECHO_REQUEST, 0, 0, 0, event.sequence) + event.payload
+        request = icmpv6.ECHO_REQUEST if v6 else icmpv4.ECHO_REQUEST
+        message = _ECHO.pack(request, 0, 0, 0, event.sequence) + event.payload
         try:
             flow.sock.sendto(message, (host, 0))
         except BlockingIOError:
@@ -178,7 +207,11 @@ class IcmpRelay:
             self._close(oldest)
             self.counters["sockets-evicted"] += 1
         try:
-            sock = self.open_socket(self.config.outbound_addr or "0.0.0.0")
+            if len(event.src) == 16:
+                bind_addr = self.config.outbound_addr6 or "::"
+                sock = self.open_socket(bind_addr, socket.AF_INET6)
+            else:
+                sock = self.open_socket(self.config.outbound_addr or "0.0.0.0")
         except OSError as exc:
             self.counters["sockets-refused"] += 1
             if exc.errno in (errno.EACCES, errno.EPERM):
@@ -204,7 +237,7 @@ class IcmpRelay:
         self.counters["sockets-opened"] += 1
         log.info(
             "ping %s id %d opened (host id %d)",
-            socket.inet_ntoa(event.src),
+            to_text(event.src),
             event.ident,
             flow.host_ident,
         )
@@ -213,6 +246,7 @@ class IcmpRelay:
     # ------------------------------------------------------------ host -> guest
     def read_flow(self, flow: PingFlow, now: float) -> None:
         stack = self.stack
+        reply_type = icmpv6.ECHO_REPLY if len(flow.guest) == 16 else icmpv4.ECHO_REPLY
         for _ in range(RECV_BATCH):
             try:
                 data, addr = flow.sock.recvfrom(65535)
@@ -223,7 +257,7 @@ class IcmpRelay:
             if len(data) < _ECHO.size:
                 continue
             icmp_type, _code, _csum, _ident, sequence = _ECHO.unpack_from(data)
-            if icmp_type != icmpv4.ECHO_REPLY:
+            if icmp_type != reply_type:
                 continue
             flow.last_active = now
             self.counters["echo-replies"] += 1
@@ -247,11 +281,13 @@ class IcmpRelay:
             except OSError:  # EAGAIN: the queue is empty
                 return
             for level, kind, cdata in ancdata:
-                if level != socket.SOL_IP or kind != IP_RECVERR or len(cdata) < 16:
+                if len(cdata) < 16:
                     continue
                 _errno, origin, icmp_type, code, _pad, info, _ = _EXTENDED_ERR.unpack_from(cdata)
-                if origin != SO_EE_ORIGIN_ICMP or icmp_type not in _RELAYED_ERRORS:
+                error = _relayed_error(level, kind, origin, icmp_type, code)
+                if error is None:
                     continue
+                icmp_type, code = error
                 self._relay_error(flow, data, cdata, addr, icmp_type, code, info, now)
 
     def _relay_error(self, flow, data, cdata, addr, icmp_type, code, info, now) -> None:
@@ -261,6 +297,11 @@ class IcmpRelay:
             family, _port, raw = _SOCKADDR_IN.unpack_from(cdata, _EXTENDED_ERR.size)
             if family == socket.AF_INET:
                 sender = socket.inet_ntoa(raw)
+            elif family == socket.AF_INET6 and len(cdata) >= (
+                _EXTENDED_ERR.size + _SOCKADDR_IN6.size
+            ):
+                raw6 = _SOCKADDR_IN6.unpack_from(cdata, _EXTENDED_ERR.size)[3]
+                sender = socket.inet_ntop(socket.AF_INET6, raw6)
         if sender is None:
             return
         sequence = _ECHO.unpack_from(data)[4] if len(data) >= _ECHO.size else None
@@ -279,6 +320,9 @@ class IcmpRelay:
     @staticmethod
     def _synthetic_quote(flow: PingFlow, dst: bytes, sequence: int) -> bytes:
         """The start of a request the guest sent, when it is no longer kept."""
+        if len(flow.guest) == 16:
+            head = ipv6.header(flow.guest, dst, icmpv6.PROTOCOL, _ECHO.size)
+            return head + _ECHO.pack(icmpv6.ECHO_REQUEST, 0, 0, flow.guest_ident, sequence)
         head = ipv4.header(flow.guest, dst, ipv4.PROTO_ICMP, _ECHO.size, 0)
         return head + _ECHO.pack(icmpv4.ECHO_REQUEST, 0, 0, flow.guest_ident, sequence)
 
@@ -302,7 +346,7 @@ class IcmpRelay:
         flow = self.flows.pop(key)
         self.loop.unregister(flow.sock)
         flow.sock.close()
-        log.info("ping %s id %d closed", socket.inet_ntoa(flow.guest), flow.guest_ident)
+        log.info("ping %s id %d closed", to_text(flow.guest), flow.guest_ident)
 
     def close(self) -> None:
         for key in list(self.flows):

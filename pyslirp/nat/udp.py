@@ -11,13 +11,30 @@ import logging
 import socket
 import struct
 
-from pyslirp.stack import icmpv4
+from pyslirp.stack import icmpv4, ipv6
 
-from .addressing import AddressMap
+from .addressing import AddressMap, to_text
+from .dhcpv6 import CLIENT_PORT as DHCPV6_CLIENT_PORT
+from .dhcpv6 import SERVER_PORT as DHCPV6_SERVER_PORT
 
 log = logging.getLogger("pyslirp.udp")
 
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+SO_EE_ORIGIN_ICMP6 = 3
+# ICMPv6 errors from the host's network, in the ICMP (v4) terms the stack
+# takes for both families (it turns them back into ICMPv6 for the guest).
+ICMPV6_AS_V4 = {
+    (1, 0): (icmpv4.DEST_UNREACHABLE, icmpv4.NET_UNREACHABLE),
+    (1, 1): (icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED),
+    (1, 3): (icmpv4.DEST_UNREACHABLE, icmpv4.HOST_UNREACHABLE),
+    (1, 4): (icmpv4.DEST_UNREACHABLE, icmpv4.PORT_UNREACHABLE),
+    (1, 5): (icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED),  # source address failed policy
+    (1, 6): (icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED),  # reject route
+    (2, 0): (icmpv4.DEST_UNREACHABLE, icmpv4.FRAGMENTATION_NEEDED),  # packet too big
+    (3, 0): (icmpv4.TIME_EXCEEDED, 0),
+    (3, 1): (icmpv4.TIME_EXCEEDED, 1),
+}
 # struct sock_extended_err: errno, origin, type, code, pad, info, data
 _EXTENDED_ERR = struct.Struct("=IBBBBII")
 SO_EE_ORIGIN_ICMP = 2
@@ -25,6 +42,17 @@ DNS_PORT = 53
 DHCP_SERVER_PORT = 67
 DHCP_CLIENT_PORT = 68
 RECV_BATCH = 64  # datagrams per socket per wake-up, for fairness
+
+
+def unreachable_error(level: int, kind: int, origin: int, icmp_type: int, code: int):
+    """A destination-unreachable error from IP_RECVERR or IPV6_RECVERR, as
+    ICMP (v4) (type, code); None for anything else."""
+    if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVERR and origin == SO_EE_ORIGIN_ICMP6:
+        error = ICMPV6_AS_V4.get((icmp_type, code))
+        return error if error is not None and error[0] == icmpv4.DEST_UNREACHABLE else None
+    if (level, kind, origin) == (socket.SOL_IP, IP_RECVERR, SO_EE_ORIGIN_ICMP):
+        return (icmp_type, code) if icmp_type == icmpv4.DEST_UNREACHABLE else None
+    return None
 
 
 class UdpFlow:
@@ -66,9 +94,21 @@ class UdpNat:
         self.flows: dict[tuple, UdpFlow] = {}
         self.counters = {"flows-opened": 0, "flows-refused": 0, "flows-expired": 0}
         self._sweep_at = None
-        # --outbound-addr: the address host sockets are bound to.
+        # --outbound-addr and --outbound-addr6: the address host sockets are bound to.
         self.bind_addr = (loop.config.outbound_addr or "0.0.0.0", 0)
+        self.bind_addr6 = (loop.config.outbound_addr6 or "::", 0)
         self.dns_enabled = not loop.config.disable_dns
+        self.dhcpv6 = None
+        if loop.config.enable_ipv6:
+            from .dhcpv6 import Dhcpv6Server
+
+            self.dhcpv6 = Dhcpv6Server(loop.config)
+            stack_config = loop.stack.config
+            self.dhcpv6_addresses = (
+                ipv6.ALL_DHCP_AGENTS,
+                stack_config.ipv6_link_local,
+                stack_config.ipv6_gateway,
+            )
 
     # ------------------------------------------------------------ guest -> host
     def on_datagram(self, event, now: float) -> None:
@@ -91,9 +131,17 @@ class UdpNat:
             while (lease := self.dhcp.next_event()) is not None:
                 stack.learn_neighbor(lease.address, lease.mac)
             return
-        if dst == self.addresses.dns:
+        if (
+            dport == DHCPV6_SERVER_PORT
+            and self.dhcpv6 is not None
+            and len(dst) == 16
+            and dst in self.dhcpv6_addresses
+        ):
+            self._dhcpv6(event, now)
+            return
+        if self.addresses.is_dns(dst):
             if dport == DNS_PORT and self.dns_enabled:
-                self.dns.query(event.src, event.src_port, event.payload, now)
+                self.dns.query(event.src, event.src_port, event.payload, now, dst)
             else:
                 stack.send_icmp_error(
                     icmpv4.DEST_UNREACHABLE, icmpv4.PORT_UNREACHABLE, event.packet, now, src=dst
@@ -128,6 +176,16 @@ class UdpNat:
             else:
                 stack.drops[f"udp-sendto-{errno.errorcode.get(exc.errno, exc.errno)}"] += 1
 
+    def _dhcpv6(self, event, now: float) -> None:
+        reply = self.dhcpv6.handle(event.payload)
+        if reply is None:
+            return
+        # RFC 8415 18.3.10: from our link-local address unless asked at another.
+        src = event.dst if event.dst[0] != 0xFF else self.dhcpv6_addresses[1]
+        self.stack.send_udp(
+            src, DHCPV6_SERVER_PORT, event.src, event.src_port or DHCPV6_CLIENT_PORT, reply, now
+        )
+
     def _open(self, event, now: float):
         if len(self.flows) >= self.config.max_udp_flows:
             self.expire(now)
@@ -137,8 +195,9 @@ class UdpNat:
                 icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
             )
             return None
+        v6 = len(event.src) == 16
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
         except OSError as exc:  # EMFILE/ENFILE: refuse this flow, keep the others
             self.counters["flows-refused"] += 1
             log.warning("cannot open a UDP socket: %s", exc)
@@ -147,13 +206,18 @@ class UdpNat:
             )
             return None
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+        bind_addr = self.bind_addr6 if v6 else self.bind_addr
         try:
-            sock.bind(self.bind_addr)
+            sock.bind(bind_addr)
         except OSError as exc:  # --outbound-addr gone from the host, or no port left
             sock.close()
             self.counters["flows-refused"] += 1
-            log.warning("cannot bind a UDP socket to %s: %s", self.bind_addr[0], exc)
+            log.warning("cannot bind a UDP socket to %s: %s", bind_addr[0], exc)
             self.stack.send_icmp_error(
                 icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
             )
@@ -169,7 +233,7 @@ class UdpNat:
         self.counters["flows-opened"] += 1
         log.info(
             "udp flow %s:%d opened (host port %d)",
-            socket.inet_ntoa(event.src),
+            to_text(event.src),
             event.src_port,
             sock.getsockname()[1],
         )
@@ -201,11 +265,13 @@ class UdpNat:
         except OSError:
             return
         for level, kind, cdata in ancdata:
-            if level != socket.SOL_IP or kind != IP_RECVERR or len(cdata) < _EXTENDED_ERR.size:
+            if len(cdata) < _EXTENDED_ERR.size:
                 continue
             _errno, origin, icmp_type, code, _pad, info, _ = _EXTENDED_ERR.unpack_from(cdata)
-            if origin != SO_EE_ORIGIN_ICMP or icmp_type != icmpv4.DEST_UNREACHABLE:
+            error = unreachable_error(level, kind, origin, icmp_type, code)
+            if error is None:
                 continue
+            icmp_type, code = error
             peer = self.addresses.to_guest(addr[0])
             quote = self.stack.udp_quote(flow.guest, flow.guest_port, peer, addr[1])
             mtu = info if code == icmpv4.FRAGMENTATION_NEEDED else 0
@@ -229,7 +295,7 @@ class UdpNat:
         del self.flows[key]
         self.loop.unregister(flow.sock)
         flow.sock.close()
-        log.info("udp flow %s:%d closed", socket.inet_ntoa(flow.guest), flow.guest_port)
+        log.info("udp flow %s:%d closed", to_text(flow.guest), flow.guest_port)
 
     def close(self) -> None:
         for key, flow in list(self.flows.items()):

@@ -1,0 +1,198 @@
+"""-c with -6: wait until the guest has configured IPv6 by itself.
+
+The guest's kernel takes its address and default route from our router
+advertisements (SLAAC); the ready fd (and the run mode's COMMAND) should wait
+for that, as they wait for the IPv4 configuration. The namespace child opens
+a NETLINK_ROUTE socket inside the namespace, subscribed to IPv6 address and
+route changes, and hands it over with the TAP; here, served by the backend's
+loop, it is asked for the current addresses and routes and then listened to
+until an address in the prefix that is no longer tentative and a default
+route via fe80::2 are both there.
+
+Netlink by hand (rtnetlink(7)): a few fixed structures, so that the long-lived
+process needs no netlink library (and nothing to import after the sandbox).
+"""
+
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import threading
+
+log = logging.getLogger("pyslirp")
+
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
+GROUPS = RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+RTM_NEWADDR = 20
+RTM_GETADDR = 22
+RTM_NEWROUTE = 24
+RTM_GETROUTE = 26
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+IFA_ADDRESS = 1
+IFA_FLAGS = 8
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+RTA_GATEWAY = 5
+RT_TABLE_MAIN = 254
+
+_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst len, src len, tos, table, ...
+_RTATTR = struct.Struct("=HH")  # length, type
+WAIT_TIMEOUT = 10.0  # seconds before the ready fd is written anyway
+
+
+def open_watch_socket() -> socket.socket:
+    """In the namespace: the netlink socket to hand over (non-blocking)."""
+    sock = socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+    )
+    sock.bind((0, GROUPS))
+    sock.setblocking(False)
+    return sock
+
+
+def _attributes(data: bytes, offset: int, end: int):
+    while offset + _RTATTR.size <= end:
+        length, kind = _RTATTR.unpack_from(data, offset)
+        if length < _RTATTR.size or offset + length > end:
+            return
+        yield kind, data[offset + _RTATTR.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+class SlaacWatch:
+    """Calls ``on_done(ok)`` once: True when the guest has its address and
+    default route, False after ``timeout`` seconds."""
+
+    def __init__(self, backend, fd: int, prefix: ipaddress.IPv6Network, router: bytes, on_done):
+        self.backend = backend
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self.prefix = prefix
+        self.router = router
+        self.on_done = on_done
+        self.address: str | None = None
+        self.route = False
+        self.done = False
+        self._dumping = RTM_GETADDR
+        self._timer_r, self._timer_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._timer = None
+
+    def start(self, timeout: float = WAIT_TIMEOUT) -> None:
+        self.backend.register(self.sock.fileno(), 1, self._readable)
+        self.backend.register(self._timer_r, 1, self._timed_out)
+        self._timer = threading.Timer(timeout, self._ring)
+        self._timer.daemon = True
+        self._timer.start()
+        self._request(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0))
+
+    def _ring(self) -> None:
+        try:
+            os.write(self._timer_w, b"t")
+        except OSError:
+            pass
+
+    def _request(self, kind: int, body: bytes) -> None:
+        header = _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, kind, 0)
+        try:
+            self.sock.send(header + body)
+        except OSError as exc:
+            log.warning("IPv6 configuration watch: %s", exc)
+
+    def _readable(self, mask: int, now: float) -> None:
+        for _ in range(64):
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ENOBUFS: events were lost; ask again
+                self._dumping = RTM_GETADDR
+                self._request(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0))
+                continue
+            self._messages(data)
+            if self.done:
+                return
+        if self.address is not None and self.route:
+            self._finish(True)
+
+    def _messages(self, data: bytes) -> None:
+        offset = 0
+        while offset + _NLMSG.size <= len(data):
+            length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
+            if length < _NLMSG.size or offset + length > len(data):
+                return
+            body = offset + _NLMSG.size
+            end = offset + length
+            if kind == RTM_NEWADDR and end - body >= _IFADDRMSG.size:
+                self._address(data, body, end)
+            elif kind == RTM_NEWROUTE and end - body >= _RTMSG.size:
+                self._route(data, body, end)
+            elif kind == NLMSG_DONE and self._dumping == RTM_GETADDR:
+                self._dumping = RTM_GETROUTE
+                self._request(RTM_GETROUTE, _RTMSG.pack(socket.AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0))
+            offset += (length + 3) & ~3
+
+    def _address(self, data: bytes, body: int, end: int) -> None:
+        family, _plen, flags, _scope, _index = _IFADDRMSG.unpack_from(data, body)
+        if family != socket.AF_INET6:
+            return
+        address = None
+        for kind, value in _attributes(data, body + _IFADDRMSG.size, end):
+            if kind == IFA_ADDRESS and len(value) == 16:
+                address = ipaddress.IPv6Address(value)
+            elif kind == IFA_FLAGS and len(value) >= 4:
+                flags = struct.unpack_from("=I", value)[0]
+        if address is None or address not in self.prefix:
+            return
+        if not flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            self.address = str(address)
+
+    def _route(self, data: bytes, body: int, end: int) -> None:
+        family, dst_len, *_rest = _RTMSG.unpack_from(data, body)
+        if family != socket.AF_INET6 or dst_len != 0:
+            return
+        for kind, value in _attributes(data, body + _RTMSG.size, end):
+            if kind == RTA_GATEWAY and value == self.router:
+                self.route = True
+
+    def _timed_out(self, mask: int, now: float) -> None:
+        if not self.done:
+            log.warning(
+                "IPv6: the guest has not configured itself by SLAAC in %.0f s "
+                "(address %s, default route %s); going on",
+                WAIT_TIMEOUT,
+                self.address or "missing",
+                "present" if self.route else "missing",
+            )
+            self._finish(False)
+
+    def _finish(self, ok: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        for fd in (self.sock.fileno(), self._timer_r):
+            self.backend.unregister(fd)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.sock.close()
+        os.close(self._timer_r)
+        os.close(self._timer_w)
+        if ok:
+            log.info("IPv6: the guest has %s and a default route via fe80::2", self.address)
+        self.on_done(ok)
+
+    def close(self) -> None:
+        """At exit, when the guest never finished."""
+        if not self.done:
+            self.done = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self.sock.close()
+            os.close(self._timer_r)
+            os.close(self._timer_w)
