@@ -1064,3 +1064,23 @@ def test_send_buffer_views_drops_and_merges():
             assert bytes(buf.view(start, end)) == bytes(model[start:end])
         assert len(buf) == len(model)
     assert all(len(c) for c in buf.chunks)
+
+
+def test_connect_toward_a_guest_whose_mac_is_unknown_asks_arp_first():
+    from scapy.layers.l2 import ARP
+
+    s = Script()
+    conn = s.tcp.connect(ip4(GW), 5555, ip4(GUEST), 8080, 1.0)
+    (request,) = [Ether(f) for f in s.stack.frames_to_send(1.0)]
+    assert ARP in request and request[ARP].pdst == GUEST and request[ARP].op == 1
+    reply = Ether(src=GUEST_MAC, dst=GW_MAC) / ARP(
+        op=2, hwsrc=GUEST_MAC, psrc=GUEST, hwdst=GW_MAC, pdst=GW
+    )
+    s.stack.receive_frame(bytes(reply), 1.01)
+    (syn,) = [Ether(f) for f in s.stack.frames_to_send(1.01)]
+    assert syn[Ether].dst == GUEST_MAC and str(syn[TCP].flags) == "S"
+    assert syn[TCP].seq == ISS and conn.state is TcpState.SYN_SENT
+    # Later segments use the learned address directly.
+    s.tick(2.5)
+    (again,) = [Ether(f) for f in s.stack.frames_to_send(2.5)]
+    assert again[Ether].dst == GUEST_MAC and str(again[TCP].flags) == "S"

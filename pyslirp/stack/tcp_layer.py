@@ -532,7 +532,7 @@ class TcpLayer:
             header_len = 20
         eth = conn.eth
         if eth is None:
-            self._frame(conn, flags, seq, ack, window, options, options_sum, payload)
+            self._frame(conn, flags, seq, ack, window, options, options_sum, payload, now)
             return
         size = len(payload)
         tcp_len = header_len + size
@@ -568,7 +568,7 @@ class TcpLayer:
         )
         stack._out.append(b"".join((head, options, payload)) if size else head + options)
 
-    def _frame(self, conn, flags, seq, ack, window, options, options_sum, payload) -> None:
+    def _frame(self, conn, flags, seq, ack, window, options, options_sum, payload, now) -> None:
         header_len = 20 + len(options)
         size = len(payload)
         tcp_len = header_len + size
@@ -628,7 +628,7 @@ class TcpLayer:
             tcp_csum,
             0,
         )
-        stack._send_packet(conn.remote, b"".join((head, options, payload)), 0.0)
+        stack._send_packet(conn.remote, b"".join((head, options, payload)), now)
         mac = stack._arp_cache.get(conn.remote)
         if mac is not None:
             conn.eth = ethernet.header(mac, stack.gateway_mac, ethernet.ETHERTYPE_IPV4)
@@ -655,13 +655,16 @@ class TcpLayer:
             options,
             checksum.partial_sum(options),
             b"",
+            now,
         )
 
     def send_syn(self, conn: TcpConnection, now: float) -> None:
         options = self._syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)
         conn.rtt_time = now
-        self._frame(conn, SYN, conn.iss, 0, window, options, checksum.partial_sum(options), b"")
+        self._frame(
+            conn, SYN, conn.iss, 0, window, options, checksum.partial_sum(options), b"", now
+        )
 
     def retransmit_first(self, conn: TcpConnection, now: float) -> None:
         """Resend the first unacknowledged segment (fast retransmit)."""
