@@ -142,3 +142,51 @@ def test_closed_port_is_rst_and_loopback_disabled_is_icmp_net_unreachable():
         net.send(guest_syn("10.0.2.2", closed))
         reply = Ether(net.receive(predicate=tcp_or_icmp))
         assert (reply[ICMP].type, reply[ICMP].code) == (3, 0)
+
+
+def test_thousands_of_pipelined_dns_queries_over_tcp_answered_without_upstream():
+    """With no upstream every answer (SERVFAIL) comes back from inside the
+    resolve call; thousands pipelined must not nest calls or stop the loop."""
+    import struct
+
+    query = struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x01a\x07example\x00\x00\x01\x00\x01"
+    stream = (struct.pack("!H", len(query)) + query) * 3000
+    with InProcessNetwork(mtu=65520) as net:
+        net.send(
+            bytes(
+                Ether(src=GUEST_MAC, dst=GW_MAC)
+                / IP(src=GUEST, dst="10.0.2.3")
+                / TCP(
+                    sport=40000,
+                    dport=53,
+                    seq=ISN,
+                    flags="S",
+                    window=65535,
+                    options=[("MSS", 1460), ("WScale", 7)],
+                )
+            )
+        )
+        syn_ack = Ether(net.receive(predicate=tcp_or_icmp))[TCP]
+        assert str(syn_ack.flags) == "SA"
+        ours = syn_ack.seq + 1
+        seq = ISN + 1
+        for i in range(0, len(stream), 60000):  # ~2000 queries per segment
+            net.send(
+                bytes(
+                    Ether(src=GUEST_MAC, dst=GW_MAC)
+                    / IP(src=GUEST, dst="10.0.2.3")
+                    / TCP(sport=40000, dport=53, seq=seq + i, ack=ours, flags="A", window=65535)
+                    / stream[i : i + 60000]
+                )
+            )
+        answered = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and answered < 3000:
+            answered = net.loop.dns.counters["dns-servfail-no-upstream"]
+            time.sleep(0.05)
+        assert answered == 3000
+        data = Ether(
+            net.receive(predicate=lambda f: TCP in Ether(f) and len(Ether(f)[TCP].payload))
+        )
+        assert bytes(data[TCP].payload)[:4] == struct.pack("!HH", len(query), 1)
+    assert net.error is None

@@ -125,31 +125,38 @@ class DnsTcpSession:
 
     MAX_PENDING = 16
 
-    __slots__ = ("nat", "conn", "buffer", "pending", "closed")
+    __slots__ = ("nat", "conn", "buffer", "pending", "closed", "busy")
 
     def __init__(self, nat, conn) -> None:
         self.nat = nat
         self.conn = conn
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # at most one message and one chunk
         self.pending: list = []
         self.closed = False
+        self.busy = False  # answers may come back from inside resolve()
 
     def readable(self, now: float) -> None:
-        conn = self.conn
-        tcp = self.nat.tcp
-        self._parse(now)
-        while conn.rx and len(self.pending) < self.MAX_PENDING:
-            chunk = conn.rx[0]
-            size = len(chunk)
-            self.buffer += chunk
-            tcp.consume(conn, size, now)
-            self._parse(now)
-        if not conn.rx and conn.guest_fin and not self.pending:
-            tcp.close(conn, now)
+        if self.busy or self.closed:
+            return  # the outer call goes on with the new state
+        self.busy = True
+        try:
+            conn = self.conn
+            tcp = self.nat.tcp
+            while not self.closed:
+                self._parse(now)
+                if not conn.rx or len(self.pending) >= self.MAX_PENDING:
+                    break
+                chunk = conn.rx[0]
+                self.buffer += chunk
+                tcp.consume(conn, len(chunk), now)
+            if not self.closed and not conn.rx and conn.guest_fin and not self.pending:
+                tcp.close(conn, now)
+        finally:
+            self.busy = False
 
     def _parse(self, now: float) -> None:
         buffer = self.buffer
-        while len(buffer) >= 2 and len(self.pending) < self.MAX_PENDING:
+        while len(buffer) >= 2 and len(self.pending) < self.MAX_PENDING and not self.closed:
             size = int.from_bytes(buffer[:2], "big")
             if len(buffer) < 2 + size:
                 return
