@@ -39,7 +39,7 @@ from pyslirp.stack.events import (
 )
 from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 
-from .addressing import AddressMap
+from .addressing import AddressMap, family_of
 
 log = logging.getLogger("pyslirp.tcp")
 
@@ -224,7 +224,7 @@ class TcpNat:
         conn = event.conn
         tcp = self.tcp
         dst, port = conn.local, conn.local_port
-        if dst == self.addresses.dns:
+        if self.addresses.is_dns(dst):
             if port == DNS_PORT and self.dns is not None:
                 conn.user = DnsTcpSession(self, conn)
                 self.counters["dns-sessions"] += 1
@@ -243,7 +243,7 @@ class TcpNat:
             tcp.refuse(conn, now)
             return
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(family_of(dst), socket.SOCK_STREAM)
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: refuse this one, keep the others
             self.counters["connections-limited"] += 1
             log.warning("tcp %s refused: cannot open a socket: %s", conn.describe(), exc)
@@ -252,8 +252,9 @@ class TcpNat:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        outbound = self.config.outbound_addr
-        if outbound and not host.startswith("127."):
+        v6 = ":" in host
+        outbound = getattr(self.config, "outbound_addr6", None) if v6 else self.config.outbound_addr
+        if outbound and not host.startswith("127.") and host != "::1":
             try:  # --outbound-addr: the source address toward the outside
                 sock.bind((outbound, 0))
             except OSError as exc:

@@ -408,6 +408,17 @@ class Ipv6Layer:
         ):
             self._send_packet(dst, packet, now, dst_mac)
 
+    def send_segment(self, src: bytes, dst: bytes, parts: tuple, size: int, now: float) -> None:
+        """A TCP segment (its pieces, ``size`` bytes in all, sized to the MTU
+        by the MSS) to the guest, in one join when its MAC is known."""
+        head = ipv6.header(src, dst, ipv6.PROTO_TCP, size)
+        mac = self.neighbors.get(dst)
+        if mac is not None:
+            eth = ethernet.header(mac, self.mac, ethernet.ETHERTYPE_IPV6)
+            self.stack._out.append(b"".join((eth, head, *parts)))
+        else:
+            self._send_packet(dst, b"".join((head, *parts)), now)
+
     def _send_packet(self, dst: bytes, packet: bytes, now: float, dst_mac=None) -> None:
         if dst_mac is None:
             if dst[0] == 0xFF:

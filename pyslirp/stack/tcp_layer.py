@@ -87,6 +87,7 @@ class TcpConfig:
 # cached Ethernet header, then version/IHL, TOS, total length, ID, flags,
 # TTL, protocol, header checksum, both addresses, then the TCP header.
 _FRAME4 = struct.Struct("!14sBBHHHBBH8sHHIIBBHHH")
+_SEGMENT = struct.Struct("!HHIIBBHHH")  # the TCP header alone (IPv6 segments)
 _PACKET4 = struct.Struct("!BBHHHBBH8sHHIIBBHHH")
 _TS_OPTION = struct.Struct("!BBBBII")
 _TS_SUM = 0x0101 + 0x080A  # the NOP NOP kind length words of that option
@@ -134,6 +135,10 @@ class TcpLayer:
     def mss_limit(self) -> int:
         """Largest payload per segment the MTU allows (IPv4, no options)."""
         return self.stack.config.mtu - ipv4.HEADER_LEN - tcp.HEADER_LEN
+
+    def _mss_limit(self, conn: TcpConnection) -> int:
+        """mss_limit for the connection's family (IPv6's header is 20 bytes longer)."""
+        return self.mss_limit - 20 if len(conn.remote) == 16 else self.mss_limit
 
     # ------------------------------------------------------------ ingress
     def receive_segment(self, ip, packet, payload, now: float) -> None:
@@ -264,7 +269,7 @@ class TcpLayer:
         conn.ip_sum = _IP_FIXED_SUM + both
         conn.tcp_sum = both + tcp.PROTOCOL + local_port + remote_port
         conn.ts_offset = self.random.getrandbits(32)
-        conn.rcv_sws = min(conn.rcv_limit // 2, self.mss_limit)
+        conn.rcv_sws = min(conn.rcv_limit // 2, self._mss_limit(conn))
         self.connections[key] = conn
         return conn
 
@@ -284,12 +289,12 @@ class TcpLayer:
         conn.sack_permitted = seg.sack_permitted
 
     def _set_mss(self, conn: TcpConnection) -> None:
-        mss = min(conn.guest_mss, self.mss_limit)
+        mss = min(conn.guest_mss, self._mss_limit(conn))
         if conn.ts_enabled:
             mss -= 12
         conn.mss = mss
         if self.config.delayed_ack_timeout:  # ACK at least every second full segment
-            conn.delack_limit = 2 * (self.mss_limit - (12 if conn.ts_enabled else 0))
+            conn.delack_limit = 2 * (self._mss_limit(conn) - (12 if conn.ts_enabled else 0))
         # RFC 6928: the initial window.
         conn.cwnd = min(10 * mss, max(2 * mss, 14600))
 
@@ -569,6 +574,9 @@ class TcpLayer:
         stack._out.append(b"".join((head, options, payload)) if size else head + options)
 
     def _frame(self, conn, flags, seq, ack, window, options, options_sum, payload, now) -> None:
+        if len(conn.remote) == 16:  # IPv6: conn.eth stays None, so every segment comes here
+            self._frame6(conn, flags, seq, ack, window, options, options_sum, payload, now)
+            return
         header_len = 20 + len(options)
         size = len(payload)
         tcp_len = header_len + size
@@ -633,9 +641,32 @@ class TcpLayer:
         if mac is not None:
             conn.eth = ethernet.header(mac, stack.gateway_mac, ethernet.ETHERTYPE_IPV4)
 
+    def _frame6(self, conn, flags, seq, ack, window, options, options_sum, payload, now) -> None:
+        """One segment over IPv6 (the checksum sums as for IPv4: RFC 8200 8.1)."""
+        header_len = 20 + len(options)
+        size = len(payload)
+        tcp_len = header_len + size
+        s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
+        if size:
+            s += checksum.partial_sum(payload)
+        s %= 0xFFFF
+        head = _SEGMENT.pack(
+            conn.local_port,
+            conn.remote_port,
+            seq,
+            ack,
+            header_len << 2,
+            flags,
+            window,
+            (~s) & 0xFFFF if s else 0,
+            0,
+        )
+        parts = (head, options, payload) if size else (head, options)
+        self.stack.ipv6.send_segment(conn.local, conn.remote, parts, tcp_len, now)
+
     def _syn_options(self, conn: TcpConnection, now: float) -> bytes:
         return tcp.build_options(
-            mss=self.mss_limit,
+            mss=self._mss_limit(conn),
             window_scale=conn.rcv_wscale if conn.ws_enabled else -1,
             timestamp=(self.ts_clock(conn, now), conn.ts_recent) if conn.ts_enabled else None,
         )
