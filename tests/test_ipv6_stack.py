@@ -76,11 +76,13 @@ class FixedRandom:
 def new_stack(now: float | None = 0.0, **config) -> Stack:
     """An IPv6 stack whose first periodic RA (due at once) has gone, at ``now``."""
     config.setdefault("ipv6", True)
+    config.setdefault("guest_probe_delays", ())  # tested on their own below
     stack = Stack(StackConfig(**config), FixedRandom())
     if now is not None:
         stack.handle_timer(now)
         stack.frames_to_send(now)
         stack.ipv6.ra_at = None  # no more periodic RAs in these scripts
+        stack.ipv6.probe_at = None  # nor the probes that RA scheduled
     return stack
 
 
@@ -741,3 +743,31 @@ def test_fuzzed_ipv6_frames_never_escape():
     assert len(stack._reassembler) <= 8
     assert len(stack.ipv6.neighbors) <= stack.config.arp_cache_size
     assert len(stack.ipv6.pending) <= stack.config.arp_pending_addresses
+
+
+# ---------------------------------------------------------------- asking for the guest's address
+def test_guest_address_probed_after_router_advertisement_until_known():
+    stack = new_stack(guest_probe_delays=(0.1, 1.5))
+    stack.receive_frame(ipv6_frames.ROUTER_SOLICITATION, 1.0)
+    stack.frames_to_send(1.0)
+    assert stack.get_timer() == 1.1
+    stack.handle_timer(1.1)
+    probe = IPv6(src=GW, dst=ALL_NODES) / ICMPv6EchoRequest(id=0x7073, seq=1)
+    assert_frames(stack, [to_guest(probe, dst_mac=ALL_NODES_MAC)], now=1.1)
+    # Linux answers from its SLAAC address: learned, and no further probe.
+    reply = IPv6(src=GUEST, dst=GW) / ICMPv6EchoReply(id=0x7073, seq=1)
+    stack.receive_frame(from_guest(reply), 1.2)
+    assert stack.guest_address6 == a6(GUEST)
+    assert_frames(stack, [], now=1.2)
+    assert stack.get_timer() == 2.5
+    stack.handle_timer(2.5)
+    assert_frames(stack, [], now=2.5)
+    assert stack.get_timer() is None
+
+
+def test_no_probe_when_the_guest_address_is_known():
+    stack = new_stack(guest_probe_delays=(0.1,))
+    guest_knows_gateway(stack)  # an NS from the guest's SLAAC address
+    stack.receive_frame(ipv6_frames.ROUTER_SOLICITATION, 1.0)
+    stack.frames_to_send(1.0)
+    assert stack.get_timer() is None

@@ -60,6 +60,11 @@ class StackConfig:
     # 3, RETRANS_TIMER 1 s); the queue and cache bounds are ARP's.
     nd_attempts: int = 3
     nd_retry_interval: float = 1.0
+    # After a router advertisement, while the guest's address in the prefix
+    # is unknown (no duplicate address detection, no traffic yet), ask for it:
+    # an echo request from the gateway to all nodes, which Linux answers from
+    # that address (source selection for fd00::2). Delays after the RA.
+    guest_probe_delays: tuple = (0.1, 1.5, 5.0)
     # RFC 4443 2.4(f): ICMPv6 errors are rate limited (token bucket of this
     # size, refilled at this rate per second; Linux allows about 1000/s).
     icmpv6_error_burst: int = 100

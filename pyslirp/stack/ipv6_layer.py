@@ -20,6 +20,11 @@ The guest's addresses are learned from the sources of its packets, its
 neighbour solicitations and advertisements, and the targets of its duplicate
 address detection (which name the address it is about to use): the latest
 address in the prefix is ``guest_address``, the address port forwards go to.
+A guest that skips duplicate address detection (podman turns it off) and has
+sent nothing from its new address yet is asked: after each router
+advertisement, while the address is unknown, an echo request goes from the
+gateway address to all nodes, and Linux answers it from the address it
+would use toward the gateway, its SLAAC one.
 
 Frames are answered at once: RFC 4861 6.2.6 asks for a random delay of up
 to 0.5 s before a solicited RA, which on a link with one host only slows
@@ -43,6 +48,7 @@ _ND_TYPES = frozenset(
 )
 _MLD_TYPES = frozenset({icmpv6.MLD_QUERY, icmpv6.MLD_REPORT, icmpv6.MLD_DONE, icmpv6.MLD2_REPORT})
 _WALKED = frozenset({ipv6.PROTO_HOP_BY_HOP, ipv6.PROTO_ROUTING, ipv6.PROTO_DEST_OPTIONS})
+PROBE_IDENT = 0x7073  # "ps": the identifier of our echo requests to all nodes
 
 # ICMP (v4) errors the NAT side reports, as ICMPv6 (type, code): the NAT
 # side speaks one vocabulary for both families.
@@ -91,6 +97,9 @@ class Ipv6Layer:
         self.last_multicast_ra: float | None = None
         self.tokens = float(config.icmpv6_error_burst)
         self.tokens_at: float | None = None
+        self.probe_at: float | None = None  # the next echo to all nodes, if any
+        self.probes_due: list[float] = []  # the ones after it (absolute times)
+        self.probe_sequence = 0
 
     # ------------------------------------------------------------ ingress
     def receive(self, data, src_mac: bytes, now: float) -> None:
@@ -265,7 +274,9 @@ class Ipv6Layer:
             return
         if src == _UNSPECIFIED and icmp_type not in _MLD_TYPES:
             raise MalformedFrame("ipv6-bad-source")
-        if icmp_type in _MLD_TYPES:
+        if icmp_type == icmpv6.ECHO_REPLY and local:
+            stack.counters["icmpv6-probe-answers"] += 1  # its source taught us already
+        elif icmp_type in _MLD_TYPES:
             stack.drops["icmpv6-mld"] += 1  # one link, one listener: nothing to track
         elif icmpv6.is_error(icmp_type):
             stack.drops["icmpv6-error-from-guest"] += 1
@@ -361,6 +372,17 @@ class Ipv6Layer:
         message = icmpv6.emit(src, dst, icmpv6.ROUTER_ADVERTISEMENT, 0, word, body)
         self.stack.counters["ndp-router-advertisements-out"] += 1
         self.send(src, dst, icmpv6.PROTOCOL, message, now, dst_mac, ndp.HOP_LIMIT)
+        if self.guest_address is None and config.guest_probe_delays and self.probe_at is None:
+            due = [now + delay for delay in config.guest_probe_delays]
+            self.probe_at, self.probes_due = due[0], due[1:]
+
+    def _probe_guest(self, now: float) -> None:
+        """An echo request from the gateway to all nodes (see the module text)."""
+        self.probe_sequence = (self.probe_sequence + 1) & 0xFFFF
+        word = (PROBE_IDENT << 16) | self.probe_sequence
+        message = icmpv6.emit(self.gateway, ipv6.ALL_NODES, icmpv6.ECHO_REQUEST, 0, word)
+        self.stack.counters["icmpv6-guest-probes"] += 1
+        self.send(self.gateway, ipv6.ALL_NODES, icmpv6.PROTOCOL, message, now)
 
     def _learn(self, addr: bytes, mac: bytes, now: float) -> None:
         if mac[0] & 1:
@@ -519,6 +541,8 @@ class Ipv6Layer:
     # ------------------------------------------------------------ timers
     def next_deadline(self):
         at = self.ra_at
+        if self.probe_at is not None and (at is None or self.probe_at < at):
+            at = self.probe_at
         for pending in self.pending.values():
             if at is None or pending.retry_at < at:
                 at = pending.retry_at
@@ -537,6 +561,14 @@ class Ipv6Layer:
             pending.attempts += 1
             pending.retry_at = now + config.nd_retry_interval
             self._solicit(addr, now)
+        if self.probe_at is not None and self.probe_at <= now:
+            if self.guest_address is None:
+                self._probe_guest(now)
+            if self.guest_address is None and self.probes_due:
+                self.probe_at = self.probes_due.pop(0)
+            else:
+                self.probe_at = None
+                self.probes_due = []
         if self.ra_at is not None and self.ra_at <= now:
             self._send_router_advertisement(ipv6.ALL_NODES, None, now)
             self.ras_sent += 1
