@@ -70,7 +70,13 @@ struct sockaddr_in {            /* Linux: sa_family_t is unsigned short */
     struct in_addr sin_addr;
     unsigned char sin_zero[8];
 };
-struct sockaddr_in6;
+struct sockaddr_in6 {           /* Linux */
+    unsigned short sin6_family;
+    uint16_t sin6_port;
+    uint32_t sin6_flowinfo;
+    struct in6_addr sin6_addr;
+    uint32_t sin6_scope_id;
+};
 typedef unsigned int socklen_t;
 
 typedef ssize_t (*SlirpWriteCb)(const void *buf, size_t len, void *opaque);
@@ -278,7 +284,7 @@ def check_dns_upstreams(config: NetworkConfig, resolv_conf: str = "/etc/resolv.c
     """
     if not config.dns_upstreams:
         return
-    system = read_resolv_conf(resolv_conf)
+    system = read_resolv_conf(resolv_conf, ipv6=getattr(config, "enable_ipv6", False))
     if config.dns_upstreams == system or (system and config.dns_upstreams == system[:1]):
         return
     given = ", ".join(f"{addr}:{port}" for addr, port in config.dns_upstreams)
@@ -351,8 +357,16 @@ class LibslirpBackend(Backend):
         self.binding = binding or load()
         # --outbound-addr needs SlirpConfig version 2 (4.2), --disable-dns 3 (4.3).
         version = self.binding.config_version
+        # IPv6 (in6_enabled) is there since 4.1; --outbound-addr6 needs version 2.
         self.supported_options = frozenset(
-            name for name, needed in (("outbound_addr", 2), ("disable_dns", 3)) if version >= needed
+            name
+            for name, needed in (
+                ("outbound_addr", 2),
+                ("disable_dns", 3),
+                ("enable_ipv6", 1),
+                ("outbound_addr6", 2),
+            )
+            if version >= needed
         )
         if not config.disable_dns:
             check_dns_upstreams(config)
@@ -459,12 +473,13 @@ class LibslirpBackend(Backend):
         cfg.vhost = _in_addr(config.gateway)
         cfg.vdhcp_start = _in_addr(config.dhcp_start)
         cfg.vnameserver = _in_addr(config.dns)
-        # IPv6 stays off until our IPv6 issue; the prefix is slirp4netns's.
-        cfg.in6_enabled = False
-        cfg.vprefix_addr6 = _in6_addr("fd00::")
-        cfg.vprefix_len = 64
-        cfg.vhost6 = _in6_addr("fd00::2")
-        cfg.vnameserver6 = _in6_addr("fd00::3")
+        # -6: libslirp's own IPv6 (RA, NDP, DHCPv6, ICMPv6 echo to its
+        # addresses), on our prefix, gateway and DNS addresses.
+        cfg.in6_enabled = bool(config.enable_ipv6)
+        cfg.vprefix_addr6 = _in6_addr(config.ipv6_prefix.network_address)
+        cfg.vprefix_len = config.ipv6_prefix.prefixlen
+        cfg.vhost6 = _in6_addr(config.ipv6_gateway)
+        cfg.vnameserver6 = _in6_addr(config.ipv6_dns)
         cfg.if_mtu = config.mtu
         cfg.if_mru = config.mtu
         cfg.disable_host_loopback = config.disable_host_loopback
@@ -477,6 +492,12 @@ class LibslirpBackend(Backend):
             self._outbound.sin_family = socket.AF_INET
             self._outbound.sin_addr = _in_addr(ipaddress.IPv4Address(config.outbound_addr))
             cfg.outbound_addr = self._outbound
+        self._outbound6 = ffi.NULL
+        if config.enable_ipv6 and config.outbound_addr6 and version >= 2:
+            self._outbound6 = ffi.new("struct sockaddr_in6 *")
+            self._outbound6.sin6_family = socket.AF_INET6
+            self._outbound6.sin6_addr = _in6_addr(config.outbound_addr6)
+            cfg.outbound_addr6 = self._outbound6
         if config.disable_dns and version >= 3:
             # Note libslirp's meaning: the DNS address is then an ordinary
             # outside address, as with slirp4netns --disable-dns.
@@ -621,6 +642,10 @@ class LibslirpBackend(Backend):
         self._check_open()
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be tcp or udp, got {proto!r}")
+        if ":" in str(host_addr):
+            # libslirp's IPv6 forwards (slirp_add_hostxfwd) need the guest's
+            # address up front; ours learn it. Not offered here.
+            raise ValueError("IPv6 forwards are not supported by the libslirp backend")
         host = ipaddress.IPv4Address(host_addr)
         guest = ipaddress.IPv4Address(guest_addr)
         for port in (host_port, guest_port):

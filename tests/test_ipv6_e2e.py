@@ -487,3 +487,35 @@ def test_stateless_dhcpv6_gives_dns_and_search_list(namespaces, tmp_path):
     env = out_file.read_text() if out_file.exists() else ""
     assert f"new_dhcp6_name_servers={DNS6}" in env, out.stderr + env
     assert "new_dhcp6_domain_search=example.test. corp.test." in env, env
+
+
+def test_libslirp_backend_maps_ipv6(namespaces):
+    """--backend=libslirp -6: libslirp's own IPv6 on our prefix and addresses."""
+    host, _peer = namespaces
+    server = Server(host, socket.SOCK_DGRAM, udp_echo)
+    script = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+        "s.settimeout(3)\n"
+        f"s.sendto(b'via libslirp', ('fd42:1:2:3::2', {server.port}))\n"
+        "print(s.recvfrom(100)[0].decode())\n"
+    )
+    try:
+        with harness.forwarder(
+            "--backend=libslirp",
+            "-6",
+            "-c",
+            "--macaddress",
+            GUEST_MAC,
+            "--ipv6-prefix",
+            "fd42:1:2:3::/64",
+            configure=False,
+            prefix=["nsenter", f"--net=/run/netns/{host}"],
+        ) as fwd:
+            wait_for_slaac(fwd, expect="fd42:1:2:3:0:ff:fe00:64")
+            out = fwd.run(["ping", "-6", "-c", "1", "-W", "2", "fd42:1:2:3::2"])
+            assert "1 received" in out.stdout, out.stdout + out.stderr
+            out = fwd.run(["python3", "-c", script])
+            assert out.stdout.strip() == "via libslirp", out.stdout + out.stderr
+    finally:
+        server.close()
