@@ -212,6 +212,7 @@ class TcpConnection:
         "ts_enabled",
         "ts_recent",
         "ts_offset",
+        "ts_sampled",
         "sack_permitted",
         "syn_packet",
         # RFC 6298 and RFC 5681 state
@@ -291,6 +292,7 @@ class TcpConnection:
         self.ts_enabled = False
         self.ts_recent = 0
         self.ts_offset = 0
+        self.ts_sampled = 0  # the last TSecr an RTT sample was taken from
         self.sack_permitted = False
         self.syn_packet = b""
         self.srtt = None
@@ -438,8 +440,12 @@ class TcpConnection:
                         self._new_ack(ack, ts, now)
                     elif plen == 0 and window == self.snd_wnd and self.snd_max != una:
                         self._duplicate_ack(now)
-                    if window != self.snd_wnd or ack != self.snd_wl2 or seq != self.snd_wl1:
+                    # In order, so this segment is the newest: take its window.
+                    if window != self.snd_wnd:
                         self._update_window(seq, ack, window)
+                    else:
+                        self.snd_wl1 = seq
+                        self.snd_wl2 = ack
                     if ts is not None:
                         self.ts_recent = ts[0]
                     if plen:
@@ -654,9 +660,12 @@ class TcpConnection:
         if 0 < ((ack - self.snd_nxt) & MASK) < HALF:
             self.snd_nxt = ack
         # RTT: RFC 7323 4.1 from the echoed timestamp, else RFC 6298 with Karn.
-        if ts is not None and self.ts_enabled and ts[1]:
-            ts_now = int(now * 1000) + self.ts_offset  # TcpLayer.ts_clock
-            self.set_rto_sample(((ts_now - ts[1]) & MASK) / 1000.0)
+        if ts is not None and self.ts_enabled:
+            echo = ts[1]
+            if echo and echo != self.ts_sampled:  # one sample per echoed TSval (ms)
+                self.ts_sampled = echo
+                ts_now = int(now * 1000) + self.ts_offset  # TcpLayer.ts_clock
+                self.set_rto_sample(((ts_now - echo) & MASK) / 1000.0)
         elif self.rtt_seq is not None and seq_le(self.rtt_seq, ack):
             self.set_rto_sample(now - self.rtt_time)
             self.rtt_seq = None
@@ -796,7 +805,7 @@ class TcpConnection:
             buf = self.snd_buf
             una = self.snd_una
             old_nxt = self.snd_nxt
-            buffered = len(buf)
+            buffered = buf.size
             sent_off = (old_nxt - una) & MASK
             win = self.snd_wnd if self.snd_wnd < self.cwnd else self.cwnd
             mss = self.mss
