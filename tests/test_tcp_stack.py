@@ -1040,6 +1040,8 @@ def test_fuzzed_segments_never_escape_and_the_table_stays_bounded():
         assert conn.rx_bytes <= conn.rcv_limit
         assert len(conn.snd_buf) <= conn.snd_limit
         assert len(conn.ooo) <= s.tcp.config.max_out_of_order
+        assert conn.ooo_bytes <= conn.rcv_limit
+        assert conn.ooo_bytes == sum(len(data) for _, data in conn.ooo)
 
 
 def test_send_buffer_views_drops_and_merges():
@@ -1084,3 +1086,22 @@ def test_connect_toward_a_guest_whose_mac_is_unknown_asks_arp_first():
     s.tick(2.5)
     (again,) = [Ether(f) for f in s.stack.frames_to_send(2.5)]
     assert again[Ether].dst == GUEST_MAC and str(again[TCP].flags) == "S"
+
+
+def test_tiny_segments_are_merged_and_out_of_order_bytes_are_bounded():
+    """Memory stays near the window: 1-byte segments do not each keep their
+    frame alive, and overlapping early segments cannot exceed the buffer."""
+    s = Script(receive_buffer=8192)
+    conn = s.handshake()
+    for i in range(600):
+        s.feed(1.1, "PA", GISN + 1 + i, ISS + 1, payload=b"%c" % (65 + i % 26), ts=(102, s.ts(1.0)))
+    assert conn.rx_bytes == 600
+    assert len(conn.rx) == 1 and type(conn.rx[0]) is bytearray
+    s.tcp.consume(conn, 600, 1.2)
+    s.stack.frames_to_send(1.2)
+    # Early segments, overlapping each other: at most the buffer's worth.
+    start = GISN + 1 + 600 + 100
+    for k in range(20):
+        s.feed(1.3, "A", start + k, ISS + 1, payload=bytes(1400), ts=(103, s.ts(1.0)))
+    assert conn.ooo_bytes <= 8192
+    assert s.tcp.counters["tcp-ooo-dropped"] > 0

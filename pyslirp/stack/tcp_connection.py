@@ -24,6 +24,10 @@ from .tcp import ACK, FIN, PSH, RST, SYN, URG
 
 MASK = 0xFFFFFFFF
 HALF = 0x80000000
+# Guest payloads shorter than this are copied (and merged up to
+# MERGED_CHUNK) rather than kept as views of their frames.
+SMALL_SEGMENT = 1024
+MERGED_CHUNK = 65536
 
 
 class TcpState(enum.IntEnum):
@@ -202,6 +206,7 @@ class TcpConnection:
         "rx_notified",
         "guest_fin",
         "ooo",
+        "ooo_bytes",
         "ooo_fin",
         # options
         "mss",
@@ -283,6 +288,7 @@ class TcpConnection:
         self.rx_notified = False
         self.guest_fin = False
         self.ooo = []  # [(seq, bytes-like)] sorted by seq, bounded by config
+        self.ooo_bytes = 0
         self.ooo_fin = None
         self.mss = 536  # RFC 9293 3.7.1: the default when no MSS option came
         self.guest_mss = 536
@@ -725,18 +731,26 @@ class TcpConnection:
 
     def _deliver(self, data) -> None:
         n = len(data)
-        self.rx.append(data)
+        rx = self.rx
+        if n >= SMALL_SEGMENT:
+            rx.append(data)  # a view of the frame: no copy
+        elif rx and type(rx[-1]) is bytearray and len(rx[-1]) < MERGED_CHUNK:
+            rx[-1] += data
+        else:
+            # Copied: a view would keep its whole frame (and itself) alive,
+            # hundreds of bytes for each byte of a tiny segment.
+            rx.append(bytearray(data))
         self.rx_bytes += n
         self.bytes_in += n
         self.rcv_nxt = (self.rcv_nxt + n) & MASK
         self.notify_readable()
 
     def _queue_ooo(self, start: int, data) -> None:
-        """Keep an in-window segment that came early (bounded in count; its
-        bytes are bounded by the window it lies in)."""
+        """Keep an in-window segment that came early, bounded in count and,
+        overlaps included, in bytes by the receive buffer."""
         ooo = self.ooo
         layer = self.layer
-        if len(ooo) >= layer.config.max_out_of_order:
+        if len(ooo) >= layer.config.max_out_of_order or self.ooo_bytes + len(data) > self.rcv_limit:
             layer.counters["tcp-ooo-dropped"] += 1
             return
         rcv_nxt = self.rcv_nxt
@@ -747,7 +761,10 @@ class TcpConnection:
         if i and ooo[i - 1][0] == start and len(ooo[i - 1][1]) >= len(data):
             layer.counters["tcp-ooo-duplicate"] += 1
             return
+        if len(data) < SMALL_SEGMENT:
+            data = bytes(data)  # do not keep the whole frame for a few bytes
         ooo.insert(i, (start, data))
+        self.ooo_bytes += len(data)
         layer.counters["tcp-ooo-queued"] += 1
 
     def _drain_ooo(self, now: float) -> None:
@@ -758,10 +775,12 @@ class TcpConnection:
             if offset >= HALF:  # starts before RCV.NXT: keep only the new tail
                 end = (start + len(data) - self.rcv_nxt) & MASK
                 del ooo[0]
+                self.ooo_bytes -= len(data)
                 if 0 < end < HALF:
                     self._deliver(data[len(data) - end :])
             elif offset == 0:
                 del ooo[0]
+                self.ooo_bytes -= len(data)
                 self._deliver(data)
             else:
                 break
@@ -772,6 +791,7 @@ class TcpConnection:
     def _fin_received(self, now: float) -> None:
         self.rcv_nxt = (self.rcv_nxt + 1) & MASK
         self.ooo.clear()
+        self.ooo_bytes = 0
         self.guest_fin = True
         self.ack_pending = True
         self.mark()
