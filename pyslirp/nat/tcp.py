@@ -459,6 +459,8 @@ class TcpNat:
 
     # ------------------------------------------------------------ timers
     def next_deadline(self):
+        if not self._connecting and not self._lingering:
+            return None
         deadline = None
         for flow in self._connecting:
             deadline = flow.connect_at
