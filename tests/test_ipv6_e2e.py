@@ -519,3 +519,36 @@ def test_libslirp_backend_maps_ipv6(namespaces):
             assert out.stdout.strip() == "via libslirp", out.stdout + out.stderr
     finally:
         server.close()
+
+
+def test_run_mode_command_starts_after_slaac(namespaces):
+    """-- COMMAND with -6: the command starts once the guest has its address
+    and route, and its resolv.conf names fd00::3 too."""
+    host, _peer = namespaces
+    script = (
+        "ip -6 route show default; ip -6 addr show dev tap0 scope global; "
+        "cat /etc/resolv.conf; ping -6 -c1 -W2 fd00::2 >/dev/null && echo ping-ok"
+    )
+    out = subprocess.run(
+        [
+            "nsenter",
+            f"--net=/run/netns/{host}",
+            *harness.FORWARDER,
+            "-6",
+            "--dns-upstream",
+            "127.0.0.1:9",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=harness.REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("default via fe80::2 dev tap0 proto ra"), out.stdout
+    assert "inet6 fd00::" in out.stdout
+    assert "nameserver 10.0.2.3\nnameserver fd00::3\n" in out.stdout
+    assert "ping-ok" in out.stdout
