@@ -86,6 +86,8 @@ CAP_NET_BIND_SERVICE if running as the root)
                          /etc/resolv.conf)
 --backend=NAME           specify the backend ([BACKENDS], default=python)
 --pcap=FILE              write every frame to and from the TAP to FILE (pcap)
+--no-offload             open the TAP without virtio-net offloads (checksum,
+                         TSO: on by default with the python backend)
 --dns-upstream=ADDR[:PORT]
                          resolver for the DNS proxy (repeatable;
                          default=every nameserver in /etc/resolv.conf)
@@ -130,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dns-search", action="append", default=[])
     p.add_argument("--backend", default="python")
     p.add_argument("--pcap", default=None)
+    p.add_argument("--no-offload", action="store_true")
     p.add_argument("--dns-upstream", action="append", default=[])
     p.add_argument("--log-level", default="warning")
     p.add_argument("-h", "--help", action="store_true")
@@ -397,6 +400,8 @@ class Options:
         if ns.backend not in BACKENDS:
             raise UsageError(f"unknown backend {ns.backend!r} (available: {', '.join(BACKENDS)})")
         self.backend = ns.backend
+        # Virtio offloads on the TAP: only the python backend reads vnet headers.
+        self.offload = ns.backend == "python" and not ns.no_offload
         if ns.log_level.lower() not in LOG_LEVELS:
             raise UsageError(
                 f"invalid --log-level {ns.log_level!r} (choose from {', '.join(LOG_LEVELS)})"
@@ -712,6 +717,7 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         mac=options.macaddress,
         report=not options.quiet,
         ipv6=config.enable_ipv6,
+        offload=options.offload,
     )
     log = logging.getLogger("pyslirp")
     try:
@@ -738,6 +744,7 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         except StartupError as exc:
             backend.close()
             return _fail(str(exc))
+        config.offload = attachment.offload
         api = None
         keeper = None
         slaac = None

@@ -29,6 +29,13 @@ MNT_DETACH = 0x2
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+VNET_HDR_LEN = 10  # struct virtio_net_hdr (pyslirp.stack.virtio)
 IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags, rest of the union
 
@@ -110,14 +117,31 @@ def validate_tap_name(name: str) -> None:
         raise StartupError(f"invalid TAP name {name!r}: no '/', ':' or white space")
 
 
-def open_tap(name: str) -> int:
+def open_offload_tap(name: str) -> int | None:
+    """open_tap with IFF_VNET_HDR and the checksum and TSO offloads, so that
+    the guest's kernel sends and takes 64 KiB TCP segments at any MTU; None
+    where the kernel refuses any of it (the caller opens a plain TAP)."""
+    try:
+        fd = open_tap(name, IFF_VNET_HDR)
+    except StartupError:
+        return None
+    try:
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+    except OSError:
+        os.close(fd)  # the device goes with it: not persistent
+        return None
+    return fd
+
+
+def open_tap(name: str, extra_flags: int = 0) -> int:
     """Open a TAP (IFF_TAP | IFF_NO_PI) named ``name`` in the current network
     namespace. The device lives as long as the returned descriptor."""
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise StartupError(f'open("{TUN_PATH}"): {exc.strerror}') from None
-    ifreq = _IFREQ.pack(os.fsencode(name), IFF_TAP | IFF_NO_PI)
+    ifreq = _IFREQ.pack(os.fsencode(name), IFF_TAP | IFF_NO_PI | extra_flags)
     try:
         fcntl.ioctl(fd, TUNSETIFF, ifreq)
     except OSError as exc:
@@ -148,6 +172,8 @@ class LinkSetup:
     # other node on the link; it would delay the address by a second, which
     # is why podman turns it off too), and a netlink socket to watch SLAAC.
     ipv6: bool = False
+    # Open the TAP with IFF_VNET_HDR and offloads where the kernel allows.
+    offload: bool = False
 
 
 def setup_links(tap: str, setup: LinkSetup) -> None:
@@ -229,6 +255,8 @@ class Attachment:
     mounted_path: str | None = None
     # -c with -6: a NETLINK_ROUTE socket inside the namespace (forwarder.slaac).
     netlink_fd: int = -1
+    # The TAP has IFF_VNET_HDR and offloads (LinkSetup.offload, if granted).
+    offload: bool = False
 
     def close(self) -> None:
         if self.tap_fd >= 0:
@@ -288,7 +316,10 @@ def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
                 unshare_net()
             else:
                 _enter(target)
-            tap_fd = open_tap(tap)
+            tap_fd = open_offload_tap(tap) if setup.offload else None
+            offload = tap_fd is not None
+            if tap_fd is None:
+                tap_fd = open_tap(tap)
             fds = [tap_fd]
             if setup.ipv6 and setup.configure:
                 from .slaac import open_watch_socket
@@ -299,7 +330,7 @@ def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
             if isinstance(target, NewNamespace):
                 bind_mount(OWN_NETNS, target.path)
                 mounted = True
-            socket.send_fds(sock, [b"\0"], fds)
+            socket.send_fds(sock, [b"\1" if offload else b"\0"], fds)
             if setup.report:
                 print(f"sent tapfd={tap_fd} for {tap}", file=sys.stderr, flush=True)
             code = 0
@@ -315,6 +346,9 @@ def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
         os._exit(code)
 
 
+_DONE = (b"\0", b"\1")  # the child's word for success: a plain TAP, one with offloads
+
+
 def attach(target, tap: str, setup: LinkSetup) -> Attachment:
     """Get a TAP named ``tap`` inside ``target``'s network namespace."""
     validate_tap_name(tap)
@@ -328,14 +362,14 @@ def attach(target, tap: str, setup: LinkSetup) -> Attachment:
     child_sock.close()
     try:
         message, fds, _flags, _addr = socket.recv_fds(parent_sock, 4096, 2)
-        if message and message != b"\0":
+        if message and message not in _DONE:
             while chunk := parent_sock.recv(4096):
                 message += chunk
     finally:
         parent_sock.close()
         _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    if fds and code == 0 and message == b"\0":
+    if fds and code == 0 and message in _DONE:
         tap_fd = fds[0]
         for fd in fds:
             os.set_inheritable(fd, False)
@@ -343,9 +377,9 @@ def attach(target, tap: str, setup: LinkSetup) -> Attachment:
             print(f"received tapfd={tap_fd}", file=sys.stderr, flush=True)
         mounted = target.path if isinstance(target, NewNamespace) else None
         netlink_fd = fds[1] if len(fds) > 1 else -1
-        return Attachment(tap_fd, tap, mounted, netlink_fd)
+        return Attachment(tap_fd, tap, mounted, netlink_fd, offload=message == b"\1")
     for fd in fds:
         os.close(fd)
-    if message and message != b"\0":
+    if message and message not in _DONE:
         raise StartupError(message.decode(errors="replace"))
     raise StartupError(f"the namespace set-up child failed (exit status {code})")

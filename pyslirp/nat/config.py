@@ -23,6 +23,11 @@ class NetworkConfig:
     dns_upstreams: list = field(default_factory=list)
     random: _random.Random = field(default_factory=_random.Random)
     pcap_path: str | None = None
+    # Virtio-net offloads on the TAP (IFF_VNET_HDR, TUNSETOFFLOAD with
+    # checksum, TSO4 and TSO6): the guest hands us 64 KiB TCP segments and
+    # takes them from us at any MTU. The front end asks for them unless
+    # --no-offload and sets this to what the kernel granted.
+    offload: bool = False
     # slirp4netns's --outbound-addr: host sockets toward the outside are
     # bound to this IPv4 address (None: the kernel chooses).
     outbound_addr: str | None = None
@@ -139,6 +144,7 @@ class NetworkConfig:
             dns=self.dns.packed,
             gateway_mac=b"\x52\x55" + gateway,
             mtu=self.mtu,
+            offload=self.offload,
             ipv6=self.enable_ipv6,
             ipv6_prefix=self.ipv6_prefix.network_address.packed,
             ipv6_prefix_len=self.ipv6_prefix.prefixlen,

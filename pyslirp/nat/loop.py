@@ -14,6 +14,7 @@ import select
 import selectors
 import time
 
+from pyslirp.stack import virtio
 from pyslirp.stack.events import IcmpEchoRequested, UdpDatagramReceived
 from pyslirp.stack.interface import Stack
 
@@ -35,6 +36,9 @@ class Loop:
         self.stop_fd = stop_fd
         self.capture = capture
         self.stack = Stack(config.stack_config(), config.random)
+        # config.offload: the TAP was opened with IFF_VNET_HDR and offloads,
+        # so every frame read and written starts with a virtio_net_hdr.
+        self.vnet = config.offload
         self.selector = selectors.DefaultSelector()
         # The TAP alone, to ask "more frames?" without a failing read (an
         # EAGAIN costs an exception; a poll of nothing costs a fifth of it).
@@ -134,11 +138,13 @@ class Loop:
         return max(0.0, min(deadlines) - time.monotonic())
 
     def _read_tap(self, now: float) -> None:
-        receive = self.stack.receive_frame
+        vnet = self.vnet
+        receive = self.stack.receive_vnet_frame if vnet else self.stack.receive_frame
         capture = self.capture
+        size = MAX_FRAME + virtio.HEADER_LEN if vnet else MAX_FRAME
         for count in range(self.config.tap_batch):
             try:
-                frame = os.read(self.tap_fd, MAX_FRAME)
+                frame = os.read(self.tap_fd, size)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -148,7 +154,7 @@ class Loop:
             if not frame:
                 return
             if capture is not None:
-                capture.write(frame)
+                capture.write(memoryview(frame)[virtio.HEADER_LEN :] if vnet else frame)
             receive(frame, now)
             # Dispatch as we go so that per-flow back-pressure stays accurate.
             if self.stack._events:
@@ -167,6 +173,9 @@ class Loop:
             event = next_event()
 
     def flush(self, now: float) -> None:
+        if self.vnet:
+            self._flush_vnet(now)
+            return
         frames = self.stack.frames_to_send(now)
         if not frames:
             return
@@ -180,6 +189,32 @@ class Loop:
                 self.counters["tap-write-dropped"] += 1
             except OSError as exc:
                 # EIO while the TAP is down: the guest is not listening yet.
+                if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
+                    raise
+                self.counters["tap-write-dropped"] += 1
+        if capture is not None:
+            capture.flush()
+
+    def _flush_vnet(self, now: float) -> None:
+        items = self.stack.vnet_frames_to_send(now)
+        if not items:
+            return
+        capture = self.capture
+        writev = os.writev
+        fd = self.tap_fd
+        plain = virtio.NO_OFFLOAD
+        for item in items:
+            if item.__class__ is tuple:
+                header, frame = item
+            else:
+                header, frame = plain, item
+            if capture is not None:
+                capture.write(frame)
+            try:
+                writev(fd, (header, frame))
+            except BlockingIOError:
+                self.counters["tap-write-dropped"] += 1
+            except OSError as exc:
                 if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
                     raise
                 self.counters["tap-write-dropped"] += 1

@@ -16,6 +16,10 @@ class StackConfig:
     # libslirp's convention: 52:55 followed by the IPv4 address it answers for.
     gateway_mac: bytes = bytes([0x52, 0x55, 10, 0, 2, 2])
     mtu: int = 1500  # slirp4netns's default; up to 65520 like slirp4netns
+    # The TAP carries a virtio-net header (IFF_VNET_HDR with checksum and TSO
+    # offloads): TCP toward the guest goes out with partial checksums and in
+    # segments of up to 64 KiB (virtio.py); use the vnet_ verbs of the Stack.
+    offload: bool = False
 
     # ARP (RFC 1122 2.3.2.2 asks to queue at least one packet per address).
     arp_queue_per_address: int = 32

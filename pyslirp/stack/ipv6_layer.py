@@ -130,7 +130,7 @@ class Ipv6Layer:
             local = True
         else:
             local = dst in self.local
-        if header.total_len > self.config.mtu:
+        if header.total_len > self.config.mtu and not stack.rx_gso:
             # RFC 8200 5 and RFC 8201: routers do not fragment; tell the guest.
             self.send_error(
                 icmpv6.PACKET_TOO_BIG, 0, self.config.mtu, packet, now, allow_multicast=True
@@ -168,7 +168,7 @@ class Ipv6Layer:
             if multicast and dst != ipv6.ALL_DHCP_AGENTS:
                 stack.drops["ipv6-multicast"] += 1
                 return
-            sport, dport, length = udp.parse(payload, src, dst)
+            sport, dport, length = udp.parse(payload, src, dst, not stack.rx_checksum_trusted)
             stack.counters["udp-in"] += 1
             stack._events.append(
                 UdpDatagramReceived(

@@ -829,12 +829,14 @@ class TcpConnection:
             sent_off = (old_nxt - una) & MASK
             win = self.snd_wnd if self.snd_wnd < self.cwnd else self.cwnd
             mss = self.mss
+            # With TAP offloads, one frame carries many MSS pieces (IPv4 only).
+            seg = layer.gso_payload // mss * mss if layer.offload and self.eth else mss
             closing = self.close_requested and not self.fin_acked
             emit = layer.emit
             while sent_off < buffered and sent_off < win:
                 n = buffered - sent_off
-                if n > mss:
-                    n = mss
+                if n > seg:
+                    n = seg
                 if n > win - sent_off:
                     n = win - sent_off
                     # Sender SWS avoidance (RFC 9293 3.8.6.2.1): no small

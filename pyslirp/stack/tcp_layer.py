@@ -15,7 +15,7 @@ import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from . import checksum, ethernet, icmpv4, ipv4, tcp
+from . import checksum, ethernet, icmpv4, ipv4, tcp, virtio
 from .events import (
     TcpConnected,
     TcpConnectionClosed,
@@ -118,6 +118,12 @@ class TcpLayer:
         self.dirty: list[TcpConnection] = []
         self.counters: Counter = Counter()
         self.verify_checksum = self.config.verify_checksum
+        # Virtio offloads on the TAP (StackConfig.offload): segments of up to
+        # gso_payload bytes (IPv4's 65535 less its header and TCP's with
+        # timestamps), cut by the guest's kernel into MSS pieces.
+        self.offload = stack.config.offload
+        self.gso_payload = 65535 - 20 - 32 if self.offload else 0
+        self._vnet_plain: dict[int, bytes] = {}
         self.max_cwnd = 1 << 30
         self._heap: list = []
         self._serial = 0
@@ -539,6 +545,9 @@ class TcpLayer:
         if eth is None:
             self._frame(conn, flags, seq, ack, window, options, options_sum, payload, now)
             return
+        if self.offload:
+            self._emit_offload(conn, eth, flags, seq, ack, window, options, header_len, payload)
+            return
         size = len(payload)
         tcp_len = header_len + size
         total = 20 + tcp_len
@@ -572,6 +581,50 @@ class TcpLayer:
             0,
         )
         stack._out.append(b"".join((head, options, payload)) if size else head + options)
+
+    def _emit_offload(self, conn, eth, flags, seq, ack, window, options, header_len, payload):
+        """emit for a TAP with virtio offloads: the TCP checksum is left to
+        the guest's kernel (the field holds the pseudo-header sum), and a
+        segment longer than the MSS goes as one GSO frame of MSS pieces."""
+        size = len(payload)
+        tcp_len = header_len + size
+        total = 20 + tcp_len
+        stack = self.stack
+        ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
+        s = (conn.ip_sum + total + ident) % 0xFFFF
+        ip_csum = (~s) & 0xFFFF if s else 0
+        pseudo = (int.from_bytes(conn.addrs, "big") + ipv4.PROTO_TCP + tcp_len) % 0xFFFF
+        head = _FRAME4.pack(
+            eth,
+            0x45,
+            0,
+            total,
+            ident,
+            _DF,
+            ipv4.DEFAULT_TTL,
+            ipv4.PROTO_TCP,
+            ip_csum,
+            conn.addrs,
+            conn.local_port,
+            conn.remote_port,
+            seq,
+            ack,
+            header_len << 2,
+            flags,
+            window,
+            pseudo or 0xFFFF,
+            0,
+        )
+        if size > conn.mss:
+            vnet = virtio.tcp_header(14, 20, header_len, virtio.GSO_TCPV4, conn.mss)
+            self.counters["tcp-gso-out"] += 1
+        else:
+            vnet = self._vnet_plain.get(header_len)
+            if vnet is None:
+                vnet = self._vnet_plain[header_len] = virtio.tcp_header(
+                    14, 20, header_len, virtio.GSO_NONE, 0
+                )
+        stack._out.append((vnet, b"".join((head, options, payload)) if size else head + options))
 
     def _frame(self, conn, flags, seq, ack, window, options, options_sum, payload, now) -> None:
         if len(conn.remote) == 16:  # IPv6: conn.eth stays None, so every segment comes here
