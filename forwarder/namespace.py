@@ -1,4 +1,4 @@
-"""Namespaces, the TAP device and the bind mount, through ctypes and pyroute2.
+"""Namespaces, the TAP device and the bind mount, through ctypes and rtnetlink.
 
 The namespace work happens in a forked child, as slirp4netns does it: the
 child enters (or creates) the network namespace, opens the TAP there, sets up
@@ -158,7 +158,7 @@ def open_tap(name: str, extra_flags: int = 0) -> int:
 # ------------------------------------------------------------------ links
 @dataclass
 class LinkSetup:
-    """What to do to the links inside the namespace (pyroute2)."""
+    """What to do to the links inside the namespace (rtnetlink.py)."""
 
     loopback_up: bool = False
     configure: bool = False  # -c: TAP up with MTU, address, default route
@@ -179,41 +179,35 @@ class LinkSetup:
 def setup_links(tap: str, setup: LinkSetup) -> None:
     if not (setup.loopback_up or setup.configure):
         return
-    # Imported here, in the child only: the long-lived parent never needs it.
-    try:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-    except ImportError as exc:
-        raise StartupError(f"pyroute2 is needed to set up the links: {exc}") from None
+    from .rtnetlink import NetlinkError, Rtnl
 
     step = "open netlink"
     try:
-        with IPRoute() as ipr:
+        with Rtnl() as rtnl:
             if setup.loopback_up or setup.configure:
                 step = "set lo up"
-                (lo,) = ipr.link_lookup(ifname="lo")
-                ipr.link("set", index=lo, state="up")
+                rtnl.link_set(socket.if_nametoindex("lo"), up=True)
             if setup.configure:
-                (index,) = ipr.link_lookup(ifname=tap)
+                index = socket.if_nametoindex(tap)
                 if setup.mac:
                     step = f"set {tap} MAC address {setup.mac}"
-                    ipr.link("set", index=index, address=setup.mac)
+                    rtnl.link_set(index, address=bytes.fromhex(setup.mac.replace(":", "")))
                 step = f"set {tap} MTU {setup.mtu}"
-                ipr.link("set", index=index, mtu=setup.mtu)
+                rtnl.link_set(index, mtu=setup.mtu)
                 if setup.ipv6:
                     step = f"turn off duplicate address detection on {tap}"
                     _write_sysctl(f"/proc/sys/net/ipv6/conf/{tap}/accept_dad", "0")
                     # 2: router advertisements count even if forwarding is on
                     _write_sysctl(f"/proc/sys/net/ipv6/conf/{tap}/accept_ra", "2")
                 step = f"set {tap} up"
-                ipr.link("set", index=index, state="up")
+                rtnl.link_set(index, up=True)
                 step = f"add address {setup.address}/{setup.prefix_len} to {tap}"
-                ipr.addr("add", index=index, address=setup.address, prefixlen=setup.prefix_len)
+                rtnl.addr_add(index, setup.address, setup.prefix_len)
                 step = f"add default route via {setup.gateway}"
-                ipr.route("add", dst="0.0.0.0/0", gateway=setup.gateway, oif=index)
+                rtnl.default_route_add(setup.gateway, index)
     except NetlinkError as exc:
         raise StartupError(
-            f"cannot configure the namespace: {step}: {_errno_text(exc.code)}"
+            f"cannot configure the namespace: {step}: {_errno_text(exc.errno)}"
         ) from None
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot configure the namespace: {step}: {exc}") from None
