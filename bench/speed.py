@@ -1,0 +1,401 @@
+"""Side-by-side speed of every backend: a Markdown table with ratios and a PNG chart.
+
+Usage (as root, from the repository):
+    python3 bench/speed.py [--time 3] [--mtu 1500 65520] [--runs 2] [--out bench/results]
+        [--backend python python-no-offload libslirp slirp4netns pasta]
+
+The rates come from bench/run.py's measurements (iperf3 both ways, 1-byte
+request/response, connect/close, CPU seconds of the forwarder); beside them,
+for our forwarder and slirp4netns: start-up to the ready fd, resident memory
+idle, and resident memory with 1,000 open connections (the python backends).
+``pasta`` runs Debian's passt build (as root it needs ``--runas 0``); a
+backend whose program is missing is left out with a note.
+
+All traffic stays on loopback and in namespaces this script creates.
+"""
+
+import argparse
+import contextlib
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402  (bench/run.py: the measurements)
+
+REPO = run.REPO
+SLIRP_BACKENDS = {
+    "python": [],
+    "python-no-offload": ["--no-offload"],
+    "libslirp": ["--backend=libslirp"],
+}
+ALL = ["python", "python-no-offload", "libslirp", "slirp4netns", "pasta"]
+RATE_METRICS = [
+    ("guest->host", "Gbit/s"),
+    ("host->guest", "Gbit/s"),
+    ("1-byte request/response", "tx/s"),
+    ("connect/close", "conn/s"),
+]
+COST_METRICS = [
+    ("guest->host CPU", "s/GB"),
+    ("host->guest CPU", "s/GB"),
+    ("request/response CPU", "us/tx"),
+    ("connect/close CPU", "us/conn"),
+]
+STARTUP_METRICS = [
+    ("start-up to ready fd", "ms"),
+    ("memory idle", "MB"),
+    ("memory, 1000 connections", "MB"),
+]
+
+# Run inside the namespace: open N connections, say so, hold them until stdin closes.
+HOLD_CLIENT = """
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+held = [socket.create_connection(("10.0.2.2", port), timeout=10) for _ in range(n)]
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+
+
+def command(backend: str, mtu: int, ns_path: str, ready_fd: int | None) -> list[str]:
+    ready = [f"--ready-fd={ready_fd}"] if ready_fd is not None else []
+    if backend == "slirp4netns":
+        return [
+            "slirp4netns",
+            "--configure",
+            f"--mtu={mtu}",
+            *ready,
+            "--netns-type=path",
+            ns_path,
+            "tap0",
+        ]
+    if backend == "pasta":
+        return [
+            "pasta",
+            "-f",
+            "-q",
+            "--runas",
+            "0",
+            "--config-net",
+            "-4",
+            "-a",
+            "10.0.2.100",
+            "-n",
+            "24",
+            "-g",
+            "10.0.2.2",
+            "-m",
+            str(mtu),
+            *("-t", "none", "-u", "none", "-T", "none", "-U", "none"),
+            "--netns",
+            ns_path,
+        ]
+    extra = SLIRP_BACKENDS[backend]
+    return [
+        sys.executable,
+        "-m",
+        "forwarder",
+        "--configure",
+        f"--mtu={mtu}",
+        *ready,
+        *extra,
+        "--netns-type=path",
+        ns_path,
+        "tap0",
+    ]
+
+
+def vm_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def started(backend: str, mtu: int, ns_name: str, ns_path: str):
+    """Start ``backend`` on the namespace; yield (process, ms to ready or None)."""
+    ready_r = ready_w = None
+    if backend != "pasta":
+        ready_r, ready_w = os.pipe()
+    cmd = command(backend, mtu, ns_path, ready_w)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        pass_fds=(ready_w,) if ready_w is not None else (),
+    )
+    startup_ms = None
+    try:
+        if ready_w is not None:
+            os.close(ready_w)
+            ready_w = None
+            os.set_blocking(ready_r, True)
+            if os.read(ready_r, 1):
+                startup_ms = (time.monotonic() - t0) * 1000
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                ["ip", "-n", ns_name, "-4", "addr"], capture_output=True, text=True
+            ).stdout
+            routes = subprocess.run(
+                ["ip", "-n", ns_name, "route"], capture_output=True, text=True
+            ).stdout
+            if "10.0.2.100" in out and "default" in routes:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"{backend} exited with {proc.returncode}")
+            time.sleep(0.02)
+        else:
+            raise RuntimeError(f"{backend} did not configure the namespace within 10 s")
+        yield proc, startup_ms
+    finally:
+        for fd in (ready_r, ready_w):
+            if fd is not None:
+                os.close(fd)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+class HoldServer:
+    """Accepts and keeps every connection on 127.0.0.1 until closed."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for conn in held:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.release()
+
+
+def memory_with_connections(ns_name: str, pid: int, port: int, count: int) -> float:
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", ns_name, sys.executable, "-c", HOLD_CLIENT, str(port), str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = client.stdout.readline()
+        if line.strip() != str(count):
+            raise RuntimeError(f"could not open {count} connections")
+        time.sleep(0.5)
+        return vm_rss_mb(pid)
+    finally:
+        client.stdin.close()
+        try:
+            client.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait(timeout=5)
+
+
+def measure(backend, mtu, duration, tests, ports, hold) -> dict:
+    name = f"pyslirp-speed-{os.getpid()}-{backend}-{mtu}"
+    results = {}
+    with run.namespace(name) as ns_path, started(backend, mtu, name, ns_path) as (proc, ms):
+        if ms is not None:
+            results["start-up to ready fd"] = ms
+        time.sleep(0.3)
+        if backend != "pasta":
+            results["memory idle"] = vm_rss_mb(proc.pid)
+        run.in_ns(name, ["ip", "link", "set", "lo", "up"], timeout=10)
+        pid = proc.pid
+        if "up" in tests:
+            rate, cpu = run.iperf(name, ports["iperf"], pid, duration, reverse=False)
+            results["guest->host"], results["guest->host CPU"] = rate, cpu
+        if "down" in tests:
+            rate, cpu = run.iperf(name, ports["iperf"], pid, duration, reverse=True)
+            results["host->guest"], results["host->guest CPU"] = rate, cpu
+        if "rr" in tests:
+            rate, cpu = run.request_response(name, ports["echo"], pid, duration)
+            results["1-byte request/response"], results["request/response CPU"] = rate, cpu
+        if "cc" in tests:
+            rate, cpu = run.connect_close(name, ports["close"], pid, duration)
+            results["connect/close"], results["connect/close CPU"] = rate, cpu
+        if "mem" in tests and backend != "pasta":
+            try:
+                results["memory, 1000 connections"] = memory_with_connections(
+                    name, pid, hold.port, 1000
+                )
+            finally:
+                hold.release()
+    return results
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def table(results: dict, backends: list[str], mtus: list[int]) -> str:
+    """One row per metric and MTU; each cell a value and its ratio to slirp4netns."""
+    head = ["metric", "MTU", *backends]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for metric, unit in RATE_METRICS + COST_METRICS + STARTUP_METRICS:
+        for mtu in mtus:
+            values = {b: results.get((b, mtu), {}).get(metric) for b in backends}
+            if all(v is None for v in values.values()):
+                continue
+            ref = values.get("slirp4netns")
+            row = [f"{metric} ({unit})", str(mtu)]
+            for b in backends:
+                v = values[b]
+                cell = fmt(v)
+                if v is not None and ref and b != "slirp4netns":
+                    cell += f" ({v / ref:.2f}x)"
+                row.append(cell)
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def chart(results: dict, backends: list[str], mtus: list[int], path: Path, title: str) -> None:
+    """Bars of each rate as a multiple of slirp4netns's, one panel per MTU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [b for b in backends if b != "slirp4netns"]
+    fig, axes = plt.subplots(1, len(mtus), figsize=(6 * len(mtus), 4.5), squeeze=False)
+    width = 0.8 / max(len(others), 1)
+    for ax, mtu in zip(axes[0], mtus, strict=True):
+        ref = results.get(("slirp4netns", mtu), {})
+        for i, b in enumerate(others):
+            got = results.get((b, mtu), {})
+            ratios = []
+            for metric, _unit in RATE_METRICS:
+                v, r = got.get(metric), ref.get(metric)
+                ratios.append(v / r if v and r else 0.0)
+            xs = [j + (i - (len(others) - 1) / 2) * width for j in range(len(RATE_METRICS))]
+            bars = ax.bar(xs, ratios, width, label=b)
+            ax.bar_label(bars, labels=[f"{r:.1f}" if r else "" for r in ratios], fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(RATE_METRICS)))
+        ax.set_xticklabels(["guest→host", "host→guest", "req/resp", "conn/s"])
+        ax.set_yscale("log")
+        ax.set_ylabel("× slirp4netns (dashed line = 1)")
+        ax.set_title(f"MTU {mtu}")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--time", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--mtu", type=int, nargs="+", default=[1500, 65520])
+    parser.add_argument("--backend", nargs="+", default=ALL, choices=ALL)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--tests", nargs="+", default=[*run.TESTS, "mem"])
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (it creates network namespaces)", file=sys.stderr)
+        return 2
+    backends = []
+    for b in args.backend:
+        program = {"slirp4netns": "slirp4netns", "pasta": "pasta"}.get(b)
+        if program and shutil.which(program) is None:
+            print(f"{program} is not installed: {b} left out", file=sys.stderr)
+            continue
+        backends.append(b)
+    # 1,000 connections need more than 1,024 descriptors (ours and the clients').
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    iperf_port = run.free_port()
+    iperf_server = subprocess.Popen(
+        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    echo, closer, hold = run.EchoServer(), run.AcceptCloseServer(), HoldServer()
+    ports = {"iperf": iperf_port, "echo": echo.port, "close": closer.port}
+    report = [f"Machine: {machine()}", ""]
+    try:
+        time.sleep(0.3)
+        for n in range(1, args.runs + 1):
+            results = {}
+            for mtu in args.mtu:
+                for backend in backends:
+                    print(f"run {n}: {backend}, MTU {mtu} ...", file=sys.stderr)
+                    try:
+                        results[(backend, mtu)] = measure(
+                            backend, mtu, args.time, args.tests, ports, hold
+                        )
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        print(f"  {backend} failed: {exc}", file=sys.stderr)
+            text = table(results, backends, args.mtu)
+            report += [f"### Run {n} ({args.time:g} s per measurement)", "", text, ""]
+            print(report[-3] + "\n\n" + text + "\n", flush=True)
+            chart(
+                results,
+                backends,
+                args.mtu,
+                out / f"speed-run{n}.png",
+                f"Rates as multiples of slirp4netns, run {n} ({machine()})",
+            )
+    finally:
+        iperf_server.terminate()
+        iperf_server.wait(timeout=5)
+        echo.close()
+        closer.close()
+        hold.close()
+    (out / "speed.md").write_text("\n".join(report))
+    print(f"wrote {out / 'speed.md'} and the charts in {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
