@@ -352,6 +352,11 @@ def main() -> int:
     # 1,000 connections need more than 1,024 descriptors (ours and the clients').
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # As an installed package would be: PYTHONDONTWRITEBYTECODE (set on some
+    # machines) would otherwise make every start compile our modules again.
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "pyslirp", "forwarder"], cwd=REPO, check=False
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     iperf_port = run.free_port()

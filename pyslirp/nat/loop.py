@@ -27,6 +27,19 @@ WRITE = selectors.EVENT_WRITE
 MAX_FRAME = 65536 + 14  # MTU 65520 plus Ethernet header, with room to spare
 
 
+_NOT_OUT = ~select.EPOLLOUT
+_NOT_IN = ~select.EPOLLIN
+
+
+def _epoll_events(events: int) -> int:
+    bits = 0
+    if events & READ:
+        bits |= select.EPOLLIN
+    if events & WRITE:
+        bits |= select.EPOLLOUT
+    return bits
+
+
 class Loop:
     def __init__(
         self, config: NetworkConfig, tap_fd: int, stop_fd: int | None = None, capture=None
@@ -39,20 +52,22 @@ class Loop:
         # config.offload: the TAP was opened with IFF_VNET_HDR and offloads,
         # so every frame read and written starts with a virtio_net_hdr.
         self.vnet = config.offload
-        self.selector = selectors.DefaultSelector()
+        # One epoll, used directly: selectors' keys and per-call lists cost a
+        # few microseconds per wake-up, which a request/response pays twice.
+        self._epoll = select.epoll()
         # The TAP alone, to ask "more frames?" without a failing read (an
         # EAGAIN costs an exception; a poll of nothing costs a fifth of it).
         self._tap_poll = select.epoll()
         self._tap_poll.register(tap_fd, select.EPOLLIN)
         self.counters: dict[str, int] = {"tap-write-dropped": 0}
         self._running = False
-        self._handlers: dict[int, object] = {}
+        self._handlers: dict[int, tuple] = {}  # fd -> (selectors events, handler, fileobj)
         self.services: list = []  # objects with next_deadline() and handle_timer(now)
         self._event_handlers: dict[type, object] = {}
         os.set_blocking(tap_fd, False)
-        self.selector.register(tap_fd, READ, None)
+        self._epoll.register(tap_fd, select.EPOLLIN)
         if stop_fd is not None:
-            self.selector.register(stop_fd, READ, None)
+            self._epoll.register(stop_fd, select.EPOLLIN)
         from .services import install
 
         install(self)
@@ -63,17 +78,35 @@ class Loop:
         self._event_handlers[event_type] = handler
 
     def register(self, fileobj, events: int, handler) -> None:
-        """Call ``handler(mask, now)`` when ``fileobj`` is ready."""
-        self.selector.register(fileobj, events, handler)
+        """Call ``handler(mask, now)`` when ``fileobj`` is ready (``events``
+        and ``mask`` in selectors' bits: EVENT_READ, EVENT_WRITE)."""
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd in self._handlers:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
+        self._epoll.register(fd, _epoll_events(events))
+        self._handlers[fd] = (events, handler, fileobj)
 
     def modify(self, fileobj, events: int, handler) -> None:
-        self.selector.modify(fileobj, events, handler)
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd not in self._handlers:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is not registered")
+        if self._handlers[fd][0] != events:
+            self._epoll.modify(fd, _epoll_events(events))
+        self._handlers[fd] = (events, handler, fileobj)
 
     def unregister(self, fileobj) -> None:
         try:
-            self.selector.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass
+            fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        except (OSError, ValueError):
+            fd = -1
+        if fd < 0:  # closed before it was unregistered: find it as selectors does
+            fd = next((k for k, v in self._handlers.items() if v[2] is fileobj), -1)
+        if self._handlers.pop(fd, None) is None:
+            return
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass  # closed already: the kernel dropped it from the epoll
 
     @staticmethod
     def now() -> float:
@@ -87,22 +120,35 @@ class Loop:
         self._running = True
         stack = self.stack
         events = stack._events
-        select = self.selector.select
+        poll = self._epoll.poll
+        handlers = self._handlers
+        tap_fd = self.tap_fd
+        stop_fd = self.stop_fd
         while self._running:
             # One pass over the timers per wake-up: the earliest deadline sets
             # the sleep, and the timers run after it only if it has come.
             deadline = self._next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = select(timeout)
+            timeout = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = poll(timeout)
             now = time.monotonic()
-            for key, mask in ready:
-                fd = key.fd
-                if fd == self.tap_fd:
+            for fd, happened in ready:
+                if fd == tap_fd:
                     self._read_tap(now)
-                elif fd == self.stop_fd:
+                elif fd == stop_fd:
                     self._running = False
-                elif key.data is not None:
-                    key.data(mask, now)
+                else:
+                    entry = handlers.get(fd)
+                    if entry is None:
+                        continue
+                    # As selectors reads epoll: errors and hang-ups wake both.
+                    mask = 0
+                    if happened & _NOT_OUT:
+                        mask = READ
+                    if happened & _NOT_IN:
+                        mask |= WRITE
+                    mask &= entry[0]
+                    if mask:
+                        entry[1](mask, now)
             if events:
                 self._dispatch_events(now)
             if deadline is not None and deadline <= now:
@@ -226,7 +272,7 @@ class Loop:
             close = getattr(service, "close", None)
             if close is not None:
                 close()
-        self.selector.close()
+        self._epoll.close()
         self._tap_poll.close()
 
 
