@@ -284,7 +284,8 @@ class TcpNat:
         flow.connecting = False
         conn = flow.conn
         self.counters["connections-opened"] += 1
-        log.info("tcp %s opened (host %s:%d)", conn.describe(), *flow.host)
+        if log.isEnabledFor(logging.INFO):  # describe() is not free: once per connection
+            log.info("tcp %s opened (host %s:%d)", conn.describe(), *flow.host)
         self.tcp.accept(conn, now)
         self._set_mask(flow, READ)
 
@@ -421,6 +422,8 @@ class TcpNat:
 
     def _log_end(self, flow: TcpFlow, how: str) -> None:
         conn = flow.conn
+        if not log.isEnabledFor(logging.INFO):
+            return
         log.info(
             "tcp %s %s: %d bytes from the guest, %d bytes to the guest",
             conn.describe(),
