@@ -8,6 +8,7 @@ emitters. End to end: the kernel as guest sends GSO frames at MTU 1500 and
 the data arrives intact; with --no-offload no frame exceeds the MTU.
 """
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -25,6 +26,7 @@ from pyslirp.stack.events import TcpDataReceived
 from pyslirp.stack.interface import Stack
 from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 from tests import harness
+from tests.test_ipv6_e2e import forwarder6, named_netns, this_thread_in
 from tests.test_tcp_stack import (
     GISN,
     GPORT,
@@ -216,56 +218,82 @@ def _source(server: socket.socket, data: bytes) -> None:
         conn.sendall(data)
 
 
+OUR_ADDRESSES = {socket.inet_pton(socket.AF_INET, a) for a in ("10.0.2.2", "10.0.2.3")} | {
+    socket.inet_pton(socket.AF_INET6, a) for a in ("fd00::2", "fd00::3", "fe80::2")
+}
+
+
 def _frame_sizes(pcap_path: str) -> tuple[int, int]:
     """(largest frame from the guest, largest frame toward it) in the capture."""
     largest_in = largest_out = 0
     with open(pcap_path, "rb") as f:
         for _ts, buf in dpkt.pcap.Reader(f):
-            size = len(buf)
-            if buf[6:8] == b"\x52\x55":  # from our gateway MAC 52:55:...
-                largest_out = max(largest_out, size)
+            ethertype = buf[12:14]
+            if ethertype == b"\x08\x00":
+                source = buf[26:30]
+            elif ethertype == b"\x86\xdd":
+                source = buf[22:38]
             else:
-                largest_in = max(largest_in, size)
+                continue
+            if source in OUR_ADDRESSES:
+                largest_out = max(largest_out, len(buf))
+            else:
+                largest_in = max(largest_in, len(buf))
     return largest_in, largest_out
 
 
-def _listener() -> socket.socket:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
+def _listener(family=socket.AF_INET) -> socket.socket:
+    server = socket.socket(family)
+    server.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
     server.listen(1)
     return server
 
 
+@contextlib.contextmanager
+def _guest(v6: bool, args: list[str]):
+    """(forwarder, listener family, gateway for socat): IPv4 as the harness
+    starts it; IPv6 in a host namespace of its own (this host may lack ::1)."""
+    if not v6:
+        with harness._forwarder_as_asked(*args, mtu=1500) as fwd:
+            yield fwd, socket.AF_INET, "TCP:10.0.2.2", contextlib.nullcontext
+        return
+    with named_netns("offload6") as host, forwarder6(host, *args, mtu=1500) as fwd:
+        yield fwd, socket.AF_INET6, "TCP6:[fd00::2]", lambda: this_thread_in(host)
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
-def test_gso_frames_both_ways_and_data_holds(tmp_path, offload):
+def test_gso_frames_both_ways_and_data_holds(tmp_path, monkeypatch, offload, family):
+    monkeypatch.setattr(harness, "NO_OFFLOAD", False)  # this test picks the mode itself
     data = os.urandom(8 << 20)
     digest = hashlib.sha256(data).hexdigest()
     src = tmp_path / "data"
     src.write_bytes(data)
     pcap = tmp_path / "cap.pcap"
     args = ["--pcap", str(pcap)] + ([] if offload else ["--no-offload"])
-    sink, source = _listener(), _listener()
     digests: list = []
-    threads = [
-        threading.Thread(target=_sink, args=(sink, digests), daemon=True),
-        threading.Thread(target=_source, args=(source, data), daemon=True),
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        with harness._forwarder_as_asked(*args, mtu=1500) as fwd:
-            up = f"TCP:10.0.2.2:{sink.getsockname()[1]}"
+    with _guest(family == "ipv6", args) as (fwd, af, gateway, inside):
+        with inside():
+            sink, source = _listener(af), _listener(af)
+        threads = [
+            threading.Thread(target=_sink, args=(sink, digests), daemon=True),
+            threading.Thread(target=_source, args=(source, data), daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            up = f"{gateway}:{sink.getsockname()[1]}"
             result = fwd.run(["socat", "-u", f"OPEN:{src}", up], timeout=60)
             assert result.returncode == 0, result.stderr
-            down = f"socat -u TCP:10.0.2.2:{source.getsockname()[1]} STDOUT | sha256sum"
+            down = f"socat -u {gateway}:{source.getsockname()[1]} STDOUT | sha256sum"
             result = fwd.run(["sh", "-c", down], timeout=60)
             assert result.returncode == 0, result.stderr
             assert result.stdout.split()[0] == digest
             for thread in threads:
                 thread.join(timeout=30)
-    finally:
-        sink.close()
-        source.close()
+        finally:
+            sink.close()
+            source.close()
     assert digests == [(len(data), digest)]
     largest_in, largest_out = _frame_sizes(str(pcap))
     if offload:

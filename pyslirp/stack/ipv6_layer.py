@@ -441,6 +441,13 @@ class Ipv6Layer:
         else:
             self._send_packet(dst, b"".join((head, *parts)), now)
 
+    def send_offload_segment(self, src, dst, mac: bytes, vnet: bytes, parts: tuple, size: int):
+        """send_segment for a TAP with offloads, to a known neighbour: the
+        segment may exceed the MTU (``vnet`` says how the guest cuts it)."""
+        head = ipv6.header(src, dst, ipv6.PROTO_TCP, size)
+        eth = ethernet.header(mac, self.mac, ethernet.ETHERTYPE_IPV6)
+        self.stack._out.append((vnet, b"".join((eth, head, *parts))))
+
     def _send_packet(self, dst: bytes, packet: bytes, now: float, dst_mac=None) -> None:
         if dst_mac is None:
             if dst[0] == 0xFF:

@@ -829,8 +829,11 @@ class TcpConnection:
             sent_off = (old_nxt - una) & MASK
             win = self.snd_wnd if self.snd_wnd < self.cwnd else self.cwnd
             mss = self.mss
-            # With TAP offloads, one frame carries many MSS pieces (IPv4 only).
-            seg = layer.gso_payload // mss * mss if layer.offload and self.eth else mss
+            # With TAP offloads, one frame carries many MSS pieces (to a known
+            # neighbour: IPv4's cached Ethernet header, IPv6's ND entry).
+            seg = mss
+            if layer.offload and (self.eth or layer.gso_neighbour(self)):
+                seg = layer.gso_payload // mss * mss
             closing = self.close_requested and not self.fin_acked
             emit = layer.emit
             while sent_off < buffered and sent_off < win:

@@ -626,6 +626,10 @@ class TcpLayer:
                 )
         stack._out.append((vnet, b"".join((head, options, payload)) if size else head + options))
 
+    def gso_neighbour(self, conn: TcpConnection) -> bool:
+        """An IPv6 connection whose guest's MAC is known (offloads apply)."""
+        return len(conn.remote) == 16 and conn.remote in self.stack.ipv6.neighbors
+
     def _frame(self, conn, flags, seq, ack, window, options, options_sum, payload, now) -> None:
         if len(conn.remote) == 16:  # IPv6: conn.eth stays None, so every segment comes here
             self._frame6(conn, flags, seq, ack, window, options, options_sum, payload, now)
@@ -699,6 +703,30 @@ class TcpLayer:
         header_len = 20 + len(options)
         size = len(payload)
         tcp_len = header_len + size
+        if self.offload:
+            mac = self.stack.ipv6.neighbors.get(conn.remote)
+            if mac is not None:  # else ND first, and the packet waits without offloads
+                pseudo = (int.from_bytes(conn.local + conn.remote, "big") + tcp_len + 6) % 0xFFFF
+                head = _SEGMENT.pack(
+                    conn.local_port,
+                    conn.remote_port,
+                    seq,
+                    ack,
+                    header_len << 2,
+                    flags,
+                    window,
+                    pseudo or 0xFFFF,
+                    0,
+                )
+                gso = virtio.GSO_TCPV6 if size > conn.mss else virtio.GSO_NONE
+                if gso:
+                    self.counters["tcp-gso-out"] += 1
+                vnet = virtio.tcp_header(14, 40, header_len, gso, conn.mss)
+                parts = (head, options, payload) if size else (head, options)
+                self.stack.ipv6.send_offload_segment(
+                    conn.local, conn.remote, mac, vnet, parts, tcp_len
+                )
+                return
         s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
         if size:
             s += checksum.partial_sum(payload)
