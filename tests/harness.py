@@ -5,6 +5,7 @@ test fails. Guest-side commands run with ``nsenter --net=PATH``.
 """
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -196,6 +197,31 @@ def netns(name_prefix: str = "pyslirp"):
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+
+
+@contextlib.contextmanager
+def this_thread_in(ns: str):
+    """Run this thread in the named namespace ``ns`` (sockets made there stay there)."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(target)
+        os.close(own)
 
 
 def __getattr__(name):

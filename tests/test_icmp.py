@@ -15,7 +15,6 @@ Nothing here sends a packet outside those namespaces: every address used is
 """
 
 import contextlib
-import ctypes
 import logging
 import os
 import selectors
@@ -105,30 +104,6 @@ def host_and_peer(ping_range: str = "0 2147483647"):
         yield host, peer
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "setns")
-
-
-@contextlib.contextmanager
-def this_thread_in(ns: str):
-    """Run this thread in namespace ``ns`` (sockets made there stay there)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(target)
-        os.close(own)
-
-
 # ------------------------------------------------------------ a tiny loop
 class FixedRandom:
     def getrandbits(self, bits: int) -> int:
@@ -210,7 +185,7 @@ def namespaces():
 def relay(namespaces):
     host, _peer = namespaces
     loop = MiniLoop(max_ping_sockets=3, ping_idle_timeout=30.0)
-    with this_thread_in(host):
+    with harness.this_thread_in(host):
         relay = IcmpRelay(loop)
         loop.relay = relay
         try:
@@ -347,7 +322,7 @@ def test_close_closes_every_socket(relay):
 
 def test_ping_sockets_not_permitted_answer_admin_prohibited(caplog):
     # A fresh namespace keeps the kernel default ping_group_range "1 0".
-    with named_netns("noping") as ns, this_thread_in(ns):
+    with named_netns("noping") as ns, harness.this_thread_in(ns):
         with open("/proc/sys/net/ipv4/ping_group_range") as f:
             assert f.read().split() == ["1", "0"]
         loop = MiniLoop()

@@ -10,7 +10,6 @@ Nothing here leaves those namespaces.
 """
 
 import contextlib
-import ctypes
 import hashlib
 import ipaddress
 import json
@@ -76,30 +75,6 @@ def namespaces():
         yield host, peer
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "setns")
-
-
-@contextlib.contextmanager
-def this_thread_in(ns: str):
-    """Run this thread in namespace ``ns`` (sockets made there stay there)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(target)
-        os.close(own)
-
-
 def wait_for_slaac(fwd, expect: str = GUEST6) -> None:
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
@@ -140,7 +115,7 @@ class Server:
     """Sockets made in the host namespace, served by a thread."""
 
     def __init__(self, host: str, kind: int, handler, address: str = "::1") -> None:
-        with this_thread_in(host):
+        with harness.this_thread_in(host):
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
             self.sock = socket.socket(family, kind)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -326,7 +301,7 @@ def test_disable_host_loopback_refuses_fd00_2(namespaces):
 
 def test_dns_proxy_on_fd00_3_over_udp_and_tcp(namespaces):
     host, _peer = namespaces
-    with this_thread_in(host):
+    with harness.this_thread_in(host):
         dns = DnsServer(
             records={"v6.example.test.": "2001:db8::77", "v4.example.test.": "192.0.2.7"}
         )
@@ -391,7 +366,7 @@ def test_dns_proxy_forwards_to_an_ipv6_upstream(namespaces):
 
 def test_ipv6_port_forwards_to_the_slaac_address(namespaces):
     host, _peer = namespaces
-    with this_thread_in(host):
+    with harness.this_thread_in(host):
         probe = socket.socket(socket.AF_INET6)
         probe.bind(("::1", 0))
         tcp_port = probe.getsockname()[1]
@@ -433,7 +408,7 @@ def test_ipv6_port_forwards_to_the_slaac_address(namespaces):
         ]
         time.sleep(0.3)  # socat in the guest is listening
         data = os.urandom(1 << 20)
-        with this_thread_in(host):
+        with harness.this_thread_in(host):
             client = socket.create_connection(("::1", tcp_port), timeout=10)
             udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             udp.connect(("::1", tcp_port))
