@@ -108,6 +108,16 @@ class Loop:
         except OSError:
             pass  # closed already: the kernel dropped it from the epoll
 
+    def forget(self, fileobj) -> None:
+        """``unregister`` for a socket about to be closed by the caller, its
+        only holder: closing it takes it out of the epoll, so no epoll_ctl."""
+        try:
+            fd = fileobj.fileno()
+        except (OSError, ValueError):
+            fd = -1
+        if fd < 0 or self._handlers.pop(fd, None) is None:
+            self.unregister(fileobj)
+
     @staticmethod
     def now() -> float:
         return time.monotonic()
@@ -124,6 +134,7 @@ class Loop:
         handlers = self._handlers
         tap_fd = self.tap_fd
         stop_fd = self.stop_fd
+        tcp = stack.tcp
         while self._running:
             # One pass over the timers per wake-up: the earliest deadline sets
             # the sleep, and the timers run after it only if it has come.
@@ -155,7 +166,8 @@ class Loop:
                 self._run_timers(now)
                 if events:
                     self._dispatch_events(now)
-            self.flush(now)
+            if stack._out or (tcp is not None and tcp.dirty):
+                self.flush(now)
 
     def _next_deadline(self) -> float | None:
         deadline = self.stack.get_timer()
@@ -205,7 +217,7 @@ class Loop:
             # Dispatch as we go so that per-flow back-pressure stays accurate.
             if self.stack._events:
                 self._dispatch_events(now)
-            if not count and not self._tap_poll.poll(0):
+            if not count and (not self._tap_poll.poll(0)):
                 return  # one frame and no more (request/response): no EAGAIN read
 
     def _dispatch_events(self, now: float) -> None:
