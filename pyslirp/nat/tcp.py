@@ -347,10 +347,11 @@ class TcpNat:
             self._set_mask(flow, flow.mask & ~WRITE)
         if conn.guest_fin and not flow.shut_wr:
             flow.shut_wr = True
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            if not flow.host_eof:  # else the close() just below sends the FIN
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
             self._maybe_finished(flow, now)
 
     # ------------------------------------------------------------ host -> guest
@@ -440,7 +441,7 @@ class TcpNat:
         self._connecting.pop(flow, None)
         self._lingering.pop(flow, None)
         if flow.mask:
-            self.loop.unregister(flow.sock)
+            self.loop.forget(flow.sock)  # closed below
             flow.mask = 0
         if reset and not flow.connecting:
             try:
