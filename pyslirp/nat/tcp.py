@@ -374,7 +374,8 @@ class TcpNat:
             tcp.send(conn, buffer[:size], now)
             return
         flow.host_eof = True
-        self._set_mask(flow, flow.mask & ~READ)
+        if not flow.shut_wr:  # else _maybe_finished closes the socket: no epoll_ctl
+            self._set_mask(flow, flow.mask & ~READ)
         tcp.close(conn, now)
         self._maybe_finished(flow, now)
 
