@@ -26,7 +26,8 @@ from pyslirp.stack.events import TcpDataReceived
 from pyslirp.stack.interface import Stack
 from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 from tests import harness
-from tests.test_ipv6_e2e import forwarder6, named_netns, this_thread_in
+from tests.harness import this_thread_in
+from tests.test_ipv6_e2e import forwarder6, named_netns
 from tests.test_tcp_stack import (
     GISN,
     GPORT,
