@@ -187,14 +187,6 @@ class Loop:
             if due is not None and due <= now:
                 service.handle_timer(now)
 
-    def _next_timeout(self) -> float | None:
-        deadlines = [self.stack.get_timer()]
-        deadlines.extend(service.next_deadline() for service in self.services)
-        deadlines = [d for d in deadlines if d is not None]
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - time.monotonic())
-
     def _read_tap(self, now: float) -> None:
         vnet = self.vnet
         receive = self.stack.receive_vnet_frame if vnet else self.stack.receive_frame
