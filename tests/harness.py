@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,22 +182,27 @@ def forwarder(
 
 
 @contextlib.contextmanager
-def netns(name_prefix: str = "pyslirp"):
-    """A named namespace (ip netns add), removed on exit."""
-    name = f"{name_prefix}-{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
+def netns(tag: str = "test"):
+    """A named namespace ``pyslirp-TAG-XXXXXXXX`` (ip netns add) with lo up;
+    on exit every process in it is killed and it is deleted."""
+    name = f"pyslirp-{tag}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
     try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            ["ip", "-n", name, "link", "set", "lo", "up"],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
         yield name
     finally:
-        subprocess.run(["ip", "netns", "pids", name], capture_output=True)
         pids = subprocess.run(
-            ["ip", "netns", "pids", name], capture_output=True, text=True
+            ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10
         ).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
 _CLONE_NEWNET = 0x40000000

@@ -16,11 +16,9 @@ Nothing here sends a packet outside those namespaces: every address used is
 
 import contextlib
 import logging
-import os
 import selectors
 import subprocess
 import time
-import uuid
 
 import pytest
 from scapy.layers.inet import ICMP, IP
@@ -56,21 +54,7 @@ def sh(*cmd: str) -> None:
 
 
 # ------------------------------------------------------------ namespaces
-@contextlib.contextmanager
-def named_netns(tag: str):
-    name = f"pyslirp-{tag}-{uuid.uuid4().hex[:8]}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        pids = subprocess.run(
-            ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10
-        ).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), 9)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+named_netns = harness.netns
 
 
 def in_ns(ns: str, *cmd: str) -> None:

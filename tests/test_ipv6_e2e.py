@@ -43,21 +43,7 @@ def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=10)
 
 
-@contextlib.contextmanager
-def named_netns(tag: str):
-    name = f"pyslirp-{tag}-{uuid.uuid4().hex[:8]}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        pids = subprocess.run(
-            ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10
-        ).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), 9)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+named_netns = harness.netns
 
 
 @pytest.fixture(scope="module")
