@@ -135,16 +135,27 @@ class Loop:
         tap_fd = self.tap_fd
         stop_fd = self.stop_fd
         tcp = stack.tcp
+        stack_timer = stack.get_timer
+        services = self.services
+        monotonic = time.monotonic
+        tap_last = True  # the previous wake-up read the TAP too
         while self._running:
             # One pass over the timers per wake-up: the earliest deadline sets
-            # the sleep, and the timers run after it only if it has come.
-            deadline = self._next_deadline()
-            timeout = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+            # the sleep, and the timers run after it only if it has come
+            # (_next_deadline, inlined: this runs twice per request/response).
+            deadline = stack_timer()
+            for service in services:
+                due = service.next_deadline()
+                if due is not None and (deadline is None or due < deadline):
+                    deadline = due
+            timeout = -1 if deadline is None else max(0.0, deadline - monotonic())
             ready = poll(timeout)
-            now = time.monotonic()
+            now = monotonic()
+            tap_read = False
             for fd, happened in ready:
                 if fd == tap_fd:
-                    self._read_tap(now)
+                    self._read_tap(now, tap_last)
+                    tap_read = True
                 elif fd == stop_fd:
                     self._running = False
                 else:
@@ -168,6 +179,7 @@ class Loop:
                     self._dispatch_events(now)
             if stack._out or (tcp is not None and tcp.dirty):
                 self.flush(now)
+            tap_last = tap_read
 
     def _next_deadline(self) -> float | None:
         deadline = self.stack.get_timer()
@@ -187,7 +199,11 @@ class Loop:
             if due is not None and due <= now:
                 service.handle_timer(now)
 
-    def _read_tap(self, now: float) -> None:
+    def _read_tap(self, now: float, batch: bool = True) -> None:
+        """Read and feed frames. After the first one, ask for more only with
+        ``batch`` (the TAP was busy in the previous wake-up too): a guest
+        that alternates with a host socket (request/response) sends one
+        frame per wake-up, and a frame left unread wakes the next poll."""
         vnet = self.vnet
         receive = self.stack.receive_vnet_frame if vnet else self.stack.receive_frame
         capture = self.capture
@@ -209,7 +225,7 @@ class Loop:
             # Dispatch as we go so that per-flow back-pressure stays accurate.
             if self.stack._events:
                 self._dispatch_events(now)
-            if not count and (not self._tap_poll.poll(0)):
+            if not count and (not batch or not self._tap_poll.poll(0)):
                 return  # one frame and no more (request/response): no EAGAIN read
 
     def _dispatch_events(self, now: float) -> None:
