@@ -24,6 +24,10 @@ _ZERO_IP = bytes(4)
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 
 
+_VNET_LEN = virtio.HEADER_LEN
+_VNET_GSO_TCP = frozenset((virtio.GSO_NONE, virtio.GSO_TCPV4, virtio.GSO_TCPV6))
+
+
 class _PendingArp:
     __slots__ = ("packets", "attempts", "retry_at")
 
@@ -81,25 +85,25 @@ class Stack:
         checksum is not verified; a GSO frame may exceed the MTU."""
         self.counters["frames-in"] += 1
         try:
-            flags, gso_type, _hdr_len, _gso_size, _start, _off = virtio.parse(data)
-            frame = memoryview(data)[virtio.HEADER_LEN :]
-            if not flags and not gso_type:
-                self._receive(frame, now)
-                return
-            if gso_type & ~virtio.GSO_ECN not in (
-                virtio.GSO_NONE,
-                virtio.GSO_TCPV4,
-                virtio.GSO_TCPV6,
-            ):
+            if len(data) < _VNET_LEN:
+                raise MalformedFrame("vnet-truncated")
+            flags = data[0]
+            gso_type = data[1]
+            frame = memoryview(data)[_VNET_LEN:]
+            if not gso_type:
+                if not flags:
+                    self._receive(frame, now)
+                    return
+            elif gso_type & ~virtio.GSO_ECN not in _VNET_GSO_TCP:
                 raise MalformedFrame("vnet-gso-unsupported")
             tcp = self.tcp
             verify = tcp.verify_checksum if tcp is not None else True
             self.rx_checksum_trusted = True
-            self.rx_gso = bool(gso_type)
+            if gso_type:
+                self.rx_gso = True
+                self.counters["gso-frames-in"] += 1
             if tcp is not None:
                 tcp.verify_checksum = False
-            if gso_type:
-                self.counters["gso-frames-in"] += 1
             try:
                 self._receive(frame, now)
             finally:
