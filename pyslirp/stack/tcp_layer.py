@@ -835,12 +835,13 @@ class TcpLayer:
                 if real == at:
                     return at
                 # The deadline moved later or went away: fix the entry now
-                # rather than wake up for nothing.
-                heapq.heappop(heap)
-                conn.heap_at = None
+                # rather than wake up for nothing (one sift for both).
                 if real is not None:
                     conn.heap_at = real
-                    heapq.heappush(heap, (real, conn.serial, conn))
+                    heapq.heapreplace(heap, (real, conn.serial, conn))
+                else:
+                    conn.heap_at = None
+                    heapq.heappop(heap)
                 continue
             heapq.heappop(heap)
         return None
