@@ -229,14 +229,13 @@ class Loop:
                 return  # one frame and no more (request/response): no EAGAIN read
 
     def _dispatch_events(self, now: float) -> None:
-        next_event = self.stack.next_event
+        events = self.stack._events  # Stack.next_event, inlined
         handlers = self._event_handlers
-        event = next_event()
-        while event is not None:
-            handler = handlers.get(type(event))
+        while events:
+            event = events.popleft()
+            handler = handlers.get(event.__class__)
             if handler is not None:
                 handler(event, now)
-            event = next_event()
 
     def flush(self, now: float) -> None:
         if self.vnet:
