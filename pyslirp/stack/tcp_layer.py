@@ -819,7 +819,13 @@ class TcpLayer:
 
     def arm(self, conn: TcpConnection) -> None:
         """Make sure the heap holds the connection's next deadline."""
-        at = _deadline(conn)
+        at = conn.rtx_at  # _deadline(conn), inlined: twice per request/response
+        other = conn.wait_at
+        if other is not None and (at is None or other < at):
+            at = other
+        other = conn.delack_at
+        if other is not None and (at is None or other < at):
+            at = other
         if at is not None:
             current = conn.heap_at
             if current is None or at < current:
@@ -831,7 +837,13 @@ class TcpLayer:
         while heap:
             at, _serial, conn = heap[0]
             if conn.heap_at == at and conn.state is not CLOSED:
-                real = _deadline(conn)
+                real = conn.rtx_at  # _deadline(conn), inlined
+                other = conn.wait_at
+                if other is not None and (real is None or other < real):
+                    real = other
+                other = conn.delack_at
+                if other is not None and (real is None or other < real):
+                    real = other
                 if real == at:
                     return at
                 # The deadline moved later or went away: fix the entry now
