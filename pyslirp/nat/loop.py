@@ -139,6 +139,7 @@ class Loop:
         services = self.services
         monotonic = time.monotonic
         tap_last = True  # the previous wake-up read the TAP too
+        flush = self._flush_vnet if self.vnet else self.flush
         while self._running:
             # One pass over the timers per wake-up: the earliest deadline sets
             # the sleep, and the timers run after it only if it has come
@@ -178,7 +179,7 @@ class Loop:
                 if events:
                     self._dispatch_events(now)
             if stack._out or (tcp is not None and tcp.dirty):
-                self.flush(now)
+                flush(now)
             tap_last = tap_read
 
     def _next_deadline(self) -> float | None:
