@@ -25,6 +25,8 @@ _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 
 
 _VNET_LEN = virtio.HEADER_LEN
+_ETH_LEN = ethernet.HEADER_LEN
+_ETH_HEADER = ethernet.HEADER
 _VNET_GSO_TCP = frozenset((virtio.GSO_NONE, virtio.GSO_TCPV4, virtio.GSO_TCPV6))
 
 
@@ -304,7 +306,9 @@ class Stack:
 
     # ------------------------------------------------------------ ingress
     def _receive(self, frame: memoryview, now: float) -> None:
-        dst_mac, src_mac, ethertype = ethernet.parse(frame)
+        if len(frame) < _ETH_LEN:  # ethernet.parse, inlined
+            raise MalformedFrame("ethernet-truncated")
+        dst_mac, src_mac, ethertype = _ETH_HEADER.unpack_from(frame, 0)
         if src_mac[0] & 1:
             raise MalformedFrame("ethernet-multicast-source")
         if ethertype == ethernet.ETHERTYPE_IPV4:
@@ -371,7 +375,7 @@ class Stack:
             self.drops["ipv4-ttl-exceeded"] += 1
             return
         payload = packet[header.header_len :]
-        if header.is_fragment:
+        if header.more_fragments or header.fragment_offset:  # header.is_fragment
             whole = self._reassembler.add(
                 (src, dst, header.protocol, header.ident),
                 packet[: header.header_len],
