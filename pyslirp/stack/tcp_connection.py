@@ -743,7 +743,9 @@ class TcpConnection:
         self.rx_bytes += n
         self.bytes_in += n
         self.rcv_nxt = (self.rcv_nxt + n) & MASK
-        self.notify_readable()
+        if not self.rx_notified:  # notify_readable, inlined
+            self.rx_notified = True
+            self.layer.events.append(TcpDataReceived(self))
 
     def _queue_ooo(self, start: int, data) -> None:
         """Keep an in-window segment that came early, bounded in count and,
