@@ -149,7 +149,12 @@ class Loop:
                 due = service.next_deadline()
                 if due is not None and (deadline is None or due < deadline):
                     deadline = due
-            timeout = -1 if deadline is None else max(0.0, deadline - monotonic())
+            if deadline is None:
+                timeout = -1
+            else:
+                timeout = deadline - monotonic()
+                if timeout < 0.0:
+                    timeout = 0.0
             ready = poll(timeout)
             now = monotonic()
             tap_read = False
