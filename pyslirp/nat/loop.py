@@ -138,7 +138,6 @@ class Loop:
         stack_timer = stack.get_timer
         services = self.services
         monotonic = time.monotonic
-        tap_last = True  # the previous wake-up read the TAP too
         flush = self._flush_vnet if self.vnet else self.flush
         while self._running:
             # One pass over the timers per wake-up: the earliest deadline sets
@@ -157,11 +156,9 @@ class Loop:
                     timeout = 0.0
             ready = poll(timeout)
             now = monotonic()
-            tap_read = False
             for fd, happened in ready:
                 if fd == tap_fd:
-                    self._read_tap(now, tap_last)
-                    tap_read = True
+                    self._read_tap(now)
                 elif fd == stop_fd:
                     self._running = False
                 else:
@@ -185,7 +182,6 @@ class Loop:
                     self._dispatch_events(now)
             if stack._out or (tcp is not None and tcp.dirty):
                 flush(now)
-            tap_last = tap_read
 
     def _next_deadline(self) -> float | None:
         deadline = self.stack.get_timer()
@@ -205,13 +201,15 @@ class Loop:
             if due is not None and due <= now:
                 service.handle_timer(now)
 
-    def _read_tap(self, now: float, batch: bool = True) -> None:
-        """Read and feed frames. After the first one, ask for more only with
-        ``batch`` (the TAP was busy in the previous wake-up too): a guest
-        that alternates with a host socket (request/response) sends one
-        frame per wake-up, and a frame left unread wakes the next poll."""
+    def _read_tap(self, now: float) -> None:
+        """Read and feed frames. After the first one, ask for more only if
+        the stack has something to send: a frame that leaves it idle is a
+        guest waiting for the host (request/response), and a frame left
+        unread wakes the next poll anyway."""
         vnet = self.vnet
-        receive = self.stack.receive_vnet_frame if vnet else self.stack.receive_frame
+        stack = self.stack
+        tcp = stack.tcp
+        receive = stack.receive_vnet_frame if vnet else stack.receive_frame
         capture = self.capture
         size = MAX_FRAME + virtio.HEADER_LEN if vnet else MAX_FRAME
         for count in range(self.config.tap_batch):
@@ -231,7 +229,9 @@ class Loop:
             # Dispatch as we go so that per-flow back-pressure stays accurate.
             if self.stack._events:
                 self._dispatch_events(now)
-            if not count and (not batch or not self._tap_poll.poll(0)):
+            if not count and (
+                not (stack._out or (tcp is not None and tcp.dirty)) or not self._tap_poll.poll(0)
+            ):
                 return  # one frame and no more (request/response): no EAGAIN read
 
     def _dispatch_events(self, now: float) -> None:
