@@ -526,8 +526,7 @@ class TcpLayer:
         return (int(now * 1000) + conn.ts_offset) & MASK
 
     def emit(self, conn: TcpConnection, flags: int, seq: int, payload, now: float) -> None:
-        """One segment with ACK = RCV.NXT, our window and timestamps (the
-        hot path: _frame inlined for the common case)."""
+        """One segment with ACK = RCV.NXT, our window and timestamps."""
         window = conn.window_field()
         ack = conn.ack_sent = conn.rcv_nxt
         conn.delack_at = None
@@ -542,45 +541,10 @@ class TcpLayer:
             options_sum = 0
             header_len = 20
         eth = conn.eth
-        if eth is None:
-            self._frame(conn, flags, seq, ack, window, options, options_sum, payload, now)
-            return
-        if self.offload:
+        if eth is not None and self.offload:
             self._emit_offload(conn, eth, flags, seq, ack, window, options, header_len, payload)
-            return
-        size = len(payload)
-        tcp_len = header_len + size
-        total = 20 + tcp_len
-        stack = self.stack
-        ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
-        s = (conn.ip_sum + total + ident) % 0xFFFF
-        ip_csum = (~s) & 0xFFFF if s else 0
-        s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
-        if size:
-            s += checksum.partial_sum(payload)
-        s %= 0xFFFF
-        head = _FRAME4.pack(
-            eth,
-            0x45,
-            0,
-            total,
-            ident,
-            _DF,
-            ipv4.DEFAULT_TTL,
-            ipv4.PROTO_TCP,
-            ip_csum,
-            conn.addrs,
-            conn.local_port,
-            conn.remote_port,
-            seq,
-            ack,
-            header_len << 2,
-            flags,
-            window,
-            (~s) & 0xFFFF if s else 0,
-            0,
-        )
-        stack._out.append(b"".join((head, options, payload)) if size else head + options)
+        else:
+            self._frame(conn, flags, seq, ack, window, options, options_sum, payload, now)
 
     def _emit_offload(self, conn, eth, flags, seq, ack, window, options, header_len, payload):
         """emit for a TAP with virtio offloads: the TCP checksum is left to
