@@ -48,6 +48,7 @@ from concurrent.futures import Future
 
 from pyslirp.backend import Backend
 from pyslirp.nat.config import NetworkConfig, read_resolv_conf
+from pyslirp.nat.loop import write_tap
 
 log = logging.getLogger("pyslirp.libslirp")
 
@@ -525,14 +526,7 @@ class LibslirpBackend(Backend):
         if self.tap_fd is None:
             self.counters["tap-write-dropped"] += 1
             return length
-        try:
-            os.write(self.tap_fd, frame)
-        except BlockingIOError:
-            self.counters["tap-write-dropped"] += 1
-        except OSError as exc:
-            # EIO while the TAP is down: the guest is not listening yet.
-            if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
-                raise
+        if not write_tap(self.tap_fd, frame):
             self.counters["tap-write-dropped"] += 1
         return length
 

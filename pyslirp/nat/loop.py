@@ -40,6 +40,24 @@ def _epoll_events(events: int) -> int:
     return bits
 
 
+def write_tap(fd: int, frame, header=None) -> bool:
+    """Write one frame (after its virtio header, if any) to the TAP; False if
+    the kernel dropped it: the queue is full, or the TAP is down (EIO) and the
+    guest is not listening yet."""
+    try:
+        if header is None:
+            os.write(fd, frame)
+        else:
+            os.writev(fd, (header, frame))
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
+            raise
+        return False
+    return True
+
+
 class Loop:
     def __init__(
         self, config: NetworkConfig, tap_fd: int, stop_fd: int | None = None, capture=None
@@ -251,17 +269,11 @@ class Loop:
         if not frames:
             return
         capture = self.capture
+        fd = self.tap_fd
         for frame in frames:
             if capture is not None:
                 capture.write(frame)
-            try:
-                os.write(self.tap_fd, frame)
-            except BlockingIOError:
-                self.counters["tap-write-dropped"] += 1
-            except OSError as exc:
-                # EIO while the TAP is down: the guest is not listening yet.
-                if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
-                    raise
+            if not write_tap(fd, frame):
                 self.counters["tap-write-dropped"] += 1
         if capture is not None:
             capture.flush()
@@ -271,7 +283,6 @@ class Loop:
         if not items:
             return
         capture = self.capture
-        writev = os.writev
         fd = self.tap_fd
         plain = virtio.NO_OFFLOAD
         for item in items:
@@ -281,13 +292,7 @@ class Loop:
                 header, frame = plain, item
             if capture is not None:
                 capture.write(frame)
-            try:
-                writev(fd, (header, frame))
-            except BlockingIOError:
-                self.counters["tap-write-dropped"] += 1
-            except OSError as exc:
-                if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
-                    raise
+            if not write_tap(fd, frame, header):
                 self.counters["tap-write-dropped"] += 1
         if capture is not None:
             capture.flush()
