@@ -152,6 +152,24 @@ def namespace(name: str):
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+def wait_configured(ns_name: str, proc, backend: str, interval: float = 0.05) -> None:
+    """Wait (10 s at most) until the forwarder has given tap0 its address and route."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["ip", "-n", ns_name, "-4", "addr", "show", "tap0"], capture_output=True, text=True
+        ).stdout
+        routes = subprocess.run(
+            ["ip", "-n", ns_name, "route"], capture_output=True, text=True
+        ).stdout
+        if "10.0.2.100" in out and "default" in routes:
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{backend} exited with {proc.returncode}")
+        time.sleep(interval)
+    raise RuntimeError(f"{backend} did not configure tap0 within 10 s")
+
+
 @contextlib.contextmanager
 def forwarder(
     backend: str, mtu: int, ns_name: str, ns_path: str, extra: list[str], profile: str | None
@@ -176,21 +194,7 @@ def forwarder(
         cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            out = subprocess.run(
-                ["ip", "-n", ns_name, "-4", "addr", "show", "tap0"], capture_output=True, text=True
-            ).stdout
-            routes = subprocess.run(
-                ["ip", "-n", ns_name, "route"], capture_output=True, text=True
-            ).stdout
-            if "10.0.2.100" in out and "default" in routes:
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(f"{backend} exited with {proc.returncode}")
-            time.sleep(0.05)
-        else:
-            raise RuntimeError(f"{backend} did not configure tap0 within 10 s")
+        wait_configured(ns_name, proc, backend)
         yield proc
     finally:
         if proc.poll() is None:

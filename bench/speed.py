@@ -145,21 +145,7 @@ def started(backend: str, mtu: int, ns_name: str, ns_path: str):
             os.set_blocking(ready_r, True)
             if os.read(ready_r, 1):
                 startup_ms = (time.monotonic() - t0) * 1000
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            out = subprocess.run(
-                ["ip", "-n", ns_name, "-4", "addr"], capture_output=True, text=True
-            ).stdout
-            routes = subprocess.run(
-                ["ip", "-n", ns_name, "route"], capture_output=True, text=True
-            ).stdout
-            if "10.0.2.100" in out and "default" in routes:
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(f"{backend} exited with {proc.returncode}")
-            time.sleep(0.02)
-        else:
-            raise RuntimeError(f"{backend} did not configure the namespace within 10 s")
+        run.wait_configured(ns_name, proc, backend, interval=0.02)
         yield proc, startup_ms
     finally:
         for fd in (ready_r, ready_w):
