@@ -49,6 +49,9 @@ class FakeLoop:
     def unregister(self, fileobj):
         self.selector.unregister(fileobj)
 
+    def timers_changed(self) -> None:
+        pass  # pump() serves the sockets; the tests move the clock
+
     def pump(self, now: float, until, timeout: float = PUMP_TIMEOUT) -> bool:
         """Serve the proxy's sockets (at clock ``now``) until ``until()``."""
         deadline = time.monotonic() + timeout

@@ -255,6 +255,7 @@ class DnsProxy:
         query.deadline_at = now + self.config.dns_upstream_timeout
         pending[new_id] = query
         self._waiting[query] = None
+        self.loop.timers_changed()  # a query over TCP comes through a quiet handler
         return True
 
     def _open(self, upstream: Upstream):

@@ -79,9 +79,16 @@ class Loop:
         self._tap_poll.register(tap_fd, select.EPOLLIN)
         self.counters: dict[str, int] = {"tap-write-dropped": 0}
         self._running = False
-        self._handlers: dict[int, tuple] = {}  # fd -> (selectors events, handler, fileobj)
+        # fd -> (selectors events, handler, fileobj, quiet)
+        self._handlers: dict[int, tuple] = {}
         self.services: list = []  # objects with next_deadline() and handle_timer(now)
+        # The services' earliest deadline, asked again only after something
+        # that may have made one earlier: a handler that is not quiet, an
+        # event whose type is not quiet, timers, or timers_changed().
+        self._services_due: float | None = None
+        self._services_stale = True
         self._event_handlers: dict[type, object] = {}
+        self._quiet_events: set[type] = set()
         os.set_blocking(tap_fd, False)
         self._epoll.register(tap_fd, select.EPOLLIN)
         if stop_fd is not None:
@@ -91,26 +98,38 @@ class Loop:
         install(self)
 
     # -------------------------------------------------------- registration
-    def on_event(self, event_type: type, handler) -> None:
-        """Route stack events of ``event_type`` to ``handler(event, now)``."""
+    def on_event(self, event_type: type, handler, quiet: bool = False) -> None:
+        """Route stack events of ``event_type`` to ``handler(event, now)``.
+        A ``quiet`` handler never makes a service's deadline earlier (or
+        calls timers_changed when it does)."""
         self._event_handlers[event_type] = handler
+        if quiet:
+            self._quiet_events.add(event_type)
+        else:
+            self._quiet_events.discard(event_type)
 
-    def register(self, fileobj, events: int, handler) -> None:
+    def timers_changed(self) -> None:
+        """A service's next_deadline() may have become earlier."""
+        self._services_stale = True
+
+    def register(self, fileobj, events: int, handler, quiet: bool = False) -> None:
         """Call ``handler(mask, now)`` when ``fileobj`` is ready (``events``
-        and ``mask`` in selectors' bits: EVENT_READ, EVENT_WRITE)."""
+        and ``mask`` in selectors' bits: EVENT_READ, EVENT_WRITE). A
+        ``quiet`` handler is as in on_event."""
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if fd in self._handlers:
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
         self._epoll.register(fd, _epoll_events(events))
-        self._handlers[fd] = (events, handler, fileobj)
+        self._handlers[fd] = (events, handler, fileobj, quiet)
 
     def modify(self, fileobj, events: int, handler) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if fd not in self._handlers:
             raise KeyError(f"{fileobj!r} (fd {fd}) is not registered")
-        if self._handlers[fd][0] != events:
+        entry = self._handlers[fd]
+        if entry[0] != events:
             self._epoll.modify(fd, _epoll_events(events))
-        self._handlers[fd] = (events, handler, fileobj)
+        self._handlers[fd] = (events, handler, fileobj, entry[3])
 
     def unregister(self, fileobj) -> None:
         try:
@@ -161,11 +180,18 @@ class Loop:
             # One pass over the timers per wake-up: the earliest deadline sets
             # the sleep, and the timers run after it only if it has come
             # (_next_deadline, inlined: this runs twice per request/response).
+            if self._services_stale:
+                self._services_stale = False
+                due = None
+                for service in services:
+                    at = service.next_deadline()
+                    if at is not None and (due is None or at < due):
+                        due = at
+                self._services_due = due
             deadline = stack_timer()
-            for service in services:
-                due = service.next_deadline()
-                if due is not None and (deadline is None or due < deadline):
-                    deadline = due
+            due = self._services_due
+            if due is not None and (deadline is None or due < deadline):
+                deadline = due
             if deadline is None:
                 timeout = -1
             else:
@@ -191,6 +217,8 @@ class Loop:
                         mask |= WRITE
                     mask &= entry[0]
                     if mask:
+                        if not entry[3]:
+                            self._services_stale = True
                         entry[1](mask, now)
             if events:
                 self._dispatch_events(now)
@@ -210,6 +238,7 @@ class Loop:
         return deadline
 
     def _run_timers(self, now: float) -> None:
+        self._services_stale = True
         stack = self.stack
         deadline = stack.get_timer()
         if deadline is not None and deadline <= now:
@@ -255,9 +284,13 @@ class Loop:
     def _dispatch_events(self, now: float) -> None:
         events = self.stack._events  # Stack.next_event, inlined
         handlers = self._event_handlers
+        quiet = self._quiet_events
         while events:
             event = events.popleft()
-            handler = handlers.get(event.__class__)
+            kind = event.__class__
+            if kind not in quiet:
+                self._services_stale = True
+            handler = handlers.get(kind)
             if handler is not None:
                 handler(event, now)
 

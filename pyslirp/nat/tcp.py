@@ -214,8 +214,10 @@ class TcpNat:
             "dns-sessions": 0,
         }
         loop.on_event(TcpConnectRequested, self.on_connect_requested)
-        loop.on_event(TcpDataReceived, self.on_data)
-        loop.on_event(TcpSendSpaceOpened, self.on_send_space)
+        # Quiet: these only move data (a DNS query over TCP calls
+        # timers_changed through the proxy).
+        loop.on_event(TcpDataReceived, self.on_data, quiet=True)
+        loop.on_event(TcpSendSpaceOpened, self.on_send_space, quiet=True)
         loop.on_event(TcpConnectionReset, self.on_reset)
         loop.on_event(TcpConnectionClosed, self.on_closed)
 
@@ -469,7 +471,9 @@ class TcpNat:
         if mask == flow.mask or flow.closed:
             return
         if not flow.mask:
-            self.loop.register(flow.sock, mask, flow.on_ready)
+            # Quiet: a flow's handler only moves data or ends the flow,
+            # which never makes a deadline earlier.
+            self.loop.register(flow.sock, mask, flow.on_ready, quiet=True)
         elif not mask:
             self.loop.unregister(flow.sock)
         else:

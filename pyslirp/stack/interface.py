@@ -74,7 +74,9 @@ class Stack:
     def receive_frame(self, frame, now: float) -> None:
         self.counters["frames-in"] += 1
         try:
-            self._receive(memoryview(frame), now)
+            tcp = self.tcp
+            if tcp is None or not tcp.receive_fast(frame, 0, False, False, now):
+                self._receive(memoryview(frame), now)
         except MalformedFrame as exc:
             self.drops[exc.reason] += 1
         except Exception as exc:  # a bug: count it, never let the guest stop us
@@ -91,6 +93,15 @@ class Stack:
                 raise MalformedFrame("vnet-truncated")
             flags = data[0]
             gso_type = data[1]
+            tcp = self.tcp
+            if (
+                tcp is not None
+                and (not gso_type or gso_type == virtio.GSO_TCPV4)
+                and tcp.receive_fast(data, _VNET_LEN, flags or gso_type, gso_type, now)
+            ):
+                if gso_type:
+                    self.counters["gso-frames-in"] += 1
+                return
             frame = memoryview(data)[_VNET_LEN:]
             if not gso_type:
                 if not flags:
@@ -98,7 +109,6 @@ class Stack:
                     return
             elif gso_type & ~virtio.GSO_ECN not in _VNET_GSO_TCP:
                 raise MalformedFrame("vnet-gso-unsupported")
-            tcp = self.tcp
             verify = tcp.verify_checksum if tcp is not None else True
             self.rx_checksum_trusted = True
             if gso_type:

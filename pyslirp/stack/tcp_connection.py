@@ -181,6 +181,7 @@ class TcpConnection:
         "addrs",
         "ip_sum",
         "tcp_sum",
+        "pseudo_sum",
         # send sequence variables (RFC 9293 3.3.1)
         "iss",
         "snd_una",
@@ -268,6 +269,7 @@ class TcpConnection:
         self.addrs = local + remote
         self.ip_sum = 0
         self.tcp_sum = 0
+        self.pseudo_sum = 0
         self.iss = 0
         self.snd_una = self.snd_nxt = self.snd_max = 0
         self.snd_wnd = 0
@@ -422,48 +424,11 @@ class TcpConnection:
         self.keepalive_probes = 0
 
         # Header prediction: in-order data or a plain ACK in ESTABLISHED with
-        # nothing unusual takes this shorter way (same outcome, fewer tests).
-        if (
-            state is ESTABLISHED
-            and flags & (SYN | FIN | RST | URG | ACK) == ACK
-            and seq == self.rcv_nxt
-            and not self.ooo
+        # nothing unusual takes a shorter way (same outcome, fewer tests).
+        if state is ESTABLISHED and self.predicted(
+            flags, seq, seg.ack, seg.window, seg.timestamp, payload, now
         ):
-            ts = seg.timestamp
-            ack = seg.ack
-            una = self.snd_una
-            plen = len(payload)
-            if (
-                (ts is not None and ((ts[0] - self.ts_recent) & MASK) < HALF)
-                if self.ts_enabled
-                else ts is None
-            ) and ((ack - una) & MASK) <= ((self.snd_max - una) & MASK):
-                room = self.rcv_limit - self.rx_bytes
-                advertised = (self.rcv_adv - seq) & MASK
-                if plen <= room or (advertised < HALF and plen <= advertised):
-                    window = seg.window << self.snd_wscale
-                    if ack != una:
-                        self._new_ack(ack, ts, now)
-                    elif plen == 0 and window == self.snd_wnd and self.snd_max != una:
-                        self._duplicate_ack(now)
-                    # In order, so this segment is the newest: take its window.
-                    if window != self.snd_wnd:
-                        self._update_window(seq, ack, window)
-                    else:
-                        self.snd_wl1 = seq
-                        self.snd_wl2 = ack
-                    if ts is not None:
-                        self.ts_recent = ts[0]
-                    if plen:
-                        self._deliver(payload)
-                        if ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit:
-                            if self.delack_at is None:
-                                self.delack_at = now + layer.config.delayed_ack_timeout
-                        else:
-                            self.ack_pending = True
-                            self.mark()
-                    layer.arm(self)
-                    return
+            return
 
         if state is SYN_RECEIVED and flags & (SYN | ACK | RST) == SYN:
             if seq == self.irs:  # our SYN-ACK was lost: send it again
@@ -602,8 +567,7 @@ class TcpConnection:
             else:
                 flags &= ~FIN
             if delay and not flags & FIN:
-                if self.delack_at is None:
-                    self.delack_at = now + layer.config.delayed_ack_timeout
+                layer.delay_ack(self, now)
             else:
                 self.ack_pending = True
                 self.mark()
@@ -618,6 +582,62 @@ class TcpConnection:
             elif seq_lt(self.rcv_nxt, fin_at):
                 self.ooo_fin = fin_at
         layer.arm(self)
+
+    def predicted(self, flags: int, seq: int, ack: int, window: int, ts, payload, now) -> bool:
+        """Header prediction (Van Jacobson's, as in RFC 9293 3.10.7.4 taken
+        in the order it would take them): in ESTABLISHED, the next in-order
+        data or a plain ACK, with no flag but ACK, the timestamp newer than
+        TS.Recent, an ACK within what we sent and text that fits the window.
+        Such a segment is handled here at once and True returned; anything
+        else returns False having changed nothing, for segment_arrives.
+        ``window`` is the header's field (unscaled), ``ts`` (TSval, TSecr)."""
+        if (
+            flags & (SYN | FIN | RST | URG | ACK) != ACK
+            or seq != self.rcv_nxt
+            or self.ooo
+            or self.state is not ESTABLISHED
+        ):
+            return False
+        if self.ts_enabled:
+            if ts is None or ((ts[0] - self.ts_recent) & MASK) >= HALF:
+                return False
+        elif ts is not None:
+            return False
+        una = self.snd_una
+        if ((ack - una) & MASK) > ((self.snd_max - una) & MASK):
+            return False
+        plen = len(payload)
+        if plen > self.rcv_limit - self.rx_bytes:
+            advertised = (self.rcv_adv - seq) & MASK
+            if advertised >= HALF or plen > advertised:
+                return False
+        self.last_rx = now
+        self.keepalive_probes = 0
+        window <<= self.snd_wscale
+        if ack != una:
+            self._new_ack(ack, ts, now)
+        elif plen == 0 and window == self.snd_wnd and self.snd_max != una:
+            self._duplicate_ack(now)
+        # In order, so this segment is the newest: take its window.
+        if window != self.snd_wnd:
+            self._update_window(seq, ack, window)
+        else:
+            self.snd_wl1 = seq
+            self.snd_wl2 = ack
+        if ts is not None:
+            self.ts_recent = ts[0]
+        if plen:
+            self._deliver(payload)
+            if ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit:
+                if self.delack_at is None:  # layer.delay_ack, inlined
+                    layer = self.layer
+                    at = self.delack_at = now + layer.config.delayed_ack_timeout
+                    layer._delack.append((at, self))
+            else:
+                self.ack_pending = True
+                self.mark()
+        self.layer.arm(self)
+        return True
 
     def _update_window(self, seq: int, ack: int, window: int) -> None:
         """RFC 9293 3.10.7.4, fifth, ESTABLISHED: take the window from the
@@ -822,8 +842,35 @@ class TcpConnection:
         ACK if one is owed and nothing else carried it."""
         self.dirty = False
         layer = self.layer
+        state = self.state
+        if state is ESTABLISHED and not self.close_requested:
+            # The common case in short: new bytes that fit one segment and
+            # both windows, with nothing in flight to resend first.
+            una = self.snd_una
+            nxt = self.snd_nxt
+            buffered = self.snd_buf.size
+            sent_off = (nxt - una) & MASK
+            n = buffered - sent_off
+            if (
+                0 < n <= self.mss
+                and nxt == self.snd_max
+                and buffered <= self.snd_wnd
+                and buffered <= self.cwnd
+            ):
+                layer.emit(self, ACK | PSH, nxt, self.snd_buf.view(sent_off, buffered), now)
+                nxt = (una + buffered) & MASK
+                if self.rtt_seq is None and not self.ts_enabled:
+                    self.rtt_seq = nxt
+                    self.rtt_time = now
+                self.snd_nxt = self.snd_max = nxt
+                if self.rtx_at is None or self.persisting:
+                    self.persisting = False
+                    self.rtx_at = now + self.rto
+                self.ack_pending = False
+                layer.arm(self)
+                return
         sent = False
-        if self.state in SENDING:
+        if state in SENDING:
             buf = self.snd_buf
             una = self.snd_una
             old_nxt = self.snd_nxt
@@ -896,10 +943,6 @@ class TcpConnection:
 
     # ------------------------------------------------------------ timers
     def on_timer(self, now: float) -> None:
-        if self.delack_at is not None and self.delack_at <= now:
-            self.delack_at = None
-            self.ack_pending = True
-            self.output(now)
         if self.rtx_at is not None and self.rtx_at <= now:
             self.rtx_at = None
             self._retransmission_timeout(now)

@@ -93,19 +93,18 @@ _TS_OPTION = struct.Struct("!BBBBII")
 _TS_SUM = 0x0101 + 0x080A  # the NOP NOP kind length words of that option
 _IP_FIXED_SUM = 0x4500 + 0x4000 + ((ipv4.DEFAULT_TTL << 8) | ipv4.PROTO_TCP)
 _DF = 0x4000
+# receive_fast reads a frame's Ethernet, IPv4 and TCP headers with one unpack
+# from the source MAC on: source MAC, EtherType, version/IHL, total length,
+# flags/fragment offset, TTL, protocol, both addresses, then TCP's ports,
+# sequence and acknowledgment numbers, data offset, flags and window.
+# emit's common case: Ethernet, IPv4 and TCP headers with the timestamps
+# option (NOP NOP TS) in one pack (66 bytes).
+_FRAME4_TS = struct.Struct("!14sBBHHHBBH8sHHIIBBHHHIII")
+_FAST4 = struct.Struct("!6sHBxHxxHBBxx4s4sHHIIBBH")
+_IP_WORDS = struct.Struct("!10H")
+_TS_BLOCK = struct.Struct("!III")  # NOP NOP kind length, TSval, TSecr
+_TS_WORD = 0x0101080A
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
-
-
-def _deadline(conn: TcpConnection):
-    """The connection's earliest timer, or None."""
-    at = conn.rtx_at
-    other = conn.wait_at
-    if other is not None and (at is None or other < at):
-        at = other
-    other = conn.delack_at
-    if other is not None and (at is None or other < at):
-        at = other
-    return at
 
 
 class TcpLayer:
@@ -124,8 +123,16 @@ class TcpLayer:
         self.offload = stack.config.offload
         self.gso_payload = 65535 - 20 - 32 if self.offload else 0
         self._vnet_plain: dict[int, bytes] = {}
+        self._vnet_ts = virtio.tcp_header(14, 20, 32, virtio.GSO_NONE, 0)
         self.max_cwnd = 1 << 30
+        # Timers. Retransmission and keep-alive/TIME-WAIT deadlines sit in a
+        # heap, one live entry per connection (conn.heap_at); an entry whose
+        # deadline went away or moved later stays and costs one early look
+        # when it comes due, so a deadline that changes with every segment
+        # costs no heap operation. Delayed ACKs all wait the same time, so
+        # they sit in a FIFO in deadline order (the clock never goes back).
         self._heap: list = []
+        self._delack: deque = deque()
         self._serial = 0
         self._time_wait: deque = deque()
         self._challenge_second = -1
@@ -147,6 +154,67 @@ class TcpLayer:
         return self.mss_limit - 20 if len(conn.remote) == 16 else self.mss_limit
 
     # ------------------------------------------------------------ ingress
+    def receive_fast(self, data, off: int, trusted: bool, gso: bool, now: float) -> bool:
+        """Header prediction for a whole IPv4 frame at ``data[off:]``: a
+        segment of an ESTABLISHED connection that the full path would take
+        without a second look (no IP options or fragments, a known source
+        MAC, a valid checksum unless ``trusted``, the expected options) is
+        handled here with one unpack and no parsed objects; True if it was.
+        False changes nothing: the caller takes the full path, which also
+        counts whatever was wrong with the frame."""
+        if len(data) < off + 54:
+            return False
+        (
+            src_mac,
+            ethertype,
+            ver_ihl,
+            total,
+            frag,
+            ttl,
+            proto,
+            src,
+            dst,
+            sport,
+            dport,
+            seq,
+            ack,
+            doff,
+            flags,
+            window,
+        ) = _FAST4.unpack_from(data, off + 6)
+        if ethertype != 0x0800 or ver_ihl != 0x45 or proto != 6 or frag & 0xBFFF or ttl <= 1:
+            return False
+        end = off + 14 + total
+        if end > len(data) or (total > self.stack.config.mtu and not gso):
+            return False
+        conn = self.connections.get((src, sport, dst, dport))
+        if conn is None or conn.state is not ESTABLISHED:
+            return False
+        if self.stack._arp_cache.get(src) != src_mac:
+            return False
+        if sum(_IP_WORDS.unpack_from(data, off + 14)) % 0xFFFF:
+            return False
+        at = off + 34  # the TCP header
+        if conn.ts_enabled:
+            if doff >> 4 != 8 or total < 52:
+                return False
+            word, ts_val, ts_ecr = _TS_BLOCK.unpack_from(data, at + 20)
+            if word != _TS_WORD:
+                return False
+            ts = (ts_val, ts_ecr)
+            start = at + 32
+        elif doff >> 4 == 5:
+            ts = None
+            start = at + 20
+        else:
+            return False
+        if not trusted and self.verify_checksum:
+            s = conn.pseudo_sum + total - 20
+            if (s + checksum.partial_sum(memoryview(data)[at:end])) % 0xFFFF:
+                return False
+        payload = data[start:end] if end - start < 1024 else memoryview(data)[start:end]
+        return conn.predicted(flags, seq, ack, window, ts, payload, now)
+
     def receive_segment(self, ip, packet, payload, now: float) -> None:
         seg = tcp.parse(payload, ip.src, ip.dst, self.verify_checksum)
         key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
@@ -274,6 +342,7 @@ class TcpLayer:
         both = int.from_bytes(local, "big") + int.from_bytes(remote, "big")
         conn.ip_sum = _IP_FIXED_SUM + both
         conn.tcp_sum = both + tcp.PROTOCOL + local_port + remote_port
+        conn.pseudo_sum = both + tcp.PROTOCOL
         conn.ts_offset = self.random.getrandbits(32)
         conn.rcv_sws = min(conn.rcv_limit // 2, self._mss_limit(conn))
         self.connections[key] = conn
@@ -391,8 +460,7 @@ class TcpLayer:
                     conn.ack_pending = True  # the guest is about to stall: now
                     conn.mark()
                 elif conn.delack_at is None:  # else with the next segment, or soon
-                    conn.delack_at = now + self.config.delayed_ack_timeout
-                    self.arm(conn)
+                    self.delay_ack(conn, now)
 
     def close(self, conn: TcpConnection, now: float) -> None:
         """No more data from the host: FIN once the buffered bytes are out."""
@@ -532,6 +600,44 @@ class TcpLayer:
         conn.delack_at = None
         if conn.ts_enabled:
             ts_val = (int(now * 1000) + conn.ts_offset) & MASK
+            eth = conn.eth
+            if eth is not None and self.offload:  # the common case, in one pack
+                size = len(payload)
+                total = 52 + size
+                stack = self.stack
+                ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
+                s = (conn.ip_sum + total + ident) % 0xFFFF
+                head = _FRAME4_TS.pack(
+                    eth,
+                    0x45,
+                    0,
+                    total,
+                    ident,
+                    _DF,
+                    ipv4.DEFAULT_TTL,
+                    ipv4.PROTO_TCP,
+                    (~s) & 0xFFFF if s else 0,
+                    conn.addrs,
+                    conn.local_port,
+                    conn.remote_port,
+                    seq,
+                    ack,
+                    0x80,
+                    flags,
+                    window,
+                    (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF,
+                    0,
+                    _TS_WORD,
+                    ts_val,
+                    conn.ts_recent,
+                )
+                if size > conn.mss:
+                    vnet = virtio.tcp_header(14, 20, 32, virtio.GSO_TCPV4, conn.mss)
+                    self.counters["tcp-gso-out"] += 1
+                else:
+                    vnet = self._vnet_ts
+                stack._out.append((vnet, head + payload if size else head))
+                return
             ts_ecr = conn.ts_recent
             options = _TS_OPTION.pack(1, 1, 8, 10, ts_val, ts_ecr)
             options_sum = _TS_SUM + ts_val + ts_ecr
@@ -781,13 +887,17 @@ class TcpLayer:
                 else:
                     conn.output(now)
 
+    def delay_ack(self, conn: TcpConnection, now: float) -> None:
+        """ACK within delayed_ack_timeout unless a segment carries it sooner."""
+        if conn.delack_at is None:
+            at = conn.delack_at = now + self.config.delayed_ack_timeout
+            self._delack.append((at, conn))
+
     def arm(self, conn: TcpConnection) -> None:
-        """Make sure the heap holds the connection's next deadline."""
-        at = conn.rtx_at  # _deadline(conn), inlined: twice per request/response
+        """Make sure the heap holds an entry no later than the connection's
+        next retransmission or keep-alive/TIME-WAIT deadline."""
+        at = conn.rtx_at
         other = conn.wait_at
-        if other is not None and (at is None or other < at):
-            at = other
-        other = conn.delack_at
         if other is not None and (at is None or other < at):
             at = other
         if at is not None:
@@ -797,32 +907,32 @@ class TcpLayer:
                 heapq.heappush(self._heap, (at, conn.serial, conn))
 
     def get_timer(self):
+        """The earliest deadline, or one a little early (see __init__)."""
+        delack = self._delack
+        while delack:
+            at, conn = delack[0]
+            if conn.delack_at == at and conn.state is not CLOSED:
+                break
+            delack.popleft()
         heap = self._heap
         while heap:
-            at, _serial, conn = heap[0]
-            if conn.heap_at == at and conn.state is not CLOSED:
-                real = conn.rtx_at  # _deadline(conn), inlined
-                other = conn.wait_at
-                if other is not None and (real is None or other < real):
-                    real = other
-                other = conn.delack_at
-                if other is not None and (real is None or other < real):
-                    real = other
-                if real == at:
-                    return at
-                # The deadline moved later or went away: fix the entry now
-                # rather than wake up for nothing (one sift for both).
-                if real is not None:
-                    conn.heap_at = real
-                    heapq.heapreplace(heap, (real, conn.serial, conn))
-                else:
-                    conn.heap_at = None
-                    heapq.heappop(heap)
-                continue
+            first = heap[0]
+            conn = first[2]
+            if conn.heap_at == first[0] and conn.state is not CLOSED:
+                if delack and delack[0][0] < first[0]:
+                    return delack[0][0]
+                return first[0]
             heapq.heappop(heap)
-        return None
+        return delack[0][0] if delack else None
 
     def handle_timer(self, now: float) -> None:
+        delack = self._delack
+        while delack and delack[0][0] <= now:
+            at, conn = delack.popleft()
+            if conn.delack_at == at and conn.state is not CLOSED:
+                conn.delack_at = None
+                conn.ack_pending = True
+                conn.output(now)
         heap = self._heap
         while heap and heap[0][0] <= now:
             at, _serial, conn = heapq.heappop(heap)
