@@ -15,5 +15,8 @@ def pytest_collection_modifyitems(config, items):
     # names behind our back: end-to-end tests run only inside .ci/sandbox,
     # where /etc/resolv.conf names 127.0.0.1 and never the host's resolver.
     if any("e2e" in item.keywords for item in items) and not _resolv_conf_is_ours():
-        pytest.exit("end-to-end tests must run inside .ci/sandbox "
-                    "(/etc/resolv.conf names a resolver that is not ours)", returncode=3)
+        pytest.exit(
+            "end-to-end tests must run inside .ci/sandbox "
+            "(/etc/resolv.conf names a resolver that is not ours)",
+            returncode=3,
+        )

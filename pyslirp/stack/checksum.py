@@ -6,7 +6,6 @@ A partial sum here is ``int.from_bytes(data, "big") % 0xFFFF``: since
 words, reduced into 0..0xFFFE. Partial sums of even-length pieces add.
 """
 
-
 _FOLD_MASKS: dict[int, int] = {}
 
 
