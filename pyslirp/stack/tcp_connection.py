@@ -121,6 +121,11 @@ class SendBuffer:
         """Bytes [start, end) counted from SND.UNA (a view when it can)."""
         start += self.offset
         end += self.offset
+        first = self.chunks[0]
+        if end <= len(first):  # within the first chunk (all of a small reply)
+            if start == 0 and end == len(first):
+                return first
+            return memoryview(first)[start:end]
         parts = []
         for chunk in self.chunks:
             size = len(chunk)

@@ -22,7 +22,7 @@ from .events import (
     TcpConnectionReset,
     TcpConnectRequested,
 )
-from .tcp import ACK, FIN, PSH, RST, SYN
+from .tcp import ACK, FIN, PSH, RST, SYN, URG
 from .tcp_connection import (
     CLOSE_WAIT,
     CLOSED,
@@ -182,7 +182,14 @@ class TcpLayer:
             flags,
             window,
         ) = _FAST4.unpack_from(data, off + 6)
-        if ethertype != 0x0800 or ver_ihl != 0x45 or proto != 6 or frag & 0xBFFF or ttl <= 1:
+        if (
+            flags & (SYN | FIN | RST | URG | ACK) != ACK  # as predicted() will ask: early
+            or ethertype != 0x0800
+            or ver_ihl != 0x45
+            or proto != 6
+            or frag & 0xBFFF
+            or ttl <= 1
+        ):
             return False
         end = off + 14 + total
         if end > len(data) or (total > self.stack.config.mtu and not gso):
@@ -440,8 +447,12 @@ class TcpLayer:
         if count <= 0:
             return
         rx = conn.rx
-        conn.rx_bytes -= count
-        while count > 0:
+        if count >= conn.rx_bytes:  # all of it (a request, say): no walk
+            rx.clear()
+            conn.rx_bytes = 0
+        else:
+            conn.rx_bytes -= count
+        while count > 0 and rx:
             head = rx[0]
             size = len(head)
             if size <= count:
