@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -300,22 +301,36 @@ def measure(backend, mtu, duration, extra, tests, profile, ports) -> dict:
 
 
 def table(results: dict, backends: list[str], mtus: list[int]) -> str:
+    """Medians over the rounds; the ratio column is the median of the rounds'
+    ratios, with their range when there was more than one round."""
     head = ["metric", "MTU", *backends]
-    if "python" in backends and "slirp4netns" in backends:
+    both = "python" in backends and "slirp4netns" in backends
+    if both:
         head.append("python/slirp4netns")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mtu in mtus:
         for metric, unit in METRICS:
             row = [f"{metric} ({unit})", str(mtu)]
-            values = {b: results.get((b, mtu), {}).get(metric) for b in backends}
-            if all(v is None for v in values.values()):
+            values = {b: results.get((b, mtu), {}).get(metric) or [] for b in backends}
+            if not any(values.values()):
                 continue
             for b in backends:
-                v = values[b]
+                v = statistics.median(values[b]) if values[b] else None
                 row.append("-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}"))
-            if len(head) > len(backends) + 2:
-                p, s = values.get("python"), values.get("slirp4netns")
-                row.append(f"{p / s:.2f}x" if p and s else "-")
+            if both:
+                ratios = [
+                    p / s
+                    for p, s in zip(values["python"], values["slirp4netns"], strict=False)
+                    if s
+                ]
+                if not ratios:
+                    row.append("-")
+                elif len(ratios) == 1:
+                    row.append(f"{ratios[0]:.2f}x")
+                else:
+                    row.append(
+                        f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+                    )
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -330,6 +345,12 @@ def main() -> int:
     )
     parser.add_argument("--tests", nargs="+", default=list(TESTS), choices=TESTS)
     parser.add_argument("--profile", help="cProfile our forwarder into PROFILE.python.MTU")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every backend this many times, alternating (the table shows medians)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root (it creates network namespaces)", file=sys.stderr)
@@ -350,12 +371,15 @@ def main() -> int:
     results = {}
     try:
         time.sleep(0.3)
-        for mtu in args.mtu:
-            for backend in args.backend:
-                print(f"{backend}, MTU {mtu} ...", file=sys.stderr)
-                results[(backend, mtu)] = measure(
-                    backend, mtu, args.time, args.forwarder_arg, args.tests, args.profile, ports
-                )
+        for round_ in range(1, max(args.rounds, 1) + 1):
+            for mtu in args.mtu:
+                for backend in args.backend:
+                    print(f"{backend}, MTU {mtu}, round {round_} ...", file=sys.stderr)
+                    measured = measure(
+                        backend, mtu, args.time, args.forwarder_arg, args.tests, args.profile, ports
+                    )
+                    for metric, value in measured.items():
+                        results.setdefault((backend, mtu), {}).setdefault(metric, []).append(value)
     finally:
         iperf_server.terminate()
         iperf_server.wait(timeout=5)

@@ -155,11 +155,13 @@ class TcpLayer:
 
     # ------------------------------------------------------------ ingress
     def receive_fast(self, data, off: int, trusted: bool, gso: bool, now: float) -> bool:
-        """Header prediction for a whole IPv4 frame at ``data[off:]``: a
-        segment of an ESTABLISHED connection that the full path would take
-        without a second look (no IP options or fragments, a known source
-        MAC, a valid checksum unless ``trusted``, the expected options) is
-        handled here with one unpack and no parsed objects; True if it was.
+        """Header prediction for a whole IPv4 frame at ``data[off:]``: an
+        ACK-bearing segment (no SYN, RST or URG) of a synchronized connection
+        that the full path would take without a second look (no IP options
+        or fragments, a known source MAC, a valid checksum unless
+        ``trusted``, the expected options) is handled here with one unpack;
+        True if it was. In-order data and plain ACKs in ESTABLISHED go
+        straight to TcpConnection.predicted, others to segment_arrives.
         False changes nothing: the caller takes the full path, which also
         counts whatever was wrong with the frame."""
         if len(data) < off + 54:
@@ -183,7 +185,7 @@ class TcpLayer:
             window,
         ) = _FAST4.unpack_from(data, off + 6)
         if (
-            flags & (SYN | FIN | RST | URG | ACK) != ACK  # as predicted() will ask: early
+            flags & (SYN | RST | URG | ACK) != ACK  # those take the full path
             or ethertype != 0x0800
             or ver_ihl != 0x45
             or proto != 6
@@ -195,7 +197,10 @@ class TcpLayer:
         if end > len(data) or (total > self.stack.config.mtu and not gso):
             return False
         conn = self.connections.get((src, sport, dst, dport))
-        if conn is None or conn.state is not ESTABLISHED:
+        if conn is None:
+            return False
+        state = conn.state
+        if state is LISTEN or state is SYN_SENT or state is CLOSED:
             return False
         if self.stack._arp_cache.get(src) != src_mac:
             return False
@@ -220,7 +225,14 @@ class TcpLayer:
             if (s + checksum.partial_sum(memoryview(data)[at:end])) % 0xFFFF:
                 return False
         payload = data[start:end] if end - start < 1024 else memoryview(data)[start:end]
-        return conn.predicted(flags, seq, ack, window, ts, payload, now)
+        if state is ESTABLISHED and conn.predicted(flags, seq, ack, window, ts, payload, now):
+            return True
+        # Not predicted (a FIN, a handshake's last ACK, out of order...):
+        # the state machine as receive_segment would call it, minus parsing.
+        seg = tcp.TcpSegment(sport, dport, seq, ack, flags, window, 0, payload)
+        seg.timestamp = ts
+        conn.segment_arrives(seg, now)
+        return True
 
     def receive_segment(self, ip, packet, payload, now: float) -> None:
         seg = tcp.parse(payload, ip.src, ip.dst, self.verify_checksum)
