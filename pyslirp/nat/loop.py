@@ -29,6 +29,11 @@ MAX_FRAME = 65536 + 14  # MTU 65520 plus Ethernet header, with room to spare
 
 _NOT_OUT = ~select.EPOLLOUT
 _NOT_IN = ~select.EPOLLIN
+# epoll's bits (IN, PRI, OUT, ERR, HUP: the low five) as selectors' mask:
+# errors and hang-ups wake both directions, as selectors reads epoll.
+_MASKS = tuple(
+    (READ if bits & _NOT_OUT else 0) | (WRITE if bits & _NOT_IN else 0) for bits in range(32)
+)
 
 
 def _epoll_events(events: int) -> int:
@@ -209,13 +214,7 @@ class Loop:
                     entry = handlers.get(fd)
                     if entry is None:
                         continue
-                    # As selectors reads epoll: errors and hang-ups wake both.
-                    mask = 0
-                    if happened & _NOT_OUT:
-                        mask = READ
-                    if happened & _NOT_IN:
-                        mask |= WRITE
-                    mask &= entry[0]
+                    mask = _MASKS[happened & 31] & entry[0]
                     if mask:
                         if not entry[3]:
                             self._services_stale = True

@@ -542,7 +542,7 @@ class TcpLayer:
         if self.connections.get(conn.key) is conn:
             del self.connections[conn.key]
         conn.state = CLOSED
-        conn.rtx_at = conn.wait_at = None
+        conn.rtx_at = conn.wait_at = conn.delack_at = conn.heap_at = None
 
     def connection_reset(self, conn: TcpConnection, reason: str, now: float) -> None:
         self.remove(conn)
@@ -930,29 +930,30 @@ class TcpLayer:
                 heapq.heappush(self._heap, (at, conn.serial, conn))
 
     def get_timer(self):
-        """The earliest deadline, or one a little early (see __init__)."""
+        """The earliest deadline, or one a little early (see __init__).
+        Entries whose deadline went away are dropped on the way (remove()
+        clears a closed connection's deadlines, so those go too)."""
         delack = self._delack
+        at = None
         while delack:
-            at, conn = delack[0]
-            if conn.delack_at == at and conn.state is not CLOSED:
+            first = delack[0]
+            if first[1].delack_at == first[0]:
+                at = first[0]
                 break
             delack.popleft()
         heap = self._heap
         while heap:
             first = heap[0]
-            conn = first[2]
-            if conn.heap_at == first[0] and conn.state is not CLOSED:
-                if delack and delack[0][0] < first[0]:
-                    return delack[0][0]
-                return first[0]
+            if first[2].heap_at == first[0]:
+                return first[0] if at is None or first[0] < at else at
             heapq.heappop(heap)
-        return delack[0][0] if delack else None
+        return at
 
     def handle_timer(self, now: float) -> None:
         delack = self._delack
         while delack and delack[0][0] <= now:
             at, conn = delack.popleft()
-            if conn.delack_at == at and conn.state is not CLOSED:
+            if conn.delack_at == at:
                 conn.delack_at = None
                 conn.ack_pending = True
                 conn.output(now)
@@ -962,8 +963,6 @@ class TcpLayer:
             if conn.heap_at != at:
                 continue
             conn.heap_at = None
-            if conn.state is CLOSED:
-                continue
             conn.on_timer(now)
             if conn.state is not CLOSED:
                 self.arm(conn)
