@@ -34,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Backend "pypy": our python backend run by this interpreter instead.
+PYPY = os.environ.get("PYSLIRP_PYPY", "pypy3")
 
 # Run inside the namespace: 1-byte request/response for DURATION seconds.
 RR_CLIENT = """
@@ -180,7 +182,7 @@ def forwarder(
     else:
         wrap = ["-m", "cProfile", "-o", profile] if profile else []
         cmd = [
-            sys.executable,
+            PYPY if backend == "pypy" else sys.executable,
             *wrap,
             "-m",
             "forwarder",

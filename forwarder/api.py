@@ -29,6 +29,8 @@ The socket file is made mode 0600 and removed at exit (slirp4netns leaves it
 755 and behind after a signal).
 """
 
+from __future__ import annotations
+
 import errno
 import ipaddress
 import json
@@ -103,7 +105,7 @@ def _string(request: dict, name: str) -> str | None:
 def _number(request: dict, name: str) -> int:
     """parson's json_object_dotget_number cast to int: 0 unless a number."""
     value = _argument(request, name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0
     try:
         return int(value)

@@ -12,6 +12,8 @@ fd; then close every host socket, remove the API socket and the bind mount,
 and exit 0.
 """
 
+from __future__ import annotations
+
 import argparse
 import fcntl
 import ipaddress
@@ -23,6 +25,8 @@ import signal
 import socket
 import struct
 import sys
+
+from pyslirp._compat import if_nametoindex
 
 PROG = "pyslirp-forwarder"
 DEFAULT_CIDR = "10.0.2.0/24"
@@ -295,7 +299,7 @@ def parse_outbound_addr6(text: str) -> str:
         address = None
     if address is None:
         try:
-            socket.if_nametoindex(text)
+            if_nametoindex(text)
         except OSError:
             raise UsageError(
                 "outbound-addr6 has to be valid ipv6 address or interface name."

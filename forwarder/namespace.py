@@ -11,6 +11,8 @@ network namespace but may not setns() back into the host's one.
 Everything here raises ``StartupError`` with one line fit for the user.
 """
 
+from __future__ import annotations
+
 import ctypes
 import ctypes.util
 import errno
@@ -20,6 +22,8 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass
+
+from pyslirp._compat import if_nametoindex
 
 # <sched.h>, <sys/mount.h>, <linux/if_tun.h>
 CLONE_NEWNET = 0x40000000
@@ -186,9 +190,9 @@ def setup_links(tap: str, setup: LinkSetup) -> None:
         with Rtnl() as rtnl:
             if setup.loopback_up or setup.configure:
                 step = "set lo up"
-                rtnl.link_set(socket.if_nametoindex("lo"), up=True)
+                rtnl.link_set(if_nametoindex("lo"), up=True)
             if setup.configure:
-                index = socket.if_nametoindex(tap)
+                index = if_nametoindex(tap)
                 if setup.mac:
                     step = f"set {tap} MAC address {setup.mac}"
                     rtnl.link_set(index, address=bytes.fromhex(setup.mac.replace(":", "")))

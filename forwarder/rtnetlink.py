@@ -6,6 +6,8 @@ MAC address, add an IPv4 address, add a default route. Read first: RFC 3549
 (Netlink) and rtnetlink(7) for the message layouts.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import socket
@@ -59,7 +61,7 @@ class Rtnl:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Rtnl":
+    def __enter__(self) -> Rtnl:
         return self
 
     def __exit__(self, *exc) -> None:

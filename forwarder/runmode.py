@@ -13,6 +13,8 @@ until COMMAND exits. Nothing is left behind: the namespaces die with their
 last process, and the resolv.conf file is removed.
 """
 
+from __future__ import annotations
+
 import ctypes
 import errno
 import os
@@ -21,6 +23,8 @@ import signal
 import sys
 import tempfile
 import time
+
+from pyslirp._compat import pidfd_open
 
 from .namespace import CLONE_NEWNET, CLONE_NEWUSER, ExistingNamespace, libc
 
@@ -143,7 +147,7 @@ def run_command(options) -> int:
         options.target = ExistingNamespace(
             f"/proc/{pid}/ns/net", f"/proc/{pid}/ns/user" if uid != 0 else None
         )
-        pidfd = os.pidfd_open(pid)
+        pidfd = pidfd_open(pid)
 
         def on_signal(signum: int) -> bool:
             try:

@@ -20,6 +20,8 @@ to a small "keeper" process forked before: it waits for our end of a pipe
 to close (also when we are killed), does them, and exits.
 """
 
+from __future__ import annotations
+
 import ctypes
 import ctypes.util
 import errno

@@ -13,6 +13,8 @@ Netlink by hand (rtnetlink(7)): a few fixed structures, so that the long-lived
 process needs no netlink library (and nothing to import after the sandbox).
 """
 
+from __future__ import annotations
+
 import ipaddress
 import logging
 import os

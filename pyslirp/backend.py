@@ -18,6 +18,8 @@ serves; all in the backend's own thread:
   (slirp4netns's entries), ``list_connections()`` (dicts, one per flow).
 """
 
+from __future__ import annotations
+
 import abc
 
 from pyslirp.nat.config import NetworkConfig

@@ -31,6 +31,8 @@ timer_new_opaque callback and slirp_handle_timer; hostxfwd exists from 4.5.
 Windows; we use neither, so we ask for at most version 4.
 """
 
+from __future__ import annotations
+
 import errno
 import heapq
 import ipaddress
@@ -814,7 +816,7 @@ class LibslirpBackend(Backend):
                 timeout[0] = max(0, min(UINT32_MAX - 1, due - time.monotonic_ns() // 1_000_000))
             lib.slirp_pollfds_fill(slirp, timeout, add_poll, ffi.NULL)
             wanted = {tap_fd: POLLIN, stop_fd: POLLIN, wake_fd: POLLIN}
-            for fd, events in zip(self._poll_fds, self._poll_events, strict=True):
+            for fd, events in zip(self._poll_fds, self._poll_events):
                 wanted[fd] = wanted.get(fd, 0) | SLIRP_TO_POLL[events & 31]
             for fd, (events, _) in self._extra.items():
                 wanted[fd] = wanted.get(fd, 0) | events

@@ -1,5 +1,7 @@
 """A pcap writer (the classic libpcap format, LINKTYPE_ETHERNET) for --pcap."""
 
+from __future__ import annotations
+
 import struct
 import time
 

@@ -16,7 +16,9 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FORWARDER = [sys.executable, "-m", "forwarder"]
+# PYSLIRP_TEST_PYTHON=pypy3: the forwarders that harness.forwarder() starts
+# run under that interpreter (the tests themselves stay on this one).
+FORWARDER = [os.environ.get("PYSLIRP_TEST_PYTHON") or sys.executable, "-m", "forwarder"]
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 

@@ -7,6 +7,8 @@ host behind them; everything else is itself. Addresses are raw bytes (4 or
 16) on the guest side and strings (for socket calls) on the host side.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import socket
 

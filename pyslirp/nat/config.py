@@ -1,5 +1,7 @@
 """Configuration of one virtual network: addresses, upstreams and every limit."""
 
+from __future__ import annotations
+
 import ipaddress
 import random as _random
 from dataclasses import dataclass, field

@@ -27,10 +27,14 @@ server that may share the link with others. Relayed messages (giaddr set)
 cannot occur on this link and are dropped.
 """
 
+from __future__ import annotations
+
 import logging
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass
+
+from pyslirp._compat import SLOTS
 
 log = logging.getLogger("pyslirp.dhcp")
 
@@ -83,7 +87,7 @@ class MalformedDhcp(Exception):
         self.reason = reason
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class DhcpMessage:
     """The fields of a client message the server looks at."""
 
@@ -104,14 +108,14 @@ class DhcpMessage:
         return value if value is not None and len(value) == 4 else None
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class DhcpLeaseGranted:
     address: bytes
     mac: bytes
     lease_time: int
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Lease:
     address: bytes
     bound: bool  # False: offered and waiting for the REQUEST

@@ -14,6 +14,8 @@ Pure logic, no sockets: ``handle(payload)`` returns the reply payload or
 None; the UDP NAT sends it from fe80::2 port 547 to the client's port 546.
 """
 
+from __future__ import annotations
+
 import struct
 from collections import Counter
 

@@ -27,6 +27,8 @@ randomise the port per query). Upstreams are normally the host's own
 resolver, where that is an acceptable trade against a socket per query.
 """
 
+from __future__ import annotations
+
 import errno
 import ipaddress
 import logging

@@ -32,12 +32,15 @@ is not known in advance); until then its clients are refused. Host and
 guest addresses are of one family: no translation between the two.
 """
 
+from __future__ import annotations
+
 import errno
 import itertools
 import logging
 import socket
 from dataclasses import dataclass
 
+from pyslirp._compat import SLOTS
 from pyslirp.stack.events import TcpConnected, UdpDatagramReceived
 
 from .addressing import endpoint
@@ -58,7 +61,7 @@ SWEEP_INTERVAL = 1.0
 AUTO_GUEST6 = bytes(16)  # "::": the guest's learned IPv6 address
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Forward:
     id: int
     proto: str

@@ -42,6 +42,8 @@ filtered", and one warning names the sysctl. Nothing is sent to the host's
 network then; pings to the gateway and DNS addresses still work.
 """
 
+from __future__ import annotations
+
 import errno
 import logging
 import os

@@ -7,6 +7,8 @@ has queued for the guest in one flush and sleep until the next deadline.
 This module is the one reader of ``time.monotonic()``.
 """
 
+from __future__ import annotations
+
 import errno
 import logging
 import os
@@ -14,6 +16,7 @@ import select
 import selectors
 import time
 
+from pyslirp._compat import writev
 from pyslirp.stack import virtio
 from pyslirp.stack.events import IcmpEchoRequested, UdpDatagramReceived
 from pyslirp.stack.interface import Stack
@@ -53,7 +56,7 @@ def write_tap(fd: int, frame, header=None) -> bool:
         if header is None:
             os.write(fd, frame)
         else:
-            os.writev(fd, (header, frame))
+            writev(fd, (header, frame))
     except BlockingIOError:
         return False
     except OSError as exc:

@@ -1,5 +1,7 @@
 """Wires the host-side services into a loop."""
 
+from __future__ import annotations
+
 from pyslirp.stack.events import IcmpEchoRequested, UdpDatagramReceived
 
 from .dhcp import DhcpServer

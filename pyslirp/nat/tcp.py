@@ -23,6 +23,8 @@ DNS over TCP to the DNS address (RFC 7766) is answered here through the DNS
 proxy's engine, with no host socket.
 """
 
+from __future__ import annotations
+
 import errno
 import itertools
 import logging

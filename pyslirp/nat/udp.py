@@ -6,6 +6,8 @@ from any peer come back to it. ICMP errors about its datagrams arrive through
 IP_RECVERR on that socket and are passed on to the guest.
 """
 
+from __future__ import annotations
+
 import errno
 import logging
 import socket

@@ -1,5 +1,7 @@
 """ARP for IPv4 over Ethernet (RFC 826)."""
 
+from __future__ import annotations
+
 import struct
 
 from .errors import MalformedFrame

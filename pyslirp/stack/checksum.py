@@ -6,6 +6,8 @@ A partial sum here is ``int.from_bytes(data, "big") % 0xFFFF``: since
 words, reduced into 0..0xFFFE. Partial sums of even-length pieces add.
 """
 
+from __future__ import annotations
+
 _FOLD_MASKS: dict[int, int] = {}
 
 

@@ -4,10 +4,14 @@ Every bound the stack enforces lives here, with its reason. Addresses are raw
 ``bytes`` (4 for IPv4, 16 for IPv6); ``ipaddress`` objects stay at the CLI.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
+from pyslirp._compat import SLOTS
 
-@dataclass(slots=True)
+
+@dataclass(**SLOTS)
 class StackConfig:
     network: bytes = bytes([10, 0, 2, 0])
     prefix_len: int = 24

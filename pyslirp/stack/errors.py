@@ -1,5 +1,7 @@
 """The one error type the wire layer raises for untrusted input."""
 
+from __future__ import annotations
+
 
 class MalformedFrame(Exception):
     """A frame from the guest that cannot be parsed; ``reason`` is a short counter key."""

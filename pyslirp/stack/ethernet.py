@@ -1,5 +1,7 @@
 """Ethernet II framing (IEEE 802.3 clause 3.2.6 type field)."""
 
+from __future__ import annotations
+
 import struct
 
 from .errors import MalformedFrame

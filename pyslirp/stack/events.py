@@ -4,10 +4,14 @@ Addresses are raw bytes (4 or 16 long), so the NAT side is neutral to the
 address family.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
+from pyslirp._compat import SLOTS
 
-@dataclass(slots=True)
+
+@dataclass(**SLOTS)
 class UdpDatagramReceived:
     src: bytes
     src_port: int
@@ -18,7 +22,7 @@ class UdpDatagramReceived:
     packet: bytes  # the IP header and the start of the datagram, for ICMP errors
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class IcmpEchoRequested:
     """An echo request to an address the stack does not answer itself."""
 
@@ -36,21 +40,21 @@ class IcmpEchoRequested:
 # address it talks to); the NAT side keeps its own state in ``conn.user``.
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class TcpConnectRequested:
     """A guest SYN to a new destination: answer with tcp.accept or tcp.refuse."""
 
     conn: object
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class TcpConnected:
     """A connection we opened toward the guest (tcp.connect) is established."""
 
     conn: object
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class TcpDataReceived:
     """Bytes (conn.rx) or the guest's FIN (conn.guest_fin) wait for the NAT side.
 
@@ -59,14 +63,14 @@ class TcpDataReceived:
     conn: object
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class TcpSendSpaceOpened:
     """The guest acknowledged data, so tcp.send takes bytes again."""
 
     conn: object
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class TcpConnectionReset:
     """The connection is gone abnormally: the guest reset it, it timed out,
     or the guest refused our SYN. The NAT side should reset its socket."""
@@ -75,7 +79,7 @@ class TcpConnectionReset:
     reason: str
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class TcpConnectionClosed:
     """Both directions finished normally (TIME-WAIT or CLOSED)."""
 

@@ -2,6 +2,8 @@
 what a router quotes).
 """
 
+from __future__ import annotations
+
 import struct
 
 from . import checksum

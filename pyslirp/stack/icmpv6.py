@@ -6,6 +6,8 @@ pseudo-header). Neighbour discovery messages are ICMPv6 too; their bodies
 and options are in ``ndp.py``.
 """
 
+from __future__ import annotations
+
 import struct
 
 from . import checksum

@@ -11,6 +11,8 @@ under "internal-error" (its text kept in ``stack.last_internal_error``), so a
 hostile guest cannot stop the process.
 """
 
+from __future__ import annotations
+
 from collections import Counter, deque
 
 from . import arp, checksum, ethernet, icmpv4, icmpv6, ipv4, ipv6, udp, virtio

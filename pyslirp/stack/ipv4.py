@@ -4,8 +4,12 @@ Read first: RFC 791 (the protocol), RFC 1122 section 3.2.1 (host
 requirements for the header), RFC 815 (reassembly), RFC 6864 (the ID field).
 """
 
+from __future__ import annotations
+
 import struct
 from dataclasses import dataclass
+
+from pyslirp._compat import SLOTS
 
 from . import checksum
 from .errors import MalformedFrame
@@ -24,7 +28,7 @@ MAX_PACKET = 65535
 DEFAULT_TTL = 64
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Ipv4Header:
     header_len: int
     tos: int

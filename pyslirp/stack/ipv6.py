@@ -13,8 +13,12 @@ asks to answer with an ICMPv6 parameter problem raises ``ParameterProblem``
 count the drop and tell the guest.
 """
 
+from __future__ import annotations
+
 import struct
 from dataclasses import dataclass
+
+from pyslirp._compat import SLOTS
 
 from .errors import MalformedFrame
 
@@ -73,7 +77,7 @@ class ParameterProblem(MalformedFrame):
         self.unless_multicast = unless_multicast
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Ipv6Header:
     header_len: int  # where the upper-layer header starts (after extension headers)
     total_len: int  # 40 + payload length

@@ -31,6 +31,8 @@ to 0.5 s before a solicited RA, which on a link with one host only slows
 the guest down; the multicast rate limit is kept.
 """
 
+from __future__ import annotations
+
 from . import ethernet, icmpv4, icmpv6, ipv6, ndp, udp
 from .errors import MalformedFrame
 from .events import IcmpEchoRequested, UdpDatagramReceived

@@ -10,6 +10,8 @@ header (flags, or the RA's hop limit/flags/lifetime) is passed separately,
 as icmpv6.parse and icmpv6.emit take it.
 """
 
+from __future__ import annotations
+
 import struct
 
 from .errors import MalformedFrame

@@ -14,7 +14,11 @@ any other overlap discards the whole datagram, as Linux has done for IPv4
 since 2018. That way no byte the guest sent can be replaced by another.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
+
+from pyslirp._compat import SLOTS
 
 from . import checksum
 from .errors import MalformedFrame
@@ -22,7 +26,7 @@ from .errors import MalformedFrame
 MAX_PACKET = 65535
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Datagram:
     expires_at: float
     first_header: bytes = b""  # header of the offset-0 fragment, once seen

@@ -6,8 +6,12 @@ The state machine lives in tcp_connection.py; this file only parses and
 emits.
 """
 
+from __future__ import annotations
+
 import struct
 from dataclasses import dataclass
+
+from pyslirp._compat import SLOTS
 
 from . import checksum
 from .errors import MalformedFrame
@@ -46,7 +50,7 @@ _TWO = struct.Struct("!II")
 _FLAG_NAMES = "FSRPAUEC"
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class TcpSegment:
     src_port: int
     dst_port: int

@@ -16,6 +16,8 @@ bytes), TCP Fast Open (data on a SYN is not acknowledged, the guest resends
 it), ECN.
 """
 
+from __future__ import annotations
+
 import enum
 from collections import deque
 

@@ -10,10 +10,14 @@ bytes of ``conn.rx``), ``close`` (our FIN after the buffered data), ``abort``
 (RST), and ``connect`` for connections we open toward the guest.
 """
 
+from __future__ import annotations
+
 import heapq
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass
+
+from pyslirp._compat import SLOTS
 
 from . import checksum, ethernet, icmpv4, ipv4, tcp, virtio
 from .events import (
@@ -41,7 +45,7 @@ from .tcp_connection import (
 )
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class TcpConfig:
     # Connections in the table, TIME-WAIT included (those are reclaimed
     # first when the table is full). Each costs at most the two buffers below.

@@ -1,5 +1,7 @@
 """UDP (RFC 768; RFC 1122 section 4.1 for the checksum rules)."""
 
+from __future__ import annotations
+
 import struct
 
 from . import checksum

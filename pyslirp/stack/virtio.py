@@ -22,6 +22,8 @@ Fields are in the host's byte order (a TAP's legacy header; TUNSETVNETLE is
 not used), which is little-endian on every machine we run on.
 """
 
+from __future__ import annotations
+
 import struct
 
 from .errors import MalformedFrame
