@@ -2,7 +2,7 @@
 
 Usage (as root, from the repository):
     python3 bench/speed.py [--time 3] [--mtu 1500 65520] [--runs 2] [--out bench/results]
-        [--backend python python-no-offload libslirp slirp4netns pasta]
+        [--backend python python-no-offload pypy libslirp slirp4netns pasta]
 
 The rates come from bench/run.py's measurements (iperf3 both ways, 1-byte
 request/response, connect/close, CPU seconds of the forwarder); beside them,
@@ -36,8 +36,9 @@ SLIRP_BACKENDS = {
     "python": [],
     "python-no-offload": ["--no-offload"],
     "libslirp": ["--backend=libslirp"],
+    "pypy": [],  # the python backend, run by PyPy (run.PYPY)
 }
-ALL = ["python", "python-no-offload", "libslirp", "slirp4netns", "pasta"]
+ALL = ["python", "python-no-offload", "pypy", "libslirp", "slirp4netns", "pasta"]
 RATE_METRICS = [
     ("guest->host", "Gbit/s"),
     ("host->guest", "Gbit/s"),
@@ -101,7 +102,7 @@ def command(backend: str, mtu: int, ns_path: str, ready_fd: int | None) -> list[
         ]
     extra = SLIRP_BACKENDS[backend]
     return [
-        sys.executable,
+        run.PYPY if backend == "pypy" else sys.executable,
         "-m",
         "forwarder",
         "--configure",
@@ -330,7 +331,7 @@ def main() -> int:
         return 2
     backends = []
     for b in args.backend:
-        program = {"slirp4netns": "slirp4netns", "pasta": "pasta"}.get(b)
+        program = {"slirp4netns": "slirp4netns", "pasta": "pasta", "pypy": run.PYPY}.get(b)
         if program and shutil.which(program) is None:
             print(f"{program} is not installed: {b} left out", file=sys.stderr)
             continue
@@ -340,9 +341,10 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # As an installed package would be: PYTHONDONTWRITEBYTECODE (set on some
     # machines) would otherwise make every start compile our modules again.
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", "pyslirp", "forwarder"], cwd=REPO, check=False
-    )
+    for python in [sys.executable] + ([run.PYPY] if "pypy" in backends else []):
+        subprocess.run(
+            [python, "-m", "compileall", "-q", "pyslirp", "forwarder"], cwd=REPO, check=False
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     iperf_port = run.free_port()
