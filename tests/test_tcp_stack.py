@@ -1105,3 +1105,25 @@ def test_tiny_segments_are_merged_and_out_of_order_bytes_are_bounded():
         s.feed(1.3, "A", start + k, ISS + 1, payload=bytes(1400), ts=(103, s.ts(1.0)))
     assert conn.ooo_bytes <= 8192
     assert s.tcp.counters["tcp-ooo-dropped"] > 0
+
+
+def test_closed_connections_leave_no_timer_entries_behind():
+    """Connection churn keeps the timer heap and the TIME-WAIT queue about
+    as long as the table: a closed connection's deadline may be hours away
+    (keep-alive), and its entry must not keep it alive that long."""
+    s = Script()
+    keeper = s.tcp.connect(ip4(GW), 5555, ip4(GUEST), 8080, 1.0)  # the earliest deadline
+    for i in range(3000):
+        conn = s.tcp.connect(ip4(GW), 5556, ip4(GUEST), 10000 + i, 1.0)
+        conn.wait_at = 7200.0  # as a keep-alive deadline would be
+        s.tcp.arm(conn)
+        if i % 2:
+            s.tcp.abort(conn, 1.0)
+        else:  # through TIME-WAIT, which then expires
+            conn.enter_time_wait(1.0)
+            s.tcp.connection_closed(conn, 1.0)
+        assert s.stack.get_timer() == keeper.rtx_at
+    s.stack.frames_to_send(1.0)
+    assert len(s.tcp.connections) == 1
+    assert len(s.tcp._heap) <= 2 * len(s.tcp.connections) + 65
+    assert len(s.tcp._time_wait) <= 2

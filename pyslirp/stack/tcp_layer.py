@@ -562,7 +562,13 @@ class TcpLayer:
             self.events.append(TcpConnectionClosed(conn))
 
     def time_wait_entered(self, conn: TcpConnection, now: float) -> None:
-        self._time_wait.append(conn)
+        queue = self._time_wait
+        # Entries that left TIME-WAIT (expired or reclaimed) go from the
+        # front as new ones come: TIME-WAIT lasts the same for all, so the
+        # queue holds about what is in TIME-WAIT now.
+        while queue and queue[0].state is not TIME_WAIT:
+            queue.popleft()
+        queue.append(conn)
         self.arm(conn)
         if not conn.end_notified:
             conn.end_notified = True
@@ -931,7 +937,20 @@ class TcpLayer:
             current = conn.heap_at
             if current is None or at < current:
                 conn.heap_at = at
-                heapq.heappush(self._heap, (at, conn.serial, conn))
+                heap = self._heap
+                heapq.heappush(heap, (at, conn.serial, conn))
+                if len(heap) > 2 * len(self.connections) + 64:
+                    self._compact_heap()
+
+    def _compact_heap(self) -> None:
+        """Drop the entries that are no connection's live one (moved, or of
+        a closed connection), so that the heap stays about as long as the
+        table and keeps no closed connection alive until its old deadline
+        (a keep-alive deadline is two hours away). Amortized over the pushes
+        that made it twice that long, it costs O(1) each."""
+        heap = [entry for entry in self._heap if entry[2].heap_at == entry[0]]
+        heapq.heapify(heap)
+        self._heap = heap
 
     def get_timer(self):
         """The earliest deadline, or one a little early (see __init__).
