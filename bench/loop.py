@@ -92,7 +92,10 @@ def host_server(listener, test: str, count: int) -> None:
     conn.settimeout(TIMEOUT)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for _ in range(count + 1):
-        data = conn.recv(4096)
+        try:
+            data = conn.recv(4096)
+        except ConnectionResetError:  # the loop closed its end at the finish
+            return
         if not data:
             return
         conn.sendall(data)
