@@ -87,6 +87,8 @@ def command(backend: str, mtu: int, ns_path: str, ready_fd: int | None) -> list[
             "--runas",
             "0",
             "--config-net",
+            "-I",
+            "tap0",  # the name run.wait_configured looks for (else the host's)
             "-4",
             "-a",
             "10.0.2.100",
