@@ -93,7 +93,6 @@ class TcpConfig:
 _FRAME4 = struct.Struct("!14sBBHHHBBH8sHHIIBBHHH")
 _SEGMENT = struct.Struct("!HHIIBBHHH")  # the TCP header alone (IPv6 segments)
 _PACKET4 = struct.Struct("!BBHHHBBH8sHHIIBBHHH")
-_TS_OPTION = struct.Struct("!BBBBII")
 _TS_SUM = 0x0101 + 0x080A  # the NOP NOP kind length words of that option
 _IP_FIXED_SUM = 0x4500 + 0x4000 + ((ipv4.DEFAULT_TTL << 8) | ipv4.PROTO_TCP)
 _DF = 0x4000
@@ -101,9 +100,6 @@ _DF = 0x4000
 # from the source MAC on: source MAC, EtherType, version/IHL, total length,
 # flags/fragment offset, TTL, protocol, both addresses, then TCP's ports,
 # sequence and acknowledgment numbers, data offset, flags and window.
-# emit's common case: Ethernet, IPv4 and TCP headers with the timestamps
-# option (NOP NOP TS) in one pack (66 bytes).
-_FRAME4_TS = struct.Struct("!14sBBHHHBBH8sHHIIBBHHHIII")
 _FAST4 = struct.Struct("!6sHBxHxxHBBxx4s4sHHIIBBH")
 _IP_WORDS = struct.Struct("!10H")
 _TS_BLOCK = struct.Struct("!III")  # NOP NOP kind length, TSval, TSecr
@@ -126,8 +122,8 @@ class TcpLayer:
         # timestamps), cut by the guest's kernel into MSS pieces.
         self.offload = stack.config.offload
         self.gso_payload = 65535 - 20 - 32 if self.offload else 0
-        self._vnet_plain: dict[int, bytes] = {}
-        self._vnet_ts = virtio.tcp_header(14, 20, 32, virtio.GSO_NONE, 0)
+        # The virtio_net_hdr of a segment that needs no GSO, by TCP header length.
+        self._vnet_plain = {n: virtio.tcp_header(14, 20, n, virtio.GSO_NONE, 0) for n in (20, 32)}
         self.max_cwnd = 1 << 30
         # Timers. Retransmission and keep-alive/TIME-WAIT deadlines sit in a
         # heap, one live entry per connection (conn.heap_at); an entry whose
@@ -631,72 +627,35 @@ class TcpLayer:
         window = conn.window_field()
         ack = conn.ack_sent = conn.rcv_nxt
         conn.delack_at = None
+        eth = conn.eth
+        offload = eth is not None and self.offload
         if conn.ts_enabled:
             ts_val = (int(now * 1000) + conn.ts_offset) & MASK
-            eth = conn.eth
-            if eth is not None and self.offload:  # the common case, in one pack
-                size = len(payload)
-                total = 52 + size
-                stack = self.stack
-                ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
-                s = (conn.ip_sum + total + ident) % 0xFFFF
-                head = _FRAME4_TS.pack(
-                    eth,
-                    0x45,
-                    0,
-                    total,
-                    ident,
-                    _DF,
-                    ipv4.DEFAULT_TTL,
-                    ipv4.PROTO_TCP,
-                    (~s) & 0xFFFF if s else 0,
-                    conn.addrs,
-                    conn.local_port,
-                    conn.remote_port,
-                    seq,
-                    ack,
-                    0x80,
-                    flags,
-                    window,
-                    (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF,
-                    0,
-                    _TS_WORD,
-                    ts_val,
-                    conn.ts_recent,
-                )
-                if size > conn.mss:
-                    vnet = virtio.tcp_header(14, 20, 32, virtio.GSO_TCPV4, conn.mss)
-                    self.counters["tcp-gso-out"] += 1
-                else:
-                    vnet = self._vnet_ts
-                stack._out.append((vnet, head + payload if size else head))
+            if offload:  # the common case: no options object
+                self._emit_offload(conn, eth, flags, seq, ack, window, ts_val, payload)
                 return
             ts_ecr = conn.ts_recent
-            options = _TS_OPTION.pack(1, 1, 8, 10, ts_val, ts_ecr)
+            options = _TS_BLOCK.pack(_TS_WORD, ts_val, ts_ecr)
             options_sum = _TS_SUM + ts_val + ts_ecr
-            header_len = 32
+        elif offload:
+            self._emit_offload(conn, eth, flags, seq, ack, window, None, payload)
+            return
         else:
             options = b""
             options_sum = 0
-            header_len = 20
-        eth = conn.eth
-        if eth is not None and self.offload:
-            self._emit_offload(conn, eth, flags, seq, ack, window, options, header_len, payload)
-        else:
-            self._frame(conn, flags, seq, ack, window, options, options_sum, payload, now)
+        self._frame(conn, flags, seq, ack, window, options, options_sum, payload, now)
 
-    def _emit_offload(self, conn, eth, flags, seq, ack, window, options, header_len, payload):
+    def _emit_offload(self, conn, eth, flags, seq, ack, window, ts_val, payload):
         """emit for a TAP with virtio offloads: the TCP checksum is left to
         the guest's kernel (the field holds the pseudo-header sum), and a
-        segment longer than the MSS goes as one GSO frame of MSS pieces."""
+        segment longer than the MSS goes as one GSO frame of MSS pieces.
+        ``ts_val``: our TSval for the timestamps option (None: no options)."""
         size = len(payload)
-        tcp_len = header_len + size
-        total = 20 + tcp_len
+        header_len = 20 if ts_val is None else 32
+        total = 20 + header_len + size
         stack = self.stack
         ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
         s = (conn.ip_sum + total + ident) % 0xFFFF
-        ip_csum = (~s) & 0xFFFF if s else 0
-        pseudo = (int.from_bytes(conn.addrs, "big") + ipv4.PROTO_TCP + tcp_len) % 0xFFFF
         head = _FRAME4.pack(
             eth,
             0x45,
@@ -706,7 +665,7 @@ class TcpLayer:
             _DF,
             ipv4.DEFAULT_TTL,
             ipv4.PROTO_TCP,
-            ip_csum,
+            (~s) & 0xFFFF if s else 0,
             conn.addrs,
             conn.local_port,
             conn.remote_port,
@@ -715,19 +674,17 @@ class TcpLayer:
             header_len << 2,
             flags,
             window,
-            pseudo or 0xFFFF,
+            (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF,
             0,
         )
+        if ts_val is not None:
+            head += _TS_BLOCK.pack(_TS_WORD, ts_val, conn.ts_recent)
         if size > conn.mss:
             vnet = virtio.tcp_header(14, 20, header_len, virtio.GSO_TCPV4, conn.mss)
             self.counters["tcp-gso-out"] += 1
         else:
-            vnet = self._vnet_plain.get(header_len)
-            if vnet is None:
-                vnet = self._vnet_plain[header_len] = virtio.tcp_header(
-                    14, 20, header_len, virtio.GSO_NONE, 0
-                )
-        stack._out.append((vnet, b"".join((head, options, payload)) if size else head + options))
+            vnet = self._vnet_plain[header_len]
+        stack._out.append((vnet, head + payload if size else head))
 
     def gso_neighbour(self, conn: TcpConnection) -> bool:
         """An IPv6 connection whose guest's MAC is known (offloads apply)."""
