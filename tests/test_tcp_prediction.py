@@ -1,0 +1,263 @@
+"""Header prediction changes nothing but speed.
+
+Two stacks play the same random conversations: one with the TCP layer's
+frame-level fast path (``TcpLayer.receive_fast``), one with it turned off so
+that every frame takes the full parsers. After every step both must have
+sent the same bytes, queued the same events, counted the same drops and
+hold connections in the same state. The conversations mix what the fast
+path takes (in-order data, plain ACKs, FINs, the handshake's last ACK) with
+what it must hand on: out-of-order and duplicate segments, old timestamps,
+RSTs, SYNs, bad checksums, another source MAC, IP options, fragments, a
+zero window, with and without the virtio header and with and without
+timestamps.
+"""
+
+import random
+import struct
+
+import pytest
+
+from pyslirp.stack import checksum
+from pyslirp.stack.config import StackConfig
+from pyslirp.stack.interface import Stack
+from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
+
+GUEST = bytes([10, 0, 2, 100])
+PEER = bytes([198, 51, 100, 7])
+GUEST_MAC = bytes.fromhex("020000000064")
+OTHER_MAC = bytes.fromhex("020000000065")
+GW_MAC = bytes.fromhex("525500000202")
+MASK = 0xFFFFFFFF
+STEPS = 400  # frames per conversation
+
+
+class FixedRandom:
+    def getrandbits(self, bits: int) -> int:
+        return 0x1000 if bits == 16 else 0x10000000
+
+
+def segment(
+    sport, dport, flags, seq, ack, payload=b"", window=502, ts=None, options=b"", bad=False
+):
+    if ts is not None:
+        options = b"\x01\x01\x08\x0a" + struct.pack("!II", *ts) + options
+    tcp = struct.pack(
+        "!HHIIBBHHH", sport, dport, seq & MASK, ack & MASK, (20 + len(options)) << 2, flags,
+        window, 0, 0,
+    )  # fmt: skip
+    tcp += options + payload
+    pseudo = int.from_bytes(GUEST, "big") + int.from_bytes(PEER, "big") + 6 + len(tcp)
+    s = (pseudo + checksum.partial_sum(tcp)) % 0xFFFF
+    csum = ((~s) & 0xFFFF) ^ (0x5555 if bad else 0)
+    return tcp[:16] + csum.to_bytes(2, "big") + tcp[18:]
+
+
+def frame(tcp, mac=GUEST_MAC, ip_options=b"", fragment=False, ttl=64, bad_ip=False):
+    ihl = 5 + len(ip_options) // 4
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(tcp), 7, 0x2000 if fragment else 0x4000,
+        ttl, 6, 0, GUEST, PEER,
+    )  # fmt: skip
+    ip += ip_options
+    ip = ip[:10] + (checksum.checksum(ip) ^ (0x0F0F if bad_ip else 0)).to_bytes(2, "big") + ip[12:]
+    return GW_MAC + mac + b"\x08\x00" + ip + tcp
+
+
+class Pair:
+    """The same stack twice: with header prediction and without."""
+
+    def __init__(self, vnet: bool) -> None:
+        self.vnet = vnet
+        self.stacks = []
+        for fast in (True, False):
+            stack = Stack(StackConfig(offload=vnet), FixedRandom())
+            tcp = TcpLayer(stack, TcpConfig(receive_buffer=65536, send_buffer=65536))
+            if fast:
+                tcp.receive_fast = self._counting(tcp.receive_fast)
+            else:
+                tcp.receive_fast = lambda *args: False
+            self.stacks.append(stack)
+        self.fast_taken = 0
+
+    def _counting(self, receive_fast):
+        def counted(*args):
+            taken = receive_fast(*args)
+            self.fast_taken += taken
+            return taken
+
+        return counted
+
+    def feed(self, data: bytes, now: float, vnet_flags: int = 0) -> None:
+        for stack in self.stacks:
+            if self.vnet:
+                stack.receive_vnet_frame(bytes([vnet_flags]) + bytes(9) + data, now)
+            else:
+                stack.receive_frame(data, now)
+
+    def events(self):
+        out = []
+        for stack in self.stacks:
+            got = []
+            while (event := stack.next_event()) is not None:
+                got.append(event)
+            out.append(got)
+        return out
+
+    def settle(self, now: float, rng: random.Random) -> list:
+        """Compare both sides, then play the NAT side the same way in both."""
+        sent = [
+            stack.vnet_frames_to_send(now) if self.vnet else stack.frames_to_send(now)
+            for stack in self.stacks
+        ]
+        assert sent[0] == sent[1]
+        fast, full = self.events()
+        assert [(type(e).__name__, _fields(e)) for e in fast] == [
+            (type(e).__name__, _fields(e)) for e in full
+        ]
+        assert self.stacks[0].drops == self.stacks[1].drops
+        assert self.stacks[0]._arp_cache == self.stacks[1]._arp_cache
+        conns = [stack.tcp.connections for stack in self.stacks]
+        assert {k: _state(c) for k, c in conns[0].items()} == {
+            k: _state(c) for k, c in conns[1].items()
+        }
+        # The NAT side: accept new connections, take some received bytes,
+        # send some, sometimes close; the same choices for both stacks.
+        choices = [rng.random() for _ in range(4)]
+        size = rng.randrange(1, 3000)
+        for stack, events in zip(self.stacks, (fast, full)):
+            tcp = stack.tcp
+            for event in events:
+                if type(event).__name__ == "TcpConnectRequested":
+                    tcp.accept(event.conn, now)
+            for conn in list(tcp.connections.values()):
+                if choices[0] < 0.7 and conn.rx_bytes:
+                    tcp.consume(conn, min(conn.rx_bytes, size), now)
+                if choices[1] < 0.3:
+                    tcp.send(conn, bytes(size), now)
+                if choices[2] < 0.01:
+                    tcp.close(conn, now)
+        return sent[0]
+
+
+def _fields(event):
+    conn = getattr(event, "conn", None)
+    return (conn.key if conn is not None else None, getattr(event, "reason", None))
+
+
+def _state(conn):
+    return (
+        conn.state,
+        conn.snd_una,
+        conn.snd_nxt,
+        conn.snd_max,
+        conn.snd_wnd,
+        conn.rcv_nxt,
+        conn.rcv_adv,
+        conn.rx_bytes,
+        b"".join(bytes(chunk) for chunk in conn.rx),
+        conn.ts_recent,
+        conn.rtx_at,
+        conn.delack_at,
+        conn.cwnd,
+        conn.guest_fin,
+        len(conn.ooo),
+    )
+
+
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+@pytest.mark.parametrize("timestamps", [True, False], ids=["ts", "no-ts"])
+@pytest.mark.parametrize("seed", range(6))
+def test_header_prediction_matches_the_full_path(vnet, timestamps, seed):
+    rng = random.Random(seed * 4 + vnet * 2 + timestamps)
+    pair = Pair(vnet)
+    now = 1.0
+    dport = 80
+    syn_options = b"\x02\x04\x05\xb4\x01\x03\x03\x07"  # MSS 1460, window scale 7
+    tsval = 100
+    our_ts = 0
+    conn = None
+    for step in range(STEPS):
+        now += rng.choice((0.0005, 0.001, 0.003, 0.05))
+        if conn is None:  # a new connection (the last one ended)
+            sport = 40000 + step
+            key = (GUEST, sport, PEER, dport)
+            isn = rng.getrandbits(32)
+            ts = (tsval, 0) if timestamps else None
+            syn = segment(sport, dport, 0x02, isn, 0, window=64240, ts=ts, options=syn_options)
+            pair.feed(frame(syn), now)
+            pair.settle(now, rng)
+            pair.settle(now, rng)  # the accept's SYN-ACK
+            seq = isn + 1
+            fin_sent = False
+            conn = pair.stacks[0].tcp.connections.get(key)
+            continue
+        ack = conn.snd_nxt if rng.random() < 0.8 else conn.snd_una
+        tsval += rng.choice((0, 1, 1, 2))
+        ts = (tsval, our_ts) if timestamps else None
+        kind = rng.random()
+        flags, payload, s = 0x10, b"", seq
+        mac, ip_options, fragment, bad, vnet_flags = GUEST_MAC, b"", False, False, 0
+        ttl, bad_ip = 64, False
+        window = rng.choice((502, 502, 502, 0, 1))
+        if kind < 0.45:  # in-order data (or a plain ACK)
+            payload = bytes(rng.randrange(0, 1500))
+            flags |= 0x08 if payload else 0
+        elif kind < 0.55:  # out of order
+            s = seq + rng.randrange(1, 3000)
+            payload = bytes(rng.randrange(1, 800))
+        elif kind < 0.62:  # old: a duplicate, or a stale timestamp
+            s = seq - rng.randrange(0, 600)
+            payload = bytes(rng.randrange(0, 600))
+            if timestamps and rng.random() < 0.5:
+                ts = (tsval - 5, our_ts)
+        elif kind < 0.66:
+            bad = True
+            payload = bytes(rng.randrange(1, 300))
+        elif kind < 0.69:
+            mac = OTHER_MAC
+            payload = bytes(rng.randrange(1, 300))
+        elif kind < 0.72:
+            ip_options = b"\x01\x01\x01\x00"
+            payload = bytes(rng.randrange(1, 300))
+        elif kind < 0.74:
+            fragment = True
+            payload = bytes(rng.randrange(1, 300))
+        elif kind < 0.75:
+            bad_ip = True
+            payload = bytes(rng.randrange(1, 300))
+        elif kind < 0.76:
+            ttl = 1
+            payload = bytes(rng.randrange(1, 300))
+        elif kind < 0.78:  # RST: mostly off by some (a challenge ACK), rarely exact
+            flags = 0x04 if rng.random() < 0.5 else 0x14
+            s = seq + (0 if rng.random() < 0.1 else 5)
+        elif kind < 0.80:
+            flags = 0x02  # a SYN on an open connection
+        elif kind < 0.82:
+            flags = 0x30  # URG
+            payload = bytes(rng.randrange(1, 100))
+        elif kind < 0.83 and not fin_sent:
+            flags = 0x11  # FIN
+            fin_sent = True
+        else:
+            payload = bytes(rng.randrange(0, 100))
+        if fin_sent and flags == 0x10 and payload:
+            payload = b""
+        if vnet and rng.random() < 0.5:
+            vnet_flags = 1  # NEEDS_CSUM: the checksum is not checked
+            bad = False
+        tcp = segment(sport, dport, flags, s, ack, payload, window, ts, bad=bad)
+        pair.feed(frame(tcp, mac, ip_options, fragment, ttl, bad_ip), now, vnet_flags)
+        sent = pair.settle(now, rng)
+        conn = pair.stacks[0].tcp.connections.get(key)
+        if conn is not None:
+            seq = conn.rcv_nxt - (1 if conn.guest_fin else 0)
+            if conn.state.name == "TIME_WAIT":
+                conn = None
+        for item in sent:
+            data = item[1] if type(item) is tuple else item
+            if len(data) >= 14 + 20 + 32 and data[14 + 20 + 12] >> 4 == 8:
+                our_ts = struct.unpack_from("!I", data, 14 + 20 + 24)[0]
+    assert pair.stacks[0].counters == pair.stacks[1].counters
+    # The fast path did take a good share, or this test tests nothing.
+    assert pair.fast_taken > STEPS // 4, pair.fast_taken
