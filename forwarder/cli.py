@@ -26,7 +26,7 @@ import socket
 import struct
 import sys
 
-from pyslirp._compat import if_nametoindex
+from pyslirp.nat.compat import if_nametoindex
 
 PROG = "pyslirp-forwarder"
 DEFAULT_CIDR = "10.0.2.0/24"

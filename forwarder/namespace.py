@@ -23,7 +23,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from pyslirp._compat import if_nametoindex
+from pyslirp.nat.compat import if_nametoindex
 
 # <sched.h>, <sys/mount.h>, <linux/if_tun.h>
 CLONE_NEWNET = 0x40000000

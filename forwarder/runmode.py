@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from pyslirp._compat import pidfd_open
+from pyslirp.nat.compat import pidfd_open
 
 from .namespace import CLONE_NEWNET, CLONE_NEWUSER, ExistingNamespace, libc
 

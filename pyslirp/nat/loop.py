@@ -16,11 +16,11 @@ import select
 import selectors
 import time
 
-from pyslirp._compat import writev
 from pyslirp.stack import virtio
 from pyslirp.stack.events import IcmpEchoRequested, UdpDatagramReceived
 from pyslirp.stack.interface import Stack
 
+from .compat import writev
 from .config import NetworkConfig
 
 log = logging.getLogger("pyslirp")

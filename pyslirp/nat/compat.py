@@ -1,0 +1,44 @@
+"""System calls that Debian 12's PyPy (Python 3.9) lacks, for the host side
+and the front end: ``os.writev``, ``socket.if_nametoindex`` and
+``os.pidfd_open`` (see pyslirp/_compat.py for the rest)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import struct
+
+_SIOCGIFINDEX = 0x8933
+_IFREQ_INDEX = struct.Struct("16si")
+
+
+def writev(fd: int, buffers) -> int:
+    """os.writev, or one joined write where the platform lacks it."""
+    return os.write(fd, b"".join(buffers))
+
+
+if hasattr(os, "writev"):
+    writev = os.writev  # noqa: F811
+
+
+def if_nametoindex(name: str) -> int:
+    """socket.if_nametoindex, in the calling thread's network namespace."""
+    if hasattr(socket, "if_nametoindex"):
+        return socket.if_nametoindex(name)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = _IFREQ_INDEX.pack(name.encode(), 0)
+        return _IFREQ_INDEX.unpack(fcntl.ioctl(sock.fileno(), _SIOCGIFINDEX, request))[1]
+
+
+def pidfd_open(pid: int) -> int:
+    """os.pidfd_open, or the system call itself (434 on every architecture)."""
+    if hasattr(os, "pidfd_open"):
+        return os.pidfd_open(pid)
+    import ctypes
+
+    fd = ctypes.CDLL(None, use_errno=True).syscall(434, pid, 0)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
