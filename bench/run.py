@@ -126,7 +126,10 @@ class AcceptCloseServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            conn.close()
+            self.take(conn)
+
+    def take(self, conn: socket.socket) -> None:
+        conn.close()
 
     def close(self) -> None:
         self.sock.close()

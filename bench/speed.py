@@ -24,7 +24,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -163,22 +162,15 @@ def started(backend: str, mtu: int, ns_name: str, ns_path: str):
                 proc.wait(timeout=5)
 
 
-class HoldServer:
+class HoldServer(run.AcceptCloseServer):
     """Accepts and keeps every connection on 127.0.0.1 until closed."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.port = self.sock.getsockname()[1]
         self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
+    def take(self, conn: socket.socket) -> None:
+        self.held.append(conn)
 
     def release(self) -> None:
         held, self.held = self.held, []

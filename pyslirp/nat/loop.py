@@ -187,7 +187,7 @@ class Loop:
         while self._running:
             # One pass over the timers per wake-up: the earliest deadline sets
             # the sleep, and the timers run after it only if it has come
-            # (_next_deadline, inlined: this runs twice per request/response).
+            # (this runs twice per request/response).
             if self._services_stale:
                 self._services_stale = False
                 due = None
@@ -230,14 +230,6 @@ class Loop:
                     self._dispatch_events(now)
             if stack._out or (tcp is not None and tcp.dirty):
                 flush(now)
-
-    def _next_deadline(self) -> float | None:
-        deadline = self.stack.get_timer()
-        for service in self.services:
-            due = service.next_deadline()
-            if due is not None and (deadline is None or due < deadline):
-                deadline = due
-        return deadline
 
     def _run_timers(self, now: float) -> None:
         self._services_stale = True

@@ -708,31 +708,6 @@ class TcpLayer:
             s += checksum.partial_sum(payload)
         s %= 0xFFFF
         tcp_csum = (~s) & 0xFFFF if s else 0
-        eth = conn.eth
-        if eth is not None:
-            head = _FRAME4.pack(
-                eth,
-                0x45,
-                0,
-                total,
-                ident,
-                _DF,
-                ipv4.DEFAULT_TTL,
-                ipv4.PROTO_TCP,
-                ip_csum,
-                conn.addrs,
-                conn.local_port,
-                conn.remote_port,
-                seq,
-                ack,
-                header_len << 2,
-                flags,
-                window,
-                tcp_csum,
-                0,
-            )
-            stack._out.append(b"".join((head, options, payload)))
-            return
         head = _PACKET4.pack(
             0x45,
             0,
@@ -753,6 +728,10 @@ class TcpLayer:
             tcp_csum,
             0,
         )
+        eth = conn.eth
+        if eth is not None:
+            stack._out.append(b"".join((eth, head, options, payload)))
+            return
         stack._send_packet(conn.remote, b"".join((head, options, payload)), now)
         mac = stack._arp_cache.get(conn.remote)
         if mac is not None:
