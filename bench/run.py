@@ -176,6 +176,33 @@ def wait_configured(ns_name: str, proc, backend: str, interval: float = 0.05) ->
     raise RuntimeError(f"{backend} did not configure tap0 within 10 s")
 
 
+def our_command(backend: str, mtu: int, ns_path: str, extra=(), wrap=()) -> list[str]:
+    """Our forwarder on ``ns_path``'s tap0: backend "pypy" runs it under PYPY."""
+    return [
+        PYPY if backend == "pypy" else sys.executable,
+        *wrap,
+        "-m",
+        "forwarder",
+        "--configure",
+        f"--mtu={mtu}",
+        *extra,
+        "--netns-type=path",
+        ns_path,
+        "tap0",
+    ]
+
+
+def stop(proc) -> None:
+    """SIGTERM, then SIGKILL to the whole group after 5 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
 @contextlib.contextmanager
 def forwarder(
     backend: str, mtu: int, ns_name: str, ns_path: str, extra: list[str], profile: str | None
@@ -184,18 +211,7 @@ def forwarder(
         cmd = ["slirp4netns", "--configure", f"--mtu={mtu}", "--netns-type=path", ns_path, "tap0"]
     else:
         wrap = ["-m", "cProfile", "-o", profile] if profile else []
-        cmd = [
-            PYPY if backend == "pypy" else sys.executable,
-            *wrap,
-            "-m",
-            "forwarder",
-            "--configure",
-            f"--mtu={mtu}",
-            "--netns-type=path",
-            *extra,
-            ns_path,
-            "tap0",
-        ]
+        cmd = our_command(backend, mtu, ns_path, extra, wrap)
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -203,13 +219,7 @@ def forwarder(
         wait_configured(ns_name, proc, backend)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        stop(proc)
 
 
 def in_ns(ns_name: str, cmd: list[str], timeout: float) -> str:

@@ -20,7 +20,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -101,19 +100,7 @@ def command(backend: str, mtu: int, ns_path: str, ready_fd: int | None) -> list[
             "--netns",
             ns_path,
         ]
-    extra = SLIRP_BACKENDS[backend]
-    return [
-        run.PYPY if backend == "pypy" else sys.executable,
-        "-m",
-        "forwarder",
-        "--configure",
-        f"--mtu={mtu}",
-        *ready,
-        *extra,
-        "--netns-type=path",
-        ns_path,
-        "tap0",
-    ]
+    return run.our_command(backend, mtu, ns_path, [*ready, *SLIRP_BACKENDS[backend]])
 
 
 def vm_rss_mb(pid: int) -> float:
@@ -153,13 +140,7 @@ def started(backend: str, mtu: int, ns_name: str, ns_path: str):
         for fd in (ready_r, ready_w):
             if fd is not None:
                 os.close(fd)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        run.stop(proc)
 
 
 class HoldServer(run.AcceptCloseServer):

@@ -87,12 +87,11 @@ class TcpConfig:
     verify_checksum: bool = True
 
 
-# Ethernet, IPv4 and TCP headers of one segment in one pack (54 bytes): the
-# cached Ethernet header, then version/IHL, TOS, total length, ID, flags,
-# TTL, protocol, header checksum, both addresses, then the TCP header.
-_FRAME4 = struct.Struct("!14sBBHHHBBH8sHHIIBBHHH")
-_SEGMENT = struct.Struct("!HHIIBBHHH")  # the TCP header alone (IPv6 segments)
+# IPv4 and TCP headers of one segment in one pack (40 bytes): version/IHL,
+# TOS, total length, ID, flags, TTL, protocol, header checksum, both
+# addresses, then the TCP header.
 _PACKET4 = struct.Struct("!BBHHHBBH8sHHIIBBHHH")
+_SEGMENT = struct.Struct("!HHIIBBHHH")  # the TCP header alone (IPv6 segments)
 _TS_SUM = 0x0101 + 0x080A  # the NOP NOP kind length words of that option
 _IP_FIXED_SUM = 0x4500 + 0x4000 + ((ipv4.DEFAULT_TTL << 8) | ipv4.PROTO_TCP)
 _DF = 0x4000
@@ -653,11 +652,27 @@ class TcpLayer:
         size = len(payload)
         header_len = 20 if ts_val is None else 32
         total = 20 + header_len + size
+        pseudo = (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF
+        head = self._headers4(conn, flags, seq, ack, window, header_len, total, pseudo)
+        parts = [eth, head]
+        if ts_val is not None:
+            parts.append(_TS_BLOCK.pack(_TS_WORD, ts_val, conn.ts_recent))
+        if size:
+            parts.append(payload)
+        if size > conn.mss:
+            vnet = virtio.tcp_header(14, 20, header_len, virtio.GSO_TCPV4, conn.mss)
+            self.counters["tcp-gso-out"] += 1
+        else:
+            vnet = self._vnet_plain[header_len]
+        self.stack._out.append((vnet, b"".join(parts)))
+
+    def _headers4(self, conn, flags, seq, ack, window, header_len, total, tcp_csum) -> bytes:
+        """The IPv4 header and the fixed TCP header of one segment toward the
+        guest (40 bytes; TCP options and payload follow)."""
         stack = self.stack
         ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
         s = (conn.ip_sum + total + ident) % 0xFFFF
-        head = _FRAME4.pack(
-            eth,
+        return _PACKET4.pack(
             0x45,
             0,
             total,
@@ -674,17 +689,9 @@ class TcpLayer:
             header_len << 2,
             flags,
             window,
-            (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF,
+            tcp_csum,
             0,
         )
-        if ts_val is not None:
-            head += _TS_BLOCK.pack(_TS_WORD, ts_val, conn.ts_recent)
-        if size > conn.mss:
-            vnet = virtio.tcp_header(14, 20, header_len, virtio.GSO_TCPV4, conn.mss)
-            self.counters["tcp-gso-out"] += 1
-        else:
-            vnet = self._vnet_plain[header_len]
-        stack._out.append((vnet, head + payload if size else head))
 
     def gso_neighbour(self, conn: TcpConnection) -> bool:
         """An IPv6 connection whose guest's MAC is known (offloads apply)."""
@@ -698,36 +705,14 @@ class TcpLayer:
         size = len(payload)
         tcp_len = header_len + size
         total = 20 + tcp_len
-        stack = self.stack
-        ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
-        s = (conn.ip_sum + total + ident) % 0xFFFF
-        ip_csum = (~s) & 0xFFFF if s else 0
-        offset_flags = (header_len << 10) | flags
-        s = conn.tcp_sum + tcp_len + seq + ack + offset_flags + window + options_sum
+        s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
         if size:
             s += checksum.partial_sum(payload)
         s %= 0xFFFF
-        tcp_csum = (~s) & 0xFFFF if s else 0
-        head = _PACKET4.pack(
-            0x45,
-            0,
-            total,
-            ident,
-            _DF,
-            ipv4.DEFAULT_TTL,
-            ipv4.PROTO_TCP,
-            ip_csum,
-            conn.addrs,
-            conn.local_port,
-            conn.remote_port,
-            seq,
-            ack,
-            header_len << 2,
-            flags,
-            window,
-            tcp_csum,
-            0,
+        head = self._headers4(
+            conn, flags, seq, ack, window, header_len, total, (~s) & 0xFFFF if s else 0
         )
+        stack = self.stack
         eth = conn.eth
         if eth is not None:
             stack._out.append(b"".join((eth, head, options, payload)))
@@ -742,34 +727,18 @@ class TcpLayer:
         header_len = 20 + len(options)
         size = len(payload)
         tcp_len = header_len + size
-        if self.offload:
-            mac = self.stack.ipv6.neighbors.get(conn.remote)
-            if mac is not None:  # else ND first, and the packet waits without offloads
-                pseudo = (int.from_bytes(conn.local + conn.remote, "big") + tcp_len + 6) % 0xFFFF
-                head = _SEGMENT.pack(
-                    conn.local_port,
-                    conn.remote_port,
-                    seq,
-                    ack,
-                    header_len << 2,
-                    flags,
-                    window,
-                    pseudo or 0xFFFF,
-                    0,
-                )
-                gso = virtio.GSO_TCPV6 if size > conn.mss else virtio.GSO_NONE
-                if gso:
-                    self.counters["tcp-gso-out"] += 1
-                vnet = virtio.tcp_header(14, 40, header_len, gso, conn.mss)
-                parts = (head, options, payload) if size else (head, options)
-                self.stack.ipv6.send_offload_segment(
-                    conn.local, conn.remote, mac, vnet, parts, tcp_len
-                )
-                return
-        s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
-        if size:
-            s += checksum.partial_sum(payload)
-        s %= 0xFFFF
+        # With offloads, to a known neighbour (else ND first, and the packet
+        # waits without offloads): the guest's kernel completes the checksum.
+        mac = self.stack.ipv6.neighbors.get(conn.remote) if self.offload else None
+        if mac is not None:
+            csum = (conn.pseudo_sum + tcp_len) % 0xFFFF or 0xFFFF
+        else:
+            s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window
+            s += options_sum
+            if size:
+                s += checksum.partial_sum(payload)
+            s %= 0xFFFF
+            csum = (~s) & 0xFFFF if s else 0
         head = _SEGMENT.pack(
             conn.local_port,
             conn.remote_port,
@@ -778,11 +747,18 @@ class TcpLayer:
             header_len << 2,
             flags,
             window,
-            (~s) & 0xFFFF if s else 0,
+            csum,
             0,
         )
         parts = (head, options, payload) if size else (head, options)
-        self.stack.ipv6.send_segment(conn.local, conn.remote, parts, tcp_len, now)
+        if mac is None:
+            self.stack.ipv6.send_segment(conn.local, conn.remote, parts, tcp_len, now)
+            return
+        gso = virtio.GSO_TCPV6 if size > conn.mss else virtio.GSO_NONE
+        if gso:
+            self.counters["tcp-gso-out"] += 1
+        vnet = virtio.tcp_header(14, 40, header_len, gso, conn.mss)
+        self.stack.ipv6.send_offload_segment(conn.local, conn.remote, mac, vnet, parts, tcp_len)
 
     def _syn_options(self, conn: TcpConnection, now: float) -> bytes:
         return tcp.build_options(
