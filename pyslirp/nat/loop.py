@@ -180,7 +180,7 @@ class Loop:
         tap_fd = self.tap_fd
         stop_fd = self.stop_fd
         tcp = stack.tcp
-        stack_timer = stack.get_timer
+        stack_timer = stack.next_wake
         services = self.services
         monotonic = time.monotonic
         flush = self._flush_vnet if self.vnet else self.flush

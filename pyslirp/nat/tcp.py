@@ -389,7 +389,8 @@ class TcpNat:
             self._host_reset(flow, exc, now)
             return
         if size:
-            tcp.send(conn, buffer[:size], now)
+            # At once: the next read of this socket is in another wake-up.
+            tcp.send(conn, buffer[:size], now, at_once=True)
             return
         flow.host_eof = True
         if not flow.shut_wr:  # else _maybe_finished closes the socket: no epoll_ctl

@@ -1,7 +1,8 @@
 """The stack's face: one guest-facing Ethernet interface, sans-IO.
 
 Verbs (after aioquic): ``receive_frame(frame, now)``, ``frames_to_send(now)``,
-``get_timer()``, ``handle_timer(now)``, ``next_event()``; and the commands the
+``get_timer()`` (and its cheap lower bound ``next_wake()``), ``handle_timer(now)``,
+``next_event()``; and the commands the
 NAT side calls: ``send_udp``, ``send_icmp_error``, ``send_echo_reply`` (and the
 TCP commands on ``stack.tcp``).
 
@@ -148,6 +149,15 @@ class Stack:
 
     def next_event(self):
         return self._events.popleft() if self._events else None
+
+    def next_wake(self):
+        """A time no later than get_timer()'s, perhaps earlier (then nothing
+        is due yet when it comes): the cheap question for a loop's sleep,
+        asked at every wake-up. get_timer() is exact."""
+        if not self._arp_pending and not self._reassembler._held and self.ipv6 is None:
+            tcp = self.tcp
+            return tcp.wake_at if tcp is not None else None  # the common case
+        return self.get_timer()
 
     def get_timer(self):
         if not self._arp_pending and not self._reassembler._held and self.ipv6 is None:

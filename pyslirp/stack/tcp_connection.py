@@ -640,6 +640,9 @@ class TcpConnection:
                     layer = self.layer
                     at = self.delack_at = now + layer.config.delayed_ack_timeout
                     layer._delack.append((at, self))
+                    wake = layer.wake_at
+                    if wake is None or at < wake:
+                        layer.wake_at = at
             else:
                 self.ack_pending = True
                 self.mark()
@@ -864,7 +867,12 @@ class TcpConnection:
                 and buffered <= self.snd_wnd
                 and buffered <= self.cwnd
             ):
-                layer.emit(self, ACK | PSH, nxt, self.snd_buf.view(sent_off, buffered), now)
+                buf = self.snd_buf
+                if sent_off or buf.offset or len(buf.chunks) != 1:
+                    data = buf.view(sent_off, buffered)
+                else:
+                    data = buf.chunks[0]  # all of it: a reply, say
+                layer.emit(self, ACK | PSH, nxt, data, now)
                 nxt = (una + buffered) & MASK
                 if self.rtt_seq is None and not self.ts_enabled:
                     self.rtt_seq = nxt

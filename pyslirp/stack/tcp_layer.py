@@ -95,6 +95,7 @@ _SEGMENT = struct.Struct("!HHIIBBHHH")  # the TCP header alone (IPv6 segments)
 _TS_SUM = 0x0101 + 0x080A  # the NOP NOP kind length words of that option
 _IP_FIXED_SUM = 0x4500 + 0x4000 + ((ipv4.DEFAULT_TTL << 8) | ipv4.PROTO_TCP)
 _DF = 0x4000
+_TTL = ipv4.DEFAULT_TTL
 # receive_fast reads a frame's Ethernet, IPv4 and TCP headers with one unpack
 # from the source MAC on: source MAC, EtherType, version/IHL, total length,
 # flags/fragment offset, TTL, protocol, both addresses, then TCP's ports,
@@ -102,6 +103,11 @@ _DF = 0x4000
 _FAST4 = struct.Struct("!6sHBxHxxHBBxx4s4sHHIIBBH")
 _IP_WORDS = struct.Struct("!10H")
 _TS_BLOCK = struct.Struct("!III")  # NOP NOP kind length, TSval, TSecr
+# The whole head of a segment with timestamps toward the guest (66 bytes):
+# the Ethernet header, then IPv4 (total length, ID, checksum, addresses; the
+# rest fixed) and TCP (ports, sequence and acknowledgment numbers, flags,
+# window, checksum) with the timestamps option. TcpLayer.emit's common case.
+_FRAME4_TS = struct.Struct("!14sBxHHHBBH8sHHIIBBHHxxIII")
 _TS_WORD = 0x0101080A
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
 
@@ -132,6 +138,9 @@ class TcpLayer:
         # they sit in a FIFO in deadline order (the clock never goes back).
         self._heap: list = []
         self._delack: deque = deque()
+        # No later than the earliest deadline (None: there is none), kept by
+        # every push and made exact by get_timer: the loop's cheap question.
+        self.wake_at = None
         self._serial = 0
         self._time_wait: deque = deque()
         self._challenge_second = -1
@@ -437,8 +446,12 @@ class TcpLayer:
             return 0
         return space
 
-    def send(self, conn: TcpConnection, data, now: float) -> int:
-        """Queue bytes for the guest; returns how many were taken."""
+    def send(self, conn: TcpConnection, data, now: float, at_once: bool = False) -> int:
+        """Queue bytes for the guest; returns how many were taken. They go
+        out at the next flush, with what else comes for the connection
+        until then (a close's FIN rides on the last segment); ``at_once``
+        sends now, for a caller with nothing more to add in this wake-up
+        (the reply of a request/response leaves sooner)."""
         if conn.close_requested or conn.state not in OPEN_FOR_SEND:
             return 0
         space = conn.snd_limit - conn.snd_buf.size
@@ -450,7 +463,10 @@ class TcpLayer:
             data = memoryview(data)[:space]
             size = space
         conn.snd_buf.append(data)
-        conn.mark()
+        if at_once and not conn.dirty:
+            conn.output(now)
+        else:
+            conn.mark()
         return size
 
     def consume(self, conn: TcpConnection, count: int, now: float) -> None:
@@ -627,44 +643,63 @@ class TcpLayer:
         ack = conn.ack_sent = conn.rcv_nxt
         conn.delack_at = None
         eth = conn.eth
-        offload = eth is not None and self.offload
+        if eth is not None and self.offload:
+            # The common case: a TAP with virtio offloads, the guest's MAC
+            # known. The TCP checksum is left to the guest's kernel (the
+            # field holds the pseudo-header sum), and a segment longer than
+            # the MSS goes as one GSO frame of MSS pieces.
+            size = len(payload)
+            stack = self.stack
+            ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
+            if conn.ts_enabled:
+                header_len = 32
+                total = 52 + size
+                s = (conn.ip_sum + total + ident) % 0xFFFF
+                frame = _FRAME4_TS.pack(
+                    eth,
+                    0x45,
+                    total,
+                    ident,
+                    _DF,
+                    _TTL,
+                    6,  # TCP
+                    (~s) & 0xFFFF if s else 0,
+                    conn.addrs,
+                    conn.local_port,
+                    conn.remote_port,
+                    seq,
+                    ack,
+                    0x80,  # 32 bytes of header
+                    flags,
+                    window,
+                    (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF,
+                    _TS_WORD,
+                    (int(now * 1000) + conn.ts_offset) & MASK,
+                    conn.ts_recent,
+                )
+            else:
+                header_len = 20
+                total = 40 + size
+                pseudo = (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF
+                frame = eth + self._headers4(conn, flags, seq, ack, window, 20, total, pseudo)
+            if size:
+                frame += payload
+                if size > conn.mss:
+                    vnet = virtio.tcp_header(14, 20, header_len, virtio.GSO_TCPV4, conn.mss)
+                    self.counters["tcp-gso-out"] += 1
+                    stack._out.append((vnet, frame))
+                    return
+            stack._out.append((self._vnet_plain[header_len], frame))
+            return
         if conn.ts_enabled:
             ts_val = (int(now * 1000) + conn.ts_offset) & MASK
-            if offload:  # the common case: no options object
-                self._emit_offload(conn, eth, flags, seq, ack, window, ts_val, payload)
-                return
             ts_ecr = conn.ts_recent
             options = _TS_BLOCK.pack(_TS_WORD, ts_val, ts_ecr)
             options_sum = _TS_SUM + ts_val + ts_ecr
-        elif offload:
-            self._emit_offload(conn, eth, flags, seq, ack, window, None, payload)
-            return
         else:
             options = b""
             options_sum = 0
         self._frame(conn, flags, seq, ack, window, options, options_sum, payload, now)
-
-    def _emit_offload(self, conn, eth, flags, seq, ack, window, ts_val, payload):
-        """emit for a TAP with virtio offloads: the TCP checksum is left to
-        the guest's kernel (the field holds the pseudo-header sum), and a
-        segment longer than the MSS goes as one GSO frame of MSS pieces.
-        ``ts_val``: our TSval for the timestamps option (None: no options)."""
-        size = len(payload)
-        header_len = 20 if ts_val is None else 32
-        total = 20 + header_len + size
-        pseudo = (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF
-        head = self._headers4(conn, flags, seq, ack, window, header_len, total, pseudo)
-        parts = [eth, head]
-        if ts_val is not None:
-            parts.append(_TS_BLOCK.pack(_TS_WORD, ts_val, conn.ts_recent))
-        if size:
-            parts.append(payload)
-        if size > conn.mss:
-            vnet = virtio.tcp_header(14, 20, header_len, virtio.GSO_TCPV4, conn.mss)
-            self.counters["tcp-gso-out"] += 1
-        else:
-            vnet = self._vnet_plain[header_len]
-        self.stack._out.append((vnet, b"".join(parts)))
 
     def _headers4(self, conn, flags, seq, ack, window, header_len, total, tcp_csum) -> bytes:
         """The IPv4 header and the fixed TCP header of one segment toward the
@@ -837,6 +872,9 @@ class TcpLayer:
         if conn.delack_at is None:
             at = conn.delack_at = now + self.config.delayed_ack_timeout
             self._delack.append((at, conn))
+            wake = self.wake_at
+            if wake is None or at < wake:
+                self.wake_at = at
 
     def arm(self, conn: TcpConnection) -> None:
         """Make sure the heap holds an entry no later than the connection's
@@ -853,6 +891,9 @@ class TcpLayer:
                 heapq.heappush(heap, (at, conn.serial, conn))
                 if len(heap) > 2 * len(self.connections) + 64:
                     self._compact_heap()
+                wake = self.wake_at
+                if wake is None or at < wake:
+                    self.wake_at = at
 
     def _compact_heap(self) -> None:
         """Drop the entries that are no connection's live one (moved, or of
@@ -880,8 +921,11 @@ class TcpLayer:
         while heap:
             first = heap[0]
             if first[2].heap_at == first[0]:
-                return first[0] if at is None or first[0] < at else at
+                if at is None or first[0] < at:
+                    at = first[0]
+                break
             heapq.heappop(heap)
+        self.wake_at = at
         return at
 
     def handle_timer(self, now: float) -> None:
@@ -901,3 +945,4 @@ class TcpLayer:
             conn.on_timer(now)
             if conn.state is not CLOSED:
                 self.arm(conn)
+        self.get_timer()  # wake_at: exact again
