@@ -213,7 +213,7 @@ def main() -> int:
         if ops is not None:
             total = sum(ops.values())
             print(f"bytecodes per {unit}: {total / count:.0f}")
-            for name, n in ops.most_common(25):
+            for name, n in ops.most_common(int(os.environ.get("TOP", "25"))):
                 print(f"  {n / count:7.1f}  {name}")
         return 0
     finally:

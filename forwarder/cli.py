@@ -92,6 +92,9 @@ CAP_NET_BIND_SERVICE if running as the root)
 --pcap=FILE              write every frame to and from the TAP to FILE (pcap)
 --no-offload             open the TAP without virtio-net offloads (checksum,
                          TSO: on by default with the python backend)
+--busy-poll=USEC         poll without sleeping for up to USEC microseconds
+                         after traffic (python backend; default=50, 0: off,
+                         max=1000)
 --dns-upstream=ADDR[:PORT]
                          resolver for the DNS proxy (repeatable;
                          default=every nameserver in /etc/resolv.conf)
@@ -137,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="python")
     p.add_argument("--pcap", default=None)
     p.add_argument("--no-offload", action="store_true")
+    p.add_argument("--busy-poll", default="50")
     p.add_argument("--dns-upstream", action="append", default=[])
     p.add_argument("--log-level", default="warning")
     p.add_argument("-h", "--help", action="store_true")
@@ -166,6 +170,23 @@ def parse_mtu(text: str) -> int:
     if mtu is None or not MIN_MTU <= mtu <= MAX_MTU:
         raise UsageError(f"MTU must be an integer from {MIN_MTU} to {MAX_MTU}, not {text!r}")
     return mtu
+
+
+MAX_BUSY_POLL_US = 1000
+
+
+def parse_busy_poll(text: str) -> float:
+    """--busy-poll in microseconds, as seconds."""
+    try:
+        usec = int(text, 10)
+    except ValueError:
+        usec = None
+    if usec is None or not 0 <= usec <= MAX_BUSY_POLL_US:
+        raise UsageError(
+            f"--busy-poll must be an integer from 0 to {MAX_BUSY_POLL_US} (microseconds), "
+            f"not {text!r}"
+        )
+    return usec / 1e6
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network:
@@ -416,6 +437,7 @@ class Options:
         self.exit_fd = parse_fd(ns.exit_fd, "exit-fd")
         self.ready_fd = parse_fd(ns.ready_fd, "ready-fd")
         mtu = parse_mtu(ns.mtu)
+        busy_poll = parse_busy_poll(ns.busy_poll)
         cidr = parse_cidr(ns.cidr)
         self.macaddress = None
         if ns.macaddress is not None:
@@ -479,6 +501,7 @@ class Options:
                 ipv6_prefix=ipv6_prefix,
                 outbound_addr6=self.outbound_addr6,
                 dns_search=dns_search,
+                busy_poll=busy_poll,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None

@@ -228,6 +228,9 @@ def test_version_first_line_is_slirp4netns_style():
         (["--publish=0:80"], "ports are 1 to 65535"),
         (["-p", "8080:70000/udp"], "ports are 1 to 65535"),
         (["-a", "/tmp/" + "x" * 110], "the specified API socket path is too long (>= 108)"),
+        (["--busy-poll=fast"], "--busy-poll must be an integer from 0 to 1000 (microseconds)"),
+        (["--busy-poll=-1"], "--busy-poll must be an integer from 0 to 1000 (microseconds)"),
+        (["--busy-poll", "1001"], "--busy-poll must be an integer from 0 to 1000 (microseconds)"),
     ],
 )
 def test_flag_errors(tmp_path, args, message):

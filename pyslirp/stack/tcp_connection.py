@@ -432,8 +432,10 @@ class TcpConnection:
 
         # Header prediction: in-order data or a plain ACK in ESTABLISHED with
         # nothing unusual takes a shorter way (same outcome, fewer tests).
-        if state is ESTABLISHED and self.predicted(
-            flags, seq, seg.ack, seg.window, seg.timestamp, payload, now
+        if (
+            state is ESTABLISHED
+            and flags & (SYN | FIN | RST | URG | ACK) == ACK
+            and self.predicted(seq, seg.ack, seg.window, seg.timestamp, payload, now)
         ):
             return
 
@@ -524,7 +526,7 @@ class TcpConnection:
         window = seg.window << self.snd_wscale
         if ack != una:
             if seq_lt(una, ack):
-                self._new_ack(ack, ts, now)
+                self._new_ack(ack, ts if self.ts_enabled else None, now)
         elif seg_len == 0 and window == self.snd_wnd and self.snd_max != una:
             self._duplicate_ack(now)
         self._update_window(seq, ack, window)
@@ -590,20 +592,16 @@ class TcpConnection:
                 self.ooo_fin = fin_at
         layer.arm(self)
 
-    def predicted(self, flags: int, seq: int, ack: int, window: int, ts, payload, now) -> bool:
+    def predicted(self, seq: int, ack: int, window: int, ts, payload, now) -> bool:
         """Header prediction (Van Jacobson's, as in RFC 9293 3.10.7.4 taken
-        in the order it would take them): in ESTABLISHED, the next in-order
-        data or a plain ACK, with no flag but ACK, the timestamp newer than
-        TS.Recent, an ACK within what we sent and text that fits the window.
-        Such a segment is handled here at once and True returned; anything
-        else returns False having changed nothing, for segment_arrives.
-        ``window`` is the header's field (unscaled), ``ts`` (TSval, TSecr)."""
-        if (
-            flags & (SYN | FIN | RST | URG | ACK) != ACK
-            or seq != self.rcv_nxt
-            or self.ooo
-            or self.state is not ESTABLISHED
-        ):
+        in the order it would take them), for a segment in ESTABLISHED with
+        no flag but ACK (the caller checks both): the next in-order data or a
+        plain ACK, the timestamp newer than TS.Recent, an ACK within what we
+        sent and text that fits the window. Such a segment is handled here at
+        once and True returned; anything else returns False having changed
+        nothing, for segment_arrives. ``window`` is the header's field
+        (unscaled), ``ts`` (TSval, TSecr)."""
+        if seq != self.rcv_nxt or self.ooo:
             return False
         if self.ts_enabled:
             if ts is None or ((ts[0] - self.ts_recent) & MASK) >= HALF:
@@ -646,7 +644,11 @@ class TcpConnection:
             else:
                 self.ack_pending = True
                 self.mark()
-        self.layer.arm(self)
+        # layer.arm, when it has something to do: of the deadlines only the
+        # retransmission one may have moved, and only it can be new.
+        rtx_at = self.rtx_at
+        if rtx_at is not None and (self.heap_at is None or rtx_at < self.heap_at):
+            self.layer.arm(self)
         return True
 
     def _update_window(self, seq: int, ack: int, window: int) -> None:
@@ -683,20 +685,26 @@ class TcpConnection:
         self.mark()  # data or a FIN may be waiting for this moment
 
     def _new_ack(self, ack: int, ts, now: float) -> None:
-        """SND.UNA < SEG.ACK =< SND.MAX: new data acknowledged."""
+        """SND.UNA < SEG.ACK =< SND.MAX: new data acknowledged. ``ts`` is
+        the segment's (TSval, TSecr) if the connection uses timestamps."""
         acked = (ack - self.snd_una) & MASK
         data_acked = acked
         if self.fin_seq is not None and 0 < ((ack - self.fin_seq) & MASK) < HALF:
             self.fin_acked = True
             data_acked -= 1
         if data_acked:
-            self.snd_buf.drop(data_acked)
+            buf = self.snd_buf
+            if data_acked >= buf.size:  # all of it (a reply, say): SendBuffer.drop, inlined
+                buf.chunks.clear()
+                buf.offset = buf.size = 0
+            else:
+                buf.drop(data_acked)
             self.bytes_out += data_acked
         self.snd_una = ack
-        if 0 < ((ack - self.snd_nxt) & MASK) < HALF:
+        if ack != self.snd_nxt and 0 < ((ack - self.snd_nxt) & MASK) < HALF:
             self.snd_nxt = ack
         # RTT: RFC 7323 4.1 from the echoed timestamp, else RFC 6298 with Karn.
-        if ts is not None and self.ts_enabled:
+        if ts is not None:  # ts_enabled: the caller has checked
             echo = ts[1]
             if echo and echo != self.ts_sampled:  # one sample per echoed TSval (ms)
                 self.ts_sampled = echo
@@ -707,8 +715,8 @@ class TcpConnection:
             self.rtt_seq = None
         self.retries = 0
         # Congestion control: RFC 5681 section 3.1, RFC 6582 for recovery.
-        mss = self.mss
         if self.in_recovery:
+            mss = self.mss
             if seq_le(self.recover, ack):
                 self.in_recovery = False
                 flight = self.in_flight()
@@ -718,24 +726,27 @@ class TcpConnection:
                 cwnd = self.cwnd - acked + mss
                 self.cwnd = cwnd if cwnd > mss else mss
         elif self.cwnd < self.ssthresh:
-            self.cwnd += acked  # slow start
+            cwnd = self.cwnd + acked  # slow start
+            max_cwnd = self.layer.max_cwnd
+            self.cwnd = cwnd if cwnd < max_cwnd else max_cwnd
         else:
             self.bytes_acked += acked
             if self.bytes_acked >= self.cwnd:
                 self.bytes_acked -= self.cwnd
-                self.cwnd += mss
-        if self.cwnd > self.layer.max_cwnd:
-            self.cwnd = self.layer.max_cwnd
+                cwnd = self.cwnd + self.mss
+                max_cwnd = self.layer.max_cwnd
+                self.cwnd = cwnd if cwnd < max_cwnd else max_cwnd
         self.dupacks = 0
         # RFC 6298 5.2 and 5.3.
-        self.rtx_at = None if ack == self.snd_max else now + self.rto
+        snd_max = self.snd_max
+        self.rtx_at = None if ack == snd_max else now + self.rto
         self.persisting = False
         if self.send_blocked and self.snd_buf.size <= self.snd_limit * 3 // 4:
             self.send_blocked = False
             self.layer.events.append(TcpSendSpaceOpened(self))
         if (
-            (self.snd_max - ack) & MASK < self.snd_buf.size
-            or self.snd_nxt != self.snd_max
+            self.snd_nxt != snd_max
+            or (snd_max - ack) & MASK < self.snd_buf.size
             or (self.close_requested and not self.fin_acked)
         ):
             self.mark()  # the window moved: more may go out
@@ -873,16 +884,7 @@ class TcpConnection:
                 else:
                     data = buf.chunks[0]  # all of it: a reply, say
                 layer.emit(self, ACK | PSH, nxt, data, now)
-                nxt = (una + buffered) & MASK
-                if self.rtt_seq is None and not self.ts_enabled:
-                    self.rtt_seq = nxt
-                    self.rtt_time = now
-                self.snd_nxt = self.snd_max = nxt
-                if self.rtx_at is None or self.persisting:
-                    self.persisting = False
-                    self.rtx_at = now + self.rto
-                self.ack_pending = False
-                layer.arm(self)
+                self.new_data_sent((una + buffered) & MASK, now)
                 return
         sent = False
         if state in SENDING:
@@ -947,6 +949,20 @@ class TcpConnection:
                 layer.emit(self, ACK, self.snd_nxt, b"", now)
             self.ack_pending = False
         layer.arm(self)
+
+    def new_data_sent(self, nxt: int, now: float) -> None:
+        """The bookkeeping after one segment of new data up to ``nxt`` went
+        out, nothing else in flight to resend (output's common case)."""
+        if self.rtt_seq is None and not self.ts_enabled:
+            self.rtt_seq = nxt
+            self.rtt_time = now
+        self.snd_nxt = self.snd_max = nxt
+        if self.rtx_at is None or self.persisting:
+            self.persisting = False
+            rtx_at = self.rtx_at = now + self.rto
+            if self.heap_at is None or rtx_at < self.heap_at:  # layer.arm's test
+                self.layer.arm(self)
+        self.ack_pending = False
 
     def _fin_sent(self, fin_seq: int) -> None:
         self.fin_seq = fin_seq

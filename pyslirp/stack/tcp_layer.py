@@ -233,7 +233,11 @@ class TcpLayer:
             if (s + checksum.partial_sum(memoryview(data)[at:end])) % 0xFFFF:
                 return False
         payload = data[start:end] if end - start < 1024 else memoryview(data)[start:end]
-        if state is ESTABLISHED and conn.predicted(flags, seq, ack, window, ts, payload, now):
+        if (
+            state is ESTABLISHED
+            and not flags & FIN
+            and conn.predicted(seq, ack, window, ts, payload, now)
+        ):
             return True
         # Not predicted (a FIN, a handshake's last ACK, out of order...):
         # the state machine as receive_segment would call it, minus parsing.
@@ -462,11 +466,29 @@ class TcpLayer:
                 return 0
             data = memoryview(data)[:space]
             size = space
-        conn.snd_buf.append(data)
-        if at_once and not conn.dirty:
-            conn.output(now)
-        else:
+        buf = conn.snd_buf
+        if not at_once or conn.dirty:
+            buf.append(data)
             conn.mark()
+            return size
+        if (
+            not buf.size  # so nothing in flight: no FIN either (close_requested)
+            and conn.state is ESTABLISHED
+            and size <= conn.mss
+            and size <= conn.snd_wnd
+            and size <= conn.cwnd
+        ):
+            # One segment of it all, at once (the reply of a request/response):
+            # output's common case without its tests.
+            chunk = bytes(data)
+            buf.chunks.append(chunk)  # SendBuffer.append to an empty buffer
+            buf.size = size
+            nxt = conn.snd_nxt
+            self.emit(conn, ACK | PSH, nxt, chunk, now)
+            conn.new_data_sent((nxt + size) & MASK, now)
+            return size
+        buf.append(data)
+        conn.output(now)
         return size
 
     def consume(self, conn: TcpConnection, count: int, now: float) -> None:
