@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import gc
 import ipaddress
 import logging
 import os
@@ -801,6 +802,10 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
             if options.ready_fd is not None and slaac is None:
                 _signal_ready(options.ready_fd)
                 options.ready_fd = None
+            # What start-up made lives as long as the process: the cycle collector
+            # need not look at it again (only connections come and go from here on).
+            if hasattr(gc, "freeze"):  # not in PyPy
+                gc.freeze()
             backend.run(attachment.tap_fd, stop_r)
         except SetupError as exc:
             return _fail(str(exc))

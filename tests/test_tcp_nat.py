@@ -4,6 +4,7 @@ guest SYN becomes on the host, with limits set through NetworkConfig."""
 import socket
 import time
 
+import pytest
 from scapy.layers.inet import ICMP, IP, TCP, IPerror, TCPerror
 from scapy.layers.l2 import Ether
 
@@ -190,3 +191,86 @@ def test_thousands_of_pipelined_dns_queries_over_tcp_answered_without_upstream()
         )
         assert bytes(data[TCP].payload)[:4] == struct.pack("!HH", len(query), 1)
     assert net.error is None
+
+
+def _handshake(net, port: int, sport: int):
+    """The guest's SYN and ACK; returns (our ISN + 1, the accepted host socket)."""
+    net.send(guest_syn("10.0.2.2", port, sport=sport))
+    reply = Ether(net.receive(predicate=has_flag(0x12, sport)))[TCP]
+    ours = reply.seq + 1
+    net.send(guest_segment(port, sport, ISN + 1, ours, "A"))
+    return ours
+
+
+def guest_segment(dport: int, sport: int, seq: int, ack: int, flags: str, data: bytes = b""):
+    return bytes(
+        Ether(src=GUEST_MAC, dst=GW_MAC)
+        / IP(src=GUEST, dst="10.0.2.2")
+        / TCP(sport=sport, dport=dport, seq=seq, ack=ack, flags=flags, window=65535)
+        / data
+    )
+
+
+def has_flag(bits: int, guest_port: int):
+    """A predicate: a segment to ``guest_port`` with all of ``bits`` set."""
+
+    def predicate(frame: bytes) -> bool:
+        pkt = Ether(frame)
+        return TCP in pkt and pkt[TCP].dport == guest_port and pkt[TCP].flags & bits == bits
+
+    return predicate
+
+
+def test_ended_connections_leave_no_reference_cycle():
+    """A connection and its host flow point at each other until both are
+    done; then the link goes, so that reference counting frees them rather
+    than the cycle collector (connect/close runs spent a few per cent of the
+    CPU in it), and a flow holds no method bound to itself. Four endings:
+    guest FIN first, host close first (TIME-WAIT here), guest RST, host RST."""
+    import gc
+    import types
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(2)
+    port = listener.getsockname()[1]
+    pairs = []
+    try:
+        with InProcessNetwork() as net:
+            table = net.loop.stack.tcp.connections
+            for i, ending in enumerate(("guest-fin", "host-close", "guest-rst", "host-rst")):
+                sport = 41000 + i
+                ours = _handshake(net, port, sport)
+                host, _ = listener.accept()
+                host.settimeout(2)
+                conn = next(c for c in list(table.values()) if c.remote_port == sport)
+                pairs.append((ending, conn, conn.user))
+                if ending == "guest-fin":
+                    net.send(guest_segment(port, sport, ISN + 1, ours, "FA"))
+                    assert host.recv(10) == b""
+                    host.close()
+                    fin = Ether(net.receive(predicate=has_flag(0x01, sport)))[TCP]
+                    net.send(guest_segment(port, sport, ISN + 2, fin.seq + 1, "A"))
+                elif ending == "host-close":
+                    host.close()
+                    fin = Ether(net.receive(predicate=has_flag(0x01, sport)))[TCP]
+                    net.send(guest_segment(port, sport, ISN + 1, fin.seq + 1, "FA"))
+                elif ending == "guest-rst":
+                    net.send(guest_segment(port, sport, ISN + 1, ours, "R"))
+                    with pytest.raises(ConnectionResetError):  # a reset becomes a reset
+                        host.recv(10)
+                    host.close()
+                else:
+                    host.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    host.close()
+                    assert net.receive(predicate=has_flag(0x04, sport)) is not None
+            deadline = time.monotonic() + 5
+            while net.loop.tcp.flows and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not net.loop.tcp.flows
+            for ending, conn, flow in pairs:
+                assert flow is not None and flow.closed, ending
+                assert conn.user is None, ending
+                bound = [r for r in gc.get_referents(flow) if isinstance(r, types.MethodType)]
+                assert bound == [], ending
+    finally:
+        listener.close()

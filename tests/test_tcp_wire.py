@@ -142,6 +142,32 @@ def test_unknown_options_are_skipped_and_end_stops():
     assert seg.timestamp is None
 
 
+def test_linux_syn_layout_reads_as_the_same_options_in_another_order():
+    """Linux's 20-byte SYN layout has a one-unpack path; the same options in
+    another order take the general walk and must read the same."""
+    rng = random.Random(7)
+    for _ in range(200):
+        mss, ws = rng.randrange(1 << 16), rng.randrange(16)
+        ts = (rng.randrange(1 << 32), rng.randrange(1 << 32))
+        linux = tcp.build_options(mss=mss, window_scale=ws, sack_permitted=True, timestamp=ts)
+        assert len(linux) == 20
+        other = linux[16:] + linux[:16]  # NOP and window scale first
+        fast = tcp.parse(tcp.emit(GUEST, GATEWAY, 1, 2, 3, 4, tcp.SYN, 5, linux), GUEST, GATEWAY)
+        slow = tcp.parse(tcp.emit(GUEST, GATEWAY, 1, 2, 3, 4, tcp.SYN, 5, other), GUEST, GATEWAY)
+        got = (fast.mss, fast.window_scale, fast.sack_permitted, fast.timestamp)
+        assert got == (slow.mss, slow.window_scale, slow.sack_permitted, slow.timestamp)
+        assert got == (mss, min(ws, 14), True, ts)
+    # Twenty bytes in another layout are walked, not misread.
+    odd = bytes([2, 4, 5, 0xB4, 1, 1, 4, 2, 8, 10]) + bytes(8) + bytes([1, 0])
+    seg = tcp.parse(tcp.emit(GUEST, GATEWAY, 1, 2, 3, 4, tcp.SYN, 5, odd), GUEST, GATEWAY)
+    assert (seg.mss, seg.window_scale, seg.sack_permitted, seg.timestamp) == (
+        1460,
+        -1,
+        True,
+        (0, 0),
+    )
+
+
 def test_window_scale_above_14_is_used_as_14():
     segment = tcp.emit(GUEST, GATEWAY, 1, 2, 3, 4, tcp.SYN, 5, bytes([1, 3, 3, 20]))
     assert tcp.parse(segment, GUEST, GATEWAY).window_scale == 14

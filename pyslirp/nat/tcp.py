@@ -93,7 +93,7 @@ class TcpFlow:
         "host_eof",
         "shut_wr",
         "closed",
-        "on_ready",
+        "ended",
     )
 
     def __init__(self, nat, conn, sock, host) -> None:
@@ -106,8 +106,8 @@ class TcpFlow:
         self.connect_at = 0.0
         self.host_eof = False
         self.shut_wr = False
-        self.closed = False
-        self.on_ready = self._ready
+        self.closed = False  # the host socket is closed
+        self.ended = False  # the stack's connection ended, as far as we are concerned
 
     def _ready(self, mask: int, now: float) -> None:
         nat = self.nat
@@ -188,6 +188,8 @@ class DnsTcpSession:
         for query in self.pending:
             query.cancel()
         self.pending.clear()
+        if self.conn.user is self:
+            self.conn.user = None  # no cycle left for the garbage collector
 
 
 class TcpNat:
@@ -247,13 +249,13 @@ class TcpNat:
             tcp.refuse(conn, now)
             return
         try:
-            sock = socket.socket(family_of(dst), socket.SOCK_STREAM)
+            # Non-blocking from the start: no ioctl(FIONBIO) per connection.
+            sock = socket.socket(family_of(dst), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: refuse this one, keep the others
             self.counters["connections-limited"] += 1
             log.warning("tcp %s refused: cannot open a socket: %s", conn.describe(), exc)
             tcp.refuse(conn, now)
             return
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         v6 = ":" in host
@@ -319,6 +321,7 @@ class TcpNat:
         log.info("tcp %s failed: host %s:%d: %s", conn.describe(), *flow.host, os_strerror(err))
         self._release(flow)
         self.tcp.refuse(conn, now, icmp_code=code)
+        conn.user = None  # both ends are done (see _release)
 
     # ------------------------------------------------------------ guest -> host
     def on_data(self, event, now: float) -> None:
@@ -410,6 +413,7 @@ class TcpNat:
         self._log_end(flow, f"reset by host ({os_strerror(exc.errno)})")
         self._release(flow)
         self.tcp.abort(conn, now)
+        conn.user = None  # both ends are done (see _release)
 
     def on_reset(self, event, now: float) -> None:
         user = event.conn.user
@@ -418,20 +422,24 @@ class TcpNat:
         if type(user) is not TcpFlow:
             user.close()
             return
-        if user.closed:
-            return
-        self._log_end(user, event.reason)
-        self._release(user, reset=True)
+        user.ended = True
+        if not user.closed:
+            self._log_end(user, event.reason)
+            self._release(user, reset=True)
+        event.conn.user = None  # both ends are done (see _release)
 
     def on_closed(self, event, now: float) -> None:
         """Both FINs are acknowledged: the byte counts are final."""
         user = event.conn.user
         if type(user) is TcpFlow:
+            user.ended = True
             self._log_end(user, "closed")
             if not user.closed:
                 self._maybe_finished(user, now)
             if not user.closed:
                 self._lingering[user] = now + self.config.tcp_time_wait_timeout
+            else:
+                event.conn.user = None  # both ends are done (see _release)
         elif user is not None:
             user.close()
 
@@ -469,6 +477,12 @@ class TcpNat:
             except OSError:
                 pass
         flow.sock.close()
+        # The connection and its flow point at each other: once both are
+        # done, the link goes, and reference counting frees them at once
+        # rather than the cycle collector later (a connect/close run made
+        # it a few per cent of our CPU).
+        if flow.ended:
+            flow.conn.user = None
 
     def _set_mask(self, flow: TcpFlow, mask: int) -> None:
         if mask == flow.mask or flow.closed:
@@ -476,11 +490,11 @@ class TcpNat:
         if not flow.mask:
             # Quiet: a flow's handler only moves data or ends the flow,
             # which never makes a deadline earlier.
-            self.loop.register(flow.sock, mask, flow.on_ready, quiet=True)
+            self.loop.register(flow.sock, mask, flow._ready, quiet=True)
         elif not mask:
             self.loop.unregister(flow.sock)
         else:
-            self.loop.modify(flow.sock, mask, flow.on_ready)
+            self.loop.modify(flow.sock, mask, flow._ready)
         flow.mask = mask
 
     # ------------------------------------------------------------ timers

@@ -114,8 +114,24 @@ def parse(data, src: bytes, dst: bytes, verify_checksum: bool = True) -> TcpSegm
     return segment
 
 
+# MSS (kind 2, length 4), SACK permitted (4, 2), timestamps (8, 10), then NOP
+# and window scale (3, 3) as one 32-bit word.
+_SYN_OPTIONS = struct.Struct("!HHHHIII")
+
+
 def _parse_options(segment: TcpSegment, options) -> None:
     """RFC 9293 3.2: kind, length, value; unknown kinds are skipped by length."""
+    if len(options) == 20:
+        # The SYN of Linux (and most stacks): MSS, SACK permitted, timestamps,
+        # NOP, window scale. One unpack; anything else is walked below.
+        mss_head, mss, sack, ts_head, ts_val, ts_ecr, ws_head = _SYN_OPTIONS.unpack(options)
+        if mss_head == 0x0204 and sack == 0x0402 and ts_head == 0x080A and ws_head >> 8 == 0x010303:
+            segment.mss = mss
+            segment.sack_permitted = True
+            segment.timestamp = (ts_val, ts_ecr)
+            ws = ws_head & 0xFF
+            segment.window_scale = ws if ws < MAX_WINDOW_SCALE else MAX_WINDOW_SCALE
+            return
     i = 0
     end = len(options)
     while i < end:
