@@ -512,20 +512,22 @@ class TcpConnection:
                 layer.send_reset(self.local, self.local_port, self.remote, self.remote_port, ack)
                 return
         una = self.snd_una
-        if seq_lt(self.snd_max, ack):
+        # (seq_lt and seq_le written out on this path: a call each costs more
+        # than the test.)
+        if 0 < ((ack - self.snd_max) & MASK) < HALF:  # seq_lt(SND.MAX, ack)
             # Acknowledges what we never sent: answer with an ACK, drop.
             layer.counters["tcp-ack-too-new"] += 1
             self.ack_pending = True
             self.mark()
             return
-        if seq_lt(ack, (una - self.max_snd_wnd) & MASK):
+        if 0 < ((una - self.max_snd_wnd - ack) & MASK) < HALF:  # seq_lt(ack, una - max window)
             # RFC 5961 5.2: too old to be anything but an injection.
             layer.counters["tcp-ack-too-old"] += 1
             layer.challenge_ack(self, now)
             return
         window = seg.window << self.snd_wscale
         if ack != una:
-            if seq_lt(una, ack):
+            if ((ack - una) & MASK) < HALF:  # seq_lt(una, ack), as they differ
                 self._new_ack(ack, ts if self.ts_enabled else None, now)
         elif seg_len == 0 and window == self.snd_wnd and self.snd_max != una:
             self._duplicate_ack(now)
@@ -542,7 +544,7 @@ class TcpConnection:
                 return
 
         # RFC 7323 4.3: remember the guest's timestamp for our echoes.
-        if ts is not None and self.ts_enabled and seq_le(seq, rcv_nxt):
+        if ts is not None and self.ts_enabled and ((rcv_nxt - seq) & MASK) < HALF:
             self.ts_recent = ts[0]
 
         # Seventh: segment text.
@@ -654,7 +656,9 @@ class TcpConnection:
     def _update_window(self, seq: int, ack: int, window: int) -> None:
         """RFC 9293 3.10.7.4, fifth, ESTABLISHED: take the window from the
         newest segment only (SND.WL1, SND.WL2)."""
-        if seq_lt(self.snd_wl1, seq) or (self.snd_wl1 == seq and seq_le(self.snd_wl2, ack)):
+        wl1 = self.snd_wl1
+        # seq_lt(SND.WL1, seq) or (SND.WL1 == seq and seq_le(SND.WL2, ack))
+        if 0 < ((seq - wl1) & MASK) < HALF or wl1 == seq and ((ack - self.snd_wl2) & MASK) < HALF:
             if window != self.snd_wnd:
                 if window > self.snd_wnd:
                     self.mark()

@@ -109,6 +109,9 @@ _TS_BLOCK = struct.Struct("!III")  # NOP NOP kind length, TSval, TSecr
 # window, checksum) with the timestamps option. TcpLayer.emit's common case.
 _FRAME4_TS = struct.Struct("!14sBxHHHBBH8sHHIIBBHHxxIII")
 _TS_WORD = 0x0101080A
+# SYN options in Linux's layout: MSS (kind 2, length 4), NOP NOP timestamps
+# (the _TS_WORD, TSval, TSecr), NOP window scale (1, 3, 3, shift).
+_SYN_OPTIONS = struct.Struct("!HHIIIHBB")
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
 
 
@@ -159,7 +162,8 @@ class TcpLayer:
 
     def _mss_limit(self, conn: TcpConnection) -> int:
         """mss_limit for the connection's family (IPv6's header is 20 bytes longer)."""
-        return self.mss_limit - 20 if len(conn.remote) == 16 else self.mss_limit
+        limit = self.stack.config.mtu - 40
+        return limit - 20 if len(conn.remote) == 16 else limit
 
     # ------------------------------------------------------------ ingress
     def receive_fast(self, data, off: int, trusted: bool, gso: bool, now: float) -> bool:
@@ -395,12 +399,13 @@ class TcpLayer:
         conn.sack_permitted = seg.sack_permitted
 
     def _set_mss(self, conn: TcpConnection) -> None:
-        mss = min(conn.guest_mss, self._mss_limit(conn))
+        limit = self._mss_limit(conn)
+        mss = min(conn.guest_mss, limit)
         if conn.ts_enabled:
             mss -= 12
         conn.mss = mss
         if self.config.delayed_ack_timeout:  # ACK at least every second full segment
-            conn.delack_limit = 2 * (self._mss_limit(conn) - (12 if conn.ts_enabled else 0))
+            conn.delack_limit = 2 * (limit - (12 if conn.ts_enabled else 0))
         # RFC 6928: the initial window.
         conn.cwnd = min(10 * mss, max(2 * mss, 14600))
 
@@ -817,38 +822,49 @@ class TcpLayer:
         vnet = virtio.tcp_header(14, 40, header_len, gso, conn.mss)
         self.stack.ipv6.send_offload_segment(conn.local, conn.remote, mac, vnet, parts, tcp_len)
 
-    def _syn_options(self, conn: TcpConnection, now: float) -> bytes:
-        return tcp.build_options(
-            mss=self._mss_limit(conn),
+    def _syn_options(self, conn: TcpConnection, now: float):
+        """Our SYN's (or SYN-ACK's) options and the sum of their 16-bit words."""
+        mss = self._mss_limit(conn)
+        if conn.ws_enabled and conn.ts_enabled:
+            # The common case, in Linux's layout: MSS, NOP NOP timestamps,
+            # NOP window scale; one pack, the sum from the fields.
+            ts_val = self.ts_clock(conn, now)
+            ts_ecr = conn.ts_recent
+            shift = conn.rcv_wscale
+            options = _SYN_OPTIONS.pack(0x0204, mss, _TS_WORD, ts_val, ts_ecr, 0x0103, 3, shift)
+            words = (
+                0x0204
+                + mss
+                + _TS_SUM
+                + 0x0103
+                + 0x0300
+                + shift
+                + (ts_val >> 16)
+                + (ts_val & 0xFFFF)
+                + (ts_ecr >> 16)
+                + (ts_ecr & 0xFFFF)
+            )
+            return options, words
+        options = tcp.build_options(
+            mss=mss,
             window_scale=conn.rcv_wscale if conn.ws_enabled else -1,
             timestamp=(self.ts_clock(conn, now), conn.ts_recent) if conn.ts_enabled else None,
         )
+        return options, checksum.partial_sum(options)
 
     def send_syn_ack(self, conn: TcpConnection, now: float) -> None:
-        options = self._syn_options(conn, now)
+        options, options_sum = self._syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)  # RFC 7323 2.2: a SYN's window is not scaled
         conn.rcv_adv = (conn.rcv_nxt + window) & MASK
         conn.ack_sent = conn.rcv_nxt
         conn.rtt_time = now
-        self._frame(
-            conn,
-            SYN | ACK,
-            conn.iss,
-            conn.rcv_nxt,
-            window,
-            options,
-            checksum.partial_sum(options),
-            b"",
-            now,
-        )
+        self._frame(conn, SYN | ACK, conn.iss, conn.rcv_nxt, window, options, options_sum, b"", now)
 
     def send_syn(self, conn: TcpConnection, now: float) -> None:
-        options = self._syn_options(conn, now)
+        options, options_sum = self._syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)
         conn.rtt_time = now
-        self._frame(
-            conn, SYN, conn.iss, 0, window, options, checksum.partial_sum(options), b"", now
-        )
+        self._frame(conn, SYN, conn.iss, 0, window, options, options_sum, b"", now)
 
     def retransmit_first(self, conn: TcpConnection, now: float) -> None:
         """Resend the first unacknowledged segment (fast retransmit)."""
