@@ -8,7 +8,7 @@ numbers are the forwarder's alone: user and system CPU per transaction and,
 with --opcodes, the Python bytecodes run per transaction by function (a
 count that does not depend on the machine's noise).
 
-    python3 bench/loop.py [--test rr|cc] [--count 20000] [--opcodes]
+    python3 bench/loop.py [--test rr|cc] [--count 20000] [--opcodes] [--busy-poll USEC]
 
 rr: 1-byte request/response over one connection (the guest acknowledges
 each answer with its next request, as a kernel with delayed ACK does).
@@ -159,6 +159,12 @@ def main() -> int:
     parser.add_argument("--test", choices=("rr", "cc"), default="rr")
     parser.add_argument("--count", type=int, default=20000, help="transactions (or connections)")
     parser.add_argument("--opcodes", action="store_true", help="count bytecodes (slow)")
+    parser.add_argument(
+        "--busy-poll",
+        type=int,
+        default=0,
+        help="the loop's busy polling in microseconds (default 0: the work alone, no spinning)",
+    )
     args = parser.parse_args()
     count = min(args.count, 3000) if args.opcodes else args.count
     listener = socket.create_server(("127.0.0.1", 0))
@@ -184,7 +190,10 @@ def main() -> int:
         listener.close()
         theirs.close()
         config = NetworkConfig(
-            offload=True, random=random.Random(1), dns_upstreams=[("127.0.0.1", 9)]
+            offload=True,
+            random=random.Random(1),
+            dns_upstreams=[("127.0.0.1", 9)],
+            busy_poll=args.busy_poll / 1e6,
         )
         loop = Loop(config, ours.fileno(), stop_r)
         guest_status = []

@@ -101,6 +101,8 @@ class Loop:
         self._quiet_events: set[type] = set()
         os.set_blocking(tap_fd, False)
         self._epoll.register(tap_fd, select.EPOLLIN)
+        self._receive = self.stack.receive_vnet_frame if self.vnet else self.stack.receive_frame
+        self._read_size = MAX_FRAME + virtio.HEADER_LEN if self.vnet else MAX_FRAME
         if stop_fd is not None:
             self._epoll.register(stop_fd, select.EPOLLIN)
         from .services import install
@@ -280,15 +282,17 @@ class Loop:
         the stack has something to send: a frame that leaves it idle is a
         guest waiting for the host (request/response), and a frame left
         unread wakes the next poll anyway."""
-        vnet = self.vnet
         stack = self.stack
+        events = stack._events
         tcp = stack.tcp
-        receive = stack.receive_vnet_frame if vnet else stack.receive_frame
+        receive = self._receive
         capture = self.capture
-        size = MAX_FRAME + virtio.HEADER_LEN if vnet else MAX_FRAME
-        for count in range(self.config.tap_batch):
+        fd = self.tap_fd
+        size = self._read_size
+        count = 0
+        while True:
             try:
-                frame = os.read(self.tap_fd, size)
+                frame = os.read(fd, size)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -298,15 +302,19 @@ class Loop:
             if not frame:
                 return
             if capture is not None:
-                capture.write(memoryview(frame)[virtio.HEADER_LEN :] if vnet else frame)
+                capture.write(memoryview(frame)[virtio.HEADER_LEN :] if self.vnet else frame)
             receive(frame, now)
             # Dispatch as we go so that per-flow back-pressure stays accurate.
-            if self.stack._events:
+            if events:
                 self._dispatch_events(now)
-            if not count and (
-                not (stack._out or (tcp is not None and tcp.dirty)) or not self._tap_poll.poll(0)
-            ):
+            if count:
+                count += 1
+                if count >= self.config.tap_batch:
+                    return
+            elif not (stack._out or (tcp is not None and tcp.dirty)) or not self._tap_poll.poll(0):
                 return  # one frame and no more (request/response): no EAGAIN read
+            else:
+                count = 1
 
     def _dispatch_events(self, now: float) -> None:
         events = self.stack._events  # Stack.next_event, inlined
@@ -340,21 +348,23 @@ class Loop:
 
     def _flush_vnet(self, now: float) -> None:
         items = self.stack.vnet_frames_to_send(now)
-        if not items:
-            return
         capture = self.capture
         fd = self.tap_fd
         plain = virtio.NO_OFFLOAD
         for item in items:
-            if item.__class__ is tuple:
-                header, frame = item
-            else:
-                header, frame = plain, item
+            if item.__class__ is not tuple:
+                item = (plain, item)
             if capture is not None:
-                capture.write(frame)
-            if not write_tap(fd, frame, header):
+                capture.write(item[1])
+            try:  # write_tap, inlined: (virtio_net_hdr, frame) is the iovec
+                writev(fd, item)
+            except BlockingIOError:
                 self.counters["tap-write-dropped"] += 1
-        if capture is not None:
+            except OSError as exc:
+                if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
+                    raise
+                self.counters["tap-write-dropped"] += 1
+        if capture is not None and items:
             capture.flush()
 
     def close(self) -> None:
