@@ -255,3 +255,82 @@ def test_header_prediction_matches_the_full_path(vnet, timestamps, seed):
     assert pair.stacks[0].counters == pair.stacks[1].counters
     # The fast path did take a good share, or this test tests nothing.
     assert pair.fast_taken > STEPS // 4, pair.fast_taken
+
+
+def syn_frame(rng, sport, wrong):
+    """A guest SYN toward PEER (or elsewhere), with at most one thing wrong."""
+    layouts = (
+        b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + struct.pack("!II", 7, 0) + b"\x01\x03\x03\x07",
+        b"\x02\x04\x05\xb4\x01\x03\x03\x07",
+        b"\x02\x04\x05\xb4",
+        b"",
+        b"\x1e\x04\x00\x00\x02\x04\x05\xb4",  # an unknown kind first
+        b"\x02\x05\x05\xb4",  # a bad MSS length
+        b"\x01\x01\x01\x1e",  # truncated
+    )
+    options = rng.choice(layouts)
+    flags = 0x03 if wrong == "syn-fin" else 0x02
+    payload = b"data" if wrong == "payload" else b""
+    tcp = segment(
+        0 if wrong == "zero-port" else sport, 80, flags, rng.getrandbits(32), 0,
+        payload, 64240, options=options, bad=wrong == "tcp-checksum",
+    )  # fmt: skip
+    if wrong == "doff":
+        tcp = tcp[:12] + bytes([0x40]) + tcp[13:]
+    data = frame(
+        tcp,
+        OTHER_MAC if wrong == "mac" else GUEST_MAC,
+        b"\x01\x01\x01\x00" if wrong == "ip-options" else b"",
+        wrong == "fragment",
+        1 if wrong == "ttl" else 64,
+        wrong == "ip-checksum",
+    )
+    if wrong in ("broadcast", "multicast", "limited-broadcast"):
+        dst = {"broadcast": "0a0002ff", "multicast": "e0000001", "limited-broadcast": "ffffffff"}
+        ip = bytearray(data[14:34])
+        ip[16:20] = bytes.fromhex(dst[wrong])
+        ip[10:12] = b"\0\0"
+        ip[10:12] = checksum.checksum(bytes(ip)).to_bytes(2, "big")
+        data = data[:14] + bytes(ip) + data[34:]
+    return data
+
+
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+@pytest.mark.parametrize("seed", range(3))
+def test_syn_fast_path_matches_the_full_path(vnet, seed):
+    """New connections: a plain SYN of a known guest takes the fast path;
+    anything doubtful (a wrong MAC, checksum, option, address or flag, a
+    repeated SYN, a full table) must end exactly as the full path ends it."""
+    rng = random.Random(100 + seed * 2 + vnet)
+    pair = Pair(vnet)
+    for stack in pair.stacks:
+        stack.tcp.config.max_connections = 12
+    now = 1.0
+    # The first SYN teaches both stacks the guest's MAC (the full path learns).
+    pair.feed(frame(segment(39999, 80, 0x02, 1, 0, window=64240)), now)
+    pair.settle(now, rng)
+    wrongs = (None,) * 8 + (
+        "tcp-checksum", "ip-checksum", "mac", "ip-options", "fragment", "ttl", "zero-port",
+        "payload", "syn-fin", "doff", "broadcast", "multicast", "limited-broadcast", "repeat",
+    )  # fmt: skip
+    sport = 40000
+    for _ in range(300):
+        now += 0.01
+        wrong = rng.choice(wrongs)
+        if wrong != "repeat":
+            sport += 1
+        vnet_flags = 1 if vnet and wrong != "tcp-checksum" and rng.random() < 0.5 else 0
+        pair.feed(syn_frame(rng, sport, wrong), now, vnet_flags)
+        pair.settle(now, rng)
+        tcps = [stack.tcp for stack in pair.stacks]
+        assert tcps[0].counters == tcps[1].counters
+        assert {k: c.syn_packet for k, c in tcps[0].connections.items()} == {
+            k: c.syn_packet for k, c in tcps[1].connections.items()
+        }
+        if rng.random() < 0.05:  # connections end, room for more
+            for stack in pair.stacks:
+                for conn in list(stack.tcp.connections.values()):
+                    stack.tcp.abort(conn, now)
+            pair.settle(now, rng)
+    assert pair.stacks[0].counters == pair.stacks[1].counters
+    assert pair.fast_taken > 50, pair.fast_taken

@@ -110,7 +110,7 @@ def parse(data, src: bytes, dst: bytes, verify_checksum: bool = True) -> TcpSegm
         if header_len == 32 and data[20:24] == _TS_PREFIX:  # the common case, NOP NOP TS
             segment.timestamp = TIMESTAMPS_ALIGNED.unpack_from(data, 20)
         else:
-            _parse_options(segment, data[HEADER_LEN:header_len])
+            parse_options(segment, data[HEADER_LEN:header_len])
     return segment
 
 
@@ -119,7 +119,7 @@ def parse(data, src: bytes, dst: bytes, verify_checksum: bool = True) -> TcpSegm
 _SYN_OPTIONS = struct.Struct("!HHHHIII")
 
 
-def _parse_options(segment: TcpSegment, options) -> None:
+def parse_options(segment: TcpSegment, options) -> None:
     """RFC 9293 3.2: kind, length, value; unknown kinds are skipped by length."""
     if len(options) == 20:
         # The SYN of Linux (and most stacks): MSS, SACK permitted, timestamps,

@@ -197,19 +197,25 @@ class TcpLayer:
             window,
         ) = _FAST4.unpack_from(data, off + 6)
         if (
-            flags & (SYN | RST | URG | ACK) != ACK  # those take the full path
-            or ethertype != 0x0800
+            ethertype != 0x0800
             or ver_ihl != 0x45
             or proto != 6
             or frag & 0xBFFF
             or ttl <= 1
+            or flags & (SYN | RST | URG | ACK) != ACK  # those take the full path...
+            and flags & (SYN | RST | URG | ACK | FIN) != SYN  # ...but a plain SYN
         ):
             return False
         end = off + 14 + total
         if end > len(data) or (total > self.stack.config.mtu and not gso):
             return False
-        conn = self.connections.get((src, sport, dst, dport))
+        key = (src, sport, dst, dport)
+        conn = self.connections.get(key)
         if conn is None:
+            if flags & SYN:
+                return self._syn_fast(data, off, trusted, key, src_mac, total, doff, seq, now)
+            return False
+        if flags & SYN:  # a SYN for a known connection: the full path's business
             return False
         state = conn.state
         if state is LISTEN or state is SYN_SENT or state is CLOSED:
@@ -248,6 +254,47 @@ class TcpLayer:
         seg = tcp.TcpSegment(sport, dport, seq, ack, flags, window, 0, payload)
         seg.timestamp = ts
         conn.segment_arrives(seg, now)
+        return True
+
+    def _syn_fast(self, data, off, trusted, key, src_mac, total, doff, seq, now) -> bool:
+        """receive_fast for a plain SYN of a new connection (no data, no
+        table entry, room in the table): the checks of the IPv4 and TCP
+        parsers, then _no_connection's, without their objects."""
+        src, sport, dst, dport = key
+        header_len = (doff >> 4) * 4
+        stack = self.stack
+        if (
+            header_len < 20
+            or total != 20 + header_len  # data on a SYN: the full path
+            or not sport
+            or not dport
+            or dst[0] >= 224
+            or dst == stack._broadcast
+            or len(self.connections) >= self.config.max_connections
+            or stack._arp_cache.get(src) != src_mac
+            or sum(_IP_WORDS.unpack_from(data, off + 14)) % 0xFFFF
+        ):
+            return False
+        at = off + 34  # the TCP header
+        end = at + header_len
+        if not trusted and self.verify_checksum:
+            s = int.from_bytes(src, "big") + int.from_bytes(dst, "big") + 6 + header_len
+            if (s + checksum.partial_sum(memoryview(data)[at:end])) % 0xFFFF:
+                return False
+        seg = tcp.TcpSegment(sport, dport, seq, 0, SYN, 0, 0, b"")
+        if header_len > 20:
+            tcp.parse_options(
+                seg, memoryview(data)[at + 20 : end]
+            )  # may raise, as the parser would
+        # _no_connection for a SYN, as the full path would reach it.
+        conn = self._new_connection(key, dst, dport, src, sport, now)
+        conn.state = LISTEN
+        conn.irs = seq
+        conn.rcv_nxt = (seq + 1) & MASK
+        self._take_syn_options(conn, seg)
+        conn.syn_packet = bytes(data[off + 14 : at + 20])
+        self.counters["tcp-connect-requests"] += 1
+        self.events.append(TcpConnectRequested(conn))
         return True
 
     def receive_segment(self, ip, packet, payload, now: float) -> None:
