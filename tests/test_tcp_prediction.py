@@ -1,8 +1,9 @@
 """Header prediction changes nothing but speed.
 
 Two stacks play the same random conversations: one with the TCP layer's
-frame-level fast path (``TcpLayer.receive_fast``), one with it turned off so
-that every frame takes the full parsers. After every step both must have
+frame-level fast path (``TcpLayer.receive_fast``) and header prediction, one
+with both turned off so that every frame takes the full parsers and every
+segment the RFC's steps (``TcpLayer.predict``). After every step both must have
 sent the same bytes, queued the same events, counted the same drops and
 hold connections in the same state. The conversations mix what the fast
 path takes (in-order data, plain ACKs, FINs, the handshake's last ACK) with
@@ -77,6 +78,7 @@ class Pair:
                 tcp.receive_fast = self._counting(tcp.receive_fast)
             else:
                 tcp.receive_fast = lambda *args: False
+                tcp.predict = False  # the RFC's steps for every segment
             self.stacks.append(stack)
         self.fast_taken = 0
 
@@ -140,6 +142,15 @@ class Pair:
         return sent[0]
 
 
+def _our_tsval(sent, our_ts: int) -> int:
+    """The TSval of the last of our segments in ``sent`` that has one."""
+    for item in sent:
+        data = item[1] if type(item) is tuple else item
+        if len(data) >= 14 + 20 + 32 and data[14 + 20 + 12] >> 4 == 8:
+            our_ts = struct.unpack_from("!I", data, 14 + 20 + 24)[0]
+    return our_ts
+
+
 def _fields(event):
     conn = getattr(event, "conn", None)
     return (conn.key if conn is not None else None, getattr(event, "reason", None))
@@ -162,6 +173,10 @@ def _state(conn):
         conn.cwnd,
         conn.guest_fin,
         len(conn.ooo),
+        conn.dupacks,
+        conn.fin_acked,
+        conn.snd_wl1,
+        conn.snd_wl2,
     )
 
 
@@ -187,10 +202,16 @@ def test_header_prediction_matches_the_full_path(vnet, timestamps, seed):
             syn = segment(sport, dport, 0x02, isn, 0, window=64240, ts=ts, options=syn_options)
             pair.feed(frame(syn), now)
             pair.settle(now, rng)
-            pair.settle(now, rng)  # the accept's SYN-ACK
+            sent = pair.settle(now, rng)  # the accept's SYN-ACK
             seq = isn + 1
             fin_sent = False
             conn = pair.stacks[0].tcp.connections.get(key)
+            if conn is not None and rng.random() < 0.7:
+                # The handshake's last ACK on its own, as a kernel sends it.
+                our_ts = _our_tsval(sent, our_ts)
+                ts = (tsval, our_ts) if timestamps else None
+                pair.feed(frame(segment(sport, dport, 0x10, seq, conn.snd_nxt, ts=ts)), now)
+                pair.settle(now, rng)
             continue
         ack = conn.snd_nxt if rng.random() < 0.8 else conn.snd_una
         tsval += rng.choice((0, 1, 1, 2))
@@ -245,13 +266,10 @@ def test_header_prediction_matches_the_full_path(vnet, timestamps, seed):
         sent = pair.settle(now, rng)
         conn = pair.stacks[0].tcp.connections.get(key)
         if conn is not None:
-            seq = conn.rcv_nxt - (1 if conn.guest_fin else 0)
+            seq = conn.rcv_nxt  # past the FIN too, once it is taken
             if conn.state.name == "TIME_WAIT":
                 conn = None
-        for item in sent:
-            data = item[1] if type(item) is tuple else item
-            if len(data) >= 14 + 20 + 32 and data[14 + 20 + 12] >> 4 == 8:
-                our_ts = struct.unpack_from("!I", data, 14 + 20 + 24)[0]
+        our_ts = _our_tsval(sent, our_ts)
     assert pair.stacks[0].counters == pair.stacks[1].counters
     # The fast path did take a good share, or this test tests nothing.
     assert pair.fast_taken > STEPS // 4, pair.fast_taken

@@ -434,8 +434,9 @@ class TcpConnection:
         # nothing unusual takes a shorter way (same outcome, fewer tests).
         if (
             state is ESTABLISHED
-            and flags & (SYN | FIN | RST | URG | ACK) == ACK
-            and self.predicted(seq, seg.ack, seg.window, seg.timestamp, payload, now)
+            and flags & (SYN | RST | URG | ACK) == ACK
+            and layer.predict
+            and self.predicted(seq, seg.ack, seg.window, seg.timestamp, payload, now, flags & FIN)
         ):
             return
 
@@ -506,7 +507,7 @@ class TcpConnection:
         ack = seg.ack
         if state is SYN_RECEIVED:
             if seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max):
-                self._established(seg, now)
+                self._established(seq, ack, seg.window, now)
                 state = ESTABLISHED
             else:
                 layer.send_reset(self.local, self.local_port, self.remote, self.remote_port, ack)
@@ -594,15 +595,16 @@ class TcpConnection:
                 self.ooo_fin = fin_at
         layer.arm(self)
 
-    def predicted(self, seq: int, ack: int, window: int, ts, payload, now) -> bool:
+    def predicted(self, seq: int, ack: int, window: int, ts, payload, now, fin=0) -> bool:
         """Header prediction (Van Jacobson's, as in RFC 9293 3.10.7.4 taken
         in the order it would take them), for a segment in ESTABLISHED with
-        no flag but ACK (the caller checks both): the next in-order data or a
-        plain ACK, the timestamp newer than TS.Recent, an ACK within what we
-        sent and text that fits the window. Such a segment is handled here at
-        once and True returned; anything else returns False having changed
-        nothing, for segment_arrives. ``window`` is the header's field
-        (unscaled), ``ts`` (TSval, TSecr)."""
+        no flag but ACK and perhaps FIN (the caller checks both): the next
+        in-order data or a plain ACK, the timestamp newer than TS.Recent, an
+        ACK within what we sent and text that fits the window. Such a segment
+        is handled here at once and True returned; anything else returns
+        False having changed nothing, for segment_arrives. ``window`` is the
+        header's field (unscaled), ``ts`` (TSval, TSecr), ``fin`` the FIN
+        flag (the in-order FIN closes the guest's side at once)."""
         if seq != self.rcv_nxt or self.ooo:
             return False
         if self.ts_enabled:
@@ -623,17 +625,24 @@ class TcpConnection:
         window <<= self.snd_wscale
         if ack != una:
             self._new_ack(ack, ts, now)
-        elif plen == 0 and window == self.snd_wnd and self.snd_max != una:
+        elif plen == 0 and not fin and window == self.snd_wnd and self.snd_max != una:
             self._duplicate_ack(now)
-        # In order, so this segment is the newest: take its window.
+        # The window, from the newest segment only (SND.WL1 and SND.WL2: an
+        # earlier segment from further ahead may have set them).
         if window != self.snd_wnd:
             self._update_window(seq, ack, window)
-        else:
-            self.snd_wl1 = seq
-            self.snd_wl2 = ack
+        else:  # _update_window with nothing to change but WL1 and WL2
+            wl1 = self.snd_wl1
+            if ((seq - wl1) & MASK) < HALF and (wl1 != seq or ((ack - self.snd_wl2) & MASK) < HALF):
+                self.snd_wl1 = seq
+                self.snd_wl2 = ack
         if ts is not None:
             self.ts_recent = ts[0]
-        if plen:
+        if fin:  # in order after the text: ACK it now (_fin_received does)
+            if plen:
+                self._deliver(payload)
+            self._fin_received(now)
+        elif plen:
             self._deliver(payload)
             if ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit:
                 if self.delack_at is None:  # layer.delay_ack, inlined
@@ -651,6 +660,42 @@ class TcpConnection:
         rtx_at = self.rtx_at
         if rtx_at is not None and (self.heap_at is None or rtx_at < self.heap_at):
             self.layer.arm(self)
+        return True
+
+    def handshake_acked(self, seq: int, ack: int, window: int, ts, now: float) -> bool:
+        """segment_arrives for the plain ACK (no text, no FIN) that ends a
+        handshake in SYN-RECEIVED, in order and acknowledging our SYN; False
+        (nothing changed) for anything else. ``ts`` is None unless the
+        connection uses timestamps."""
+        if seq != self.rcv_nxt or ack != self.snd_max or ack == self.snd_una:
+            return False
+        if ts is not None and ((ts[0] - self.ts_recent) & MASK) >= HALF:
+            return False  # PAWS: the full path counts it
+        self.last_rx = now
+        self.keepalive_probes = 0
+        self._established(seq, ack, window, now)
+        if ts is not None:
+            self.ts_recent = ts[0]
+        self.layer.arm(self)
+        return True
+
+    def last_acked(self, seq: int, ack: int, window: int, ts, now: float) -> bool:
+        """segment_arrives for the plain ACK of our FIN in LAST-ACK, in
+        order: the connection is closed. False (nothing changed) otherwise."""
+        if seq != self.rcv_nxt or ack != self.snd_max or ack == self.snd_una or self.ooo:
+            return False
+        if ts is not None and ((ts[0] - self.ts_recent) & MASK) >= HALF:
+            return False
+        self.last_rx = now
+        self.keepalive_probes = 0
+        self._new_ack(ack, ts, now)
+        self._update_window(seq, ack, window << self.snd_wscale)
+        if self.fin_acked:  # SND.MAX is past our FIN: always
+            self.layer.connection_closed(self, now)
+            return True
+        if ts is not None:
+            self.ts_recent = ts[0]
+        self.layer.arm(self)
         return True
 
     def _update_window(self, seq: int, ack: int, window: int) -> None:
@@ -671,15 +716,16 @@ class TcpConnection:
             self.snd_wl1 = seq
             self.snd_wl2 = ack
 
-    def _established(self, seg, now: float) -> None:
-        """SYN-RECEIVED -> ESTABLISHED on the ACK of our SYN."""
-        self.snd_una = seg.ack
-        if seq_lt(self.snd_nxt, seg.ack):
-            self.snd_nxt = seg.ack
-        self.snd_wnd = seg.window << self.snd_wscale
+    def _established(self, seq: int, ack: int, window: int, now: float) -> None:
+        """SYN-RECEIVED -> ESTABLISHED on the ACK of our SYN (``window``: the
+        header's field)."""
+        self.snd_una = ack
+        if seq_lt(self.snd_nxt, ack):
+            self.snd_nxt = ack
+        self.snd_wnd = window << self.snd_wscale
         self.max_snd_wnd = self.snd_wnd
-        self.snd_wl1 = seg.seq
-        self.snd_wl2 = seg.ack
+        self.snd_wl1 = seq
+        self.snd_wl2 = ack
         self.state = ESTABLISHED
         if self.retries == 0:  # Karn: only a SYN-ACK sent once gives a sample
             self.set_rto_sample(now - self.rtt_time)

@@ -32,6 +32,7 @@ from .tcp_connection import (
     CLOSED,
     ESTABLISHED,
     FIN_WAIT_2,
+    LAST_ACK,
     LISTEN,
     MASK,
     OPEN_FOR_SEND,
@@ -125,6 +126,10 @@ class TcpLayer:
         self.dirty: list[TcpConnection] = []
         self.counters: Counter = Counter()
         self.verify_checksum = self.config.verify_checksum
+        # Header prediction in segment_arrives (TcpConnection.predicted). Off,
+        # every segment takes the RFC's steps: the reference a test compares
+        # the prediction with.
+        self.predict = True
         # Virtio offloads on the TAP (StackConfig.offload): segments of up to
         # gso_payload bytes (IPv4's 65535 less its header and TCP's with
         # timestamps), cut by the guest's kernel into MSS pieces.
@@ -243,14 +248,17 @@ class TcpLayer:
             if (s + checksum.partial_sum(memoryview(data)[at:end])) % 0xFFFF:
                 return False
         payload = data[start:end] if end - start < 1024 else memoryview(data)[start:end]
-        if (
-            state is ESTABLISHED
-            and not flags & FIN
-            and conn.predicted(seq, ack, window, ts, payload, now)
-        ):
-            return True
-        # Not predicted (a FIN, a handshake's last ACK, out of order...):
-        # the state machine as receive_segment would call it, minus parsing.
+        if state is ESTABLISHED:
+            if conn.predicted(seq, ack, window, ts, payload, now, flags & FIN):
+                return True
+        elif end == start and not flags & FIN:  # a plain ACK, ending a handshake or a close
+            if state is SYN_RECEIVED:
+                if conn.handshake_acked(seq, ack, window, ts, now):
+                    return True
+            elif state is LAST_ACK and conn.last_acked(seq, ack, window, ts, now):
+                return True
+        # Not predicted (out of order, a FIN while closing...): the state
+        # machine as receive_segment would call it, minus parsing.
         seg = tcp.TcpSegment(sport, dport, seq, ack, flags, window, 0, payload)
         seg.timestamp = ts
         conn.segment_arrives(seg, now)
