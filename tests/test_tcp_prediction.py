@@ -350,5 +350,13 @@ def test_syn_fast_path_matches_the_full_path(vnet, seed):
                 for conn in list(stack.tcp.connections.values()):
                     stack.tcp.abort(conn, now)
             pair.settle(now, rng)
+        elif rng.random() < 0.2:  # one ends in TIME-WAIT: a full table reclaims it
+            keys = sorted(k for k, c in tcps[0].connections.items() if c.state.name != "TIME_WAIT")
+            if keys:
+                key = rng.choice(keys)
+                for stack in pair.stacks:
+                    stack.tcp.connections[key].enter_time_wait(now)
+                pair.settle(now, rng)
     assert pair.stacks[0].counters == pair.stacks[1].counters
     assert pair.fast_taken > 50, pair.fast_taken
+    assert tcps[0].counters["tcp-time-wait-reclaimed"] > 5

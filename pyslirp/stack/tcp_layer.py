@@ -266,8 +266,8 @@ class TcpLayer:
 
     def _syn_fast(self, data, off, trusted, key, src_mac, total, doff, seq, now) -> bool:
         """receive_fast for a plain SYN of a new connection (no data, no
-        table entry, room in the table): the checks of the IPv4 and TCP
-        parsers, then _no_connection's, without their objects."""
+        table entry): the checks of the IPv4 and TCP parsers, then
+        _no_connection's, without their objects."""
         src, sport, dst, dport = key
         header_len = (doff >> 4) * 4
         stack = self.stack
@@ -278,7 +278,6 @@ class TcpLayer:
             or not dport
             or dst[0] >= 224
             or dst == stack._broadcast
-            or len(self.connections) >= self.config.max_connections
             or stack._arp_cache.get(src) != src_mac
             or sum(_IP_WORDS.unpack_from(data, off + 14)) % 0xFFFF
         ):
@@ -290,11 +289,12 @@ class TcpLayer:
             if (s + checksum.partial_sum(memoryview(data)[at:end])) % 0xFFFF:
                 return False
         seg = tcp.TcpSegment(sport, dport, seq, 0, SYN, 0, 0, b"")
-        if header_len > 20:
-            tcp.parse_options(
-                seg, memoryview(data)[at + 20 : end]
-            )  # may raise, as the parser would
-        # _no_connection for a SYN, as the full path would reach it.
+        if header_len > 20:  # may raise MalformedFrame, as the parser would
+            tcp.parse_options(seg, memoryview(data)[at + 20 : end])
+        # _no_connection for a SYN, as the full path would reach it: a full
+        # table gives up its oldest TIME-WAIT entry, or the full path refuses.
+        if len(self.connections) >= self.config.max_connections and not self._reclaim():
+            return False
         conn = self._new_connection(key, dst, dport, src, sport, now)
         conn.state = LISTEN
         conn.irs = seq
