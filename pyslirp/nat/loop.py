@@ -206,21 +206,14 @@ class Loop:
             due = self._services_due
             if due is not None and (deadline is None or due < deadline):
                 deadline = due
-            if deadline is None:
-                timeout = -1
-            else:
-                timeout = deadline - monotonic()
-                if timeout < 0.0:
-                    timeout = 0.0
-            if spin:
-                ready = self._busy_poll(spin, deadline)
-                if ready is None:
-                    if deadline is not None:
-                        timeout = deadline - monotonic()
-                        if timeout < 0.0:
-                            timeout = 0.0
-                    ready = poll(timeout)
-            else:
+            ready = self._busy_poll(spin, deadline) if spin else None
+            if ready is None:
+                if deadline is None:
+                    timeout = -1
+                else:
+                    timeout = deadline - monotonic()
+                    if timeout < 0.0:
+                        timeout = 0.0
                 ready = poll(timeout)
             now = monotonic()
             spin = busy if ready else 0.0
