@@ -300,14 +300,13 @@ class Loop:
             # Dispatch as we go so that per-flow back-pressure stays accurate.
             if events:
                 self._dispatch_events(now)
-            if count:
-                count += 1
-                if count >= self.config.tap_batch:
-                    return
-            elif not (stack._out or (tcp is not None and tcp.dirty)) or not self._tap_poll.poll(0):
+            count += 1
+            if count == 1 and (
+                not (stack._out or (tcp is not None and tcp.dirty)) or not self._tap_poll.poll(0)
+            ):
                 return  # one frame and no more (request/response): no EAGAIN read
-            else:
-                count = 1
+            if count >= self.config.tap_batch:
+                return
 
     def _dispatch_events(self, now: float) -> None:
         events = self.stack._events  # Stack.next_event, inlined

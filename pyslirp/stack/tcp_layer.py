@@ -160,13 +160,9 @@ class TcpLayer:
         self._rcv_wscale = shift
         stack.tcp = self
 
-    @property
-    def mss_limit(self) -> int:
-        """Largest payload per segment the MTU allows (IPv4, no options)."""
-        return self.stack.config.mtu - ipv4.HEADER_LEN - tcp.HEADER_LEN
-
     def _mss_limit(self, conn: TcpConnection) -> int:
-        """mss_limit for the connection's family (IPv6's header is 20 bytes longer)."""
+        """Largest payload per segment the MTU allows, without TCP options:
+        less the IPv4 and TCP headers (40 bytes), or IPv6's (60)."""
         limit = self.stack.config.mtu - 40
         return limit - 20 if len(conn.remote) == 16 else limit
 
