@@ -159,6 +159,7 @@ def main() -> int:
     parser.add_argument("--test", choices=("rr", "cc"), default="rr")
     parser.add_argument("--count", type=int, default=20000, help="transactions (or connections)")
     parser.add_argument("--opcodes", action="store_true", help="count bytecodes (slow)")
+    parser.add_argument("--top", type=int, default=25, help="functions listed with --opcodes")
     parser.add_argument(
         "--busy-poll",
         type=int,
@@ -222,7 +223,7 @@ def main() -> int:
         if ops is not None:
             total = sum(ops.values())
             print(f"bytecodes per {unit}: {total / count:.0f}")
-            for name, n in ops.most_common(int(os.environ.get("TOP", "25"))):
+            for name, n in ops.most_common(args.top):
                 print(f"  {n / count:7.1f}  {name}")
         return 0
     finally:

@@ -344,17 +344,13 @@ class Loop:
         fd = self.tap_fd
         plain = virtio.NO_OFFLOAD
         for item in items:
-            if item.__class__ is not tuple:
-                item = (plain, item)
+            if item.__class__ is tuple:
+                header, frame = item
+            else:
+                header, frame = plain, item
             if capture is not None:
-                capture.write(item[1])
-            try:  # write_tap, inlined: (virtio_net_hdr, frame) is the iovec
-                writev(fd, item)
-            except BlockingIOError:
-                self.counters["tap-write-dropped"] += 1
-            except OSError as exc:
-                if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
-                    raise
+                capture.write(frame)
+            if not write_tap(fd, frame, header):
                 self.counters["tap-write-dropped"] += 1
         if capture is not None and items:
             capture.flush()

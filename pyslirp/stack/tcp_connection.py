@@ -627,15 +627,9 @@ class TcpConnection:
             self._new_ack(ack, ts, now)
         elif plen == 0 and not fin and window == self.snd_wnd and self.snd_max != una:
             self._duplicate_ack(now)
-        # The window, from the newest segment only (SND.WL1 and SND.WL2: an
-        # earlier segment from further ahead may have set them).
-        if window != self.snd_wnd:
-            self._update_window(seq, ack, window)
-        else:  # _update_window with nothing to change but WL1 and WL2
-            wl1 = self.snd_wl1
-            if ((seq - wl1) & MASK) < HALF and (wl1 != seq or ((ack - self.snd_wl2) & MASK) < HALF):
-                self.snd_wl1 = seq
-                self.snd_wl2 = ack
+        # The window, from the newest segment only: in order is not enough,
+        # an earlier segment from further ahead may have set SND.WL1.
+        self._update_window(seq, ack, window)
         if ts is not None:
             self.ts_recent = ts[0]
         if fin:  # in order after the text: ACK it now (_fin_received does)
@@ -662,17 +656,25 @@ class TcpConnection:
             self.layer.arm(self)
         return True
 
-    def handshake_acked(self, seq: int, ack: int, window: int, ts, now: float) -> bool:
-        """segment_arrives for the plain ACK (no text, no FIN) that ends a
-        handshake in SYN-RECEIVED, in order and acknowledging our SYN; False
-        (nothing changed) for anything else. ``ts`` is None unless the
-        connection uses timestamps."""
-        if seq != self.rcv_nxt or ack != self.snd_max or ack == self.snd_una:
+    def _plain_ack_taken(self, seq: int, ack: int, ts, now: float) -> bool:
+        """Whether a plain ACK (no text, no flag but ACK) may skip
+        segment_arrives in SYN-RECEIVED or LAST-ACK: in order, acknowledging
+        all we sent and something new, and not older than TS.Recent (PAWS;
+        the full path counts that). If so, the guest was heard from."""
+        if seq != self.rcv_nxt or ack != self.snd_max or ack == self.snd_una or self.ooo:
             return False
         if ts is not None and ((ts[0] - self.ts_recent) & MASK) >= HALF:
-            return False  # PAWS: the full path counts it
+            return False
         self.last_rx = now
         self.keepalive_probes = 0
+        return True
+
+    def handshake_acked(self, seq: int, ack: int, window: int, ts, now: float) -> bool:
+        """segment_arrives for the plain ACK that ends a handshake in
+        SYN-RECEIVED, acknowledging our SYN; False (nothing changed) for
+        anything else. ``ts`` is None unless the connection uses timestamps."""
+        if not self._plain_ack_taken(seq, ack, ts, now):
+            return False
         self._established(seq, ack, window, now)
         if ts is not None:
             self.ts_recent = ts[0]
@@ -680,14 +682,10 @@ class TcpConnection:
         return True
 
     def last_acked(self, seq: int, ack: int, window: int, ts, now: float) -> bool:
-        """segment_arrives for the plain ACK of our FIN in LAST-ACK, in
-        order: the connection is closed. False (nothing changed) otherwise."""
-        if seq != self.rcv_nxt or ack != self.snd_max or ack == self.snd_una or self.ooo:
+        """segment_arrives for the plain ACK of our FIN in LAST-ACK: the
+        connection is closed. False (nothing changed) otherwise."""
+        if not self._plain_ack_taken(seq, ack, ts, now):
             return False
-        if ts is not None and ((ts[0] - self.ts_recent) & MASK) >= HALF:
-            return False
-        self.last_rx = now
-        self.keepalive_probes = 0
         self._new_ack(ack, ts, now)
         self._update_window(seq, ack, window << self.snd_wscale)
         if self.fin_acked:  # SND.MAX is past our FIN: always
@@ -743,12 +741,7 @@ class TcpConnection:
             self.fin_acked = True
             data_acked -= 1
         if data_acked:
-            buf = self.snd_buf
-            if data_acked >= buf.size:  # all of it (a reply, say): SendBuffer.drop, inlined
-                buf.chunks.clear()
-                buf.offset = buf.size = 0
-            else:
-                buf.drop(data_acked)
+            self.snd_buf.drop(data_acked)
             self.bytes_out += data_acked
         self.snd_una = ack
         if ack != self.snd_nxt and 0 < ((ack - self.snd_nxt) & MASK) < HALF:
@@ -928,13 +921,18 @@ class TcpConnection:
                 and buffered <= self.snd_wnd
                 and buffered <= self.cwnd
             ):
-                buf = self.snd_buf
-                if sent_off or buf.offset or len(buf.chunks) != 1:
-                    data = buf.view(sent_off, buffered)
-                else:
-                    data = buf.chunks[0]  # all of it: a reply, say
-                layer.emit(self, ACK | PSH, nxt, data, now)
-                self.new_data_sent((una + buffered) & MASK, now)
+                layer.emit(self, ACK | PSH, nxt, self.snd_buf.view(sent_off, buffered), now)
+                nxt = (una + buffered) & MASK
+                if self.rtt_seq is None and not self.ts_enabled:
+                    self.rtt_seq = nxt
+                    self.rtt_time = now
+                self.snd_nxt = self.snd_max = nxt
+                if self.rtx_at is None or self.persisting:
+                    self.persisting = False
+                    rtx_at = self.rtx_at = now + self.rto
+                    if self.heap_at is None or rtx_at < self.heap_at:  # layer.arm's test
+                        layer.arm(self)
+                self.ack_pending = False
                 return
         sent = False
         if state in SENDING:
@@ -999,20 +997,6 @@ class TcpConnection:
                 layer.emit(self, ACK, self.snd_nxt, b"", now)
             self.ack_pending = False
         layer.arm(self)
-
-    def new_data_sent(self, nxt: int, now: float) -> None:
-        """The bookkeeping after one segment of new data up to ``nxt`` went
-        out, nothing else in flight to resend (output's common case)."""
-        if self.rtt_seq is None and not self.ts_enabled:
-            self.rtt_seq = nxt
-            self.rtt_time = now
-        self.snd_nxt = self.snd_max = nxt
-        if self.rtx_at is None or self.persisting:
-            self.persisting = False
-            rtx_at = self.rtx_at = now + self.rto
-            if self.heap_at is None or rtx_at < self.heap_at:  # layer.arm's test
-                self.layer.arm(self)
-        self.ack_pending = False
 
     def _fin_sent(self, fin_seq: int) -> None:
         self.fin_seq = fin_seq

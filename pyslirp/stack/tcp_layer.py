@@ -110,9 +110,6 @@ _TS_BLOCK = struct.Struct("!III")  # NOP NOP kind length, TSval, TSecr
 # window, checksum) with the timestamps option. TcpLayer.emit's common case.
 _FRAME4_TS = struct.Struct("!14sBxHHHBBH8sHHIIBBHHxxIII")
 _TS_WORD = 0x0101080A
-# SYN options in Linux's layout: MSS (kind 2, length 4), NOP NOP timestamps
-# (the _TS_WORD, TSval, TSecr), NOP window scale (1, 3, 3, shift).
-_SYN_OPTIONS = struct.Struct("!HHIIIHBB")
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
 
 
@@ -522,29 +519,11 @@ class TcpLayer:
                 return 0
             data = memoryview(data)[:space]
             size = space
-        buf = conn.snd_buf
-        if not at_once or conn.dirty:
-            buf.append(data)
+        conn.snd_buf.append(data)
+        if at_once and not conn.dirty:
+            conn.output(now)
+        else:
             conn.mark()
-            return size
-        if (
-            not buf.size  # so nothing in flight: no FIN either (close_requested)
-            and conn.state is ESTABLISHED
-            and size <= conn.mss
-            and size <= conn.snd_wnd
-            and size <= conn.cwnd
-        ):
-            # One segment of it all, at once (the reply of a request/response):
-            # output's common case without its tests.
-            chunk = bytes(data)
-            buf.chunks.append(chunk)  # SendBuffer.append to an empty buffer
-            buf.size = size
-            nxt = conn.snd_nxt
-            self.emit(conn, ACK | PSH, nxt, chunk, now)
-            conn.new_data_sent((nxt + size) & MASK, now)
-            return size
-        buf.append(data)
-        conn.output(now)
         return size
 
     def consume(self, conn: TcpConnection, count: int, now: float) -> None:
@@ -875,29 +854,8 @@ class TcpLayer:
 
     def _syn_options(self, conn: TcpConnection, now: float):
         """Our SYN's (or SYN-ACK's) options and the sum of their 16-bit words."""
-        mss = self._mss_limit(conn)
-        if conn.ws_enabled and conn.ts_enabled:
-            # The common case, in Linux's layout: MSS, NOP NOP timestamps,
-            # NOP window scale; one pack, the sum from the fields.
-            ts_val = self.ts_clock(conn, now)
-            ts_ecr = conn.ts_recent
-            shift = conn.rcv_wscale
-            options = _SYN_OPTIONS.pack(0x0204, mss, _TS_WORD, ts_val, ts_ecr, 0x0103, 3, shift)
-            words = (
-                0x0204
-                + mss
-                + _TS_SUM
-                + 0x0103
-                + 0x0300
-                + shift
-                + (ts_val >> 16)
-                + (ts_val & 0xFFFF)
-                + (ts_ecr >> 16)
-                + (ts_ecr & 0xFFFF)
-            )
-            return options, words
         options = tcp.build_options(
-            mss=mss,
+            mss=self._mss_limit(conn),
             window_scale=conn.rcv_wscale if conn.ws_enabled else -1,
             timestamp=(self.ts_clock(conn, now), conn.ts_recent) if conn.ts_enabled else None,
         )
