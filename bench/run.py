@@ -34,8 +34,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# Backend "pypy": our python backend run by this interpreter instead.
+# Backends that are our python backend run by another interpreter: "pypy"
+# by PyPy, "python-distro" by the distribution's CPython (Debian's python3,
+# built with PGO and LTO; a pyenv build, as this machine's python3 is, has
+# neither unless asked).
 PYPY = os.environ.get("PYSLIRP_PYPY", "pypy3")
+DISTRO_PYTHON = os.environ.get("PYSLIRP_DISTRO_PYTHON", "/usr/bin/python3")
+INTERPRETERS = {"pypy": PYPY, "python-distro": DISTRO_PYTHON}
 
 # Run inside the namespace: 1-byte request/response for DURATION seconds.
 RR_CLIENT = """
@@ -177,9 +182,10 @@ def wait_configured(ns_name: str, proc, backend: str, interval: float = 0.05) ->
 
 
 def our_command(backend: str, mtu: int, ns_path: str, extra=(), wrap=()) -> list[str]:
-    """Our forwarder on ``ns_path``'s tap0: backend "pypy" runs it under PYPY."""
+    """Our forwarder on ``ns_path``'s tap0, run by this interpreter unless
+    the backend names another (INTERPRETERS)."""
     return [
-        PYPY if backend == "pypy" else sys.executable,
+        INTERPRETERS.get(backend, sys.executable),
         *wrap,
         "-m",
         "forwarder",

@@ -2,7 +2,7 @@
 
 Usage (as root, from the repository):
     python3 bench/speed.py [--time 3] [--mtu 1500 65520] [--runs 2] [--out bench/results]
-        [--backend python python-no-offload pypy libslirp slirp4netns pasta]
+        [--backend python python-no-offload python-distro pypy libslirp slirp4netns pasta]
 
 The rates come from bench/run.py's measurements (iperf3 both ways, 1-byte
 request/response, connect/close, CPU seconds of the forwarder); beside them,
@@ -34,9 +34,10 @@ SLIRP_BACKENDS = {
     "python": [],
     "python-no-offload": ["--no-offload"],
     "libslirp": ["--backend=libslirp"],
-    "pypy": [],  # the python backend, run by PyPy (run.PYPY)
+    "python-distro": [],  # the python backend, run by the distribution's CPython
+    "pypy": [],  # the python backend, run by PyPy (run.INTERPRETERS has both)
 }
-ALL = ["python", "python-no-offload", "pypy", "libslirp", "slirp4netns", "pasta"]
+ALL = ["python", "python-no-offload", "python-distro", "pypy", "libslirp", "slirp4netns", "pasta"]
 RATE_METRICS = [
     ("guest->host", "Gbit/s"),
     ("host->guest", "Gbit/s"),
@@ -288,8 +289,21 @@ def machine() -> str:
                 break
     return (
         f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"Python {platform.python_version()}"
+        f"Python {platform.python_version()} ({sys.executable})"
     )
+
+
+def interpreter(backend: str) -> str:
+    """Which interpreter and version runs a backend that names its own."""
+    program = run.INTERPRETERS[backend]
+    ask = "import platform as p; print(p.python_implementation(), p.python_version())"
+    out = subprocess.run(
+        [program, "-c", ask],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"{backend}: {out or 'unknown'} ({shutil.which(program) or program})"
 
 
 def main() -> int:
@@ -306,7 +320,7 @@ def main() -> int:
         return 2
     backends = []
     for b in args.backend:
-        program = {"slirp4netns": "slirp4netns", "pasta": "pasta", "pypy": run.PYPY}.get(b)
+        program = {"slirp4netns": "slirp4netns", "pasta": "pasta", **run.INTERPRETERS}.get(b)
         if program and shutil.which(program) is None:
             print(f"{program} is not installed: {b} left out", file=sys.stderr)
             continue
@@ -316,7 +330,8 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # As an installed package would be: PYTHONDONTWRITEBYTECODE (set on some
     # machines) would otherwise make every start compile our modules again.
-    for python in [sys.executable] + ([run.PYPY] if "pypy" in backends else []):
+    others = [run.INTERPRETERS[b] for b in backends if b in run.INTERPRETERS]
+    for python in [sys.executable, *others]:
         subprocess.run(
             [python, "-m", "compileall", "-q", "pyslirp", "forwarder"], cwd=REPO, check=False
         )
@@ -330,7 +345,9 @@ def main() -> int:
     )
     echo, closer, hold = run.EchoServer(), run.AcceptCloseServer(), HoldServer()
     ports = {"iperf": iperf_port, "echo": echo.port, "close": closer.port}
-    report = [f"Machine: {machine()}", ""]
+    report = [f"Machine: {machine()}"]
+    report += [f"Interpreter of {interpreter(b)}" for b in backends if b in run.INTERPRETERS]
+    report.append("")
     try:
         time.sleep(0.3)
         for n in range(1, args.runs + 1):
