@@ -220,9 +220,10 @@ class TcpLayer:
             return False
         if self.stack._arp_cache.get(src) != src_mac:
             return False
-        # The header checksum: 2**16 is 1 modulo 0xFFFF, so the 20 bytes as
-        # one number are congruent to the sum of their 16-bit words, and a
-        # valid header sums to 0xFFFF (one's complement): 0 modulo 0xFFFF.
+        # The header checksum: a valid header's partial sum is 0, in
+        # checksum.py's form of it (int.from_bytes modulo 0xFFFF) written
+        # out, since 20 bytes need none of partial_sum's folding (a call
+        # there costs twice this).
         if _from_bytes(data[off + 14 : off + 34], "big") % 0xFFFF:
             return False
         at = off + 34  # the TCP header
