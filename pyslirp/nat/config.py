@@ -46,6 +46,9 @@ class NetworkConfig:
     # how long one upstream gets before the next is asked.
     dns_max_pending: int = 512
     dns_upstream_timeout: float = 2.0
+    # Upstream queries each go out from a socket of their own (RFC 5452 9.2:
+    # a random source port per query); at most this many at once.
+    dns_max_sockets: int = 128
     # DHCP: libslirp hands out 16 addresses from .15; we do the same.
     dhcp_pool_size: int = 16
     dhcp_lease_time: int = 86400
@@ -87,6 +90,9 @@ class NetworkConfig:
     tcp_keepalive_idle: float = 7200.0
     # Check the checksum of every segment from the guest (RFC 9293 3.1).
     tcp_verify_checksum: bool = True
+    # Every byte held for the guest's flows, all together (TCP buffers,
+    # reassembly, frames awaiting ARP/ND, DNS queries): Linux's tcp_mem.
+    memory_budget: int = 256 * 1024 * 1024
 
     # IPv6 (added with IPv6, slirp4netns's -6): off by default as in
     # slirp4netns. The prefix is a /64 because the guest forms its address by
@@ -154,6 +160,7 @@ class NetworkConfig:
             gateway_mac=b"\x52\x55" + gateway,
             mtu=self.mtu,
             offload=self.offload,
+            memory_budget=self.memory_budget,
             ipv6=self.enable_ipv6,
             ipv6_prefix=self.ipv6_prefix.network_address.packed,
             ipv6_prefix_len=self.ipv6_prefix.prefixlen,

@@ -24,6 +24,9 @@ class StackConfig:
     # offloads): TCP toward the guest goes out with partial checksums and in
     # segments of up to 64 KiB (virtio.py); use the vnet_ verbs of the Stack.
     offload: bool = False
+    # Every byte held on the guests' behalf, all flows together (budget.py):
+    # past three quarters of it windows close, at it new buffers are refused.
+    memory_budget: int = 256 * 1024 * 1024
 
     # ARP (RFC 1122 2.3.2.2 asks to queue at least one packet per address).
     arp_queue_per_address: int = 32

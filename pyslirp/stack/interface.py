@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter, deque
 
 from . import arp, checksum, ethernet, icmpv4, icmpv6, ipv4, ipv6, udp, virtio
+from .budget import MemoryBudget
 from .config import StackConfig
 from .errors import MalformedFrame
 from .events import IcmpEchoRequested, UdpDatagramReceived
@@ -52,6 +53,9 @@ class Stack:
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
         self.last_internal_error = ""
+        # The one ceiling on bytes held for the guest (budget.py): every
+        # holder, here and on the NAT side, charges and releases it.
+        self.budget = MemoryBudget(config.memory_budget)
         self._out: list[bytes] = []
         self._events: deque = deque()
         self._arp_cache: dict[bytes, bytes] = {}
