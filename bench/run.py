@@ -181,6 +181,15 @@ def wait_configured(ns_name: str, proc, backend: str, interval: float = 0.05) ->
     raise RuntimeError(f"{backend} did not configure tap0 within 10 s")
 
 
+def checkout(backend: str) -> Path:
+    """Where the backend's forwarder runs from: "python@DIR" is the python
+    backend of another checkout (a worktree of an older commit, say), so
+    that a change and its parent are measured side by side in one run."""
+    if backend.startswith("python@"):
+        return Path(backend.split("@", 1)[1])
+    return REPO
+
+
 def our_command(backend: str, mtu: int, ns_path: str, extra=(), wrap=()) -> list[str]:
     """Our forwarder on ``ns_path``'s tap0, run by this interpreter unless
     the backend names another (INTERPRETERS)."""
@@ -219,7 +228,11 @@ def forwarder(
         wrap = ["-m", "cProfile", "-o", profile] if profile else []
         cmd = our_command(backend, mtu, ns_path, extra, wrap)
     proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd,
+        cwd=checkout(backend),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_configured(ns_name, proc, backend)
@@ -301,7 +314,8 @@ TESTS = ("up", "down", "rr", "cc")
 
 
 def measure(backend, mtu, duration, extra, tests, profile, ports) -> dict:
-    name = f"pyslirp-bench-{os.getpid()}-{backend}-{mtu}"
+    tag = "other" if backend.startswith("python@") else backend  # a namespace name has no "/"
+    name = f"pyslirp-bench-{os.getpid()}-{tag}-{mtu}"
     profile = f"{profile}.{backend}.{mtu}" if profile and backend == "python" else None
     results = {}
     with namespace(name) as ns_path, forwarder(backend, mtu, name, ns_path, extra, profile) as p:
@@ -360,7 +374,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--mtu", type=int, nargs="+", default=[1500, 65520])
-    parser.add_argument("--backend", nargs="+", default=["python", "slirp4netns"])
+    parser.add_argument("--backend",
+        nargs="+",
+        default=["python", "slirp4netns"],
+        help="python, pypy, python-distro, slirp4netns, "
+        "or python@DIR: the python backend of the checkout at DIR",
+    )
     parser.add_argument(
         "--forwarder-arg", action="append", default=[], help="extra option for our forwarder"
     )
