@@ -64,15 +64,15 @@ class NetworkConfig:
     # busy_read/busy_poll sysctls recommend the same 50 us. An idle forwarder
     # never spins: only a wake-up with ready file descriptors starts it.
     busy_poll: float = 50e-6
-    # DHCP (added with the DHCP server): how long an OFFERed address stays
+    # DHCP: how long an OFFERed address stays
     # reserved for a client that has not REQUESTed it yet (RFC 2131 4.3.1
     # leaves it to the server; a REQUEST follows within seconds), and how
     # long a DECLINEd address stays out of the pool (RFC 2131 4.3.3: "mark
     # the network address as not available").
     dhcp_offer_timeout: float = 60.0
     dhcp_decline_timeout: float = 600.0
-    # TCP (added with the TCP NAT; protocol timers are in
-    # pyslirp.stack.tcp_layer.TcpConfig). Connections the stack tracks and
+    # TCP (protocol timers are in pyslirp.stack.tcp_layer.TcpConfig).
+    # Connections the stack tracks and
     # host sockets open at once: past it (or past the process's file
     # descriptor limit) new guest connections get RST, the others carry on.
     tcp_max_connections: int = 4096
@@ -94,7 +94,7 @@ class NetworkConfig:
     # reassembly, frames awaiting ARP/ND, DNS queries): Linux's tcp_mem.
     memory_budget: int = 256 * 1024 * 1024
 
-    # IPv6 (added with IPv6, slirp4netns's -6): off by default as in
+    # IPv6 (slirp4netns's -6): off by default as in
     # slirp4netns. The prefix is a /64 because the guest forms its address by
     # SLAAC (RFC 4862 5.5.3); the gateway is prefix::2 (and fe80::2), the DNS
     # proxy prefix::3.
