@@ -3,8 +3,10 @@
 Each test plays the guest: it feeds whole frames to ``receive_frame``, calls
 the commands the NAT side would call, and asserts "exactly these frames,
 then nothing". Expected frames are built with scapy, independently of the
-emitter. Randomness is fixed: our ISS and timestamp offset are ``ISS``, IP
-ids count up from 0x1001. Retransmission is tested by moving the clock.
+emitter. Randomness is fixed: our ISS and timestamp offset are ``ISS`` (the
+RFC 6528 ISN is replaced by that constant through ``fix_isn``; its own tests
+are at the end), IP ids count up from 0x1001. Retransmission is tested by
+moving the clock.
 """
 
 import random
@@ -49,6 +51,12 @@ class FixedRandom:
         return 0x1000 if bits == 16 else self.value
 
 
+def fix_isn(layer: TcpLayer, iss: int) -> None:
+    """Make every ISN of ``layer`` ``iss``, so that scripts can name our
+    sequence numbers in advance (the keyed-hash ISN is tested on its own)."""
+    layer.initial_sequence_number = lambda *tuple_and_now: iss
+
+
 def ip4(text: str) -> bytes:
     return bytes(int(part) for part in text.split("."))
 
@@ -59,6 +67,7 @@ class Script:
     def __init__(self, iss: int = ISS, mtu: int = 1500, **tcp_config) -> None:
         self.stack = Stack(StackConfig(mtu=mtu), FixedRandom(iss))
         self.tcp = TcpLayer(self.stack, TcpConfig(**tcp_config))
+        fix_isn(self.tcp, iss)
         self.ident = 0x1000
         self.iss = iss
         self.strict = True  # every frame fed must parse
@@ -1127,3 +1136,62 @@ def test_closed_connections_leave_no_timer_entries_behind():
     assert len(s.tcp.connections) == 1
     assert len(s.tcp._heap) <= 2 * len(s.tcp.connections) + 65
     assert len(s.tcp._time_wait) <= 2
+
+
+# ------------------------------------------------------ RFC 6528 ISNs
+def rfc6528_isn(key: bytes, local: str, lport: int, remote: str, rport: int, now: float) -> int:
+    """ISN = M + F(localip, localport, remoteip, remoteport, secretkey): M
+    counts 4-microsecond ticks, F is BLAKE2b keyed with the secret."""
+    import hashlib
+    import struct
+
+    data = ip4(local) + struct.pack("!H", lport) + ip4(remote) + struct.pack("!H", rport)
+    f = int.from_bytes(hashlib.blake2b(data, digest_size=4, key=key).digest(), "big")
+    return (int(now * 250_000) + f) & MASK
+
+
+def syn_ack_seq(key: bytes, now: float, sport: int = GPORT) -> int:
+    """Our SYN-ACK's sequence number, read from the wire, on a fresh stack
+    with ISN key ``key`` accepting a guest SYN from ``sport`` at ``now``."""
+    stack = Stack(StackConfig(isn_key=key), random.Random(7))
+    tcp = TcpLayer(stack, TcpConfig())
+    syn = IP(src=GUEST, dst=PEER, flags="DF") / TCP(
+        sport=sport, dport=PPORT, seq=GISN, flags="S", options=LINUX_SYN
+    )
+    stack.receive_frame(bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / syn), now)
+    event = stack.next_event()
+    assert isinstance(event, TcpConnectRequested)
+    tcp.accept(event.conn, now)
+    (frame,) = stack.frames_to_send(now)
+    segment = Ether(frame)[TCP]
+    assert segment.flags == "SA"
+    return segment.seq
+
+
+def test_isn_is_a_timer_plus_a_keyed_hash_of_the_four_tuple():
+    key = bytes(range(16))
+    isn = syn_ack_seq(key, 5.0)
+    assert isn == rfc6528_isn(key, PEER, PPORT, GUEST, GPORT, 5.0)
+    assert syn_ack_seq(key, 5.0) == isn  # same key, tuple and time: same ISN
+    assert syn_ack_seq(bytes(16), 5.0) != isn  # another key
+    assert syn_ack_seq(key, 5.0, sport=GPORT + 1) != isn  # another tuple
+    # The timer: 4 us a tick, so one second later the ISN is 250000 further.
+    assert syn_ack_seq(key, 6.0) == (isn + 250_000) & MASK
+    assert syn_ack_seq(key, 5.000004) == (isn + 1) & MASK
+
+
+def test_isn_does_not_come_from_the_injected_random():
+    # The guest sees the injected random's outputs (IP ids, timestamp
+    # offsets); an ISN drawn from it would be predictable from them.
+    stack = Stack(StackConfig(), FixedRandom(ISS))
+    tcp = TcpLayer(stack, TcpConfig())
+    isn = tcp.initial_sequence_number(ip4(PEER), PPORT, ip4(GUEST), GPORT, 1.0)
+    assert isn == rfc6528_isn(bytes(16), PEER, PPORT, GUEST, GPORT, 1.0) != ISS
+
+
+def test_network_config_draws_a_fresh_isn_key():
+    from pyslirp.nat.config import NetworkConfig
+
+    a, b = NetworkConfig(), NetworkConfig()
+    assert len(a.isn_key) == 16 and a.isn_key != b.isn_key
+    assert a.stack_config().isn_key == a.isn_key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import random as _random
 from dataclasses import dataclass, field
 
@@ -24,6 +25,9 @@ class NetworkConfig:
     # (address, port) pairs; empty means "read /etc/resolv.conf" at start-up.
     dns_upstreams: list = field(default_factory=list)
     random: _random.Random = field(default_factory=_random.Random)
+    # RFC 6528: the secret key of TCP initial sequence numbers, drawn once
+    # per process (not from ``random``, whose outputs the guest can see).
+    isn_key: bytes = field(default_factory=lambda: os.urandom(16))
     pcap_path: str | None = None
     # Virtio-net offloads on the TAP (IFF_VNET_HDR, TUNSETOFFLOAD with
     # checksum, TSO4 and TSO6): the guest hands us 64 KiB TCP segments and
@@ -161,6 +165,7 @@ class NetworkConfig:
             mtu=self.mtu,
             offload=self.offload,
             memory_budget=self.memory_budget,
+            isn_key=self.isn_key,
             ipv6=self.enable_ipv6,
             ipv6_prefix=self.ipv6_prefix.network_address.packed,
             ipv6_prefix_len=self.ipv6_prefix.prefixlen,
