@@ -528,6 +528,86 @@ def test_zero_window_from_guest_is_probed_until_it_opens():
     s.expect(1.75, s.ours("PA", ISS + 1, GISN + 1, payload=b"abc", ts=(s.ts(1.75), 104)))
 
 
+def next_sent(s: Script):
+    """Move the clock from timer to timer until the stack sends something:
+    (the time, the segments), or (None, []) if no timer is left."""
+    for _ in range(20):
+        now = s.stack.get_timer()
+        if now is None:
+            return None, []
+        s.tick(now)
+        segs = s.sent(now)
+        if segs:
+            return now, segs
+    raise AssertionError("timers without frames")
+
+
+@pytest.mark.parametrize("predict", [True, False], ids=["predicted", "full-path"])
+def test_zero_window_answered_for_hours_keeps_the_connection(predict):
+    # RFC 1122 4.2.2.17: a receiver that keeps answering the probes is kept
+    # indefinitely (here 3 simulated hours, far past 12 retransmissions).
+    s = Script()
+    s.tcp.predict = predict
+    conn = s.handshake()
+    tsval = 102
+    s.feed(1.1, "A", GISN + 1, ISS + 1, window=0, ts=(tsval, s.ts(1.0)))
+    data = bytes(range(256)) * 40  # 10240 bytes
+    assert s.tcp.send(conn, data, 1.1) == len(data)
+    assert s.sent(1.1) == []
+    now, probes = 1.1, 0
+    for _ in range(1000):  # about 190 probes at the 60 s ceiling
+        now, (probe,) = next_sent(s)
+        assert (probe.flags, probe.seq, len(probe.payload)) == ("A", ISS, 0)
+        probes += 1
+        tsval += 1
+        s.feed(now + 0.001, "A", GISN + 1, ISS + 1, window=0, ts=(tsval, s.ts(now)))
+        assert s.sent(now + 0.001) == []
+        if now > 3 * 3600:
+            break
+    assert probes > 12 and conn.state is TcpState.ESTABLISHED
+    assert s.events() == [] and s.tcp.counters["tcp-window-probes"] == probes
+    # The window opens: every byte arrives, in order.
+    now += 1.0
+    tsval += 1
+    got = b""
+    for _ in range(100):
+        s.feed(now, "A", GISN + 1, ISS + 1 + len(got), window=GUEST_WINDOW, ts=(tsval, s.ts(now)))
+        for seg in s.sent(now):
+            assert seg.seq == (ISS + 1 + len(got)) & MASK
+            got += bytes(seg.payload)
+        if len(got) == len(data):
+            break
+        now += 0.01
+        tsval += 1
+    assert got == data
+    assert conn.state is TcpState.ESTABLISHED
+
+
+def test_zero_window_probes_unanswered_reset_after_the_limit():
+    s = Script(max_retransmits=12, max_rto=60.0)
+    conn = s.handshake()
+    s.feed(1.1, "A", GISN + 1, ISS + 1, window=0, ts=(102, s.ts(1.0)))
+    s.tcp.send(conn, b"abc", 1.1)
+    # Two probes answered, then silence.
+    for tsval in (103, 104):
+        now, segs = next_sent(s)
+        assert [seg.flags for seg in segs] == ["A"]
+        s.feed(now + 0.001, "A", GISN + 1, ISS + 1, window=0, ts=(tsval, s.ts(now)))
+    started = now
+    frames = []
+    for _ in range(100):
+        at, segs = next_sent(s)
+        if at is None:
+            break
+        now = at
+        frames += [(str(seg.flags), seg.seq) for seg in segs]
+    assert frames == [("A", ISS)] * 12 + [("RA", ISS + 1)]
+    (event,) = s.events()
+    assert isinstance(event, TcpConnectionReset) and event.reason == "timeout"
+    assert conn.state is TcpState.CLOSED
+    assert now - started < 13 * 60  # each unanswered probe at most max_rto apart
+
+
 def test_retransmission_by_moving_the_clock():
     s = Script()
     conn = s.handshake()
