@@ -130,6 +130,7 @@ class DnsQuery:
         "guest_id",
         "payload",
         "question",
+        "queued",
         "sock",
         "tried",
         "upstream",
@@ -150,6 +151,7 @@ class DnsQuery:
         self.deadline_at = 0.0
         self.fallback = None  # an upstream's SERVFAIL/REFUSED, kept for the end
         self.charged = 0  # bytes held in the memory budget for this query
+        self.queued = False  # waiting in DnsProxy._queued for a socket
         self.done = False
 
     def cancel(self) -> None:
@@ -247,6 +249,7 @@ class DnsProxy:
             query.first = self.preferred
             if self.open_sockets >= self.config.dns_max_sockets or self._queued:
                 self.counters["dns-queued"] += 1
+                query.queued = True
                 self._queued.append(query)
             else:
                 self._ask_next(query, now)
@@ -341,7 +344,8 @@ class DnsProxy:
         self._close_socket(query)
         query.upstream = None
         self._waiting.pop(query, None)
-        if self._queued and query in self._queued:
+        if query.queued:
+            query.queued = False
             self._queued.remove(query)
 
     def _release(self, query: DnsQuery) -> None:
@@ -369,7 +373,9 @@ class DnsProxy:
             queued = self._queued
             limit = self.config.dns_max_sockets
             while queued and self.open_sockets < limit:
-                self._ask_next(queued.popleft(), now)
+                query = queued.popleft()
+                query.queued = False
+                self._ask_next(query, now)
         finally:
             self._starting = False
 
