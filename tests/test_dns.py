@@ -488,6 +488,51 @@ def test_ipv6_upstreams():
     assert result.returncode == 0, result.stderr
 
 
+def outbound_check() -> None:
+    """Run in a fresh network namespace: upstream sockets bind to
+    --outbound-addr (192.0.2.1 here), on a port the kernel picks."""
+    import subprocess
+
+    for cmd in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "addr", "add", "192.0.2.1/32", "dev", "lo"],  # not 127/8: bound
+        ["ip", "addr", "add", "192.0.2.53/32", "dev", "lo"],
+    ):
+        subprocess.run(cmd, check=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("192.0.2.53", 0))
+        sock.settimeout(PUMP_TIMEOUT)
+        loop = FakeLoop(dns_upstreams=[sock.getsockname()], outbound_addr="192.0.2.1")
+        proxy = DnsProxy(loop)
+        peers = set()
+        for qid in range(5):
+            proxy.query(GUEST, 5353, query("one.test", qid=qid), 0.0)
+            data, peer = sock.recvfrom(512)
+            peers.add(peer)
+            reply = DNS(data)
+            reply.qr = 1
+            sock.sendto(bytes(reply), peer)
+            assert loop.pump(0.0, lambda n=qid + 1: len(loop.stack.sent) == n)
+        assert {addr for addr, _port in peers} == {"192.0.2.1"}
+        assert len(peers) == 5 and proxy.open_sockets == 0
+        proxy.close()
+
+
+def test_upstream_sockets_bind_to_the_outbound_address():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", "import tests.test_dns as t; t.outbound_check()"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 # ------------------------------------------------------ the engine for TCP
 def test_resolve_calls_back_once_and_cancel_stops_it(make_proxy):
     with DnsServer(records=RECORDS, delay=0.1) as upstream:
