@@ -190,6 +190,23 @@ def parse_busy_poll(text: str) -> float:
     return usec / 1e6
 
 
+def tcp_retransmission_from_env(environ) -> dict:
+    """PYSLIRP_TCP_MAX_RETRANSMITS and PYSLIRP_TCP_MAX_RTO (seconds): not
+    options, a tuning kept for tests that must see TCP give up in seconds."""
+    fields = {}
+    for name, key, kind in (
+        ("PYSLIRP_TCP_MAX_RETRANSMITS", "tcp_max_retransmits", int),
+        ("PYSLIRP_TCP_MAX_RTO", "tcp_max_rto", float),
+    ):
+        text = environ.get(name)
+        if text:
+            try:
+                fields[key] = kind(text)
+            except ValueError:
+                raise UsageError(f"invalid {name} {text!r}: not a number") from None
+    return fields
+
+
 def parse_cidr(text: str) -> ipaddress.IPv4Network:
     """slirp4netns's checks and messages."""
     match = _CIDR_FORM.match(text)
@@ -503,6 +520,7 @@ class Options:
                 outbound_addr6=self.outbound_addr6,
                 dns_search=dns_search,
                 busy_poll=busy_poll,
+                **tcp_retransmission_from_env(os.environ),
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None

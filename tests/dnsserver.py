@@ -10,6 +10,12 @@ name gets NXDOMAIN. ``delay`` holds every answer back that many seconds,
 ``silent`` never answers (a dead resolver that swallows queries),
 ``truncate_udp`` answers over UDP with TC set and no records so that clients
 retry over TCP, ``rcode`` answers everything with that rcode (e.g. 5, REFUSED).
+``forge`` sends, before each real UDP answer, forgeries that carry the
+address ``FORGED`` (RFC 5452's attacks): the wrong id, no question (QDCOUNT
+0), another question, and the right answer from another port (127.0.0.1)
+and from another address (127.0.0.2, the server's port); give ``delay`` so
+that the real answer surely comes last. ``peers`` lists the (address, port)
+each UDP query came from.
 The server runs in one thread with one selector; it never resolves anything
 itself.
 """
@@ -27,6 +33,8 @@ import dpkt
 
 BIND_ATTEMPTS = 20  # ephemeral UDP ports tried until TCP can take the same number
 MAX_TCP_CLIENTS = 64
+FORGED = "203.0.113.66"  # what a forged answer claims
+FORGERIES = 5  # datagrams sent per query with ``forge``
 JOIN_TIMEOUT = 5.0
 
 
@@ -39,6 +47,7 @@ class DnsServer:
         truncate_udp: bool = False,
         rcode: int | None = None,
         ttl: int = 60,
+        forge: bool = False,
     ) -> None:
         self.records = {k.lower().rstrip(".") + ".": v for k, v in (records or {}).items()}
         self.delay = delay
@@ -46,10 +55,19 @@ class DnsServer:
         self.truncate_udp = truncate_udp
         self.rcode = rcode
         self.ttl = ttl
+        self.forge = forge
+        self.peers: list[tuple[str, int]] = []  # the source of each UDP query
         self.queries: list[tuple[str, int]] = []  # (qname with final dot, qtype)
         self.transports: list[str] = []  # "udp" or "tcp", one per query
         self.udp, self.tcp = self._bind()
         self.port = self.udp.getsockname()[1]
+        self._forgers = []
+        if forge:
+            other_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            other_port.bind(("127.0.0.1", 0))
+            other_addr = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            other_addr.bind(("127.0.0.2", self.port))
+            self._forgers = [other_port, other_addr]
         self._stop_r, self._stop_w = socket.socketpair()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._lock = threading.Lock()
@@ -84,7 +102,7 @@ class DnsServer:
             self._stop_w.send(b"x")
         if self._thread.is_alive():
             self._thread.join(timeout=JOIN_TIMEOUT)
-        for sock in (self.udp, self.tcp, self._stop_r, self._stop_w):
+        for sock in (self.udp, self.tcp, self._stop_r, self._stop_w, *self._forgers):
             sock.close()
         if self.error is not None:
             raise self.error
@@ -112,6 +130,10 @@ class DnsServer:
                         return
                     if key.data == "udp":
                         data, peer = self.udp.recvfrom(65535)
+                        with self._lock:
+                            self.peers.append(peer)
+                        if self.forge:
+                            self._send_forgeries(data, peer)
                         self._schedule(self._answer(data, "udp"), self.udp, peer)
                     elif key.data == "listen":
                         conn, _ = self.tcp.accept()
@@ -163,6 +185,34 @@ class DnsServer:
             message, buf = buf[2 : 2 + size], buf[2 + size :]
             self._schedule(self._answer(message, "tcp"), conn, None)
         buffers[conn] = buf
+
+    def _send_forgeries(self, data: bytes, peer) -> None:
+        try:
+            query = dpkt.dns.DNS(data)
+        except (dpkt.UnpackError, IndexError, struct.error):
+            return
+        if query.qr != dpkt.dns.DNS_Q or not query.qd:
+            return
+        question = query.qd[0]
+
+        def forged(qid=query.id, qd=(question,), name=question.name) -> bytes:
+            reply = dpkt.dns.DNS(id=qid, qr=dpkt.dns.DNS_R, rd=query.rd, ra=1, aa=1)
+            reply.qd = list(qd)
+            rr = dpkt.dns.DNS.RR(name=name, type=dpkt.dns.DNS_A, cls=dpkt.dns.DNS_IN, ttl=60)
+            rr.rdata = rr.ip = ipaddress.ip_address(FORGED).packed
+            reply.an = [rr]
+            reply.ns = []
+            reply.ar = []
+            return bytes(reply)
+
+        other = dpkt.dns.DNS.Q(name="forged." + question.name, type=question.type, cls=question.cls)
+        other_port, other_addr = self._forgers
+        with contextlib.suppress(OSError):
+            self.udp.sendto(forged(qid=query.id ^ 1), peer)
+            self.udp.sendto(forged(qd=()), peer)
+            self.udp.sendto(forged(qd=(other,), name=other.name), peer)
+            other_port.sendto(forged(), peer)
+            other_addr.sendto(forged(), peer)
 
     def _answer(self, data: bytes, transport: str) -> bytes | None:
         try:

@@ -18,6 +18,7 @@ from scapy.layers.l2 import Ether
 
 from pyslirp.nat.config import NetworkConfig
 from pyslirp.nat.dns import DnsProxy, servfail
+from pyslirp.stack.budget import MemoryBudget
 from tests.dnsserver import DnsServer
 from tests.inprocess import InProcessNetwork
 
@@ -29,8 +30,9 @@ PUMP_TIMEOUT = 3.0
 
 
 class FakeStack:
-    def __init__(self) -> None:
+    def __init__(self, budget: int = 1 << 20) -> None:
         self.sent = []  # (src, src_port, dst, dst_port, payload)
+        self.budget = MemoryBudget(budget)
 
     def send_udp(self, src, src_port, dst, dst_port, payload, now, dst_mac=None):
         self.sent.append((src, src_port, dst, dst_port, bytes(payload)))
@@ -47,6 +49,9 @@ class FakeLoop:
         self.selector.register(fileobj, events, handler)
 
     def unregister(self, fileobj):
+        self.selector.unregister(fileobj)
+
+    def forget(self, fileobj):
         self.selector.unregister(fileobj)
 
     def timers_changed(self) -> None:
@@ -79,6 +84,8 @@ def make_proxy():
     for loop, proxy in made:
         proxy.close()
         assert not loop.selector.get_map(), "the proxy left sockets registered"
+        assert proxy.open_sockets == 0
+        assert loop.stack.budget.held == 0, "the proxy kept bytes charged"
         loop.selector.close()
 
 
@@ -136,8 +143,8 @@ def test_concurrent_guests_with_the_same_id_do_not_collide(make_proxy):
         proxy.query(GUEST, 5353, query("one.test", qid=7), 0.0)
         proxy.query(GUEST2, 5353, query("two.test", qid=7), 0.0)
         proxy.query(GUEST, 5353, query("two.test", qid=7), 0.0)  # same guest, same id
-        ids = set(proxy.upstreams[0].pending)
-        assert len(ids) == 3  # three distinct upstream ids
+        assert proxy.open_sockets == 3  # a socket (and a port) each
+        assert len({q.sock.getsockname()[1] for q in proxy._waiting}) == 3
         assert loop.pump(0.0, lambda: len(loop.stack.sent) == 3)
         first, second = answers(loop.stack.sent, GUEST)
         (other,) = answers(loop.stack.sent, GUEST2)
@@ -146,11 +153,26 @@ def test_concurrent_guests_with_the_same_id_do_not_collide(make_proxy):
         assert first.id == second.id == other.id == 7
 
 
-def test_upstream_ids_come_from_the_configured_random(make_proxy):
-    with DnsServer(records=RECORDS, silent=True) as upstream:
-        loop, proxy = make_proxy(("127.0.0.1", upstream.port), random=random.Random(99))
-        proxy.query(GUEST, 5353, query("one.test"), 0.0)
-        assert list(proxy.upstreams[0].pending) == [random.Random(99).getrandbits(16)]
+def test_each_query_has_its_own_socket_and_an_unpredictable_id(make_proxy, manual_upstream):
+    # RFC 5452 9.2: neither the id nor the port follows from the injected
+    # random (which the guest also sees, in IP ids and timestamps).
+    loop, proxy = make_proxy(manual_upstream.getsockname(), random=random.Random(99))
+    for qid in range(8):
+        proxy.query(GUEST, 5353, query("one.test", qid=qid), 0.0)
+    seen = [manual_upstream.recvfrom(512) for _ in range(8)]
+    ids = [struct.unpack("!H", data[:2])[0] for data, _ in seen]
+    predicted = random.Random(99)
+    assert ids != [predicted.getrandbits(16) for _ in range(8)]
+    assert len({peer for _, peer in seen}) == 8  # eight source ports
+    assert proxy.open_sockets == 8
+    for data, peer in seen:  # answered: each socket closes
+        reply = DNS(data)
+        reply.qr = 1
+        manual_upstream.sendto(bytes(reply), peer)
+    assert loop.pump(0.0, lambda: len(loop.stack.sent) == 8)
+    assert sorted(DNS(s[4]).id for s in loop.stack.sent) == list(range(8))
+    assert proxy.open_sockets == 0 and not loop.selector.get_map()
+    assert loop.stack.budget.held == 0
 
 
 # ---------------------------------------------------------------- failover
@@ -165,7 +187,6 @@ def test_refused_upstream_fails_over_at_once_and_the_good_one_is_remembered(make
         assert proxy.counters["dns-upstream-timeout"] == 0
         # The next query starts at the upstream that answered.
         proxy.query(GUEST, 5353, query("two.test"), 1.0)
-        assert proxy.upstreams[1].pending and not proxy.upstreams[0].pending
         assert loop.pump(1.0, lambda: len(loop.stack.sent) == 2)
         assert proxy.counters["dns-upstream-unreachable"] == 1
 
@@ -260,6 +281,79 @@ def test_pending_queries_are_bounded(make_proxy):
         assert all(DNS(s[4]).rcode == 2 for s in loop.stack.sent)
 
 
+def test_sockets_are_bounded_and_queries_past_them_wait(make_proxy, manual_upstream):
+    loop, proxy = make_proxy(manual_upstream.getsockname(), dns_max_sockets=2)
+    for qid in range(5):
+        proxy.query(GUEST, 5353, query("one.test", qid=qid), 0.0)
+    assert proxy.open_sockets == 2 and proxy.counters["dns-queued"] == 3
+    for answered in range(1, 6):  # each answer frees a socket for the next query
+        data, peer = manual_upstream.recvfrom(512)
+        assert proxy.open_sockets <= 2
+        reply = DNS(data)
+        reply.qr = 1
+        manual_upstream.sendto(bytes(reply), peer)
+        assert loop.pump(0.0, lambda n=answered: len(loop.stack.sent) == n)
+    assert sorted(DNS(s[4]).id for s in loop.stack.sent) == [0, 1, 2, 3, 4]
+    assert proxy.open_sockets == 0 and loop.stack.budget.held == 0
+
+
+def test_queued_queries_count_toward_the_pending_limit(make_proxy):
+    with DnsServer(silent=True) as silent:
+        loop, proxy = make_proxy(("127.0.0.1", silent.port), dns_max_sockets=1, dns_max_pending=2)
+        for qid in range(3):
+            proxy.query(GUEST, 5353, query("one.test", qid=qid), 0.0)
+        (sent,) = loop.stack.sent
+        assert DNS(sent[4]).id == 2 and DNS(sent[4]).rcode == 2
+        assert proxy.counters["dns-servfail-pending-full"] == 1
+        proxy.handle_timer(2.0)  # the first times out; the queued one goes out
+        assert proxy.open_sockets == 1 and proxy.next_deadline() == 4.0
+        proxy.handle_timer(4.0)
+        assert sorted(DNS(s[4]).id for s in loop.stack.sent) == [0, 1, 2]
+        assert proxy.open_sockets == 0 and loop.stack.budget.held == 0
+
+
+def test_cancelled_query_frees_its_socket_for_a_queued_one(make_proxy):
+    with DnsServer(records=RECORDS) as upstream:
+        loop, proxy = make_proxy(("127.0.0.1", upstream.port), dns_max_sockets=1)
+        got = []
+        first = proxy.resolve(query("one.test", qid=1), 0.0, lambda r, now: got.append(r))
+        proxy.resolve(query("two.test", qid=2), 0.0, lambda r, now: got.append(r))
+        first.cancel()
+        assert proxy.open_sockets == 0 and proxy.next_deadline() == 0.0
+        proxy.handle_timer(0.0)
+        assert loop.pump(0.0, lambda: got)
+        loop.settle(0.0)
+        assert [DNS(r).id for r in got] == [2]
+
+
+def test_memory_budget_refusal_is_servfail_and_every_charge_is_released(make_proxy):
+    with DnsServer(silent=True) as silent:
+        size = len(query("one.test"))
+        loop, proxy = make_proxy(("127.0.0.1", silent.port))
+        loop.stack.budget = proxy.budget = MemoryBudget(2 * size)
+        for qid in range(3):
+            proxy.query(GUEST, 5353, query("one.test", qid=qid), 0.0)
+        assert proxy.budget.held == 2 * size
+        (sent,) = loop.stack.sent
+        assert DNS(sent[4]).id == 2 and DNS(sent[4]).rcode == 2
+        assert proxy.counters["dns-servfail-memory"] == 1
+        cancelled = proxy.resolve(query("one.test", qid=3), 0.0, lambda r, now: None)
+        assert cancelled.done  # refused at once
+        proxy.handle_timer(2.0)
+        assert proxy.budget.held == 0 and proxy.open_sockets == 0
+
+
+def test_query_without_one_question_gets_servfail_at_once(make_proxy):
+    with DnsServer(records=RECORDS) as upstream:
+        loop, proxy = make_proxy(("127.0.0.1", upstream.port))
+        proxy.query(GUEST, 5353, bytes(DNS(id=4, rd=1, qdcount=0)), 0.0)
+        two = DNS(id=5, rd=1, qdcount=2, qd=DNSQR(qname="one.test") / DNSQR(qname="two.test"))
+        proxy.query(GUEST, 5353, bytes(two), 0.0)
+        assert [(DNS(s[4]).id, DNS(s[4]).rcode) for s in loop.stack.sent] == [(4, 2), (5, 2)]
+        assert proxy.counters["dns-servfail-no-question"] == 2
+        assert upstream.queries == [] and proxy.open_sockets == 0
+
+
 # ------------------------------------------------------ what is not believed
 def test_invalid_guest_queries_are_counted_and_dropped(make_proxy):
     with DnsServer(records=RECORDS) as upstream:
@@ -292,22 +386,37 @@ def test_answers_must_match_id_and_question_and_come_from_the_upstream(make_prox
     wrong_id.id = upstream_id ^ 1
     wrong_question = good.copy()
     wrong_question.qd = DNSQR(qname="two.test")
-    manual_upstream.sendto(bytes(wrong_id), proxy_addr)
-    manual_upstream.sendto(bytes(wrong_question), proxy_addr)
+    wrong_type = good.copy()
+    wrong_type.qd = DNSQR(qname="one.test", qtype="AAAA")
+    no_question = DNS(id=upstream_id, qr=1, qdcount=0, an=good.an)
+    two_questions = good.copy()
+    two_questions.qd = DNSQR(qname="one.test") / DNSQR(qname="one.test")
+    two_questions.qdcount = 2
+    not_a_response = DNS(data)
+    for forged in (wrong_id, wrong_question, wrong_type, no_question, two_questions):
+        manual_upstream.sendto(bytes(forged), proxy_addr)
+    manual_upstream.sendto(bytes(not_a_response), proxy_addr)
     manual_upstream.sendto(b"\x00" * 5, proxy_addr)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as spoofer:  # another port
         spoofer.sendto(bytes(good), proxy_addr)
-    loop.settle(0.0)
-    assert loop.stack.sent == []
-    assert proxy.drops == {
-        "dns-response-unmatched": 1,
-        "dns-response-question-mismatch": 1,
-        "dns-response-truncated": 1,
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as spoofer:  # another address
+        spoofer.bind(("127.0.0.2", manual_upstream.getsockname()[1]))
+        spoofer.sendto(bytes(good), proxy_addr)
+    expected = {
+        "dns-answer-wrong-id": 1,
+        "dns-answer-question": 2,
+        "dns-answer-qdcount": 2,
+        "dns-answer-not-response": 1,
+        "dns-answer-truncated": 1,
+        "dns-answer-wrong-source": 2,
     }
+    assert loop.pump(0.0, lambda: proxy.drops == expected), proxy.drops
+    assert loop.stack.sent == [] and proxy.open_sockets == 1
     good.qd[0].qname = b"ONE.test."  # names compare without regard to case
     manual_upstream.sendto(bytes(good), proxy_addr)
     assert loop.pump(0.0, lambda: loop.stack.sent)
     assert DNS(loop.stack.sent[0][4]).id == 9
+    assert proxy.open_sockets == 0
 
 
 def test_garbage_from_guest_and_upstream_never_escapes(make_proxy, manual_upstream):
@@ -333,7 +442,7 @@ def test_garbage_from_guest_and_upstream_never_escapes(make_proxy, manual_upstre
         manual_upstream.sendto(bytes(garbage[: rng.randrange(len(garbage) + 1)]), proxy_addr)
     loop.settle(0.0, 0.3)
     proxy.handle_timer(10.0)
-    assert proxy.next_deadline() is None and not proxy.upstreams[0].pending
+    assert proxy.next_deadline() is None and proxy.open_sockets == 0
 
 
 def ipv6_check() -> None:
@@ -371,6 +480,51 @@ def test_ipv6_upstreams():
 
     result = subprocess.run(
         ["unshare", "-n", sys.executable, "-c", "import tests.test_dns as t; t.ipv6_check()"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def outbound_check() -> None:
+    """Run in a fresh network namespace: upstream sockets bind to
+    --outbound-addr (192.0.2.1 here), on a port the kernel picks."""
+    import subprocess
+
+    for cmd in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "addr", "add", "192.0.2.1/32", "dev", "lo"],  # not 127/8: bound
+        ["ip", "addr", "add", "192.0.2.53/32", "dev", "lo"],
+    ):
+        subprocess.run(cmd, check=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("192.0.2.53", 0))
+        sock.settimeout(PUMP_TIMEOUT)
+        loop = FakeLoop(dns_upstreams=[sock.getsockname()], outbound_addr="192.0.2.1")
+        proxy = DnsProxy(loop)
+        peers = set()
+        for qid in range(5):
+            proxy.query(GUEST, 5353, query("one.test", qid=qid), 0.0)
+            data, peer = sock.recvfrom(512)
+            peers.add(peer)
+            reply = DNS(data)
+            reply.qr = 1
+            sock.sendto(bytes(reply), peer)
+            assert loop.pump(0.0, lambda n=qid + 1: len(loop.stack.sent) == n)
+        assert {addr for addr, _port in peers} == {"192.0.2.1"}
+        assert len(peers) == 5 and proxy.open_sockets == 0
+        proxy.close()
+
+
+def test_upstream_sockets_bind_to_the_outbound_address():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", "import tests.test_dns as t; t.outbound_check()"],
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
@@ -422,6 +576,40 @@ def test_guest_query_through_the_loop_with_a_dead_first_upstream():
         assert net.loop.dns.counters["dns-upstream-unreachable"] == 1
 
 
+def guest_query(qid: int, name: str, sport: int) -> bytes:
+    return bytes(
+        Ether(src="02:00:00:00:00:01", dst="52:55:0a:00:02:03")
+        / IP(src="10.0.2.100", dst="10.0.2.3")
+        / UDP(sport=sport, dport=53)
+        / DNS(id=qid, rd=1, qd=DNSQR(qname=name))
+    )
+
+
+def test_forgeries_through_the_loop_are_dropped_and_counted():
+    queries = 30
+    with DnsServer(records=RECORDS, forge=True, delay=0.05) as upstream:
+        net = InProcessNetwork(dns_upstreams=[("127.0.0.1", upstream.port)])
+        with net:
+            for i in range(queries):
+                net.send(guest_query(100 + i, "one.test", 40000 + i))
+                frame = net.receive(timeout=PUMP_TIMEOUT, predicate=lambda f: DNS in Ether(f))
+                assert frame is not None, f"query {i} unanswered"
+                reply = Ether(frame)[DNS]
+                assert reply.id == 100 + i and a_record(reply) == "192.0.2.1"
+                assert reply.ancount == 1
+        dns = net.loop.dns
+        assert dns.drops == {
+            "dns-answer-wrong-id": queries,
+            "dns-answer-qdcount": queries,
+            "dns-answer-question": queries,
+            "dns-answer-wrong-source": 2 * queries,
+        }
+        assert dns.counters["dns-answers"] == queries
+        assert dns.open_sockets == 0
+        ports = {port for _addr, port in upstream.peers}
+        assert len(ports) >= 20, ports
+
+
 # ------------------------------------------------- end to end: dig as guest
 @pytest.mark.e2e
 def test_dig_through_the_proxy_with_a_dead_first_upstream():
@@ -458,3 +646,29 @@ def test_dig_gets_servfail_when_every_upstream_is_silent():
         result = fwd.run(["dig", "@10.0.2.3", "+tries=1", "+time=8", "hello.test"], timeout=20)
         assert "status: SERVFAIL" in result.stdout, result.stdout
         assert a.queries == b.queries == [("hello.test.", 1)]
+
+
+@pytest.mark.e2e
+def test_dig_sees_only_real_answers_from_many_source_ports():
+    from tests import harness
+    from tests.dnsserver import FORGED
+
+    digs = 30
+    with (
+        DnsServer(records={"hello.test.": "192.0.2.9"}, forge=True, delay=0.05) as upstream,
+        harness.forwarder(dns_upstreams=[upstream.address]) as fwd,
+    ):
+        sockets_before = fwd.socket_count()
+        for _ in range(digs):
+            result = fwd.run(["dig", "@10.0.2.3", "+tries=1", "+time=5", "+short", "hello.test"])
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert result.stdout.split() == ["192.0.2.9"], result.stdout
+            assert FORGED not in result.stdout
+        assert len(upstream.peers) == digs
+        ports = {port for _addr, port in upstream.peers}
+        assert len(ports) >= 20, ports
+        # Every upstream socket is closed once its query is answered.
+        deadline = time.monotonic() + 5
+        while fwd.socket_count() > sockets_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fwd.socket_count() == sockets_before

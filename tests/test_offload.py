@@ -40,6 +40,7 @@ from tests.test_tcp_stack import (
     PPORT,
     FixedRandom,
     Script,
+    fix_isn,
 )
 
 VNET = struct.Struct("<BBHHHH")  # struct virtio_net_hdr, host order (x86: little)
@@ -54,6 +55,7 @@ class OffloadScript(Script):
     def __init__(self, mtu: int = 1500) -> None:
         self.stack = Stack(StackConfig(mtu=mtu, offload=True), FixedRandom(ISS))
         self.tcp = TcpLayer(self.stack, TcpConfig())
+        fix_isn(self.tcp, ISS)
         self.ident = 0x1000
         self.iss = ISS
         self.strict = True

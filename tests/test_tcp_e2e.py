@@ -596,3 +596,59 @@ print("ok")
         ]
         assert stuck == []
     assert os.path.exists(f"/proc/{fwd.pid}")
+
+
+# ------------------------------------------------ a paused reader (persist)
+# The forwarder's retransmission limits lowered (see NetworkConfig
+# tcp_max_retransmits, tcp_max_rto) so that a connection whose zero-window
+# probes counted as retransmissions would be reset after about 21 s
+# (0.2 + 0.4 + 0.8 + 1.6 + 2 s x 9), not about 342 s.
+PERSIST_ENV = {"PYSLIRP_TCP_MAX_RETRANSMITS": "12", "PYSLIRP_TCP_MAX_RTO": "2"}
+PERSIST_OLD_LIMIT = 0.2 + 0.4 + 0.8 + 1.6 + 2 * 9
+PAUSED_READER = """
+import hashlib, socket, sys
+sock = socket.create_connection(("10.0.2.2", int(sys.argv[1])), timeout=600)
+digest, total, started = hashlib.sha256(), 0, False
+while True:
+    data = sock.recv(1 << 16)
+    if not data:
+        break
+    digest.update(data)
+    total += len(data)
+    if not started and total >= 1 << 20:
+        started = True
+        print("started", flush=True)
+print(total, digest.hexdigest(), flush=True)
+"""
+
+
+def test_stopped_reader_keeps_its_connection_while_it_answers_probes():
+    import select
+    import signal
+
+    mib = 32  # more than every buffer on the way: the guest's window closes
+
+    def send_pattern(conn):
+        conn.settimeout(600)
+        view = memoryview(BLOCK)
+        for _ in range(mib):
+            conn.sendall(view)
+
+    with (
+        Server(send_pattern) as server,
+        harness.forwarder("--log-level", "info", env=PERSIST_ENV) as fwd,
+    ):
+        reader = fwd.popen([sys.executable, "-c", PAUSED_READER, str(server.port)], text=True)
+        ready, _, _ = select.select([reader.stdout], [], [], 60)
+        assert ready and reader.stdout.readline().strip() == "started"
+        os.kill(reader.pid, signal.SIGSTOP)
+        try:
+            time.sleep(2 * PERSIST_OLD_LIMIT)  # the window stays shut all along
+        finally:
+            os.kill(reader.pid, signal.SIGCONT)
+        out, err = reader.communicate(timeout=120)
+        assert reader.returncode == 0, err + fwd.log()
+        total, digest = out.split()
+        assert int(total) == mib * MIB
+        assert digest == pattern_sha256(mib)
+        assert not server.errors

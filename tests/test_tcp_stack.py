@@ -3,8 +3,10 @@
 Each test plays the guest: it feeds whole frames to ``receive_frame``, calls
 the commands the NAT side would call, and asserts "exactly these frames,
 then nothing". Expected frames are built with scapy, independently of the
-emitter. Randomness is fixed: our ISS and timestamp offset are ``ISS``, IP
-ids count up from 0x1001. Retransmission is tested by moving the clock.
+emitter. Randomness is fixed: our ISS and timestamp offset are ``ISS`` (the
+RFC 6528 ISN is replaced by that constant through ``fix_isn``; its own tests
+are at the end), IP ids count up from 0x1001. Retransmission is tested by
+moving the clock.
 """
 
 import random
@@ -49,6 +51,12 @@ class FixedRandom:
         return 0x1000 if bits == 16 else self.value
 
 
+def fix_isn(layer: TcpLayer, iss: int) -> None:
+    """Make every ISN of ``layer`` ``iss``, so that scripts can name our
+    sequence numbers in advance (the keyed-hash ISN is tested on its own)."""
+    layer.initial_sequence_number = lambda *tuple_and_now: iss
+
+
 def ip4(text: str) -> bytes:
     return bytes(int(part) for part in text.split("."))
 
@@ -59,6 +67,7 @@ class Script:
     def __init__(self, iss: int = ISS, mtu: int = 1500, **tcp_config) -> None:
         self.stack = Stack(StackConfig(mtu=mtu), FixedRandom(iss))
         self.tcp = TcpLayer(self.stack, TcpConfig(**tcp_config))
+        fix_isn(self.tcp, iss)
         self.ident = 0x1000
         self.iss = iss
         self.strict = True  # every frame fed must parse
@@ -517,6 +526,86 @@ def test_zero_window_from_guest_is_probed_until_it_opens():
     s.expect(1.701, s.ours("A", ISS, GISN + 1, ts=(s.ts(1.701), 103)))
     s.feed(1.75, "A", GISN + 1, ISS + 1, window=GUEST_WINDOW, ts=(104, s.ts(1.7)))
     s.expect(1.75, s.ours("PA", ISS + 1, GISN + 1, payload=b"abc", ts=(s.ts(1.75), 104)))
+
+
+def next_sent(s: Script):
+    """Move the clock from timer to timer until the stack sends something:
+    (the time, the segments), or (None, []) if no timer is left."""
+    for _ in range(20):
+        now = s.stack.get_timer()
+        if now is None:
+            return None, []
+        s.tick(now)
+        segs = s.sent(now)
+        if segs:
+            return now, segs
+    raise AssertionError("timers without frames")
+
+
+@pytest.mark.parametrize("predict", [True, False], ids=["predicted", "full-path"])
+def test_zero_window_answered_for_hours_keeps_the_connection(predict):
+    # RFC 1122 4.2.2.17: a receiver that keeps answering the probes is kept
+    # indefinitely (here 3 simulated hours, far past 12 retransmissions).
+    s = Script()
+    s.tcp.predict = predict
+    conn = s.handshake()
+    tsval = 102
+    s.feed(1.1, "A", GISN + 1, ISS + 1, window=0, ts=(tsval, s.ts(1.0)))
+    data = bytes(range(256)) * 40  # 10240 bytes
+    assert s.tcp.send(conn, data, 1.1) == len(data)
+    assert s.sent(1.1) == []
+    now, probes = 1.1, 0
+    for _ in range(1000):  # about 190 probes at the 60 s ceiling
+        now, (probe,) = next_sent(s)
+        assert (probe.flags, probe.seq, len(probe.payload)) == ("A", ISS, 0)
+        probes += 1
+        tsval += 1
+        s.feed(now + 0.001, "A", GISN + 1, ISS + 1, window=0, ts=(tsval, s.ts(now)))
+        assert s.sent(now + 0.001) == []
+        if now > 3 * 3600:
+            break
+    assert probes > 12 and conn.state is TcpState.ESTABLISHED
+    assert s.events() == [] and s.tcp.counters["tcp-window-probes"] == probes
+    # The window opens: every byte arrives, in order.
+    now += 1.0
+    tsval += 1
+    got = b""
+    for _ in range(100):
+        s.feed(now, "A", GISN + 1, ISS + 1 + len(got), window=GUEST_WINDOW, ts=(tsval, s.ts(now)))
+        for seg in s.sent(now):
+            assert seg.seq == (ISS + 1 + len(got)) & MASK
+            got += bytes(seg.payload)
+        if len(got) == len(data):
+            break
+        now += 0.01
+        tsval += 1
+    assert got == data
+    assert conn.state is TcpState.ESTABLISHED
+
+
+def test_zero_window_probes_unanswered_reset_after_the_limit():
+    s = Script(max_retransmits=12, max_rto=60.0)
+    conn = s.handshake()
+    s.feed(1.1, "A", GISN + 1, ISS + 1, window=0, ts=(102, s.ts(1.0)))
+    s.tcp.send(conn, b"abc", 1.1)
+    # Two probes answered, then silence.
+    for tsval in (103, 104):
+        now, segs = next_sent(s)
+        assert [seg.flags for seg in segs] == ["A"]
+        s.feed(now + 0.001, "A", GISN + 1, ISS + 1, window=0, ts=(tsval, s.ts(now)))
+    started = now
+    frames = []
+    for _ in range(100):
+        at, segs = next_sent(s)
+        if at is None:
+            break
+        now = at
+        frames += [(str(seg.flags), seg.seq) for seg in segs]
+    assert frames == [("A", ISS)] * 12 + [("RA", ISS + 1)]
+    (event,) = s.events()
+    assert isinstance(event, TcpConnectionReset) and event.reason == "timeout"
+    assert conn.state is TcpState.CLOSED
+    assert now - started < 13 * 60  # each unanswered probe at most max_rto apart
 
 
 def test_retransmission_by_moving_the_clock():
@@ -1127,3 +1216,62 @@ def test_closed_connections_leave_no_timer_entries_behind():
     assert len(s.tcp.connections) == 1
     assert len(s.tcp._heap) <= 2 * len(s.tcp.connections) + 65
     assert len(s.tcp._time_wait) <= 2
+
+
+# ------------------------------------------------------ RFC 6528 ISNs
+def rfc6528_isn(key: bytes, local: str, lport: int, remote: str, rport: int, now: float) -> int:
+    """ISN = M + F(localip, localport, remoteip, remoteport, secretkey): M
+    counts 4-microsecond ticks, F is BLAKE2b keyed with the secret."""
+    import hashlib
+    import struct
+
+    data = ip4(local) + struct.pack("!H", lport) + ip4(remote) + struct.pack("!H", rport)
+    f = int.from_bytes(hashlib.blake2b(data, digest_size=4, key=key).digest(), "big")
+    return (int(now * 250_000) + f) & MASK
+
+
+def syn_ack_seq(key: bytes, now: float, sport: int = GPORT) -> int:
+    """Our SYN-ACK's sequence number, read from the wire, on a fresh stack
+    with ISN key ``key`` accepting a guest SYN from ``sport`` at ``now``."""
+    stack = Stack(StackConfig(isn_key=key), random.Random(7))
+    tcp = TcpLayer(stack, TcpConfig())
+    syn = IP(src=GUEST, dst=PEER, flags="DF") / TCP(
+        sport=sport, dport=PPORT, seq=GISN, flags="S", options=LINUX_SYN
+    )
+    stack.receive_frame(bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / syn), now)
+    event = stack.next_event()
+    assert isinstance(event, TcpConnectRequested)
+    tcp.accept(event.conn, now)
+    (frame,) = stack.frames_to_send(now)
+    segment = Ether(frame)[TCP]
+    assert segment.flags == "SA"
+    return segment.seq
+
+
+def test_isn_is_a_timer_plus_a_keyed_hash_of_the_four_tuple():
+    key = bytes(range(16))
+    isn = syn_ack_seq(key, 5.0)
+    assert isn == rfc6528_isn(key, PEER, PPORT, GUEST, GPORT, 5.0)
+    assert syn_ack_seq(key, 5.0) == isn  # same key, tuple and time: same ISN
+    assert syn_ack_seq(bytes(16), 5.0) != isn  # another key
+    assert syn_ack_seq(key, 5.0, sport=GPORT + 1) != isn  # another tuple
+    # The timer: 4 us a tick, so one second later the ISN is 250000 further.
+    assert syn_ack_seq(key, 6.0) == (isn + 250_000) & MASK
+    assert syn_ack_seq(key, 5.000004) == (isn + 1) & MASK
+
+
+def test_isn_does_not_come_from_the_injected_random():
+    # The guest sees the injected random's outputs (IP ids, timestamp
+    # offsets); an ISN drawn from it would be predictable from them.
+    stack = Stack(StackConfig(), FixedRandom(ISS))
+    tcp = TcpLayer(stack, TcpConfig())
+    isn = tcp.initial_sequence_number(ip4(PEER), PPORT, ip4(GUEST), GPORT, 1.0)
+    assert isn == rfc6528_isn(bytes(16), PEER, PPORT, GUEST, GPORT, 1.0) != ISS
+
+
+def test_network_config_draws_a_fresh_isn_key():
+    from pyslirp.nat.config import NetworkConfig
+
+    a, b = NetworkConfig(), NetworkConfig()
+    assert len(a.isn_key) == 16 and a.isn_key != b.isn_key
+    assert a.stack_config().isn_key == a.isn_key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import random as _random
 from dataclasses import dataclass, field
 
@@ -24,6 +25,9 @@ class NetworkConfig:
     # (address, port) pairs; empty means "read /etc/resolv.conf" at start-up.
     dns_upstreams: list = field(default_factory=list)
     random: _random.Random = field(default_factory=_random.Random)
+    # RFC 6528: the secret key of TCP initial sequence numbers, drawn once
+    # per process (not from ``random``, whose outputs the guest can see).
+    isn_key: bytes = field(default_factory=lambda: os.urandom(16))
     pcap_path: str | None = None
     # Virtio-net offloads on the TAP (IFF_VNET_HDR, TUNSETOFFLOAD with
     # checksum, TSO4 and TSO6): the guest hands us 64 KiB TCP segments and
@@ -47,7 +51,8 @@ class NetworkConfig:
     dns_max_pending: int = 512
     dns_upstream_timeout: float = 2.0
     # Upstream queries each go out from a socket of their own (RFC 5452 9.2:
-    # a random source port per query); at most this many at once.
+    # a random source port per query); at most this many at once, further
+    # queries wait for one to close (within dns_max_pending).
     dns_max_sockets: int = 128
     # DHCP: libslirp hands out 16 addresses from .15; we do the same.
     dhcp_pool_size: int = 16
@@ -86,6 +91,13 @@ class NetworkConfig:
     tcp_connect_timeout: float = 75.0
     # TIME-WAIT lifetime (Linux's 60 s; RFC 9293's 2*MSL is 4 minutes).
     tcp_time_wait_timeout: float = 60.0
+    # Retransmission toward the guest (RFC 1122 4.2.3.5 R2, RFC 6298 2.5):
+    # timeouts in a row before the connection is reset, and the largest
+    # backed-off RTO. 12 and 60 s give up after about 6 minutes of silence.
+    # The front end reads PYSLIRP_TCP_MAX_RETRANSMITS and PYSLIRP_TCP_MAX_RTO
+    # (for tests that must see a timeout within seconds).
+    tcp_max_retransmits: int = 12
+    tcp_max_rto: float = 60.0
     # Keep-alive toward a silent guest (RFC 1122 4.2.3.6: not under 2 hours).
     tcp_keepalive_idle: float = 7200.0
     # Check the checksum of every segment from the guest (RFC 9293 3.1).
@@ -119,6 +131,8 @@ class NetworkConfig:
             raise ValueError(f"IPv6 needs an MTU of at least {MIN_MTU_IPV6}, got {self.mtu}")
         if self.ipv6_prefix.prefixlen != 64:
             raise ValueError(f"the IPv6 prefix must be a /64 (for SLAAC), not {self.ipv6_prefix}")
+        if self.tcp_max_retransmits < 1 or not 0.2 <= self.tcp_max_rto <= 600:
+            raise ValueError("TCP retransmission: at least 1 retry, a max RTO of 0.2 to 600 s")
         if self.cidr.prefixlen > 25:
             # room for .2, .3, .15 .. .15+pool and .100 (slirp4netns: "1-25")
             raise ValueError(f"CIDR {self.cidr} is too small: the prefix must be /25 or shorter")
@@ -161,6 +175,7 @@ class NetworkConfig:
             mtu=self.mtu,
             offload=self.offload,
             memory_budget=self.memory_budget,
+            isn_key=self.isn_key,
             ipv6=self.enable_ipv6,
             ipv6_prefix=self.ipv6_prefix.network_address.packed,
             ipv6_prefix_len=self.ipv6_prefix.prefixlen,

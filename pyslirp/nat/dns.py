@@ -1,30 +1,46 @@
 """DNS proxy at the virtual DNS address (10.0.2.3:53 by default).
 
 Read first: RFC 1035 section 4.1 (the message format; rcode 2 is SERVFAIL),
-RFC 5452 section 9 (what a forwarder checks before it believes an answer),
-RFC 7766 (DNS over TCP, which will share this engine).
+RFC 5452 (measures against forged answers: section 9.1, a random id and a
+random source port per query; section 9, believe an answer only if it comes
+from the address and port asked, to the port asked from, with the id and
+the question asked), RFC 7766 (DNS over TCP, which shares this engine).
 
 One pending-query engine, ``resolve(payload, now, callback)``, serves every
 transport: the UDP path (``query``) gives it a callback that sends the answer
-to the guest, and DNS over TCP can give it one that writes to the guest's
-connection. Each query gets a fresh random id for the upstream (from
-``config.random``), so guests that pick the same id never collide, and the
-answer is handed back with the guest's own id.
+to the guest, and DNS over TCP gives it one that writes to the guest's
+connection. The answer is handed back with the guest's own id.
+
+Each upstream query goes out from a UDP socket of its own, bound to port 0
+(the kernel picks a random ephemeral port; on --outbound-addr or
+--outbound-addr6 unless the upstream is on loopback), with a 16-bit id from
+``secrets``, and the socket is closed as soon as the query is answered,
+times out, fails over or is cancelled. The socket is not connected, so that
+every datagram reaching it is seen and one from anywhere but the upstream
+asked is counted. An answer is believed only if it comes from the upstream's
+address and port, is a response (QR), carries our id, has QDCOUNT 1 and
+the question asked (the name without regard to ASCII case, RFC 4343; type
+and class equal); anything else is dropped and counted
+(``dns-answer-wrong-source``, ``-truncated``, ``-not-response``,
+``-wrong-id``, ``-qdcount``, ``-question``) and the socket keeps waiting
+for the real answer. A guest query without exactly one parseable question
+cannot be checked that way and gets a SERVFAIL of our own at once.
+
+At most ``config.dns_max_sockets`` upstream sockets are open at once; a
+query that finds none free waits in a queue (``dns-queued``) and is sent
+when one closes. Queries waiting for an upstream and in that queue together
+are at most ``config.dns_max_pending``; past that, SERVFAIL at once. Each
+waiting query's bytes are charged to the stack's memory budget (a refused
+charge: SERVFAIL at once) and released when it ends, however it ends.
 
 Upstreams (``config.dns_upstreams``, IPv4 or IPv6) are asked one at a time,
 starting with the one that answered last. An upstream is given
 ``config.dns_upstream_timeout`` seconds; a timeout, an ICMP error (port or
-host unreachable, seen on the upstream's connected socket) or an answer of
-SERVFAIL, NOTIMP or REFUSED moves the query to the next upstream, as the
-glibc stub resolver does. When every upstream has failed the guest gets the
-last such answer if there was one, else a SERVFAIL of our own. At most
-``config.dns_max_pending`` queries wait at once; past that, SERVFAIL at once.
-
-Not done: one connected socket per upstream means one host source port per
-upstream for the life of the proxy, so spoofing protection rests on the
-16-bit random id and the question check (RFC 5452 section 9.2 would also
-randomise the port per query). Upstreams are normally the host's own
-resolver, where that is an acceptable trade against a socket per query.
+host unreachable, read from the socket's error queue, IP_RECVERR) or an
+answer of SERVFAIL, NOTIMP or REFUSED moves the query to the next upstream
+(from a new socket), as the glibc stub resolver does. When every upstream
+has failed the guest gets the last such answer if there was one, else a
+SERVFAIL of our own.
 """
 
 from __future__ import annotations
@@ -32,10 +48,11 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import secrets
 import selectors
 import socket
 import struct
-from collections import Counter
+from collections import Counter, deque
 
 log = logging.getLogger("pyslirp.dns")
 
@@ -53,8 +70,7 @@ REFUSED = 5
 _TRY_NEXT_RCODES = frozenset((SERVFAIL, NOTIMP, REFUSED))
 DNS_PORT = 53
 MAX_MESSAGE = 65535  # RFC 1035 4.2.2 / EDNS: the largest DNS message
-RECV_BATCH = 64  # answers read per upstream socket per wake-up, for fairness
-ID_ATTEMPTS = 64  # random picks for a free upstream id before giving up
+RECV_BATCH = 16  # datagrams read per upstream socket per wake-up, for fairness
 
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
@@ -106,6 +122,7 @@ class DnsQuery:
     __slots__ = (
         "_proxy",
         "callback",
+        "charged",
         "deadline_at",
         "done",
         "fallback",
@@ -113,6 +130,8 @@ class DnsQuery:
         "guest_id",
         "payload",
         "question",
+        "queued",
+        "sock",
         "tried",
         "upstream",
         "upstream_id",
@@ -126,10 +145,13 @@ class DnsQuery:
         self.question = question_of(payload)
         self.first = 0  # index of the first upstream asked
         self.tried = 0  # how many upstreams have been asked
-        self.upstream = None
+        self.upstream = None  # the upstream asked now, from ``sock``
+        self.sock = None
         self.upstream_id = 0
         self.deadline_at = 0.0
         self.fallback = None  # an upstream's SERVFAIL/REFUSED, kept for the end
+        self.charged = 0  # bytes held in the memory budget for this query
+        self.queued = False  # waiting in DnsProxy._queued for a socket
         self.done = False
 
     def cancel(self) -> None:
@@ -138,16 +160,15 @@ class DnsQuery:
 
 
 class Upstream:
-    __slots__ = ("address", "family", "index", "pending", "sock", "sockaddr")
+    __slots__ = ("address", "family", "index", "loopback", "sockaddr")
 
     def __init__(self, index: int, address: str, port: int) -> None:
         addr = ipaddress.ip_address(address)  # "fe80::1%eth0" keeps its scope
         self.index = index
         self.address = str(addr)
         self.family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+        self.loopback = addr.is_loopback
         self.sockaddr = (self.address, port)
-        self.sock = None
-        self.pending: dict[int, DnsQuery] = {}  # upstream id -> query
 
     def __repr__(self) -> str:
         if self.family == socket.AF_INET6:
@@ -159,16 +180,23 @@ class DnsProxy:
     def __init__(self, loop) -> None:
         self.loop = loop
         self.config = loop.config
-        self.random = loop.config.random
+        self.budget = loop.stack.budget
         self.address = loop.config.dns.packed
         self.upstreams = [
             Upstream(i, addr, port) for i, (addr, port) in enumerate(self.config.dns_upstreams)
         ]
+        # --outbound-addr and --outbound-addr6: what upstream sockets bind to.
+        self.bind_addr = (self.config.outbound_addr or "0.0.0.0", 0)
+        self.bind_addr6 = (getattr(self.config, "outbound_addr6", None) or "::", 0)
         self.preferred = 0  # the upstream that answered last
         # Every query waiting for an upstream, in the order of its deadline:
         # all deadlines are "sent + dns_upstream_timeout", so the order in
         # which queries were (re)sent is the order of their deadlines.
         self._waiting: dict[DnsQuery, None] = {}
+        # Queries waiting for a socket (dns_max_sockets were open), in order.
+        self._queued: deque[DnsQuery] = deque()
+        self._starting = False  # _start_queued is running (no recursion)
+        self.open_sockets = 0  # upstream sockets open now
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
 
@@ -206,18 +234,34 @@ class DnsProxy:
         if not self.upstreams:
             self.counters["dns-servfail-no-upstream"] += 1
             self._finish(query, servfail(payload), now)
-        elif len(self._waiting) >= self.config.dns_max_pending:
+        elif query.question is None or payload[4:6] != b"\0\1":
+            # RFC 5452 9: an answer is checked against the one question asked.
+            self.counters["dns-servfail-no-question"] += 1
+            self._finish(query, servfail(payload), now)
+        elif len(self._waiting) + len(self._queued) >= self.config.dns_max_pending:
             self.counters["dns-servfail-pending-full"] += 1
             self._finish(query, servfail(payload), now)
+        elif not self.budget.charge(len(payload)):
+            self.counters["dns-servfail-memory"] += 1
+            self._finish(query, servfail(payload), now)
         else:
+            query.charged = len(payload)
             query.first = self.preferred
-            self._ask_next(query, now)
+            if self.open_sockets >= self.config.dns_max_sockets or self._queued:
+                self.counters["dns-queued"] += 1
+                query.queued = True
+                self._queued.append(query)
+            else:
+                self._ask_next(query, now)
         return query
 
     def cancel(self, query: DnsQuery) -> None:
         if not query.done:
             self._unlink(query)
+            self._release(query)
             query.done = True
+            if self._queued:  # a socket may have freed: handle_timer starts them
+                self.loop.timers_changed()
 
     # ----------------------------------------------------------- the engine
     def _ask_next(self, query: DnsQuery, now: float) -> None:
@@ -233,57 +277,61 @@ class DnsProxy:
         self._finish(query, query.fallback or servfail(query.payload), now)
 
     def _send(self, query: DnsQuery, upstream: Upstream, now: float) -> bool:
-        sock = upstream.sock or self._open(upstream)
+        sock = self._open(query, upstream)
         if sock is None:
             return False
-        pending = upstream.pending
-        for _ in range(ID_ATTEMPTS):
-            new_id = self.random.getrandbits(16)
-            if new_id not in pending:
-                break
-        else:
-            self.drops["dns-no-free-id"] += 1
-            return False
-        try:
-            sock.send(new_id.to_bytes(2, "big") + query.payload[2:])
-        except OSError as exc:
-            # A refusal reported for an earlier datagram surfaces here (and
-            # this one is not sent): the upstream is not there.
-            self.counters[f"dns-upstream-send-{errno.errorcode.get(exc.errno, exc.errno)}"] += 1
-            self._drain_errors(upstream, now)
-            return False
+        new_id = secrets.randbits(16)  # RFC 5452 9.2: unpredictable
         query.upstream = upstream
         query.upstream_id = new_id
+        try:
+            sock.sendto(new_id.to_bytes(2, "big") + query.payload[2:], upstream.sockaddr)
+        except OSError as exc:
+            self.counters[f"dns-upstream-send-{errno.errorcode.get(exc.errno, exc.errno)}"] += 1
+            self._close_socket(query)
+            query.upstream = None
+            return False
         query.deadline_at = now + self.config.dns_upstream_timeout
-        pending[new_id] = query
         self._waiting[query] = None
         self.loop.timers_changed()  # a query over TCP comes through a quiet handler
         return True
 
-    def _open(self, upstream: Upstream):
-        """The upstream's connected socket: the kernel then delivers only its
-        answers and reports its ICMP errors to us."""
+    def _open(self, query: DnsQuery, upstream: Upstream):
+        """A fresh socket for one query to ``upstream``, on a port the kernel
+        picks at random (RFC 5452 9.2), registered with the loop."""
         try:
             sock = socket.socket(upstream.family, socket.SOCK_DGRAM)
         except OSError as exc:  # EMFILE/ENFILE: this upstream fails for now
+            self.counters["dns-socket-failed"] += 1
             log.warning("cannot open a socket for DNS upstream %r: %s", upstream, exc)
             return None
         try:
             sock.setblocking(False)
             if upstream.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+                bind_addr = ("::", 0) if upstream.loopback else self.bind_addr6
             else:
                 sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
-            sock.connect(upstream.sockaddr)
-        except OSError as exc:  # no route to it, say
-            log.info("DNS upstream %r unreachable: %s", upstream, exc)
+                bind_addr = ("0.0.0.0", 0) if upstream.loopback else self.bind_addr
+            sock.bind(bind_addr)  # port 0: a random ephemeral port
+        except OSError as exc:  # --outbound-addr gone from the host, say
+            self.counters["dns-socket-failed"] += 1
+            log.info("cannot bind a socket for DNS upstream %r: %s", upstream, exc)
             sock.close()
             return None
-        upstream.sock = sock
+        query.sock = sock
+        self.open_sockets += 1
         self.loop.register(
-            sock, selectors.EVENT_READ, lambda mask, now: self._on_readable(upstream, now)
+            sock, selectors.EVENT_READ, lambda mask, now: self._on_readable(query, now)
         )
         return sock
+
+    def _close_socket(self, query: DnsQuery) -> None:
+        sock = query.sock
+        if sock is not None:
+            query.sock = None
+            self.open_sockets -= 1
+            self.loop.forget(sock)
+            sock.close()
 
     def _fail(self, query: DnsQuery, reason: str, now: float) -> None:
         upstream = query.upstream
@@ -293,23 +341,50 @@ class DnsProxy:
         self._ask_next(query, now)
 
     def _unlink(self, query: DnsQuery) -> None:
-        upstream = query.upstream
-        if upstream is not None:
-            if upstream.pending.get(query.upstream_id) is query:
-                del upstream.pending[query.upstream_id]
-            query.upstream = None
+        self._close_socket(query)
+        query.upstream = None
         self._waiting.pop(query, None)
+        if query.queued:
+            query.queued = False
+            self._queued.remove(query)
+
+    def _release(self, query: DnsQuery) -> None:
+        """Give the query's bytes back to the budget, once."""
+        if query.charged:
+            self.budget.release(query.charged)
+            query.charged = 0
 
     def _finish(self, query: DnsQuery, response: bytes, now: float) -> None:
         self._unlink(query)
+        self._release(query)
         query.done = True
         query.callback(response, now)
+        if self._queued:
+            self._start_queued(now)
+
+    def _start_queued(self, now: float) -> None:
+        """Send queued queries while sockets are free. Not re-entered: a
+        query that ends at once (every upstream failing) comes back through
+        _finish, and the loop here goes on with the next."""
+        if self._starting:
+            return
+        self._starting = True
+        try:
+            queued = self._queued
+            limit = self.config.dns_max_sockets
+            while queued and self.open_sockets < limit:
+                query = queued.popleft()
+                query.queued = False
+                self._ask_next(query, now)
+        finally:
+            self._starting = False
 
     # ---------------------------------------------------------- upstream side
-    def _on_readable(self, upstream: Upstream, now: float) -> None:
-        sock = upstream.sock
+    def _on_readable(self, query: DnsQuery, now: float) -> None:
+        sock = query.sock
         if sock is None:
             return
+        upstream = query.upstream
         for _ in range(RECV_BATCH):
             try:
                 data, addr = sock.recvfrom(MAX_MESSAGE)
@@ -317,49 +392,56 @@ class DnsProxy:
                 break
             except OSError:
                 # ECONNREFUSED and friends: the details are in the error queue.
-                self._drain_errors(upstream, now, everything=True)
+                self._drain_errors(query, now, everything=True)
+                return
+            if addr[:2] != upstream.sockaddr:
+                self.drops["dns-answer-wrong-source"] += 1
                 continue
-            if addr[:2] != upstream.sockaddr:  # cannot happen on a connected socket
-                self.drops["dns-response-wrong-source"] += 1
-                continue
-            self._on_response(upstream, data, now)
+            if self._on_answer(query, data, now):
+                return  # the query is over and its socket closed
         # An error queued after the socket error was read still makes the
         # socket ready; empty the queue so that it does not wake us forever.
-        self._drain_errors(upstream, now)
+        self._drain_errors(query, now)
 
-    def _on_response(self, upstream: Upstream, data: bytes, now: float) -> None:
+    def _on_answer(self, query: DnsQuery, data: bytes, now: float) -> bool:
+        """One datagram from the upstream asked: True if it ended the query
+        (here or on the next upstream), False if it was dropped."""
         if len(data) < HEADER_LEN:
-            self.drops["dns-response-truncated"] += 1
-            return
+            self.drops["dns-answer-truncated"] += 1
+            return False
         upstream_id, flags = struct.unpack_from("!HH", data, 0)
         if not flags & FLAG_QR:
-            self.drops["dns-response-not-response"] += 1
-            return
-        query = upstream.pending.get(upstream_id)
-        if query is None:
-            self.drops["dns-response-unmatched"] += 1
-            return
-        if data[4:6] != b"\0\0" and not _same_question(query.question, question_of(data)):
-            self.drops["dns-response-question-mismatch"] += 1
-            return
+            self.drops["dns-answer-not-response"] += 1
+            return False
+        if upstream_id != query.upstream_id:
+            self.drops["dns-answer-wrong-id"] += 1
+            return False
+        if data[4:6] != b"\0\1":
+            self.drops["dns-answer-qdcount"] += 1
+            return False
+        if not _same_question(query.question, question_of(data)):
+            self.drops["dns-answer-question"] += 1
+            return False
         response = query.guest_id + data[2:]
+        upstream = query.upstream
         if flags & RCODE_MASK in _TRY_NEXT_RCODES and query.tried < len(self.upstreams):
             query.fallback = response
             self._fail(query, f"dns-upstream-rcode-{flags & RCODE_MASK}", now)
-            return
+            return True
         self.preferred = upstream.index
         self.counters["dns-answers"] += 1
         self._finish(query, response, now)
+        return True
 
-    def _drain_errors(self, upstream: Upstream, now: float, everything: bool = False) -> None:
-        """Move the queries that an ICMP error names to the next upstream.
+    def _drain_errors(self, query: DnsQuery, now: float, everything: bool = False) -> None:
+        """Move the query to the next upstream if an ICMP error names it.
 
         The error queue hands back the datagram the error is about, whose
         first two bytes are our id. Without one (``everything``: the socket
-        reported an error but no queued datagram names a query), every query
-        waiting at this upstream moves on.
+        reported an error but no queued datagram names the query), the
+        query moves on all the same.
         """
-        sock = upstream.sock
+        sock = query.sock
         named = False
         for _ in range(RECV_BATCH):
             try:
@@ -372,18 +454,16 @@ class DnsProxy:
                     err = _EE_ERRNO.unpack_from(cdata)[0]
             if err == errno.EMSGSIZE:
                 continue  # path MTU news, not a dead upstream
-            query = None
-            if len(data) >= 2:
-                query = upstream.pending.get(int.from_bytes(data[:2], "big"))
-            if query is not None:
+            if len(data) >= 2 and int.from_bytes(data[:2], "big") == query.upstream_id:
                 named = True
-                self._fail(query, "dns-upstream-unreachable", now)
-        if everything and not named:
-            for query in list(upstream.pending.values()):
-                self._fail(query, "dns-upstream-unreachable", now)
+                break
+        if named or everything:
+            self._fail(query, "dns-upstream-unreachable", now)
 
     # ------------------------------------------------------------------ timer
     def next_deadline(self):
+        if self._queued and self.open_sockets < self.config.dns_max_sockets:
+            return 0.0  # a cancelled query freed a socket: start the queue now
         for query in self._waiting:
             return query.deadline_at
         return None
@@ -393,16 +473,15 @@ class DnsProxy:
         for _ in range(len(waiting)):
             query = next(iter(waiting), None)
             if query is None or query.deadline_at > now:
-                return
+                break
             self._fail(query, "dns-upstream-timeout", now)
+        if self._queued:
+            self._start_queued(now)
 
     def close(self) -> None:
-        for upstream in self.upstreams:
-            if upstream.sock is not None:
-                self.loop.unregister(upstream.sock)
-                upstream.sock.close()
-                upstream.sock = None
-            upstream.pending.clear()
-        for query in self._waiting:
+        for query in [*self._waiting, *self._queued]:
+            self._unlink(query)
+            self._release(query)
             query.done = True
         self._waiting.clear()
+        self._queued.clear()

@@ -77,6 +77,8 @@ def tcp_config_from(config) -> TcpConfig:
         send_buffer=config.tcp_send_buffer,
         time_wait_timeout=config.tcp_time_wait_timeout,
         keepalive_idle=config.tcp_keepalive_idle,
+        max_retransmits=config.tcp_max_retransmits,
+        max_rto=config.tcp_max_rto,
         verify_checksum=config.tcp_verify_checksum,
     )
 

@@ -27,6 +27,10 @@ class StackConfig:
     # Every byte held on the guests' behalf, all flows together (budget.py):
     # past three quarters of it windows close, at it new buffers are refused.
     memory_budget: int = 256 * 1024 * 1024
+    # RFC 6528's secret key for TCP initial sequence numbers. The stack draws
+    # no randomness of its own: the NAT side fills this from os.urandom(16)
+    # (NetworkConfig.isn_key); this fixed default is for tests only.
+    isn_key: bytes = bytes(16)
 
     # ARP (RFC 1122 2.3.2.2 asks to queue at least one packet per address).
     arp_queue_per_address: int = 32

@@ -530,6 +530,11 @@ class TcpConnection:
         if ack != una:
             if ((ack - una) & MASK) < HALF:  # seq_lt(una, ack), as they differ
                 self._new_ack(ack, ts if self.ts_enabled else None, now)
+        elif self.persisting:
+            # RFC 1122 4.2.2.17 (RFC 9293 3.8.6.1): a guest that answers our
+            # zero-window probes is kept however long its window stays shut,
+            # as Linux does; only a silent one runs out of retries.
+            self.retries = 0
         elif seg_len == 0 and window == self.snd_wnd and self.snd_max != una:
             self._duplicate_ack(now)
         self._update_window(seq, ack, window)
@@ -625,6 +630,8 @@ class TcpConnection:
         window <<= self.snd_wscale
         if ack != una:
             self._new_ack(ack, ts, now)
+        elif self.persisting:
+            self.retries = 0  # a probe answered (RFC 1122 4.2.2.17), as below
         elif plen == 0 and not fin and window == self.snd_wnd and self.snd_max != una:
             self._duplicate_ack(now)
         # The window, from the newest segment only: in order is not enough,

@@ -12,6 +12,7 @@ bytes of ``conn.rx``), ``close`` (our FIN after the buffered data), ``abort``
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import struct
 from collections import Counter, deque
@@ -118,6 +119,7 @@ class TcpLayer:
         self.stack = stack
         self.config = config or TcpConfig()
         self.random = stack.random
+        self.isn_key = stack.config.isn_key  # RFC 6528's secret (StackConfig)
         self.connections: dict[tuple, TcpConnection] = {}
         self.events = stack._events
         self.dirty: list[TcpConnection] = []
@@ -461,8 +463,24 @@ class TcpLayer:
         # RFC 6928: the initial window.
         conn.cwnd = min(10 * mss, max(2 * mss, 14600))
 
-    def _initial_sequence(self, conn: TcpConnection) -> None:
-        conn.iss = self.random.getrandbits(32)
+    def initial_sequence_number(
+        self, local: bytes, local_port: int, remote: bytes, remote_port: int, now: float
+    ) -> int:
+        """RFC 6528 section 3: ISN = M + F(localip, localport, remoteip,
+        remoteport, secretkey), M a timer ticking every 4 microseconds (from
+        ``now``), F a keyed hash (BLAKE2b, RFC 7693) of the 4-tuple. A new
+        incarnation of a 4-tuple starts above where the old one began, and
+        an observer of one connection learns nothing of another's ISN."""
+        tuple_bytes = b"".join(
+            (local, local_port.to_bytes(2, "big"), remote, remote_port.to_bytes(2, "big"))
+        )
+        digest = hashlib.blake2b(tuple_bytes, digest_size=4, key=self.isn_key).digest()
+        return (int(now * 250_000) + int.from_bytes(digest, "big")) & MASK
+
+    def _initial_sequence(self, conn: TcpConnection, now: float) -> None:
+        conn.iss = self.initial_sequence_number(
+            conn.local, conn.local_port, conn.remote, conn.remote_port, now
+        )
         conn.snd_una = conn.iss
         conn.snd_nxt = conn.snd_max = (conn.iss + 1) & MASK
         conn.recover = conn.iss
@@ -472,7 +490,7 @@ class TcpLayer:
         """The host connection is made: answer the guest's SYN."""
         if conn.state is not LISTEN:
             return
-        self._initial_sequence(conn)
+        self._initial_sequence(conn, now)
         self._set_mss(conn)
         conn.state = SYN_RECEIVED
         self.send_syn_ack(conn, now)
@@ -604,7 +622,7 @@ class TcpLayer:
             return None
         conn = self._new_connection(key, local, local_port, remote, remote_port, now)
         conn.state = SYN_SENT
-        self._initial_sequence(conn)
+        self._initial_sequence(conn, now)
         conn.ws_enabled = self.config.window_scaling
         conn.rcv_wscale = self._rcv_wscale if conn.ws_enabled else 0
         conn.ts_enabled = self.config.timestamps
