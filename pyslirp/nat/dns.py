@@ -281,9 +281,22 @@ class DnsProxy:
             return None
         upstream.sock = sock
         self.loop.register(
-            sock, selectors.EVENT_READ, lambda mask, now: self._on_readable(upstream, now)
+            sock,
+            selectors.EVENT_READ,
+            lambda mask, now: self._on_readable(upstream, now),
+            on_error=lambda exc, now: self._close_upstream(upstream),
         )
         return sock
+
+    def _close_upstream(self, upstream: Upstream) -> None:
+        """The loop's barrier: reading this upstream's socket raised. Close
+        it (the next query opens a new one); the queries waiting on it time
+        out and move to the next upstream as usual."""
+        sock, upstream.sock = upstream.sock, None
+        self.counters["dns-upstream-failed"] += 1
+        if sock is not None:
+            self.loop.unregister(sock)
+            sock.close()
 
     def _fail(self, query: DnsQuery, reason: str, now: float) -> None:
         upstream = query.upstream
