@@ -238,11 +238,11 @@ class Loop:
         if on_error is not None:
             try:
                 on_error(exc, now)
-                return
-            except Exception as again:  # the clean-up failed too: cut the fd loose
+            except Exception as again:  # the clean-up failed too
                 self.internal_error(f"socket error handler (fd {fd})", again, now)
-        if self._handlers.get(fd) is entry:
-            self.unregister(fd)
+        current = self._handlers.get(fd)
+        if current is not None and current[1] == handler:
+            self.unregister(fd)  # still there: it must not fail again on every turn
 
     def _event_failed(self, kind: type, event, exc: Exception, now: float) -> None:
         self.internal_error(f"event handler for {kind.__name__}", exc, now)

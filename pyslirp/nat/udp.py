@@ -192,7 +192,7 @@ class UdpNat:
             flow = self._open(event, now)
             if flow is None:
                 return
-        else:
+        elif flow.last_active != now:  # once per wake-up is enough for the order
             self.flows.move_to_end(key)
         flow.last_active = now
         flow.bytes_from_guest += len(event.payload)
