@@ -27,6 +27,12 @@ with it too). 4096 bytes or more is "too large", as in slirp4netns.
 
 The socket file is made mode 0600 and removed at exit (slirp4netns leaves it
 755 and behind after a signal).
+
+With no descriptor left (EMFILE, ENFILE) a waiting client is accepted with
+a spare descriptor and closed at once (``AcceptGuard``): the listener never
+spins, one warning per ``log_interval``, and requests are served again as
+soon as a descriptor is free. If even that fails, the listener rests for
+``accept_pause`` seconds (with a backend that has timers).
 """
 
 from __future__ import annotations
@@ -257,12 +263,17 @@ class ApiServer:
     """The listening socket and its connections, served by the backend's loop."""
 
     def __init__(self, path: str, api: Api) -> None:
+        from pyslirp.nat.descriptors import AcceptGuard, LogLimiter
+
         self.path = path
         self.api = api
         self.sock: socket.socket | None = None
         self._identity = None  # (st_dev, st_ino) of our socket file
         self._clients: dict[int, _Client] = {}
         self._backend = None
+        config = api.config
+        self._pause = getattr(config, "accept_pause", 1.0)
+        self._guard = AcceptGuard("api", LogLimiter(log, getattr(config, "log_interval", 10.0)))
 
     # ------------------------------------------------------------ set-up
     def listen(self) -> None:
@@ -304,8 +315,9 @@ class ApiServer:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as exc:
-                log.warning("api: accept failed: %s", exc)
+            except OSError as exc:  # EMFILE: shed one client; never spin
+                if self._guard.accept_failed(self.sock, exc, now):
+                    self._rest(now)
                 break
             conn.setblocking(False)
             self._evict(now)
@@ -313,6 +325,20 @@ class ApiServer:
             self._clients[conn.fileno()] = client
             self._backend.register(conn.fileno(), READ, lambda m, t, c=client: self._read(c))
             self._read(client)
+
+    def _rest(self, now: float) -> None:
+        """Stop polling the listener for a while (accept keeps failing)."""
+        call_at = getattr(self._backend, "call_at", None)
+        if call_at is None or self.sock is None:
+            return
+        self._backend.unregister(self.sock.fileno())
+        listener = self.sock
+
+        def resume(now: float) -> None:
+            if self.sock is listener:
+                self._backend.register(listener.fileno(), READ, self._on_listen)
+
+        call_at(now + self._pause, resume)
 
     def _evict(self, now: float) -> None:
         """Drop clients that said nothing for too long, and the oldest ones
@@ -387,6 +413,7 @@ class ApiServer:
                     pass
             self.sock.close()
             self.sock = None
+        self._guard.close()
         self.remove_file()
 
     def remove_file(self) -> None:

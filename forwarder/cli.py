@@ -734,8 +734,13 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
     ``on_signal(signum)`` may claim SIGINT/SIGTERM (return True) instead of
     stopping; ``on_ready(backend, request_stop)`` runs once everything is set
     up, before the sandbox and the ready fd (the run mode uses both)."""
+    from pyslirp.nat.descriptors import raise_soft_limit
+
     from .namespace import LinkSetup, NewNamespace, StartupError, attach
 
+    # Container runtimes start us with a soft RLIMIT_NOFILE of 1024: take the
+    # hard limit, from which the flow tables are sized (pyslirp/nat/descriptors.py).
+    raise_soft_limit()
     # Stop on SIGINT/SIGTERM through a pipe that the backend watches; a
     # signal during start-up makes the backend return at once.
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)

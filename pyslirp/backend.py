@@ -116,6 +116,10 @@ class PythonBackend(Backend):
     def unregister(self, fd: int) -> None:
         self._started().unregister(fd)
 
+    def call_at(self, at: float, callback) -> None:
+        """``callback(now)`` once at ``at`` (the loop's monotonic clock)."""
+        self._started().call_at(at, callback)
+
     def add_hostfwd(self, proto, host_addr, host_port, guest_addr, guest_port) -> int:
         return self._started().forwards.add(proto, host_addr, host_port, guest_addr, guest_port)
 

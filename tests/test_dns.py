@@ -45,7 +45,7 @@ class FakeLoop:
         self.stack = FakeStack()
         self.selector = selectors.DefaultSelector()
 
-    def register(self, fileobj, events, handler):
+    def register(self, fileobj, events, handler, on_error=None):
         self.selector.register(fileobj, events, handler)
 
     def unregister(self, fileobj):

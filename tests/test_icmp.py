@@ -102,7 +102,7 @@ class MiniLoop:
         self.stack = Stack(self.config.stack_config(), FixedRandom())
         self.selector = selectors.DefaultSelector()
 
-    def register(self, sock, events, handler) -> None:
+    def register(self, sock, events, handler, on_error=None) -> None:
         self.selector.register(sock, events, handler)
 
     def unregister(self, sock) -> None:

@@ -105,6 +105,23 @@ class NetworkConfig:
     # Every byte held for the guest's flows, all together (TCP buffers,
     # reassembly, frames awaiting ARP/ND, DNS queries): Linux's tcp_mem.
     memory_budget: int = 256 * 1024 * 1024
+    # Descriptors (pyslirp/nat/descriptors.py). Flows (UDP, TCP, ping) share
+    # RLIMIT_NOFILE less what is open at start-up less these reserves, so a
+    # guest that opens flows without end never takes the descriptors of:
+    # published ports' listening sockets (-p and add_hostfwd)...
+    fd_reserve_listeners: int = 64
+    # ...the API socket and the clients it serves at once (api.MAX_CLIENTS)...
+    fd_reserve_api: int = 17
+    # ...(the DNS proxy's upstream sockets: dns_max_sockets) and the rest: the
+    # pcap file, netlink, /proc reads, the accept guards' spare descriptors.
+    fd_reserve_margin: int = 32
+    # How long a listener whose accept() fails, even after shedding a client
+    # with the spare descriptor, sleeps before it is polled again (a
+    # level-triggered loop would otherwise call accept() again at once).
+    accept_pause: float = 1.0
+    # At most one log line per this many seconds for each kind of repeated
+    # trouble (descriptors exhausted, an internal error in a handler).
+    log_interval: float = 10.0
 
     # IPv6 (slirp4netns's -6): off by default as in
     # slirp4netns. The prefix is a /64 because the guest forms its address by

@@ -321,9 +321,18 @@ class DnsProxy:
         query.sock = sock
         self.open_sockets += 1
         self.loop.register(
-            sock, selectors.EVENT_READ, lambda mask, now: self._on_readable(query, now)
+            sock,
+            selectors.EVENT_READ,
+            lambda mask, now: self._on_readable(query, now),
+            on_error=lambda exc, now: self._socket_failed(query, now),
         )
         return sock
+
+    def _socket_failed(self, query: DnsQuery, now: float) -> None:
+        """The loop's barrier: reading this query's socket raised. Close it
+        and ask the next upstream, as after a timeout."""
+        if query.sock is not None and not query.done:
+            self._fail(query, "dns-upstream-failed", now)
 
     def _close_socket(self, query: DnsQuery) -> None:
         sock = query.sock

@@ -24,6 +24,14 @@ the guest (``TcpLayer.connect``); once the guest answers (``TcpConnected``)
 the TCP NAT relays both directions exactly as for guest-initiated flows
 (``TcpFlow``), with the same flow control and the same endings.
 
+Descriptors: an accepted client takes one of ``loop.descriptors`` (the least
+recently used UDP flow makes room if need be); with none left it is reset at
+once. When ``accept()`` itself fails for want of descriptors (EMFILE,
+ENFILE), the waiting client is taken off with a spare descriptor and reset
+(``AcceptGuard``), so the level-triggered listener does not spin; failing
+that, or when a listener's handler raises, the listener rests for
+``accept_pause`` seconds.
+
 IPv6 (our extension of slirp4netns's API): a forward whose host address is
 IPv6 (``[::1]:8080``, a V6ONLY socket) goes to an IPv6 guest address: one
 in the prefix, or ``::``, which means the guest's own address as the stack
@@ -44,6 +52,7 @@ from pyslirp._compat import SLOTS
 from pyslirp.stack.events import TcpConnected, UdpDatagramReceived
 
 from .addressing import endpoint
+from .descriptors import AcceptGuard
 from .tcp import TCP_NODELAY, TcpFlow
 
 log = logging.getLogger("pyslirp.forward")
@@ -193,10 +202,17 @@ class Forwards:
             "udp-flows-refused": 0,
             "tcp-connections-opened": 0,
             "tcp-connections-refused": 0,
+            "listener-paused": 0,
         }
         self._sweep_at: float | None = None
         self._udp_fallback = None
-        loop.on_event(TcpConnected, self.on_tcp_connected)
+        self.guard = AcceptGuard("published ports", loop.limiter)
+        tcp = getattr(loop, "tcp", None)
+        loop.on_event(
+            TcpConnected,
+            self.on_tcp_connected,
+            on_error=tcp.on_error if tcp is not None else None,
+        )
 
     # ------------------------------------------------------------ commands
     def add(self, proto, host_addr, host_port, guest_addr, guest_port) -> int:
@@ -233,11 +249,9 @@ class Forwards:
             sock,
         )
         self.forwards[forward.id] = forward
-        if proto == "tcp":
-            self.loop.register(sock, READ, lambda mask, now, f=forward: self._accept(f, now))
-        else:
+        if proto == "udp":
             self._intercept_udp()
-            self.loop.register(sock, READ, lambda mask, now, f=forward: self._udp_read(f, now))
+        self._listen(forward)
         log.info(
             "forward %d: %s %s:%d -> %s:%d",
             forward.id,
@@ -248,6 +262,31 @@ class Forwards:
             guest_port,
         )
         return forward.id
+
+    def _listen(self, forward: Forward) -> None:
+        if forward.proto == "tcp":
+            handler = lambda mask, now, f=forward: self._accept(f, now)  # noqa: E731
+        else:
+            handler = lambda mask, now, f=forward: self._udp_read(f, now)  # noqa: E731
+        self.loop.register(
+            forward.sock,
+            READ,
+            handler,
+            on_error=lambda exc, now, f=forward: self._pause(f, now),
+        )
+
+    def _pause(self, forward: Forward, now: float) -> None:
+        """Stop polling a listener for ``accept_pause`` seconds: its accept()
+        fails for want of descriptors, or its handler raised (the loop's
+        barrier). Clients wait in the kernel's backlog meanwhile."""
+        self.loop.unregister(forward.sock)
+        self.counters["listener-paused"] += 1
+
+        def resume(now: float) -> None:
+            if self.forwards.get(forward.id) is forward:
+                self._listen(forward)
+
+        self.loop.call_at(now + self.config.accept_pause, resume)
 
     def remove(self, forward_id: int) -> None:
         """Stop forwarding; KeyError if there is no such forward. Established
@@ -302,7 +341,9 @@ class Forwards:
         ours, everything else goes on to the UDP NAT."""
         if self._udp_fallback is None:
             self._udp_fallback = self.loop.udp.on_datagram
-            self.loop.on_event(UdpDatagramReceived, self.on_udp_datagram)
+            self.loop.on_event(
+                UdpDatagramReceived, self.on_udp_datagram, on_error=self.loop.udp.on_error
+            )
 
     def on_udp_datagram(self, event, now: float) -> None:
         flow = self.udp_flows.get((event.src, event.src_port, event.dst, event.dst_port))
@@ -385,15 +426,28 @@ class Forwards:
     # ------------------------------------------------------------ TCP
     def _accept(self, forward: Forward, now: float) -> None:
         nat = getattr(self.loop, "tcp", None)
+        descriptors = self.loop.descriptors
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, client = forward.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and the like: try again next wake-up
-                log.warning("forward %d: accept failed: %s", forward.id, exc)
+            except OSError as exc:  # EMFILE and the like: shed a client, or rest
+                if self.guard.accept_failed(forward.sock, exc, now):
+                    self._pause(forward, now)
                 return
-            if nat is None or not self._connect_guest(nat, forward, sock, client, now):
+            if nat is None or not descriptors.acquire():  # evicts an idle UDP flow first
+                self.counters["tcp-connections-refused"] += 1
+                _reset(sock)
+                continue
+            try:
+                connected = self._connect_guest(nat, forward, sock, client, now)
+            except BaseException:
+                descriptors.release()
+                _reset(sock)
+                raise
+            if not connected:
+                descriptors.release()
                 self.counters["tcp-connections-refused"] += 1
                 _reset(sock)
 
@@ -488,6 +542,7 @@ class Forwards:
     def close(self) -> None:
         for forward_id in list(self.forwards):
             self.remove(forward_id)
+        self.guard.close()
 
 
 def _reset(sock: socket.socket) -> None:

@@ -143,6 +143,10 @@ class PingFlow:
     def on_ready(self, mask: int, now: float) -> None:
         self.relay.read_flow(self, now)
 
+    def fail(self, exc: Exception, now: float) -> None:
+        """The loop's barrier: this socket's handler raised; close it."""
+        self.relay.close_flow(self)
+
 
 class IcmpRelay:
     def __init__(self, loop, open_socket=open_ping_socket) -> None:
@@ -154,6 +158,14 @@ class IcmpRelay:
         self.flows: dict[tuple[bytes, int], PingFlow] = {}
         self.counters: Counter = Counter()
         self._warned_not_permitted = False
+        # Host descriptors (MiniLoop-style test loops may have none).
+        self.descriptors = getattr(loop, "descriptors", None)
+        capacity = self.descriptors.capacity if self.descriptors is not None else None
+        self.max_flows = (
+            self.config.max_ping_sockets
+            if capacity is None
+            else min(self.config.max_ping_sockets, capacity)
+        )
 
     # ------------------------------------------------------------ guest -> host
     def on_echo(self, event, now: float) -> None:
@@ -208,6 +220,13 @@ class IcmpRelay:
             oldest = min(self.flows, key=lambda key: self.flows[key].last_active)
             self._close(oldest)
             self.counters["sockets-evicted"] += 1
+        descriptors = self.descriptors
+        if descriptors is not None and not descriptors.acquire():
+            self.counters["sockets-refused"] += 1
+            self.stack.send_icmp_error(
+                icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
+            )
+            return None
         try:
             if len(event.src) == 16:
                 bind_addr = self.config.outbound_addr6 or "::"
@@ -216,6 +235,8 @@ class IcmpRelay:
                 sock = self.open_socket(self.config.outbound_addr or "0.0.0.0")
         except OSError as exc:
             self.counters["sockets-refused"] += 1
+            if descriptors is not None:
+                descriptors.release()
             if exc.errno in (errno.EACCES, errno.EPERM):
                 if not self._warned_not_permitted:
                     self._warned_not_permitted = True
@@ -235,7 +256,7 @@ class IcmpRelay:
             return None
         flow = PingFlow(self, sock, event.src, event.ident, now)
         self.flows[(event.src, event.ident)] = flow
-        self.loop.register(sock, 1, flow.on_ready)
+        self.loop.register(sock, 1, flow.on_ready, on_error=flow.fail)
         self.counters["sockets-opened"] += 1
         log.info(
             "ping %s id %d opened (host id %d)",
@@ -338,6 +359,34 @@ class IcmpRelay:
     def handle_timer(self, now: float) -> None:
         self.expire(now)
 
+    def timer_failed(self, exc: Exception, now: float) -> None:
+        """The loop's barrier: the sweep raised; close what it was closing,
+        and anything stale, so that the deadline moves on."""
+        timeout = self.config.ping_idle_timeout
+        for flow in [f for f in self.flows.values() if now - f.last_active >= timeout]:
+            self.close_flow(flow)
+
+    def on_error(self, event, exc: Exception, now: float) -> None:
+        """The echo handler raised: close that guest identifier's socket and
+        tell the guest (ICMP administratively prohibited)."""
+        flow = self.flows.get((event.src, event.ident))
+        if flow is not None:
+            self.close_flow(flow)
+        self.stack.send_icmp_error(
+            icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
+        )
+
+    def close_flow(self, flow: PingFlow) -> None:
+        self.counters["sockets-failed"] += 1
+        key = (flow.guest, flow.guest_ident)
+        if self.flows.get(key) is flow:
+            self._close(key)
+        elif flow.sock.fileno() >= 0:  # half closed when it failed
+            self.loop.unregister(flow.sock)
+            flow.sock.close()
+            if self.descriptors is not None:
+                self.descriptors.release()
+
     def expire(self, now: float) -> None:
         timeout = self.config.ping_idle_timeout
         for key in [k for k, f in self.flows.items() if now - f.last_active >= timeout]:
@@ -348,6 +397,8 @@ class IcmpRelay:
         flow = self.flows.pop(key)
         self.loop.unregister(flow.sock)
         flow.sock.close()
+        if self.descriptors is not None:
+            self.descriptors.release()
         log.info("ping %s id %d closed", to_text(flow.guest), flow.guest_ident)
 
     def close(self) -> None:

@@ -7,11 +7,24 @@ has queued for the guest in one flush and sleep until the next deadline:
 after a wake-up that found work, first poll without sleeping for up to
 ``config.busy_poll`` (busy polling, as Linux's busy_read does for sockets).
 This module is the one reader of ``time.monotonic()``.
+
+The barrier: a handler that raises (a socket's, a stack event's, a
+service's timer) takes down its own flow and nothing else. The loop counts
+it (``counters["internal-error"]``, the text in ``last_internal_error``),
+logs it at most once per ``config.log_interval`` for each kind, and calls
+the ``on_error`` given with the handler (``register`` and ``on_event``) or
+the service's ``timer_failed``, which close just that flow (a RST or an
+ICMP error for the guest, the host socket closed). A socket handler without
+one is unregistered, so that it cannot fail again on every turn. The
+``try`` costs nothing while nothing is raised (CPython 3.11's exception
+tables), and no call is added per packet.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
 import os
 import select
@@ -24,6 +37,7 @@ from pyslirp.stack.interface import Stack
 
 from .compat import writev
 from .config import NetworkConfig
+from .descriptors import DescriptorBudget, LogLimiter
 
 log = logging.getLogger("pyslirp")
 
@@ -87,17 +101,25 @@ class Loop:
         # EAGAIN costs an exception; a poll of nothing costs a fifth of it).
         self._tap_poll = select.epoll()
         self._tap_poll.register(tap_fd, select.EPOLLIN)
-        self.counters: dict[str, int] = {"tap-write-dropped": 0}
+        self.counters: dict[str, int] = {"tap-write-dropped": 0, "internal-error": 0}
+        self.last_internal_error: str | None = None  # "where: Type: text" of the last one
+        self.limiter = LogLimiter(log, config.log_interval)
+        # Host descriptors for flows, against RLIMIT_NOFILE (counted now,
+        # before the services open anything).
+        self.descriptors = DescriptorBudget.for_process(config)
         self._running = False
-        # fd -> (selectors events, handler, fileobj, quiet)
+        # fd -> (selectors events, handler, fileobj, quiet, on_error)
         self._handlers: dict[int, tuple] = {}
-        self.services: list = []  # objects with next_deadline() and handle_timer(now)
+        self._timers = _Timers()
+        # objects with next_deadline() and handle_timer(now)
+        self.services: list = [self._timers]
         # The services' earliest deadline, asked again only after something
         # that may have made one earlier: a handler that is not quiet, an
         # event whose type is not quiet, timers, or timers_changed().
         self._services_due: float | None = None
         self._services_stale = True
         self._event_handlers: dict[type, object] = {}
+        self._event_errors: dict[type, object] = {}
         self._quiet_events: set[type] = set()
         os.set_blocking(tap_fd, False)
         self._epoll.register(tap_fd, select.EPOLLIN)
@@ -108,13 +130,27 @@ class Loop:
         from .services import install
 
         install(self)
+        budget = self.descriptors
+        log.info(
+            "descriptors: limit %d, %d open at start, %d reserved: %d for flows "
+            "(udp %d, tcp %d, ping %d)",
+            budget.limit,
+            budget.limit - budget.reserve - budget.capacity,
+            budget.reserve,
+            budget.capacity,
+            self.udp.max_flows,
+            self.tcp.max_flows,
+            self.icmp.max_flows,
+        )
 
     # -------------------------------------------------------- registration
-    def on_event(self, event_type: type, handler, quiet: bool = False) -> None:
+    def on_event(self, event_type: type, handler, quiet: bool = False, on_error=None) -> None:
         """Route stack events of ``event_type`` to ``handler(event, now)``.
         A ``quiet`` handler never makes a service's deadline earlier (or
-        calls timers_changed when it does)."""
+        calls timers_changed when it does). If the handler raises,
+        ``on_error(event, exc, now)`` closes the flow the event is about."""
         self._event_handlers[event_type] = handler
+        self._event_errors[event_type] = on_error
         if quiet:
             self._quiet_events.add(event_type)
         else:
@@ -124,15 +160,17 @@ class Loop:
         """A service's next_deadline() may have become earlier."""
         self._services_stale = True
 
-    def register(self, fileobj, events: int, handler, quiet: bool = False) -> None:
+    def register(self, fileobj, events: int, handler, quiet: bool = False, on_error=None) -> None:
         """Call ``handler(mask, now)`` when ``fileobj`` is ready (``events``
         and ``mask`` in selectors' bits: EVENT_READ, EVENT_WRITE). A
-        ``quiet`` handler is as in on_event."""
+        ``quiet`` handler is as in on_event. If the handler raises,
+        ``on_error(exc, now)`` closes its flow; without one, ``fileobj`` is
+        unregistered."""
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if fd in self._handlers:
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
         self._epoll.register(fd, _epoll_events(events))
-        self._handlers[fd] = (events, handler, fileobj, quiet)
+        self._handlers[fd] = (events, handler, fileobj, quiet, on_error)
 
     def modify(self, fileobj, events: int, handler) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
@@ -141,7 +179,7 @@ class Loop:
         entry = self._handlers[fd]
         if entry[0] != events:
             self._epoll.modify(fd, _epoll_events(events))
-        self._handlers[fd] = (events, handler, fileobj, entry[3])
+        self._handlers[fd] = (events, handler, fileobj, entry[3], entry[4])
 
     def unregister(self, fileobj) -> None:
         try:
@@ -167,9 +205,62 @@ class Loop:
         if fd < 0 or self._handlers.pop(fd, None) is None:
             self.unregister(fileobj)
 
+    def call_at(self, at: float, callback) -> None:
+        """Call ``callback(now)`` once, at ``at`` (monotonic seconds)."""
+        self._timers.add(at, callback)
+        self._services_stale = True
+
     @staticmethod
     def now() -> float:
         return time.monotonic()
+
+    # -------------------------------------------------------- the barrier
+    def internal_error(self, where: str, exc: BaseException, now: float) -> None:
+        """Count and log (rate-limited) an exception a handler raised."""
+        text = f"{where}: {type(exc).__name__}: {exc}"
+        self.counters["internal-error"] += 1
+        self.last_internal_error = text
+        self.limiter.log(
+            logging.ERROR,
+            "internal-error " + where.split(" ", 1)[0],
+            now,
+            "internal error in %s; its flow is closed, the others carry on",
+            text,
+            exc_info=exc,
+        )
+
+    def _handler_failed(self, fd: int, entry: tuple, exc: Exception, now: float) -> None:
+        handler = entry[1]
+        self.internal_error(
+            f"socket handler {getattr(handler, '__qualname__', handler)!s} (fd {fd})", exc, now
+        )
+        on_error = entry[4]
+        if on_error is not None:
+            try:
+                on_error(exc, now)
+            except Exception as again:  # the clean-up failed too
+                self.internal_error(f"socket error handler (fd {fd})", again, now)
+        current = self._handlers.get(fd)
+        if current is not None and current[1] == handler:
+            self.unregister(fd)  # still there: it must not fail again on every turn
+
+    def _event_failed(self, kind: type, event, exc: Exception, now: float) -> None:
+        self.internal_error(f"event handler for {kind.__name__}", exc, now)
+        on_error = self._event_errors.get(kind)
+        if on_error is not None:
+            try:
+                on_error(event, exc, now)
+            except Exception as again:
+                self.internal_error(f"event error handler for {kind.__name__}", again, now)
+
+    def _timer_failed(self, service, exc: Exception, now: float) -> None:
+        self.internal_error(f"timer of {type(service).__name__}", exc, now)
+        failed = getattr(service, "timer_failed", None)
+        if failed is not None:
+            try:
+                failed(exc, now)
+            except Exception as again:
+                self.internal_error(f"timer error handler of {type(service).__name__}", again, now)
 
     # -------------------------------------------------------------- running
     def stop(self) -> None:
@@ -230,7 +321,10 @@ class Loop:
                     if mask:
                         if not entry[3]:
                             self._services_stale = True
-                        entry[1](mask, now)
+                        try:
+                            entry[1](mask, now)
+                        except Exception as exc:
+                            self._handler_failed(fd, entry, exc, now)
             if events:
                 self._dispatch_events(now)
             if deadline is not None and deadline <= now:
@@ -264,11 +358,17 @@ class Loop:
         stack = self.stack
         deadline = stack.get_timer()
         if deadline is not None and deadline <= now:
-            stack.handle_timer(now)
+            try:
+                stack.handle_timer(now)
+            except Exception as exc:  # the stack's own: no flow of ours to close
+                self.internal_error("timer of the stack", exc, now)
         for service in self.services:
-            due = service.next_deadline()
-            if due is not None and due <= now:
-                service.handle_timer(now)
+            try:
+                due = service.next_deadline()
+                if due is not None and due <= now:
+                    service.handle_timer(now)
+            except Exception as exc:
+                self._timer_failed(service, exc, now)
 
     def _read_tap(self, now: float) -> None:
         """Read and feed frames. After the first one, ask for more only if
@@ -319,7 +419,10 @@ class Loop:
                 self._services_stale = True
             handler = handlers.get(kind)
             if handler is not None:
-                handler(event, now)
+                try:
+                    handler(event, now)
+                except Exception as exc:
+                    self._event_failed(kind, event, exc, now)
 
     def flush(self, now: float) -> None:
         if self.vnet:
@@ -362,6 +465,26 @@ class Loop:
                 close()
         self._epoll.close()
         self._tap_poll.close()
+
+
+class _Timers:
+    """One-shot callbacks at given times (``Loop.call_at``), as a service."""
+
+    def __init__(self) -> None:
+        self._heap: list = []
+        self._order = itertools.count()
+
+    def add(self, at: float, callback) -> None:
+        heapq.heappush(self._heap, (at, next(self._order), callback))
+
+    def next_deadline(self):
+        return self._heap[0][0] if self._heap else None
+
+    def handle_timer(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            callback = heapq.heappop(heap)[2]
+            callback(now)  # popped first: one that raises is not called again
 
 
 __all__ = ["Loop", "READ", "WRITE", "IcmpEchoRequested", "UdpDatagramReceived"]

@@ -16,8 +16,8 @@ def install(loop) -> None:
     loop.dns = DnsProxy(loop)
     loop.udp = UdpNat(loop, loop.dhcp, loop.dns)
     loop.icmp = IcmpRelay(loop)
-    loop.on_event(UdpDatagramReceived, loop.udp.on_datagram)
-    loop.on_event(IcmpEchoRequested, loop.icmp.on_echo)
+    loop.on_event(UdpDatagramReceived, loop.udp.on_datagram, on_error=loop.udp.on_error)
+    loop.on_event(IcmpEchoRequested, loop.icmp.on_echo, on_error=loop.icmp.on_error)
     loop.services.extend([loop.udp, loop.dns, loop.icmp])
     # --disable-dns: TCP to the DNS address is refused like any other port.
     loop.tcp = TcpNat(loop, None if loop.config.disable_dns else loop.dns)

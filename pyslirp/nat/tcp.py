@@ -21,6 +21,10 @@ reset, so no host socket outlives its connection.
 
 DNS over TCP to the DNS address (RFC 7766) is answered here through the DNS
 proxy's engine, with no host socket.
+
+Descriptors: each host socket is one of ``loop.descriptors``. A guest SYN
+that finds none free (after the least recently used UDP flow was closed to
+make room) is answered with a RST, and only that connection is refused.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pyslirp.stack.events import (
 from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 
 from .addressing import AddressMap, family_of
+from .descriptors import EXHAUSTED
 
 log = logging.getLogger("pyslirp.tcp")
 
@@ -122,6 +127,10 @@ class TcpFlow:
             nat.write_host(self, now)
         if mask & READ and not self.closed:
             nat.read_host(self, now)
+
+    def fail(self, exc: Exception, now: float) -> None:
+        """The loop's barrier: this flow's handler raised; reset it."""
+        self.nat.fail_connection(self.conn, now, self)
 
 
 class DnsTcpSession:
@@ -219,15 +228,21 @@ class TcpNat:
             "connections-unreachable": 0,
             "connections-timed-out": 0,
             "connections-limited": 0,
+            "connections-failed": 0,  # a handler raised: reset by the loop's barrier
             "dns-sessions": 0,
         }
-        loop.on_event(TcpConnectRequested, self.on_connect_requested)
+        self.descriptors = loop.descriptors
+        # The table's size: the configured one, or what the descriptors allow.
+        self.max_flows = min(loop.config.tcp_max_connections, self.descriptors.capacity)
+        self._timed_out = None  # the flow handle_timer is ending (for timer_failed)
+        on_error = self.on_error
+        loop.on_event(TcpConnectRequested, self.on_connect_requested, on_error=on_error)
         # Quiet: these only move data (a DNS query over TCP calls
         # timers_changed through the proxy).
-        loop.on_event(TcpDataReceived, self.on_data, quiet=True)
-        loop.on_event(TcpSendSpaceOpened, self.on_send_space, quiet=True)
-        loop.on_event(TcpConnectionReset, self.on_reset)
-        loop.on_event(TcpConnectionClosed, self.on_closed)
+        loop.on_event(TcpDataReceived, self.on_data, quiet=True, on_error=on_error)
+        loop.on_event(TcpSendSpaceOpened, self.on_send_space, quiet=True, on_error=on_error)
+        loop.on_event(TcpConnectionReset, self.on_reset, on_error=on_error)
+        loop.on_event(TcpConnectionClosed, self.on_closed, on_error=on_error)
 
     # ------------------------------------------------------------ opening
     def on_connect_requested(self, event, now: float) -> None:
@@ -252,16 +267,27 @@ class TcpNat:
             log.warning("tcp %s refused: %d connections open", conn.describe(), len(self.flows))
             tcp.refuse(conn, now)
             return
+        descriptors = self.descriptors
+        if not descriptors.acquire():  # evicts the oldest UDP flow first
+            self._limited(conn, now, "no descriptor left")
+            return
         try:
             # Non-blocking from the start (no ioctl(FIONBIO) per connection),
             # and the C socket type: socket.socket's Python layer (makefile,
             # reference-counted close) would cost three calls a connection.
             sock = _socket.socket(family_of(dst), _STREAM_NONBLOCK)
-        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: refuse this one, keep the others
-            self.counters["connections-limited"] += 1
-            log.warning("tcp %s refused: cannot open a socket: %s", conn.describe(), exc)
-            tcp.refuse(conn, now)
-            return
+        except OSError as exc:
+            # EMFILE or ENFILE though the budget had room: make room once.
+            sock = None
+            if exc.errno in EXHAUSTED and descriptors.evict():
+                try:
+                    sock = _socket.socket(family_of(dst), _STREAM_NONBLOCK)
+                except OSError as again:
+                    exc = again
+            if sock is None:  # refuse this one (RST), keep the others
+                descriptors.release()
+                self._limited(conn, now, f"cannot open a socket: {exc}")
+                return
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         v6 = ":" in host
@@ -272,6 +298,7 @@ class TcpNat:
             except OSError as exc:
                 log.warning("tcp %s refused: cannot bind %s: %s", conn.describe(), outbound, exc)
                 sock.close()
+                descriptors.release()
                 tcp.refuse(conn, now)
                 return
         flow = TcpFlow(self, conn, sock, (host, port))
@@ -294,6 +321,19 @@ class TcpNat:
             self._set_mask(flow, WRITE)
         else:
             self._connect_failed(flow, err, now)
+
+    def _limited(self, conn, now: float, why: str) -> None:
+        self.counters["connections-limited"] += 1
+        self.loop.limiter.log(
+            logging.WARNING,
+            "tcp-limited",
+            now,
+            "tcp %s refused: %s (%d connections open)",
+            conn.describe(),
+            why,
+            len(self.flows),
+        )
+        self.tcp.refuse(conn, now)
 
     def connect_finished(self, flow: TcpFlow, now: float) -> None:
         err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -483,6 +523,7 @@ class TcpNat:
             except OSError:
                 pass
         flow.sock.close()
+        self.descriptors.release()
         # The connection and its flow point at each other: once both are
         # done, the link goes, and reference counting frees them at once
         # rather than the cycle collector later (a connect/close run made
@@ -496,7 +537,7 @@ class TcpNat:
         if not flow.mask:
             # Quiet: a flow's handler only moves data or ends the flow,
             # which never makes a deadline earlier.
-            self.loop.register(flow.sock, mask, flow._ready, quiet=True)
+            self.loop.register(flow.sock, mask, flow._ready, quiet=True, on_error=flow.fail)
         elif not mask:
             self.loop.unregister(flow.sock)
         else:
@@ -524,6 +565,7 @@ class TcpNat:
             if flow.connect_at > now:
                 break
             del connecting[flow]
+            self._timed_out = flow
             self._connect_failed(flow, errno.ETIMEDOUT, now)
         lingering = self._lingering
         while lingering:
@@ -531,8 +573,34 @@ class TcpNat:
             if linger_at > now:
                 break
             del lingering[flow]
+            self._timed_out = flow
             log.info("tcp %s: the host did not take the last bytes, reset", flow.conn.describe())
             self._release(flow, reset=True)
+        self._timed_out = None
+
+    # ------------------------------------------------------------ the barrier
+    def fail_connection(self, conn, now: float, flow=None) -> None:
+        """A handler raised while serving ``conn``: close the host socket
+        (with a RST) and reset the guest's connection."""
+        self.counters["connections-failed"] += 1
+        user = conn.user if flow is None else flow
+        try:
+            if type(user) is TcpFlow:
+                self._release(user, reset=True)
+            elif user is not None:
+                user.close()  # a DNS session
+        finally:
+            conn.user = None
+            self.tcp.abort(conn, now)
+
+    def on_error(self, event, exc: Exception, now: float) -> None:
+        """The loop's barrier for the TCP events: reset that connection."""
+        self.fail_connection(event.conn, now)
+
+    def timer_failed(self, exc: Exception, now: float) -> None:
+        flow, self._timed_out = self._timed_out, None
+        if flow is not None:
+            self.fail_connection(flow.conn, now, flow)
 
     def close(self) -> None:
         for flow in list(self.flows):

@@ -4,6 +4,15 @@ The mapping is endpoint-independent (RFC 4787 REQ-1): a guest (address,
 port) keeps one unconnected host socket whatever it talks to, and replies
 from any peer come back to it. ICMP errors about its datagrams arrive through
 IP_RECVERR on that socket and are passed on to the guest.
+
+Each flow holds a host descriptor. The table is an OrderedDict kept in the
+order of last use (a datagram either way moves a flow to the end, O(1)), so
+when descriptors run short (``loop.descriptors``: another flow, a TCP
+connection or a ping socket wants one) the least recently used flow is
+closed to make room: the guest sees its later replies lost, as after a NAT
+timeout. A flow is refused (ICMP administratively prohibited) when the
+table is at ``max_udp_flows`` (the old flows keep their mappings, RFC 4787)
+or no descriptor can be had at all.
 """
 
 from __future__ import annotations
@@ -12,10 +21,12 @@ import errno
 import logging
 import socket
 import struct
+from collections import OrderedDict
 
 from pyslirp.stack import icmpv4, ipv6
 
 from .addressing import AddressMap, to_text
+from .descriptors import EXHAUSTED
 from .dhcpv6 import CLIENT_PORT as DHCPV6_CLIENT_PORT
 from .dhcpv6 import SERVER_PORT as DHCPV6_SERVER_PORT
 
@@ -68,10 +79,12 @@ class UdpFlow:
         "opened_at",
         "bytes_from_guest",
         "bytes_to_guest",
+        "key",
     )
 
     def __init__(self, nat, sock, guest, guest_port, idle_timeout, now):
         self.nat = nat
+        self.key = (guest, guest_port)
         self.sock = sock
         self.guest = guest
         self.guest_port = guest_port
@@ -84,6 +97,10 @@ class UdpFlow:
     def on_ready(self, mask: int, now: float) -> None:
         self.nat.read_flow(self, now)
 
+    def fail(self, exc: Exception, now: float) -> None:
+        """The loop's barrier: this flow's handler raised; close the flow."""
+        self.nat.close_flow(self, now)
+
 
 class UdpNat:
     def __init__(self, loop, dhcp, dns) -> None:
@@ -93,8 +110,21 @@ class UdpNat:
         self.dhcp = dhcp
         self.dns = dns
         self.addresses = AddressMap(loop.config)
-        self.flows: dict[tuple, UdpFlow] = {}
-        self.counters = {"flows-opened": 0, "flows-refused": 0, "flows-expired": 0}
+        # (guest address, guest port) -> flow, least recently used first.
+        self.flows: OrderedDict[tuple, UdpFlow] = OrderedDict()
+        self.counters = {
+            "flows-opened": 0,
+            "flows-refused": 0,
+            "flows-expired": 0,
+            "flows-evicted": 0,
+            "flows-failed": 0,
+        }
+        # The table's size: the configured one, or what the descriptors allow
+        # (past that, descriptors.acquire() evicts the oldest flow).
+        self.descriptors = loop.descriptors
+        self.max_flows = min(loop.config.max_udp_flows, self.descriptors.capacity)
+        self.descriptors.evictors.append(self.evict_oldest)
+        self._expiring = None  # the flow handle_timer is closing (for timer_failed)
         self._sweep_at = None
         # --outbound-addr and --outbound-addr6: the address host sockets are bound to.
         self.bind_addr = (loop.config.outbound_addr or "0.0.0.0", 0)
@@ -156,11 +186,14 @@ class UdpNat:
         if isinstance(host, int):
             stack.send_icmp_error(icmpv4.DEST_UNREACHABLE, host, event.packet, now)
             return
-        flow = self.flows.get((event.src, event.src_port))
+        key = (event.src, event.src_port)
+        flow = self.flows.get(key)
         if flow is None:
             flow = self._open(event, now)
             if flow is None:
                 return
+        elif flow.last_active != now:  # once per wake-up is enough for the order
+            self.flows.move_to_end(key)
         flow.last_active = now
         flow.bytes_from_guest += len(event.payload)
         try:
@@ -189,24 +222,27 @@ class UdpNat:
         )
 
     def _open(self, event, now: float):
-        if len(self.flows) >= self.config.max_udp_flows:
+        limit = self.config.max_udp_flows
+        if len(self.flows) >= limit:
             self.expire(now)
-        if len(self.flows) >= self.config.max_udp_flows:
-            self.counters["flows-refused"] += 1
-            self.stack.send_icmp_error(
-                icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
-            )
-            return None
+        if len(self.flows) >= limit:
+            return self._refuse(event, now, "the table is full")
+        if not self.descriptors.acquire():  # evicts the oldest flow first
+            return self._refuse(event, now, "no descriptor for it")
         v6 = len(event.src) == 16
+        family = socket.AF_INET6 if v6 else socket.AF_INET
         try:
-            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-        except OSError as exc:  # EMFILE/ENFILE: refuse this flow, keep the others
-            self.counters["flows-refused"] += 1
-            log.warning("cannot open a UDP socket: %s", exc)
-            self.stack.send_icmp_error(
-                icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
-            )
-            return None
+            try:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+            except OSError as exc:
+                # EMFILE/ENFILE though the budget had room (descriptors
+                # opened elsewhere): make room once and try again.
+                if exc.errno not in EXHAUSTED or not self.descriptors.evict():
+                    raise
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:  # refuse this flow, keep the others
+            self.descriptors.release()
+            return self._refuse(event, now, f"cannot open a socket: {exc}")
         sock.setblocking(False)
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -218,6 +254,7 @@ class UdpNat:
             sock.bind(bind_addr)
         except OSError as exc:  # --outbound-addr gone from the host, or no port left
             sock.close()
+            self.descriptors.release()
             self.counters["flows-refused"] += 1
             log.warning("cannot bind a UDP socket to %s: %s", bind_addr[0], exc)
             self.stack.send_icmp_error(
@@ -230,8 +267,8 @@ class UdpNat:
             else self.config.udp_idle_timeout
         )
         flow = UdpFlow(self, sock, event.src, event.src_port, timeout, now)
-        self.flows[(event.src, event.src_port)] = flow
-        self.loop.register(sock, 1, flow.on_ready)
+        self.flows[flow.key] = flow
+        self.loop.register(sock, 1, flow.on_ready, on_error=flow.fail)
         self.counters["flows-opened"] += 1
         log.info(
             "udp flow %s:%d opened (host port %d)",
@@ -242,6 +279,54 @@ class UdpNat:
         if self._sweep_at is None:
             self._sweep_at = now + 1.0
         return flow
+
+    def _refuse(self, event, now: float, why: str) -> None:
+        self.counters["flows-refused"] += 1
+        self.loop.limiter.log(
+            logging.WARNING,
+            "udp-refused",
+            now,
+            "udp flow %s:%d refused: %s (%d flows open)",
+            to_text(event.src),
+            event.src_port,
+            why,
+            len(self.flows),
+        )
+        self.stack.send_icmp_error(
+            icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
+        )
+        return None
+
+    def evict_oldest(self) -> bool:
+        """Close the least recently used flow (descriptors are short); False
+        if there is none."""
+        if not self.flows:
+            return False
+        key, flow = next(iter(self.flows.items()))
+        self._close(key, flow)
+        self.counters["flows-evicted"] += 1
+        return True
+
+    def close_flow(self, flow: UdpFlow, now: float) -> None:
+        """A handler of this flow failed (the loop's barrier): close it."""
+        self.counters["flows-failed"] += 1
+        if self.flows.get(flow.key) is flow:
+            self._close(flow.key, flow)
+        else:  # half closed when it failed: make sure the socket goes
+            self.loop.unregister(flow.sock)
+            if flow.sock.fileno() >= 0:
+                flow.sock.close()
+                self.descriptors.release()
+
+    def on_error(self, event, exc: Exception, now: float) -> None:
+        """The datagram handler failed on ``event``: close the flow it came
+        from and tell the guest (ICMP administratively prohibited)."""
+        flow = self.flows.get((event.src, event.src_port))
+        if flow is not None:
+            self.close_flow(flow, now)
+        self.stack.send_icmp_error(
+            icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
+        )
 
     # ------------------------------------------------------------ host -> guest
     def read_flow(self, flow: UdpFlow, now: float) -> None:
@@ -254,7 +339,9 @@ class UdpNat:
             except OSError:
                 self._read_error(flow, now)
                 continue
-            flow.last_active = now
+            if flow.last_active != now:
+                flow.last_active = now
+                self.flows.move_to_end(flow.key)
             flow.bytes_to_guest += len(data)
             stack.send_udp(
                 self.addresses.to_guest(addr[0]), addr[1], flow.guest, flow.guest_port, data, now
@@ -284,19 +371,29 @@ class UdpNat:
         return self._sweep_at
 
     def handle_timer(self, now: float) -> None:
+        self._sweep_at = now + 1.0
         self.expire(now)
         self._sweep_at = now + 1.0 if self.flows else None
 
     def expire(self, now: float) -> None:
         for key, flow in list(self.flows.items()):
             if now - flow.last_active >= flow.idle_timeout:
+                self._expiring = flow
                 self._close(key, flow)
                 self.counters["flows-expired"] += 1
+        self._expiring = None
+
+    def timer_failed(self, exc: Exception, now: float) -> None:
+        """The loop's barrier: the sweep raised while closing a flow."""
+        flow, self._expiring = self._expiring, None
+        if flow is not None:
+            self.close_flow(flow, now)
 
     def _close(self, key, flow: UdpFlow) -> None:
         del self.flows[key]
         self.loop.unregister(flow.sock)
         flow.sock.close()
+        self.descriptors.release()
         log.info("udp flow %s:%d closed", to_text(flow.guest), flow.guest_port)
 
     def close(self) -> None:
