@@ -12,21 +12,18 @@ route via fe80::2 are both there.
 Netlink by hand (rtnetlink(7)): a few fixed structures, so that the long-lived
 process needs no netlink library (and nothing to import after the sandbox).
 
-The time limit is a timerfd served by the same loop, not a timer thread: the
-sandbox of a user who is not root starts with setns(CLONE_NEWUSER), which the
-kernel refuses to a process with more than one thread (EINVAL), and the watch
-starts before the sandbox.
+The time limit is a timerfd served by the same loop, not a timer thread
+(forwarder.timerfd says why): the watch starts before the sandbox.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import ipaddress
 import logging
-import os
 import socket
 import struct
+
+from .timerfd import TimerFd
 
 log = logging.getLogger("pyslirp")
 
@@ -53,29 +50,6 @@ _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, ind
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst len, src len, tos, table, ...
 _RTATTR = struct.Struct("=HH")  # length, type
 WAIT_TIMEOUT = 10.0  # seconds before the ready fd is written anyway
-# <sys/timerfd.h>
-CLOCK_MONOTONIC = 1
-TFD_CLOEXEC = os.O_CLOEXEC
-TFD_NONBLOCK = os.O_NONBLOCK
-_ITIMERSPEC = struct.Struct("=qqqq")  # it_interval (sec, nsec), it_value (sec, nsec)
-
-
-def open_timer(timeout: float) -> int:
-    """A non-blocking timerfd that becomes readable once, ``timeout`` seconds
-    from now (no thread: see the module's doc)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fd = libc.timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"timerfd_create: {os.strerror(err)}")
-    seconds = int(timeout)
-    nanoseconds = max(int((timeout - seconds) * 1e9), 1 if seconds == 0 else 0)
-    spec = ctypes.create_string_buffer(_ITIMERSPEC.pack(0, 0, seconds, nanoseconds))
-    if libc.timerfd_settime(fd, 0, spec, None) != 0:
-        err = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
-    return fd
 
 
 def open_watch_socket() -> socket.socket:
@@ -112,12 +86,13 @@ class SlaacWatch:
         self.route = False
         self.done = False
         self._dumping = RTM_GETADDR
-        self._timer_fd = -1
+        self._timer: TimerFd | None = None
 
     def start(self, timeout: float = WAIT_TIMEOUT) -> None:
-        self._timer_fd = open_timer(timeout)
+        self._timer = TimerFd()
+        self._timer.arm(timeout)
         self.backend.register(self.sock.fileno(), 1, self._readable)
-        self.backend.register(self._timer_fd, 1, self._timed_out)
+        self.backend.register(self._timer.fileno(), 1, self._timed_out)
         self._request(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0))
 
     def _request(self, kind: int, body: bytes) -> None:
@@ -198,7 +173,7 @@ class SlaacWatch:
         if self.done:
             return
         self.done = True
-        for fd in (self.sock.fileno(), self._timer_fd):
+        for fd in (self.sock.fileno(), self._timer.fileno()):
             self.backend.unregister(fd)
         self._close_fds()
         if ok:
@@ -213,6 +188,5 @@ class SlaacWatch:
 
     def _close_fds(self) -> None:
         self.sock.close()
-        if self._timer_fd >= 0:
-            os.close(self._timer_fd)
-            self._timer_fd = -1
+        if self._timer is not None:
+            self._timer.close()
