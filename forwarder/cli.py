@@ -906,7 +906,10 @@ def _lock_down(options: Options, backend, attachment, api):
         api._identity = None
     keeper = None
     if attachment.mounted_path is not None or remove is not None:
-        keeper = Keeper(attachment.mounted_path, remove)
+        unmount = None
+        if attachment.mounted_path is not None:
+            unmount = (attachment.mounted_path, attachment.mounted_identity)
+        keeper = Keeper(unmount, remove)
         attachment.mounted_path = None
     _preload(backend)
     try:

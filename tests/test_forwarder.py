@@ -639,3 +639,66 @@ def test_rootless_configure_ipv6_sandbox_seccomp_as_rootlesskit_runs_it():
         for sock in listeners:
             sock.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------- the PATH form never goes through a link
+def _mounted_at(path: str) -> bool:
+    """A mount at ``path`` itself (not following a link there)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def test_path_that_is_a_symbolic_link_is_refused_and_nothing_is_mounted():
+    work = Path(tempfile.mkdtemp(prefix="pyslirp-link-"))
+    try:
+        target = work / "precious"
+        target.write_text("keep me\n")
+        link = work / "net"
+        link.symlink_to(target)
+        result = run_forwarder("--dns-upstream", "127.0.0.1:9", str(link))
+        assert_one_line_error(result, str(link), "symbolic link")
+        assert not _mounted_at(str(target))
+        assert target.read_text() == "keep me\n"
+        assert link.is_symlink()
+    finally:
+        for path in (work / "precious", work / "net"):
+            if _mounted_at(str(path)):
+                subprocess.run(["umount", "-l", str(path)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("flags", [(), ("--enable-sandbox",)], ids=["plain", "sandbox-keeper"])
+def test_path_replaced_by_a_link_while_running_is_not_unmounted_through_it(flags):
+    """Someone (in another mount namespace) swaps PATH for a link to a file
+    that has a mount of its own: at exit we unmount nothing through it (nor
+    does the keeper that unmounts for us in the sandbox)."""
+    work = Path(tempfile.mkdtemp(prefix="pyslirp-swap-"))
+    ns_path, target, source = work / "net", work / "target", work / "source"
+    for path in (ns_path, target, source):
+        path.touch()
+    source.write_text("mounted over the target\n")
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    try:
+        args = ("--dns-upstream", "127.0.0.1:9", *flags, str(ns_path))
+        with background_forwarder(*args) as (proc, log):
+            wait_for(lambda: _mounted_at(str(ns_path)), "the namespace mount", proc, log)
+            swap = subprocess.run(
+                ["unshare", "-m", "--propagation", "private", "sh", "-c"]
+                + ['umount -l "$1" && rm "$1" && ln -s "$2" "$1"', "sh", str(ns_path), str(target)],
+                capture_output=True,
+                text=True,
+                timeout=15,
+            )
+            assert swap.returncode == 0, swap.stderr
+            assert ns_path.is_symlink()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0, read_log(log)
+            wait_for(lambda: "not unmounting" in read_log(log), "the keeper's word", timeout=10)
+            output = read_log(log)
+        assert _mounted_at(str(target)), output  # the target's own mount is still there
+        assert target.read_text() == "mounted over the target\n"
+        assert f"not unmounting {ns_path}: it is now a symbolic link" in output
+    finally:
+        if _mounted_at(str(target)):
+            subprocess.run(["umount", "-l", str(target)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
