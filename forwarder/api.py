@@ -47,6 +47,8 @@ import socket
 import stat
 import time
 
+from .timerfd import TimerFd
+
 log = logging.getLogger("pyslirp.api")
 
 READ = 1  # select.POLLIN == selectors.EVENT_READ
@@ -436,8 +438,6 @@ class ApiServer:
     def _schedule(self, deadline: float) -> None:
         """Have the timer fire by ``deadline`` (monotonic seconds)."""
         if self._timer is None:
-            from .timerfd import TimerFd
-
             timer = TimerFd()
             try:
                 self._backend.register(timer.fileno(), READ, self._on_timer)

@@ -28,6 +28,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from .timerfd import TimerFd
+
 SUMMARY = "suppressed %d similar messages: %s"
 
 
@@ -131,8 +133,6 @@ def install(handler: logging.Handler, limits: WarningLimits | None = None) -> Ra
 def serve(limiter: RateLimitFilter, backend) -> object:
     """Have ``backend``'s loop call ``limiter.flush`` when an interval with
     suppressed lines ends (a timerfd, no thread). Returns the timer."""
-    from .timerfd import TimerFd
-
     timer = TimerFd()
     armed = [None]  # the deadline the timer is set for
 

@@ -10,7 +10,6 @@ one thread (EINVAL).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 
@@ -26,7 +25,9 @@ _libc = None
 def _lib():
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The process's own symbols (libc's among them): no library search,
+        # which would run ldconfig, a process that seccomp would not allow.
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 
