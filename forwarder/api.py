@@ -33,6 +33,13 @@ a spare descriptor and closed at once (``AcceptGuard``): the listener never
 spins, one warning per ``log_interval``, and requests are served again as
 soon as a descriptor is free. If even that fails, the listener rests for
 ``accept_pause`` seconds (with a backend that has timers).
+
+Nothing here blocks the loop that also carries the guest's traffic: client
+sockets are non-blocking, a reply is written as the client takes it (the
+descriptor watched for writing), and a client that has not sent its request
+and read its reply within CLIENT_TIMEOUT is dropped, by a timer in the loop.
+The replies waiting for their readers are bounded in total
+(MAX_PENDING_REPLY_BYTES): past it the oldest waiting client is dropped.
 """
 
 from __future__ import annotations
@@ -46,13 +53,21 @@ import socket
 import stat
 import time
 
+from .timerfd import TimerFd
+
 log = logging.getLogger("pyslirp.api")
 
 READ = 1  # select.POLLIN == selectors.EVENT_READ
 MAX_MESSAGE = 4096  # slirp4netns's buffer: a read that fills it is "too large"
 MAX_CLIENTS = 16  # connections waiting for their request at once; oldest dropped
-CLIENT_TIMEOUT = 10.0  # seconds a silent client may keep its connection
-REPLY_TIMEOUT = 2.0  # seconds to hand a reply to a client that does not read
+# Seconds a client may keep its connection, to send its request and read
+# the reply (a client that reads nothing must not hold a descriptor forever).
+CLIENT_TIMEOUT = 10.0
+# Bytes of replies waiting, in total, for clients to read them. One reply is
+# at most about 1 MiB (list_connections with every flow the limits allow,
+# ~5,000 entries of ~200 bytes); MAX_CLIENTS stuck readers could otherwise
+# hold 16 of them.
+MAX_PENDING_REPLY_BYTES = 4 << 20
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
 
 
@@ -251,12 +266,14 @@ class Api:
 
 
 class _Client:
-    __slots__ = ("sock", "buffer", "since")
+    __slots__ = ("sock", "buffer", "since", "out", "replied_at")
 
     def __init__(self, sock, since: float) -> None:
         self.sock = sock
         self.buffer = bytearray()
         self.since = since
+        self.out: memoryview | None = None  # the rest of the reply, once there is one
+        self.replied_at = 0.0
 
 
 class ApiServer:
@@ -274,6 +291,9 @@ class ApiServer:
         config = api.config
         self._pause = getattr(config, "accept_pause", 1.0)
         self._guard = AcceptGuard("api", LogLimiter(log, getattr(config, "log_interval", 10.0)))
+        self._pending_bytes = 0  # of replies not yet taken by their clients
+        self._timer = None  # a TimerFd: drops clients past CLIENT_TIMEOUT
+        self._timer_at: float | None = None
 
     # ------------------------------------------------------------ set-up
     def listen(self) -> None:
@@ -351,8 +371,9 @@ class ApiServer:
 
     def _read(self, client: _Client) -> None:
         sock = client.sock
-        if sock.fileno() < 0:
+        if sock.fileno() < 0 or client.out is not None:
             return
+        self._schedule(client.since + CLIENT_TIMEOUT)
         done = False
         while True:
             try:
@@ -381,17 +402,95 @@ class ApiServer:
             self._reply(client, reply)
 
     def _reply(self, client: _Client, reply: bytes) -> None:
-        sock = client.sock
+        """Queue the reply and write what the socket takes now; the rest
+        when it is writable (never blocking the loop)."""
+        fd = client.sock.fileno()
+        if fd < 0:
+            return
+        client.out = memoryview(reply)
+        client.replied_at = time.monotonic()
+        self._pending_bytes += len(reply)
         try:
-            sock.settimeout(REPLY_TIMEOUT)
-            sock.sendall(reply)
+            self._backend.unregister(fd)
+            self._backend.register(
+                fd, getattr(self._backend, "write_event", 2), lambda m, t, c=client: self._write(c)
+            )
+        except Exception as exc:  # noqa: BLE001 - the client goes, the loop stays
+            log.info("api: cannot wait to write a reply: %s", exc)
+            self._drop(client)
+            return
+        self._write(client)
+        if client.out is not None:
+            self._limit_pending(client)
+
+    def _write(self, client: _Client) -> None:
+        sock = client.sock
+        if sock.fileno() < 0 or client.out is None:
+            return
+        while client.out:
+            try:
+                sent = sock.send(client.out)
+            except (BlockingIOError, InterruptedError):
+                return  # the rest when the client reads
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    log.info("api: reply not delivered: %s", exc)
+                self._drop(client)
+                return
+            self._pending_bytes -= sent
+            client.out = client.out[sent:]
+        try:
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                log.info("api: reply not delivered: %s", exc)
+        except OSError:
+            pass
         self._drop(client)
 
+    def _limit_pending(self, newest: _Client) -> None:
+        """Past MAX_PENDING_REPLY_BYTES, drop the clients that have waited
+        longest to read (never the newest: its reply is within the bound)."""
+        waiting = sorted(
+            (c for c in self._clients.values() if c.out is not None and c is not newest),
+            key=lambda c: c.replied_at,
+        )
+        for client in waiting:
+            if self._pending_bytes <= MAX_PENDING_REPLY_BYTES:
+                break
+            log.info(
+                "api: a client that does not read its reply dropped (%d bytes of replies wait)",
+                self._pending_bytes,
+            )
+            self._drop(client)
+
+    def _schedule(self, deadline: float) -> None:
+        """Have the timer fire by ``deadline`` (monotonic seconds)."""
+        if self._timer is None:
+            timer = TimerFd()
+            try:
+                self._backend.register(timer.fileno(), READ, self._on_timer)
+            except Exception:  # noqa: BLE001 - then only new clients evict old ones
+                timer.close()
+                return
+            self._timer = timer
+        if self._timer_at is None or deadline < self._timer_at:
+            self._timer_at = deadline
+            self._timer.arm(deadline - time.monotonic())
+
+    def _on_timer(self, mask: int, now: float) -> None:
+        self._timer.clear()
+        self._timer_at = None
+        now = time.monotonic()
+        for client in list(self._clients.values()):
+            if now - client.since >= CLIENT_TIMEOUT:
+                if client.out is not None:
+                    log.info("api: a client did not read its reply in %.0f s", CLIENT_TIMEOUT)
+                self._drop(client)
+        if self._clients:
+            self._schedule(min(c.since for c in self._clients.values()) + CLIENT_TIMEOUT)
+
     def _drop(self, client: _Client) -> None:
+        if client.out is not None:
+            self._pending_bytes -= len(client.out)
+            client.out = None
         fd = client.sock.fileno()
         if fd >= 0:
             self._clients.pop(fd, None)
@@ -405,6 +504,13 @@ class ApiServer:
     def close(self) -> None:
         for client in list(self._clients.values()):
             self._drop(client)
+        if self._timer is not None:
+            try:
+                self._backend.unregister(self._timer.fileno())
+            except Exception:  # noqa: BLE001 - the loop may be gone at exit
+                pass
+            self._timer.close()
+            self._timer = None
         if self.sock is not None:
             if self._backend is not None:
                 try:

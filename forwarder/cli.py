@@ -799,6 +799,7 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         api = None
         keeper = None
         slaac = None
+        log_timer = None
         try:
             for line in options.warnings:
                 print(line, file=sys.stderr if options.quiet else sys.stdout)
@@ -806,6 +807,7 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
                 sys.stdout.write(banner(options))
                 sys.stdout.flush()
             _set_up(options, backend, attachment.tap_fd, stop_r, request_stop)
+            log_timer = _serve_log_limits(backend)
             if options.api_socket is not None:
                 from .api import Api, ApiError, ApiServer
 
@@ -848,6 +850,8 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
                 api.close()
             attachment.close()
             backend.close()
+            if log_timer is not None:
+                log_timer.close()
             if keeper is not None:
                 keeper.finish()
     finally:
@@ -856,6 +860,20 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         os.close(stop_r)
         os.close(stop_w)
     return 0
+
+
+def _serve_log_limits(backend):
+    """The rate limit's summaries come when its interval ends (a timer in
+    the loop); None where no limit is installed or the backend cannot."""
+    from .ratelimit import installed, serve
+
+    limiter = installed()
+    if limiter is None:
+        return None
+    try:
+        return serve(limiter, backend)
+    except NotImplementedError:
+        return None  # summaries then come with the next warning of the kind
 
 
 def _watch_slaac(options: Options, backend, attachment, request_stop, on_ready):
@@ -911,7 +929,10 @@ def _lock_down(options: Options, backend, attachment, api):
         api._identity = None
     keeper = None
     if attachment.mounted_path is not None or remove is not None:
-        keeper = Keeper(attachment.mounted_path, remove)
+        unmount = None
+        if attachment.mounted_path is not None:
+            unmount = (attachment.mounted_path, attachment.mounted_identity)
+        keeper = Keeper(unmount, remove)
         attachment.mounted_path = None
     _preload(backend)
     try:
@@ -942,9 +963,13 @@ def run(argv: list[str]) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
         return 0
+    from .ratelimit import install
+
+    handler = logging.StreamHandler(sys.stderr)
+    install(handler)  # guest-triggered warnings: a few per kind per interval
     logging.basicConfig(
         level=options.log_level,
-        stream=sys.stderr,
+        handlers=[handler],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if options.command is not None:

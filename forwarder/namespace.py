@@ -19,6 +19,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 MS_BIND = 0x1000
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+O_PATH = getattr(os, "O_PATH", 0o10000000)
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -94,18 +97,63 @@ def unshare_net() -> None:
     _check(libc().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
 
 
-def bind_mount(source: str, target: str) -> None:
-    result = libc().mount(os.fsencode(source), os.fsencode(target), b"none", MS_BIND, None)
-    if result != 0:
-        err = ctypes.get_errno()
-        raise StartupError(f"cannot bind-mount the namespace on {target}: {_errno_text(err)}")
-
-
 def unmount(target: str) -> int:
-    """Lazily unmount ``target``; the errno, or 0."""
-    if libc().umount2(os.fsencode(target), MNT_DETACH) != 0:
+    """Lazily unmount ``target`` (a symbolic link is not followed); the errno, or 0."""
+    if libc().umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
         return ctypes.get_errno()
     return 0
+
+
+# The PATH form mounts and unmounts as root in a directory that others may
+# write to; neither may go through a symbolic link put at PATH, which could
+# aim our mount, or our unmount, at any file on the system.
+def open_mount_point(path: str) -> int:
+    """PATH itself (O_PATH, not following a symbolic link in its last
+    component), to mount onto through /proc/self/fd; a link is refused."""
+    try:
+        fd = os.open(path, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StartupError(f"namespace file {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StartupError(
+            f"namespace file {path} is a symbolic link: refusing to mount through it"
+        )
+    return fd
+
+
+def bind_mount_at(source: str, fd: int, path: str) -> None:
+    """Bind-mount ``source`` onto the file that ``fd`` (open_mount_point) holds."""
+    at = f"/proc/self/fd/{fd}".encode()
+    result = libc().mount(os.fsencode(source), at, b"none", MS_BIND, None)
+    if result != 0:
+        err = ctypes.get_errno()
+        raise StartupError(f"cannot bind-mount the namespace on {path}: {_errno_text(err)}")
+
+
+def namespace_identity(path: str = OWN_NETNS) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def unmount_if_ours(path: str, identity: tuple[int, int]) -> str | None:
+    """Unmount ``path`` only if what is there (not following a link) is still
+    the namespace we mounted, (st_dev, st_ino) ``identity``. A message for
+    the user, or None."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # gone with its mount
+    except OSError as exc:
+        return f"cannot unmount {path}: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"not unmounting {path}: it is now a symbolic link"
+    if (st.st_dev, st.st_ino) != identity:
+        return None  # someone else unmounted it already
+    err = unmount(path)
+    if err not in (0, errno.EINVAL, errno.ENOENT):
+        return f"cannot unmount {path}: {_errno_text(err)}"
+    return None
 
 
 def same_namespace(path_a: str, path_b: str) -> bool:
@@ -251,6 +299,8 @@ class Attachment:
     tap_fd: int
     tap_name: str
     mounted_path: str | None = None
+    # (st_dev, st_ino) of the namespace mounted at mounted_path (nsfs).
+    mounted_identity: tuple = (0, 0)
     # -c with -6: a NETLINK_ROUTE socket inside the namespace (forwarder.slaac).
     netlink_fd: int = -1
     # The TAP has IFF_VNET_HDR and offloads (LinkSetup.offload, if granted).
@@ -267,13 +317,9 @@ class Attachment:
                 pass  # handed to the SLAAC watch, which closed it
             self.netlink_fd = -1
         if self.mounted_path is not None:
-            err = unmount(self.mounted_path)
-            if err not in (0, errno.EINVAL, errno.ENOENT):
-                print(
-                    f"cannot unmount {self.mounted_path}: {_errno_text(err)}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            message = unmount_if_ours(self.mounted_path, self.mounted_identity)
+            if message:
+                print(message, file=sys.stderr, flush=True)
             self.mounted_path = None
 
 
@@ -308,9 +354,10 @@ def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
     """Runs in the forked child; reports back over ``sock`` and never returns."""
     code = 1
     try:
-        mounted = False
+        mounted = None  # our namespace's identity, once mounted at target.path
         try:
             if isinstance(target, NewNamespace):
+                mount_fd = open_mount_point(target.path)
                 unshare_net()
             else:
                 _enter(target)
@@ -325,26 +372,32 @@ def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
                 watch = open_watch_socket()  # before the link is up: no event is missed
                 fds.append(watch.fileno())
             setup_links(tap, setup)
+            identity = namespace_identity()
             if isinstance(target, NewNamespace):
-                bind_mount(OWN_NETNS, target.path)
-                mounted = True
-            socket.send_fds(sock, [b"\1" if offload else b"\0"], fds)
+                bind_mount_at(OWN_NETNS, mount_fd, target.path)
+                mounted = identity
+            word = (b"\1" if offload else b"\0") + _IDENTITY.pack(*identity)
+            socket.send_fds(sock, [word], fds)
             if setup.report:
                 print(f"sent tapfd={tap_fd} for {tap}", file=sys.stderr, flush=True)
             code = 0
         except StartupError as exc:
             if mounted:
-                unmount(target.path)
+                unmount_if_ours(target.path, mounted)
             sock.sendall(str(exc).encode(errors="replace")[:4000])
         except BaseException as exc:  # noqa: BLE001 - must not escape a forked child
             if mounted:
-                unmount(target.path)
+                unmount_if_ours(target.path, mounted)
             sock.sendall(f"namespace set-up failed: {exc!r}".encode(errors="replace")[:4000])
     finally:
         os._exit(code)
 
 
-_DONE = (b"\0", b"\1")  # the child's word for success: a plain TAP, one with offloads
+# The child's word for success: a plain TAP or one with offloads, then the
+# (st_dev, st_ino) of the namespace (what is mounted at PATH).
+_DONE = (b"\0", b"\1")
+_IDENTITY = struct.Struct("=QQ")
+_WORD_LEN = 1 + _IDENTITY.size
 
 
 def attach(target, tap: str, setup: LinkSetup) -> Attachment:
@@ -360,14 +413,18 @@ def attach(target, tap: str, setup: LinkSetup) -> Attachment:
     child_sock.close()
     try:
         message, fds, _flags, _addr = socket.recv_fds(parent_sock, 4096, 2)
-        if message and message not in _DONE:
-            while chunk := parent_sock.recv(4096):
-                message += chunk
+        # The rest of an error's text, or of the word for success.
+        while message and (message[:1] not in _DONE or len(message) < _WORD_LEN):
+            chunk = parent_sock.recv(4096)
+            if not chunk:
+                break
+            message += chunk
     finally:
         parent_sock.close()
         _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    if fds and code == 0 and message in _DONE:
+    done = len(message) == _WORD_LEN and message[:1] in _DONE
+    if fds and code == 0 and done:
         tap_fd = fds[0]
         for fd in fds:
             os.set_inheritable(fd, False)
@@ -375,9 +432,10 @@ def attach(target, tap: str, setup: LinkSetup) -> Attachment:
             print(f"received tapfd={tap_fd}", file=sys.stderr, flush=True)
         mounted = target.path if isinstance(target, NewNamespace) else None
         netlink_fd = fds[1] if len(fds) > 1 else -1
-        return Attachment(tap_fd, tap, mounted, netlink_fd, offload=message == b"\1")
+        identity = _IDENTITY.unpack_from(message, 1)
+        return Attachment(tap_fd, tap, mounted, identity, netlink_fd, offload=message[:1] == b"\1")
     for fd in fds:
         os.close(fd)
-    if message and message not in _DONE:
+    if message and not done:
         raise StartupError(message.decode(errors="replace"))
     raise StartupError(f"the namespace set-up child failed (exit status {code})")

@@ -32,6 +32,8 @@ import struct
 import sys
 import time
 
+from .namespace import unmount_if_ours
+
 # <sched.h>, <sys/mount.h>, <linux/prctl.h>, <linux/capability.h>
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -395,10 +397,11 @@ def enable_seccomp() -> list[str]:
 # ------------------------------------------------------------------ keeper
 class Keeper:
     """A process that outlives our privileges: at our exit (or death) it
-    unmounts ``unmount`` and removes ``remove`` if it is still the file it
-    was (device, inode)."""
+    unmounts ``unmount`` (path, (device, inode) of the namespace mounted
+    there) if that is still what is mounted there, and removes ``remove``
+    (path, (device, inode)) if it is still the file it was."""
 
-    def __init__(self, unmount: str | None, remove: tuple | None) -> None:
+    def __init__(self, unmount: tuple | None, remove: tuple | None) -> None:
         self.pid = 0
         self._w = -1
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -441,10 +444,10 @@ def _keeper_main(read_fd: int, unmount, remove) -> None:
                     break
             except InterruptedError:
                 continue
-        if unmount is not None and libc().umount2(os.fsencode(unmount), MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.ENOENT):
-                print(f"cannot unmount {unmount}: {os.strerror(err)}", file=sys.stderr, flush=True)
+        if unmount is not None:
+            message = unmount_if_ours(*unmount)
+            if message:
+                print(message, file=sys.stderr, flush=True)
                 code = 1
         if remove is not None:
             path, identity = remove

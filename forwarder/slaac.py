@@ -11,16 +11,19 @@ route via fe80::2 are both there.
 
 Netlink by hand (rtnetlink(7)): a few fixed structures, so that the long-lived
 process needs no netlink library (and nothing to import after the sandbox).
+
+The time limit is a timerfd served by the same loop, not a timer thread
+(forwarder.timerfd says why): the watch starts before the sandbox.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import struct
-import threading
+
+from .timerfd import TimerFd
 
 log = logging.getLogger("pyslirp")
 
@@ -83,22 +86,14 @@ class SlaacWatch:
         self.route = False
         self.done = False
         self._dumping = RTM_GETADDR
-        self._timer_r, self._timer_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._timer = None
+        self._timer: TimerFd | None = None
 
     def start(self, timeout: float = WAIT_TIMEOUT) -> None:
+        self._timer = TimerFd()
+        self._timer.arm(timeout)
         self.backend.register(self.sock.fileno(), 1, self._readable)
-        self.backend.register(self._timer_r, 1, self._timed_out)
-        self._timer = threading.Timer(timeout, self._ring)
-        self._timer.daemon = True
-        self._timer.start()
+        self.backend.register(self._timer.fileno(), 1, self._timed_out)
         self._request(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0))
-
-    def _ring(self) -> None:
-        try:
-            os.write(self._timer_w, b"t")
-        except OSError:
-            pass
 
     def _request(self, kind: int, body: bytes) -> None:
         header = _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, kind, 0)
@@ -178,13 +173,9 @@ class SlaacWatch:
         if self.done:
             return
         self.done = True
-        for fd in (self.sock.fileno(), self._timer_r):
+        for fd in (self.sock.fileno(), self._timer.fileno()):
             self.backend.unregister(fd)
-        if self._timer is not None:
-            self._timer.cancel()
-        self.sock.close()
-        os.close(self._timer_r)
-        os.close(self._timer_w)
+        self._close_fds()
         if ok:
             log.info("IPv6: the guest has %s and a default route via fe80::2", self.address)
         self.on_done(ok)
@@ -193,8 +184,9 @@ class SlaacWatch:
         """At exit, when the guest never finished."""
         if not self.done:
             self.done = True
-            if self._timer is not None:
-                self._timer.cancel()
-            self.sock.close()
-            os.close(self._timer_r)
-            os.close(self._timer_w)
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        self.sock.close()
+        if self._timer is not None:
+            self._timer.close()

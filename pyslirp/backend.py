@@ -33,6 +33,9 @@ class Backend(abc.ABC):
     # NetworkConfig settings beyond the common ones that this backend carries
     # out; the front end refuses the others rather than ignore them.
     supported_options: frozenset = frozenset()
+    # register()'s bit for "writable": selectors.EVENT_WRITE here, the
+    # backends whose loop polls say select.POLLOUT.
+    write_event = 2
 
     def __init__(self, config: NetworkConfig) -> None:
         self.config = config

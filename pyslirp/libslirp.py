@@ -354,6 +354,7 @@ class _Timer:
 
 class LibslirpBackend(Backend):
     name = "libslirp"
+    write_event = select.POLLOUT  # register() takes poll(2) masks here
 
     def __init__(self, config: NetworkConfig, binding: Binding | None = None) -> None:
         super().__init__(config)

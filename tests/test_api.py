@@ -412,3 +412,148 @@ def test_list_connections_shows_udp_and_tcp_flows():
     finally:
         server.close()
         udp.close()
+
+
+GUEST_MANY_CONNECTIONS = r"""
+import select, socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for _ in range(count):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("10.0.2.2", port))
+    socks.append(s)
+poller = select.poll()
+for s in socks:
+    poller.register(s, select.POLLOUT)
+waiting, deadline = len(socks), time.monotonic() + 90
+while waiting and time.monotonic() < deadline:
+    for fd, _ in poller.poll(1000):
+        poller.unregister(fd)
+        waiting -= 1
+print("connected", count - waiting, flush=True)
+time.sleep(120)
+"""
+
+
+def _hung_up(sock) -> bool:
+    """Whether the server has closed its side (without reading our data)."""
+    import select
+
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return any(mask & (select.POLLRDHUP | select.POLLHUP) for _, mask in poller.poll(0))
+
+
+def test_replies_waiting_for_readers_are_bounded_in_total(monkeypatch, tmp_path):
+    """Past MAX_PENDING_REPLY_BYTES of unread replies, the client that has
+    waited longest is dropped; the newest keeps its reply."""
+    import select
+
+    from forwarder import api as api_module
+
+    monkeypatch.setattr(api_module, "MAX_PENDING_REPLY_BYTES", 1 << 20)
+
+    class BigReplies:
+        def handle(self, data):
+            return b"x" * (700 << 10)  # more than a unix socket takes at once
+
+    class Loop:
+        write_event = 2
+
+        def __init__(self):
+            self.handlers = {}
+
+        def register(self, fd, events, handler):
+            self.handlers[fd] = (events, handler)
+
+        def unregister(self, fd):
+            self.handlers.pop(fd, None)
+
+    def serve_once():
+        poller = select.poll()
+        for fd, (events, _) in loop.handlers.items():
+            mask = (select.POLLIN if events & 1 else 0) | (select.POLLOUT if events & 2 else 0)
+            poller.register(fd, mask)
+        for fd, _ in poller.poll(100):
+            if fd in loop.handlers:
+                loop.handlers[fd][1](1, time.monotonic())
+
+    loop = Loop()
+    server = api_module.ApiServer(str(tmp_path / "api.sock"), BigReplies())
+    server.listen()
+    server.attach(loop)
+    clients = []
+    try:
+        for _ in range(4):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(sock)
+            sock.connect(server.path)
+            sock.sendall(b'{"execute": "list_connections"}')  # and never reads
+            for _ in range(5):
+                serve_once()
+        assert server._pending_bytes <= 1 << 20
+        assert _hung_up(clients[0]) and _hung_up(clients[1])  # the oldest, dropped
+        assert not _hung_up(clients[3])  # the newest still gets its reply
+        received = b""
+        clients[3].settimeout(5)
+        while len(received) < 700 << 10:
+            serve_once()
+            received += clients[3].recv(1 << 20)
+        assert received == b"x" * (700 << 10)
+    finally:
+        for sock in clients:
+            sock.close()
+        server.close()
+
+
+@pytest.mark.e2e
+def test_a_client_that_never_reads_its_replies_does_not_stop_the_loop():
+    """list_connections with a few thousand connections is a reply larger than
+    a unix socket takes at once; a client that asks for it several times and
+    reads nothing must not hold up another client or the guest's traffic,
+    and is dropped in the end; the forwarder stays up."""
+    port, count, stuck_count = free_port(), 3500, 4
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", port))
+    server.listen(4096)
+    stuck = []
+    try:
+        with our_api() as fwd:
+            harness.configure_guest(fwd)
+            guest = fwd.popen(
+                ["python3", "-c", GUEST_MANY_CONNECTIONS, str(port), str(count)], text=True
+            )
+            line = guest.stdout.readline()  # bounded by the script's own deadline
+            assert line.startswith("connected"), line + guest.stderr.read()
+            full = ask(fwd.api_path, b'{"execute": "list_connections"}', timeout=30)
+            assert len(json.loads(full)["return"]["connections"]) >= count
+            assert len(full) > 2 * 212992  # more than a unix socket buffers at once
+            for _ in range(stuck_count):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                stuck.append(sock)
+                sock.connect(fwd.api_path)
+                sock.sendall(b'{"execute": "list_connections"}')  # and never reads
+            started = time.monotonic()
+            reply = ask(fwd.api_path, b'{"execute": "list_hostfwd"}', timeout=60)
+            latency = time.monotonic() - started
+            assert reply == b'{"entries":[]}'
+            # Answered while the stuck clients still wait (they are dropped only
+            # after 10 s; a loop that blocked on them would have dropped them first).
+            assert not any(_hung_up(sock) for sock in stuck), latency
+            ping = fwd.run(["ping", "-c", "1", "-W", "5", "10.0.2.2"])
+            assert "1 received" in ping.stdout, ping.stdout + ping.stderr
+            assert not any(_hung_up(sock) for sock in stuck)
+            print(f"second client answered in {latency:.3f} s while {stuck_count} were stuck")
+            deadline = time.monotonic() + 60
+            while not all(_hung_up(sock) for sock in stuck) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert all(_hung_up(sock) for sock in stuck)  # dropped in the end
+            assert fwd.proc.poll() is None
+            again = ask(fwd.api_path, b'{"execute": "list_hostfwd"}', timeout=30)
+            assert again == b'{"entries":[]}'
+            guest.kill()
+    finally:
+        for sock in stuck:
+            sock.close()
+        server.close()

@@ -123,6 +123,50 @@ def test_client_identifier_is_echoed():
     assert options["client_id"] == cid
 
 
+def _option_instances(payload: bytes) -> list:
+    """(code, value) for every option instance of a reply, in order, read by
+    hand (no joining), so that the parts of a split option are visible."""
+    out, i = [], 240
+    while payload[i] != 255:
+        if payload[i] == 0:
+            i += 1
+            continue
+        out.append((payload[i], payload[i + 2 : i + 2 + payload[i + 1]]))
+        i += 2 + payload[i + 1]
+    return out
+
+
+def _with_long_client_id(mac, kind: int, cid: bytes, more: bytes = b"") -> bytes:
+    """A client message whose client identifier is sent as consecutive
+    parts of at most 255 bytes (RFC 3396), built by hand."""
+    head = bytes(BOOTP(op=1, xid=7, chaddr=mac))[:236] + b"\x63\x82\x53\x63"
+    parts = [bytes((61, len(cid[i : i + 255]))) + cid[i : i + 255] for i in range(0, len(cid), 255)]
+    return head + bytes((53, 1, kind)) + more + b"".join(parts) + b"\xff"
+
+
+@pytest.mark.parametrize("length", [255, 256, 600])
+def test_a_long_client_identifier_is_echoed_in_rfc_3396_parts(length):
+    cid = bytes([1]) + bytes(random.Random(length).randrange(256) for _ in range(length - 1))
+    srv = server()
+    discover = _with_long_client_id(MAC_A, 1, cid)
+    # A request for an address outside the pool gets a NAK, which echoes it too.
+    request = _with_long_client_id(MAC_B, 3, cid, bytes((50, 4)) + ip("10.0.2.200"))
+    for message, mac, kind in ((discover, MAC_A, 2), (request, MAC_B, 6)):
+        (reply,) = srv.handle(message, mac, 0.0)
+        assert decode(reply)[1]["message-type"] == kind
+        instances = _option_instances(reply[0])
+        parts = [value for code, value in instances if code == 61]
+        expected = [255] * (length // 255) + ([length % 255] if length % 255 else [])
+        assert [len(p) for p in parts] == expected
+        assert b"".join(parts) == cid
+        # The parts are consecutive: nothing else between them.
+        codes = [code for code, _ in instances]
+        first = codes.index(61)
+        assert codes[first : first + len(parts)] == [61] * len(parts)
+        assert 61 not in codes[first + len(parts) :]
+    assert srv.drops["dhcp-internal-error"] == 0
+
+
 def test_discover_honours_a_free_requested_address():
     srv = server()
     msg, _, _, _ = decode(
@@ -571,3 +615,42 @@ def test_udhcpc_gets_a_lease(tmp_path):
         assert got["serverid"] == "10.0.2.2"
         assert got["lease"] == "86400"
         _check_guest_configured(fwd)
+
+
+@pytest.mark.e2e
+def test_dhclient_with_a_300_byte_client_identifier_gets_it_echoed(tmp_path):
+    """ISC dhclient sends a long client identifier in RFC 3396 parts; the
+    OFFER and ACK (seen in the forwarder's --pcap) carry it back intact."""
+    from scapy.utils import rdpcap
+
+    from tests import harness
+
+    cid = bytes([0xFF]) + bytes(range(1, 256)) + bytes(range(44))
+    assert len(cid) == 300
+    conf = tmp_path / "dhclient.conf"
+    text = ":".join(f"{b:02x}" for b in cid)
+    conf.write_text(f"send dhcp-client-identifier {text};\ntimeout 20;\n")  # then it gives up
+    script, _ = _script(tmp_path, DHCLIENT_SCRIPT)
+    lease_file, pid_file, pcap = tmp_path / "lease", tmp_path / "pid", tmp_path / "frames.pcap"
+    base = ["dhclient", "-v", "-cf", str(conf), "-lf", str(lease_file), "-pf", str(pid_file)]
+    base += ["-sf", str(script)]
+    with harness.forwarder("--pcap", str(pcap), configure=False) as fwd:
+        try:
+            result = fwd.run([*base, "-1", "tap0"], timeout=40)
+            assert result.returncode == 0, result.stderr
+            assert "DHCPOFFER of 10.0.2.15 from 10.0.2.2" in result.stderr
+            assert "DHCPACK of 10.0.2.15 from 10.0.2.2" in result.stderr
+        finally:
+            fwd.run([*base, "-x", "tap0"], timeout=30)
+            _kill_from_pid_file(pid_file)
+        assert "DHCP internal error" not in fwd.log()
+    replies = {}
+    for frame in rdpcap(str(pcap)):
+        # (not a reply quoted in an ICMP error: the last ACK may find dhclient gone)
+        if BOOTP in frame and frame[BOOTP].op == 2 and frame[IP].proto == 17:
+            payload = bytes(frame[BOOTP])
+            instances = _option_instances(payload)
+            kind = dict(instances)[53][0]
+            replies[kind] = b"".join(value for code, value in instances if code == 61)
+    assert replies.get(2) == cid  # the OFFER
+    assert replies.get(5) == cid  # the ACK

@@ -526,3 +526,179 @@ def test_unprivileged_user_without_tun_access_fails_cleanly():
     assert "forwarder-exit=1" in output, output + log
     assert log.strip() == 'pyslirp-forwarder: open("/dev/net/tun"): Permission denied'
     assert output.strip().splitlines()[-1] == "0"
+
+
+# ------------------- rootlesskit's form: a user who is not root, -c -6, the sandbox
+ROOTLESS_SANDBOX_SCRIPT = r"""
+set -eu
+work=$1; py=$2; port=$3
+mkdir "$work/dev"
+mount -t tmpfs -o mode=755 none "$work/dev"
+mknod "$work/dev/tun" c 10 200
+chmod 0666 "$work/dev/tun"
+mount --bind "$work/dev/tun" /dev/net/tun
+case "$py" in /root/*)
+    mkdir "$work/root"
+    mount --bind /root "$work/root"
+    mount -t tmpfs -o mode=755 none /root
+    top=$(echo "$py" | cut -d/ -f3)
+    mkdir "/root/$top"
+    mount --bind "$work/root/$top" "/root/$top"
+esac
+chown 65534:65534 "$work"
+chmod 755 "$work"
+# As rootlesskit does it: the user makes a user and network namespace for the
+# container, and runs the forwarder from outside, in its own user namespace.
+exec setpriv --reuid=65534 --regid=65534 --clear-groups sh -c '
+    set -u
+    work=$1; py=$2; port=$3
+    unshare -rn sleep 60 &
+    target=$!
+    i=0
+    own=$(readlink /proc/self/ns/net)
+    while [ "$(readlink /proc/$target/ns/net)" = "$own" ] && [ $i -lt 100 ]; do
+        sleep 0.05; i=$((i+1))
+    done
+    "$py" -m forwarder -c -6 --enable-sandbox --enable-seccomp --dns-upstream 127.0.0.1:9 \
+        -r 3 "$target" tap0 3>"$work/ready" >"$work/log" 2>&1 &
+    fwd=$!
+    i=0
+    while [ ! -s "$work/ready" ] && kill -0 $fwd 2>/dev/null && [ $i -lt 400 ]; do
+        sleep 0.05; i=$((i+1))
+    done
+    echo "ready=$(cat "$work/ready")"
+    if kill -0 $fwd 2>/dev/null; then
+        in_guest="nsenter -t $target -U -n --preserve-credentials"
+        for address in 10.0.2.2 fd00::2; do
+            $in_guest ping -c 1 -W 5 "$address" >>"$work/guest" 2>&1 &&
+                echo "ping-ok $address"
+            $in_guest "$py" -c "if 1:
+                import socket, sys
+                s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+                s.sendall(sys.argv[1].encode())
+                s.close()
+                print(\"tcp-ok\", sys.argv[1])" "$address" "$port" 2>>"$work/guest"
+        done
+        kill -TERM $fwd
+    fi
+    wait $fwd; echo "forwarder-exit=$?"
+    kill $target; wait $target 2>/dev/null || true
+  ' sh "$work" "$py" "$port"
+"""
+
+
+@pytest.mark.e2e
+def test_rootless_configure_ipv6_sandbox_seccomp_as_rootlesskit_runs_it():
+    """`-c -6 --enable-sandbox --enable-seccomp PID tap0` by a user who is not
+    root: it joins the target's user namespace for the sandbox, which needs a
+    process with one thread (the SLAAC watch must not start a timer thread),
+    writes the ready fd once the guest did SLAAC, and serves IPv4 and IPv6."""
+    import socket as socketlib
+
+    work = tempfile.mkdtemp(prefix="pyslirp-rootless-")
+    listeners = []
+    for family, address in ((socketlib.AF_INET, "127.0.0.1"), (socketlib.AF_INET6, "::1")):
+        sock = socketlib.socket(family, socketlib.SOCK_STREAM)
+        sock.bind((address, listeners[0].getsockname()[1] if listeners else 0))
+        sock.listen(4)
+        listeners.append(sock)
+    port = listeners[0].getsockname()[1]
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", ROOTLESS_SANDBOX_SCRIPT, "sh"]
+        + [work, sys.executable, str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=120)
+        log = Path(work, "log").read_text() if Path(work, "log").exists() else ""
+        guest = Path(work, "guest").read_text() if Path(work, "guest").exists() else ""
+        context = output + log + guest
+        assert proc.returncode == 0, context
+        assert "ready=1" in output, context
+        assert "seccomp: The following syscalls are blocked:" in log, context
+        for address in ("10.0.2.2", "fd00::2"):
+            assert f"ping-ok {address}" in output, context
+            assert f"tcp-ok {address}" in output, context
+        assert "forwarder-exit=0" in output, context
+        # The guest's connections reached the host's loopback, each family's own.
+        for sock, address in zip(listeners, ("10.0.2.2", "fd00::2")):
+            sock.settimeout(5)
+            conn, _ = sock.accept()
+            with conn:
+                conn.settimeout(5)
+                assert conn.recv(100) == address.encode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        for sock in listeners:
+            sock.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------- the PATH form never goes through a link
+def _mounted_at(path: str) -> bool:
+    """A mount at ``path`` itself (not following a link there)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def test_path_that_is_a_symbolic_link_is_refused_and_nothing_is_mounted():
+    work = Path(tempfile.mkdtemp(prefix="pyslirp-link-"))
+    try:
+        target = work / "precious"
+        target.write_text("keep me\n")
+        link = work / "net"
+        link.symlink_to(target)
+        result = run_forwarder("--dns-upstream", "127.0.0.1:9", str(link))
+        assert_one_line_error(result, str(link), "symbolic link")
+        assert not _mounted_at(str(target))
+        assert target.read_text() == "keep me\n"
+        assert link.is_symlink()
+    finally:
+        for path in (work / "precious", work / "net"):
+            if _mounted_at(str(path)):
+                subprocess.run(["umount", "-l", str(path)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("flags", [(), ("--enable-sandbox",)], ids=["plain", "sandbox-keeper"])
+def test_path_replaced_by_a_link_while_running_is_not_unmounted_through_it(flags):
+    """Someone (in another mount namespace) swaps PATH for a link to a file
+    that has a mount of its own: at exit we unmount nothing through it (nor
+    does the keeper that unmounts for us in the sandbox)."""
+    work = Path(tempfile.mkdtemp(prefix="pyslirp-swap-"))
+    ns_path, target, source = work / "net", work / "target", work / "source"
+    for path in (ns_path, target, source):
+        path.touch()
+    source.write_text("mounted over the target\n")
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    try:
+        args = ("--dns-upstream", "127.0.0.1:9", *flags, str(ns_path))
+        with background_forwarder(*args) as (proc, log):
+            wait_for(lambda: _mounted_at(str(ns_path)), "the namespace mount", proc, log)
+            swap = subprocess.run(
+                ["unshare", "-m", "--propagation", "private", "sh", "-c"]
+                + ['umount -l "$1" && rm "$1" && ln -s "$2" "$1"', "sh", str(ns_path), str(target)],
+                capture_output=True,
+                text=True,
+                timeout=15,
+            )
+            assert swap.returncode == 0, swap.stderr
+            assert ns_path.is_symlink()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0, read_log(log)
+            wait_for(lambda: "not unmounting" in read_log(log), "the keeper's word", timeout=10)
+            output = read_log(log)
+        assert _mounted_at(str(target)), output  # the target's own mount is still there
+        assert target.read_text() == "mounted over the target\n"
+        assert f"not unmounting {ns_path}: it is now a symbolic link" in output
+    finally:
+        if _mounted_at(str(target)):
+            subprocess.run(["umount", "-l", str(target)], check=False)
+        shutil.rmtree(work, ignore_errors=True)

@@ -211,3 +211,43 @@ def test_dhcpv6_information_request_and_what_is_ignored():
         assert server.handle(message) is None
     assert server.drops["dhcpv6-information-request-with-ia"] == 1
     assert server.drops["dhcpv6-other-server"] == 1
+
+
+def test_slaac_watch_gives_up_by_a_timer_in_the_loop_without_a_thread():
+    """The time limit is an fd that the loop serves: no thread is started
+    (a sandbox set up later must be able to setns(CLONE_NEWUSER))."""
+    import select
+    import socket
+    import threading
+    import time
+
+    from forwarder.slaac import SlaacWatch
+
+    class Loop:
+        def __init__(self):
+            self.handlers = {}
+
+        def register(self, fd, events, handler):
+            self.handlers[fd] = handler
+
+        def unregister(self, fd):
+            del self.handlers[fd]
+
+    silent, other = socket.socketpair()  # a netlink socket that never answers
+    loop, results = Loop(), []
+    threads = threading.active_count()
+    watch = SlaacWatch(
+        loop, silent.detach(), ipaddress.IPv6Network("fd00::/64"), bytes(16), results.append
+    )
+    watch.start(timeout=0.3)
+    assert threading.active_count() == threads
+    started = time.monotonic()
+    while not results and time.monotonic() - started < 10:
+        ready, _, _ = select.select(list(loop.handlers), [], [], 1.0)
+        for fd in ready:
+            if fd in loop.handlers:
+                loop.handlers[fd](1, time.monotonic())
+    assert results == [False]
+    assert time.monotonic() - started >= 0.25
+    assert loop.handlers == {}  # both descriptors handed back
+    other.close()

@@ -75,6 +75,8 @@ OPT_RENEWAL_TIME = 58
 OPT_REBINDING_TIME = 59
 OPT_CLIENT_ID = 61
 OPT_END = 255
+# An option's length octet (RFC 2132 2): longer values go out in parts.
+MAX_OPTION_PART = 255
 
 _ZERO = bytes(4)
 _BROADCAST_IP = b"\xff\xff\xff\xff"
@@ -422,11 +424,24 @@ class DhcpServer:
         )  # fmt: skip
         parts = [header]
         for code, value in options:
-            parts.append(bytes((code, len(value))))
-            parts.append(value)
+            _append_option(parts, code, value)
         parts.append(bytes((OPT_END,)))
         message = b"".join(parts)
         return message.ljust(MIN_REPLY_LEN, b"\0")
+
+
+def _append_option(parts: list, code: int, value: bytes) -> None:
+    """One option, as consecutive instances of at most 255 bytes each when
+    it is longer (RFC 3396 section 6: the client joins them in order). A
+    client identifier may be that long (RFC 3396 concatenation on input),
+    and it is echoed (RFC 6842)."""
+    if not value:
+        parts.append(bytes((code, 0)))
+        return
+    for start in range(0, len(value), MAX_OPTION_PART):
+        part = value[start : start + MAX_OPTION_PART]
+        parts.append(bytes((code, len(part))))
+        parts.append(part)
 
 
 def _ip(address: bytes) -> str:

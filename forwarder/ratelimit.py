@@ -1,0 +1,170 @@
+"""Warnings rate-limited per kind, so that a guest cannot flood the journal.
+
+Many warnings are the guest's doing, one line per frame it sends: "DHCP pool
+exhausted" per DISCOVER from a new hardware address, "DHCP client declined"
+per DECLINE, "tcp ... refused: N connections open" per SYN past the limit,
+"cannot open a UDP socket" / "cannot open a ping socket" per datagram or echo
+request while descriptors run out, "cannot bind a UDP socket" per datagram
+with --outbound-addr. Each kind (the logger and the message's template,
+before its arguments) gets ``burst`` lines per ``interval``; past that its
+lines are counted, and when the interval ends one line says how many were
+left out:
+
+    suppressed 179 similar messages: DHCP pool exhausted: no offer for %s
+
+Only records at ``level`` or above are limited: info and debug lines are
+asked for with --log-level, and are for someone watching.
+
+The filter sits on the handler (a filter on the "pyslirp" logger would not
+see the records of "pyslirp.dhcp" and the other children). The clock is
+injected; the loop calls ``flush`` when the earliest interval with
+suppressed lines ends (``wake`` asks for that), so the summary comes on time
+even if the flood has stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .timerfd import TimerFd
+
+SUMMARY = "suppressed %d similar messages: %s"
+
+
+@dataclass
+class WarningLimits:
+    # Lines of one kind per interval: a few show what happens and to whom,
+    # more only repeat it (a guest can send thousands of frames a second).
+    burst: int = 5
+    # Seconds; a flood of one kind costs at most burst + 1 lines per interval.
+    interval: float = 10.0
+    # Kinds tracked at once. Templates are constants in the code (a few
+    # dozen); the bound only matters if one is built per call. Past it the
+    # oldest interval is closed early (its summary written).
+    max_kinds: int = 256
+    # Records below this level pass untouched.
+    level: int = logging.WARNING
+
+
+class _Window:
+    __slots__ = ("ends_at", "count", "suppressed", "name", "template")
+
+    def __init__(self, ends_at: float, name: str, template: str) -> None:
+        self.ends_at = ends_at
+        self.count = 0
+        self.suppressed = 0
+        self.name = name
+        self.template = template
+
+
+class RateLimitFilter(logging.Filter):
+    """A logging.Filter for a handler. ``emit(record)`` writes a summary
+    record (the handler's ``handle``); ``wake(deadline)`` asks the loop to
+    call ``flush`` at ``deadline`` (on ``clock``'s scale)."""
+
+    def __init__(self, limits: WarningLimits | None = None, clock=time.monotonic) -> None:
+        super().__init__()
+        self.limits = limits or WarningLimits()
+        self.clock = clock
+        self.emit = None
+        self.wake = None
+        self._windows: dict[tuple, _Window] = {}
+        self.suppressed_total = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.limits.level or getattr(record, "rate_limit_summary", False):
+            return True
+        now = self.clock()
+        template = record.msg if isinstance(record.msg, str) else repr(record.msg)
+        key = (record.name, template)
+        window = self._windows.get(key)
+        if window is not None and now >= window.ends_at:
+            self._close(key, window)
+            window = None
+        if window is None:
+            if len(self._windows) >= self.limits.max_kinds:
+                self.flush(now)
+            if len(self._windows) >= self.limits.max_kinds:
+                oldest = min(self._windows, key=lambda k: self._windows[k].ends_at)
+                self._close(oldest, self._windows[oldest])
+            window = self._windows[key] = _Window(now + self.limits.interval, *key)
+        window.count += 1
+        if window.count <= self.limits.burst:
+            return True
+        window.suppressed += 1
+        self.suppressed_total += 1
+        if window.suppressed == 1 and self.wake is not None:
+            self.wake(window.ends_at)
+        return False
+
+    def flush(self, now: float | None = None) -> None:
+        """Close every interval that has ended, writing its summary."""
+        now = self.clock() if now is None else now
+        for key, window in list(self._windows.items()):
+            if now >= window.ends_at:
+                self._close(key, window)
+
+    def next_deadline(self) -> float | None:
+        """When the earliest interval with suppressed lines ends."""
+        ends = [w.ends_at for w in self._windows.values() if w.suppressed]
+        return min(ends) if ends else None
+
+    def _close(self, key: tuple, window: _Window) -> None:
+        del self._windows[key]
+        if window.suppressed and self.emit is not None:
+            record = logging.LogRecord(
+                window.name, logging.WARNING, "", 0, SUMMARY,
+                (window.suppressed, window.template), None,
+            )  # fmt: skip
+            record.rate_limit_summary = True
+            self.emit(record)
+
+
+def install(handler: logging.Handler, limits: WarningLimits | None = None) -> RateLimitFilter:
+    """Put a RateLimitFilter on ``handler``; returns it (the loop arms its timer)."""
+    limiter = RateLimitFilter(limits)
+    limiter.emit = handler.handle
+    handler.addFilter(limiter)
+    return limiter
+
+
+def serve(limiter: RateLimitFilter, backend) -> object:
+    """Have ``backend``'s loop call ``limiter.flush`` when an interval with
+    suppressed lines ends (a timerfd, no thread). Returns the timer."""
+    timer = TimerFd()
+    armed = [None]  # the deadline the timer is set for
+
+    def arm(deadline: float) -> None:
+        if armed[0] is None or deadline < armed[0]:
+            armed[0] = deadline
+            timer.arm(deadline - limiter.clock())
+
+    def expired(mask: int, now: float) -> None:
+        timer.clear()
+        armed[0] = None
+        limiter.flush()
+        deadline = limiter.next_deadline()
+        if deadline is not None:
+            arm(deadline)
+
+    try:
+        backend.register(timer.fileno(), 1, expired)
+    except BaseException:
+        timer.close()
+        raise
+    limiter.wake = arm
+    deadline = limiter.next_deadline()
+    if deadline is not None:
+        arm(deadline)
+    return timer
+
+
+def installed() -> RateLimitFilter | None:
+    """The filter that ``install`` put on a handler of the root logger, if any."""
+    for handler in logging.getLogger().handlers:
+        for candidate in handler.filters:
+            if isinstance(candidate, RateLimitFilter):
+                return candidate
+    return None

@@ -1,0 +1,77 @@
+"""A timer as a file descriptor (timerfd_create(2)), for the backend's loop.
+
+The front end's timers (the SLAAC watch's time limit, the end of a log
+rate-limit interval) are descriptors that the loop serves like any other,
+never threads: the sandbox of a user who is not root starts with
+setns(CLONE_NEWUSER), which the kernel refuses to a process with more than
+one thread (EINVAL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+# <sys/timerfd.h>, <time.h>
+CLOCK_MONOTONIC = 1
+TFD_CLOEXEC = os.O_CLOEXEC
+TFD_NONBLOCK = os.O_NONBLOCK
+_ITIMERSPEC = struct.Struct("=qqqq")  # it_interval (sec, nsec), it_value (sec, nsec)
+
+_libc = None
+
+
+def _lib():
+    global _libc
+    if _libc is None:
+        # The process's own symbols (libc's among them): no library search,
+        # which would run ldconfig, a process that seccomp would not allow.
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _raise(what: str):
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class TimerFd:
+    """A one-shot timer on CLOCK_MONOTONIC (the clock of time.monotonic()):
+    readable once it has expired, until ``clear``."""
+
+    def __init__(self) -> None:
+        fd = _lib().timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+        if fd < 0:
+            _raise("timerfd_create")
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def arm(self, delay: float) -> None:
+        """Expire ``delay`` seconds from now (replacing any earlier setting)."""
+        delay = max(delay, 1e-9)  # zero would disarm it
+        seconds = int(delay)
+        nanoseconds = max(int((delay - seconds) * 1e9), 0 if seconds else 1)
+        self._set(seconds, nanoseconds)
+
+    def disarm(self) -> None:
+        self._set(0, 0)
+
+    def _set(self, seconds: int, nanoseconds: int) -> None:
+        spec = ctypes.create_string_buffer(_ITIMERSPEC.pack(0, 0, seconds, nanoseconds))
+        if _lib().timerfd_settime(self.fd, 0, spec, None) != 0:
+            _raise("timerfd_settime")
+
+    def clear(self) -> None:
+        """Take the expiry, so that the descriptor is no longer readable."""
+        try:
+            os.read(self.fd, 8)
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
