@@ -455,6 +455,8 @@ def test_replies_waiting_for_readers_are_bounded_in_total(monkeypatch, tmp_path)
     monkeypatch.setattr(api_module, "MAX_PENDING_REPLY_BYTES", 1 << 20)
 
     class BigReplies:
+        config = None  # the defaults of the API's accept limits
+
         def handle(self, data):
             return b"x" * (700 << 10)  # more than a unix socket takes at once
 
