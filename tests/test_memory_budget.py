@@ -9,6 +9,7 @@ back when they close.
 """
 
 import random
+import struct
 
 from pyslirp.stack.config import StackConfig
 from pyslirp.stack.events import TcpConnectRequested
@@ -51,7 +52,10 @@ def new_stack(budget: int = 256 * MIB, mtu: int = MTU, **tcp_config):
 class Guest:
     """One guest connection to PEER:80 from ``port``, played by hand."""
 
+    all: dict = {}  # port -> Guest, for frames that another guest reads
+
     def __init__(self, stack, port: int, mss: int = SEGMENT) -> None:
+        Guest.all[port] = self
         self.stack = stack
         self.port = port
         self.mss = mss
@@ -77,12 +81,12 @@ class Guest:
         self.conn = event.conn
         stack.tcp.accept(self.conn, now)
         (syn_ack,) = stack.frames_to_send(now)
-        seq, _ack, _flags, _window, _len = parse_tcp(syn_ack)
+        seq, _ack, _flags, window, _len = parse_tcp(syn_ack)
         self.our_next = seq + 1
         stack.receive_frame(self.frame(self.isn + 1, ACK), now)
         assert self.conn.state is TcpState.ESTABLISHED
         self.ack = self.isn + 1
-        self.window = 0xFFFF
+        self.window = window  # not scaled on a SYN
 
     def send(self, offset: int, size: int, now: float) -> None:
         """Bytes [offset, offset + size) of STREAM (offset from the first
@@ -92,11 +96,13 @@ class Guest:
         self.read(now)
 
     def read(self, now: float) -> None:
+        """Take in what the stack sends (to any guest port: ``Guest.all``)."""
         for frame in self.stack.frames_to_send(now):
             seq, ack, flags, window, _length = parse_tcp(frame)
+            guest = self.all.get(struct.unpack_from("!H", frame, 36)[0], self)
             if not flags & RST:
-                self.ack = ack
-                self.window = window << 5  # our window scale for a 1 MiB buffer
+                guest.ack = ack
+                guest.window = window << 5  # our window scale for a 1 MiB buffer
 
     @property
     def acked(self) -> int:
@@ -139,3 +145,147 @@ def test_overlapping_gso_segments_hold_about_what_they_count():
     held, counted = held_by(conn2), counted_by(conn2)
     print(f"out of order: {len(conn2.ooo)} segments, counted {counted}, held {held}")
     assert held <= 2 * counted
+
+
+def check_accounts(stack, extra: int = 0) -> None:
+    """The invariant: the budget holds exactly what the holders hold."""
+    held = stack.memory_held()
+    assert stack.budget.held == sum(held.values()) + extra, (stack.budget.held, held)
+    assert stack.budget.held <= stack.budget.limit
+
+
+class Sender(Guest):
+    """A guest connection that sends ``total`` bytes of STREAM as the
+    windows allow, going back to the first unacknowledged byte when a round
+    brings no progress (what a retransmission timeout does)."""
+
+    def __init__(self, stack, port: int, total: int, mss: int = 1460) -> None:
+        super().__init__(stack, port, mss)
+        self.total = total
+        self.next = 0
+        self.last_acked = -1
+        self.received = bytearray()  # what the NAT side took from the stack
+
+    def round(self, now: float, budget) -> int:
+        """Send what the window allows; returns how many segments went."""
+        if self.acked == self.last_acked:
+            self.next = self.acked  # nothing new acknowledged: resend
+        self.last_acked = self.acked
+        sent = 0
+        edge = min(self.acked + self.window, self.total)
+        while self.next < edge and sent < 64:
+            size = min(self.mss, edge - self.next)
+            self.send(self.next, size, now)
+            assert budget.held <= budget.limit
+            self.next += size
+            sent += 1
+        return sent
+
+    def take(self, now: float) -> None:
+        """The NAT side passes everything received on."""
+        conn = self.conn
+        data = b"".join(bytes(chunk) for chunk in conn.rx)
+        self.received += data
+        self.stack.tcp.consume(conn, len(data), now)
+
+
+def test_many_connections_stay_within_one_budget_and_lose_nothing():
+    """50 connections, each with a 1 MiB window, share a 2 MiB budget while
+    the host reads nothing: the budget is never exceeded, windows close,
+    what arrives beyond the budget is dropped and counted. Once the host
+    reads again every byte arrives in order, and closing gives all back."""
+    budget_limit = 2 * MIB
+    stack = new_stack(budget=budget_limit, mtu=1500)
+    budget = stack.budget
+    total = 160 * 1024  # per connection: 8 MB in all, four times the budget
+    guests = [Sender(stack, 41000 + i, total) for i in range(50)]
+    now = 1.0
+    for guest in guests:
+        guest.connect(now)
+    events = []
+
+    def tick(now):
+        deadline = stack.get_timer()
+        if deadline is not None and deadline <= now:
+            stack.handle_timer(now)
+        guests[0].read(now)
+        event = stack.next_event()
+        while event is not None:
+            events.append(event)
+            event = stack.next_event()
+
+    # The host reads nothing: rounds until nothing more is taken.
+    taken = -1
+    edges = None
+    for _ in range(40):
+        now += 0.01
+        for guest in guests:
+            guest.round(now, budget)
+        tick(now)
+        check_accounts(stack)
+        if budget.held >= budget.pressure:
+            # Past the pressure mark no right edge moves on (none is pulled
+            # back either) but for rounding to the window scale (32 bytes):
+            # the windows only shrink as they fill.
+            now_edges = [g.acked + g.window for g in guests]
+            if edges is not None:
+                assert all(0 <= new - old < 32 for new, old in zip(now_edges, edges))
+            edges = now_edges
+        in_rx = sum(g.conn.rx_bytes for g in guests)
+        if in_rx == taken:
+            break
+        taken = in_rx
+    assert in_rx == taken, "the connections kept taking data"
+    assert budget.held <= budget.limit and budget.peak <= budget.limit
+    assert budget.held > budget.pressure  # it did fill up
+    assert stack.drops["tcp-memory-budget"] > 0  # what did not fit was dropped
+    assert budget.pressed
+    # Connections that come now are offered no window at all.
+    late = [Sender(stack, 42000 + i, total) for i in range(2)]
+    for guest in late:
+        guest.connect(now)
+        assert guest.window == 0
+        guest.send(0, 1000, now)  # beyond the window: dropped
+        assert guest.conn.rx_bytes == 0
+    guests += late
+
+    # The host reads again: everything arrives, in order.
+    for _ in range(400):
+        now += 0.01
+        for guest in guests:
+            guest.take(now)
+        tick(now)
+        check_accounts(stack)
+        for guest in guests:
+            guest.round(now, budget)
+        tick(now)
+        check_accounts(stack)
+        if all(len(g.received) == total for g in guests):
+            break
+    for guest in guests:
+        assert bytes(guest.received) == STREAM[:total], guest.port
+    kinds = [(type(e).__name__, getattr(e, "entered", None)) for e in events]
+    assert ("MemoryPressureChanged", True) in kinds
+    assert ("MemoryPressureChanged", False) in kinds
+    assert not budget.pressed
+
+    # Half close gracefully (guest FIN, our FIN, its ACK), half are reset.
+    for i, guest in enumerate(guests):
+        conn = guest.conn
+        stack.tcp.send(conn, b"reply" * 1000, now)  # the send buffer is charged too
+        stack.receive_frame(guest.frame(guest.isn + 1 + total, ACK | PSH), now)  # unread data
+        if i % 2:
+            stack.tcp.abort(conn, now)
+        else:
+            guest.read(now)
+            stack.receive_frame(guest.frame(guest.isn + 1 + total, ACK | 0x01), now)  # FIN
+            stack.tcp.close(conn, now)
+            guest.read(now)
+            fin_ack = tcp_frame(
+                GUEST_MAC, GW_MAC, GUEST, PEER, guest.port, 80, guest.isn + 2 + total,
+                guest.our_next + 5000 + 1, ACK,
+            )  # fmt: skip
+            stack.receive_frame(fin_ack, now)
+            assert conn.state is TcpState.CLOSED
+    check_accounts(stack)
+    assert budget.held == 0

@@ -956,6 +956,9 @@ class TcpLayer:
     def send_syn_ack(self, conn: TcpConnection, now: float) -> None:
         options, options_sum = self._syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)  # RFC 7323 2.2: a SYN's window is not scaled
+        room = self.budget.window_room()
+        if window > room:  # under memory pressure: little or nothing
+            window = room if room >= conn.rcv_sws else 0
         conn.rcv_adv = (conn.rcv_nxt + window) & MASK
         conn.ack_sent = conn.rcv_nxt
         conn.rtt_time = now
