@@ -10,12 +10,17 @@ back when they close.
 
 import random
 import struct
+import subprocess
+import sys
+
+import pytest
 
 from pyslirp.stack.config import StackConfig
 from pyslirp.stack.events import TcpConnectRequested
 from pyslirp.stack.interface import Stack
 from pyslirp.stack.tcp_connection import TcpState
 from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
+from tests.harness import REPO
 from tests.tcp_craft import ACK, PSH, RST, SYN, parse_tcp, syn_options, tcp_frame
 
 GUEST_MAC = bytes.fromhex("020000000064")
@@ -289,3 +294,37 @@ def test_many_connections_stay_within_one_budget_and_lose_nothing():
             assert conn.state is TcpState.CLOSED
     check_accounts(stack)
     assert budget.held == 0
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.mark.parametrize(
+    "text, size",
+    [("1M", MIB), ("32m", 32 * MIB), ("1536K", 1536 * 1024), ("2G", 2 << 30), ("1048576", MIB)],
+)
+def test_memory_budget_option_sets_the_network_config(tmp_path, text, size):
+    from forwarder import cli
+
+    ns = tmp_path / "net"
+    ns.touch()
+    _text, options = cli.parse([f"--memory-budget={text}", str(ns)])
+    assert options.config.memory_budget == size
+    assert options.config.stack_config().memory_budget == size
+    _text, options = cli.parse([str(ns)])
+    assert options.config.memory_budget == 256 * MIB
+
+
+@pytest.mark.parametrize("text", ["512K", "1048575", "lots", "1.5M", "-1M", "1T", ""])
+def test_bad_memory_budget_is_one_line_and_exit_1(tmp_path, text):
+    ns = tmp_path / "net"
+    ns.touch()
+    result = subprocess.run(
+        [sys.executable, "-m", "forwarder", f"--memory-budget={text}", str(ns)],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyslirp-forwarder: --memory-budget must be")
+    assert "--memory-budget=SIZE" in subprocess.run(
+        [sys.executable, "-m", "forwarder", "--help"],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    ).stdout  # fmt: skip
