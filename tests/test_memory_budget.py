@@ -328,3 +328,139 @@ def test_bad_memory_budget_is_one_line_and_exit_1(tmp_path, text):
         [sys.executable, "-m", "forwarder", "--help"],
         capture_output=True, text=True, timeout=30, cwd=REPO,
     ).stdout  # fmt: skip
+
+
+# ---------------------------------------------------------------- the other holders
+def test_arp_queue_is_bounded_in_bytes_and_charged_until_resolved_or_given_up():
+    stack = new_stack()
+    budget = stack.budget
+    other = bytes([10, 0, 2, 77])
+    for _ in range(6):  # 60 KB each: four fit in 256 KiB
+        stack.send_udp(PEER, 53, other, 4000, bytes(60000), 1.0)
+    assert stack.drops["arp-queue-full"] == 2
+    assert budget.held == 4 * (60000 + 28)
+    check_accounts(stack)
+    # The guest answers for the address: the queue goes out, nothing is held.
+    arp_reply = (
+        GW_MAC + GUEST_MAC + b"\x08\x06" + bytes.fromhex("0001080006040002")
+        + GUEST_MAC + other + GW_MAC + bytes([10, 0, 2, 2])
+    )  # fmt: skip
+    stack.receive_frame(arp_reply, 1.1)
+    assert len([f for f in stack.frames_to_send(1.1) if len(f) > 60000]) == 4
+    assert budget.held == 0
+    # Unanswered: given up after its attempts, and released.
+    stack.send_udp(PEER, 53, bytes([10, 0, 2, 78]), 4000, bytes(1000), 2.0)
+    assert budget.held == 1028
+    for step in range(1, 6):
+        stack.handle_timer(2.0 + step)
+    assert stack.drops["arp-unresolved"] == 1 and budget.held == 0
+
+
+def test_arp_queue_refused_by_a_full_budget():
+    stack = new_stack(budget=100_000)
+    stack.send_udp(PEER, 53, bytes([10, 0, 2, 77]), 4000, bytes(60000), 1.0)
+    stack.send_udp(PEER, 53, bytes([10, 0, 2, 78]), 4000, bytes(60000), 1.0)
+    assert stack.drops["arp-memory-budget"] == 1
+    assert stack.budget.held == 60028
+    check_accounts(stack)
+
+
+def test_reassembly_is_charged_and_refused_past_the_budget():
+    from scapy.layers.inet import IP, UDP, fragment
+    from scapy.layers.l2 import Ether
+
+    def fragments(ident, size):
+        datagram = IP(src="10.0.2.100", dst="10.0.2.2", id=ident) / UDP(sport=1, dport=9)
+        return [
+            bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / f)
+            for f in fragment(datagram / bytes(size), fragsize=1400)
+        ]
+
+    stack = new_stack(budget=10_000, mtu=1500)
+    first = fragments(1, 5000)
+    for frame in first[:-1]:
+        stack.receive_frame(frame, 1.0)
+    assert stack.budget.held == stack.memory_held()["reassembly"] == 3 * 1400
+    stack.receive_frame(first[-1], 1.0)  # complete: handed on, released
+    assert stack.budget.held == 0 and stack.counters["reassembled"] == 1
+    big = fragments(2, 20000)
+    for frame in big:
+        stack.receive_frame(frame, 1.0)
+    assert stack.drops["reassembly-memory-budget"] >= 1
+    assert stack.counters["reassembled"] == 1
+    check_accounts(stack)
+    stack.handle_timer(100.0)  # what was left of it times out
+    assert stack.budget.held == 0
+
+
+def test_received_bytes_stay_charged_for_the_nat_side_after_a_graceful_close():
+    """The guest's last bytes outlive its connection until the NAT side has
+    passed them on (or let go of them); the budget says so throughout."""
+    stack = new_stack()
+    budget = stack.budget
+    guest = Guest(stack, 43000, mss=1460)
+    guest.connect(1.0)
+    conn = guest.conn
+    conn.user = "a NAT flow"  # someone will read
+    guest.send(0, 3000, 1.1)
+    stack.receive_frame(guest.frame(guest.isn + 3001, ACK | 0x01), 1.1)  # FIN
+    stack.tcp.close(conn, 1.1)
+    guest.read(1.1)
+    stack.receive_frame(
+        tcp_frame(GUEST_MAC, GW_MAC, GUEST, PEER, 43000, 80, guest.isn + 3002,
+                  guest.our_next + 1, ACK),
+        1.2,
+    )  # fmt: skip
+    assert conn.state is TcpState.CLOSED and conn.rx_bytes == 3000
+    assert conn in stack.tcp.unread and budget.held >= 3000
+    check_accounts(stack)
+    stack.tcp.consume(conn, 1000, 1.3)
+    check_accounts(stack)
+    stack.tcp.consume(conn, 2000, 1.3)
+    assert budget.held == 0 and not stack.tcp.unread
+    # Or the NAT side gives up on them.
+    guest = Guest(stack, 43001, mss=1460)
+    guest.connect(2.0)
+    guest.conn.user = "a NAT flow"
+    guest.send(0, 3000, 2.1)
+    stack.receive_frame(guest.frame(guest.isn + 3001, ACK | 0x01), 2.1)
+    stack.tcp.close(guest.conn, 2.1)
+    stack.receive_frame(
+        tcp_frame(GUEST_MAC, GW_MAC, GUEST, PEER, 43001, 80, guest.isn + 3002,
+                  guest.our_next + 1, ACK),
+        2.2,
+    )  # fmt: skip
+    assert budget.held > 0
+    stack.tcp.release_received(guest.conn)
+    assert budget.held == 0 and not stack.tcp.unread
+
+
+def test_send_space_follows_the_budget_and_reopens_when_pressure_ends():
+    stack = new_stack(budget=4 * MIB)
+    budget = stack.budget
+    guest = Guest(stack, 43100, mss=1460)
+    guest.connect(1.0)
+    conn = guest.conn
+    tcp = stack.tcp
+    assert tcp.send_space(conn) == 1 << 20  # the send buffer's own bound
+    other = budget.limit - 200_000  # someone else (the DNS proxy, say) holds most
+    assert budget.charge(other)
+    space = tcp.send_space(conn)
+    assert space == 200_000 // 4  # under pressure: a quarter of what is left
+    assert tcp.send(conn, bytes(100_000), 1.1) == space
+    check_accounts(stack, extra=other)
+    assert tcp.send_space(conn) < space and conn.send_blocked
+    stack.frames_to_send(1.1)
+    assert budget.pressed
+    while stack.next_event() is not None:
+        pass
+    budget.release(other)
+    stack.frames_to_send(1.2)  # the stack notices once per wake-up
+    assert not budget.pressed
+    events = []
+    event = stack.next_event()
+    while event is not None:
+        events.append(type(event).__name__)
+        event = stack.next_event()
+    assert events == ["MemoryPressureChanged", "TcpSendSpaceOpened"]
+    assert tcp.send_space(conn) == (1 << 20) - space
