@@ -464,3 +464,40 @@ def test_send_space_follows_the_budget_and_reopens_when_pressure_ends():
         event = stack.next_event()
     assert events == ["MemoryPressureChanged", "TcpSendSpaceOpened"]
     assert tcp.send_space(conn) == (1 << 20) - space
+
+
+def test_time_wait_expiry_and_a_guest_reset_release_everything():
+    stack = new_stack()
+    budget = stack.budget
+    tcp = stack.tcp
+    # Host closes first; the guest's data is never read; TIME-WAIT expires.
+    guest = Guest(stack, 43200, mss=1460)
+    guest.connect(1.0)
+    conn = guest.conn
+    guest.send(0, 5000, 1.1)
+    tcp.send(conn, b"x" * 3000, 1.1)
+    tcp.close(conn, 1.1)
+    guest.read(1.1)
+    ours_after_fin = guest.our_next + 3000 + 1
+    stack.receive_frame(
+        tcp_frame(GUEST_MAC, GW_MAC, GUEST, PEER, 43200, 80, guest.isn + 5001,
+                  ours_after_fin, ACK | 0x01),
+        1.2,
+    )  # fmt: skip
+    assert conn.state is TcpState.TIME_WAIT
+    assert budget.held >= 5000
+    check_accounts(stack)
+    stack.handle_timer(1.2 + tcp.config.time_wait_timeout + 1)
+    assert conn.state is TcpState.CLOSED and budget.held == 0
+    # The guest resets a connection with bytes in every buffer.
+    guest = Guest(stack, 43201, mss=1460)
+    guest.connect(100.0)
+    conn = guest.conn
+    guest.send(0, 5000, 100.1)
+    guest.send(8000, 2000, 100.1)  # out of order
+    tcp.send(conn, b"y" * 3000, 100.1)
+    assert conn.ooo and conn.rx and conn.snd_buf.size
+    check_accounts(stack)
+    stack.receive_frame(guest.frame(guest.isn + 5001, RST), 100.2)
+    assert conn.state is TcpState.CLOSED and budget.held == 0
+    check_accounts(stack)
