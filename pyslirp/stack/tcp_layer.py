@@ -514,9 +514,12 @@ class TcpLayer:
         if conn.close_requested or conn.state not in OPEN_FOR_SEND:
             return 0
         space = conn.snd_limit - conn.snd_buf.size
-        room = self.budget.window_room()
-        if space > room:
-            space = room
+        budget = self.budget
+        held = budget.held
+        if held >= budget.pressure or space > budget.limit - held:  # else no call
+            room = budget.window_room()
+            if space > room:
+                space = room
         if space <= 0:
             conn.send_blocked = True
             return 0
@@ -532,9 +535,11 @@ class TcpLayer:
             return 0
         space = conn.snd_limit - conn.snd_buf.size
         budget = self.budget
-        room = budget.window_room()
-        if space > room:
-            space = room
+        held = budget.held
+        if held >= budget.pressure or space > budget.limit - held:  # as send_space
+            room = budget.window_room()
+            if space > room:
+                space = room
         size = len(data)
         if size > space:
             conn.send_blocked = True
@@ -542,7 +547,7 @@ class TcpLayer:
                 return 0
             data = memoryview(data)[:space]
             size = space
-        budget.charge(size)  # within window_room, so within the limit
+        budget.held += size  # budget.charge: within window_room, so within the limit
         conn.snd_buf.append(data)  # a copy: it holds just ``size`` bytes more
         if at_once and not conn.dirty:
             conn.output(now)
@@ -557,8 +562,11 @@ class TcpLayer:
         rx = conn.rx
         freed = 0
         if count >= conn.rx_bytes:  # all of it (a request, say)
-            for chunk in rx:
-                freed += len(chunk.obj) if type(chunk) is memoryview else len(chunk)
+            if len(rx) == 1:
+                head = rx[0]
+                freed = len(head.obj) if type(head) is memoryview else len(head)
+            else:
+                freed = sum(map(held_size, rx))
             rx.clear()
             conn.rx_bytes = 0
         else:
@@ -655,7 +663,8 @@ class TcpLayer:
             del self.connections[conn.key]
         conn.state = CLOSED
         conn.rtx_at = conn.wait_at = conn.delack_at = conn.heap_at = None
-        conn.drop_out_of_order()
+        if conn.ooo:
+            conn.drop_out_of_order()
         buf = conn.snd_buf
         if buf.size or buf.offset:
             self.budget.held -= buf.held()
