@@ -118,3 +118,71 @@ def test_overlapping_gso_attack_through_the_tap_stays_within_the_budget():
         assert report["frame_bytes"] > 8 * (BUDGET_MIB + MARGIN_MIB) * 1024 * 1024
         assert growth_mib <= BUDGET_MIB + MARGIN_MIB
         assert "memory budget: under pressure" in log
+
+
+def test_bytes_the_host_never_takes_are_released_with_the_lingering_flow():
+    """Through the real loop: the guest sends, closes, and its connection
+    ends while the host peer (reading nothing) has not taken the bytes; the
+    NAT side keeps them for the TIME-WAIT timeout and then resets the host
+    socket, and the budget gets every byte back."""
+    from tests.inprocess import InProcessNetwork
+    from tests.tcp_craft import ACK, FIN, PSH, SYN, parse_tcp, syn_options, tcp_frame
+
+    guest_mac, gw_mac = bytes.fromhex("020000000001"), bytes.fromhex("52550a000202")
+    guest, gateway = bytes([10, 0, 2, 100]), bytes([10, 0, 2, 2])
+    isn, sport = 7000, 40123
+
+    def is_ours(frame):
+        return len(frame) >= 54 and frame[23] == 6 and frame[36:38] == sport.to_bytes(2, "big")
+
+    with small_buffered_host() as host, silent_listener(host) as (port, accepted):
+        net = InProcessNetwork(tcp_time_wait_timeout=1.0)
+        with harness.this_thread_in(host):
+            net.__enter__()  # the loop's thread (and its host sockets) in ``host``
+        try:
+
+            def send(seq, ack, flags, payload=b"", options=b""):
+                net.send(tcp_frame(guest_mac, gw_mac, guest, gateway, sport, port, seq, ack,
+                                   flags, payload, options=options))  # fmt: skip
+
+            send(isn, 0, SYN, options=syn_options(1460, 7))
+            ours, _ack, _flags, _window, _len = parse_tcp(net.receive(5.0, is_ours))
+            ours += 1
+            send(isn + 1, ours, ACK)
+            total = 0
+            while total < 400_000:
+                send(isn + 1 + total, ours, ACK | PSH, bytes(1460))
+                total += 1460
+                if total % (40 * 1460) == 0:  # let the window open
+                    while net.receive(0.2, is_ours) is not None:
+                        pass
+            send(isn + 1 + total, ours, ACK | FIN)
+            deadline = time.monotonic() + 10
+            fin_acked = None
+            while fin_acked is None and time.monotonic() < deadline:
+                frame = net.receive(0.5, is_ours)
+                if frame is not None and parse_tcp(frame)[1] == (isn + 2 + total) & 0xFFFFFFFF:
+                    fin_acked = frame  # all the data and the FIN acknowledged
+            assert fin_acked is not None and len(accepted) == 1
+            accepted[0].shutdown(socket.SHUT_WR)  # the host is done too, unread
+            fin = None
+            while fin is None and time.monotonic() < deadline:
+                frame = net.receive(0.5, is_ours)
+                if frame is not None and parse_tcp(frame)[2] & FIN:
+                    fin = parse_tcp(frame)
+            assert fin is not None
+            tcp = net.loop.stack.tcp
+            acked = (fin[1] - isn - 1) & 0xFFFFFFFF
+            assert acked == total + 1
+            send(isn + 2 + total, fin[0] + 1, ACK)
+            while tcp.connections and time.monotonic() < deadline:
+                time.sleep(0.02)
+            budget = net.loop.stack.budget
+            held = budget.held
+            unread = sum(c.rx_bytes for c in list(tcp.unread))
+            assert not tcp.connections and unread > 100_000 and held >= unread
+            while budget.held and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert budget.held == 0 and not tcp.unread and not net.loop.tcp.flows
+        finally:
+            net.close()
