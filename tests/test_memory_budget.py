@@ -501,3 +501,18 @@ def test_time_wait_expiry_and_a_guest_reset_release_everything():
     stack.receive_frame(guest.frame(guest.isn + 5001, RST), 100.2)
     assert conn.state is TcpState.CLOSED and budget.held == 0
     check_accounts(stack)
+
+
+def test_neighbour_discovery_queue_is_bounded_in_bytes_and_charged():
+    stack = Stack(StackConfig(mtu=MTU, ipv6=True), random.Random(7))
+    budget = stack.budget
+    ipv6 = stack.ipv6
+    gateway = ipv6.gateway
+    target = bytes.fromhex("fd000000000000000000000000000077")
+    for _ in range(6):  # 60 KB each: four fit in 256 KiB
+        ipv6.send(gateway, target, 17, bytes(60000), 1.0)
+    assert stack.drops["nd-queue-full"] == 2
+    assert budget.held == 4 * (60000 + 40) == stack.memory_held()["nd"]
+    for step in range(1, 6):
+        stack.handle_timer(1.0 + step)
+    assert stack.drops["nd-unresolved"] == 4 and budget.held == 0
