@@ -23,8 +23,9 @@ from __future__ import annotations
 class MemoryBudget:
     """``held`` bytes out of ``limit``. Holders on a hot path add to
     ``held`` themselves (the test of ``charge`` written out); the rest call
-    ``charge`` and ``release``. ``pressed`` and ``peak`` are brought up to
-    date by ``pressure_changed``, which the stack asks once per wake-up."""
+    ``charge`` and ``release``. ``pressed`` (and ``peak``) are brought up
+    to date by ``pressure_changed``, which the stack asks once per wake-up
+    near the marks and when a connection lets go of its buffers."""
 
     __slots__ = ("limit", "pressure", "relief", "held", "peak", "refused", "pressed", "episodes")
 

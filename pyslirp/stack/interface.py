@@ -152,15 +152,16 @@ class Stack:
         if held > budget.peak:  # hot paths charge without looking at peak
             budget.peak = held
         if held >= budget.relief or budget.pressed:
-            self._memory_pressure(now)
+            self.check_memory_pressure()
         if self.tcp is not None:
             self.tcp.flush(now)
         out, self._out = self._out, []
         self.counters["frames-out"] += len(out)
         return out
 
-    def _memory_pressure(self, now: float) -> None:
-        """Once per wake-up near the budget's marks: tell the NAT side when
+    def check_memory_pressure(self) -> None:
+        """Once per wake-up near the budget's marks (and where a holder lets
+        go of much): tell the NAT side when
         pressure begins or ends, and when it ends, the connections that it
         held back (their windows and send space open again)."""
         budget = self.budget

@@ -586,7 +586,7 @@ class TcpLayer:
         budget = self.budget
         budget.held -= freed
         if budget.pressed and budget.held < budget.relief:
-            self.stack._memory_pressure(now)
+            self.stack.check_memory_pressure()
         if not rx:
             conn.rx_notified = False
             if conn.state is CLOSED:
@@ -676,7 +676,7 @@ class TcpLayer:
                 self.unread[conn] = None
         budget = self.budget
         if budget.pressed and budget.held < budget.relief:
-            self.stack._memory_pressure(0.0)  # (no clock here; none is needed)
+            self.stack.check_memory_pressure()
 
     def release_received(self, conn: TcpConnection) -> None:
         """The NAT side will not pass on the rest of conn.rx (its host socket
