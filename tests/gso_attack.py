@@ -37,6 +37,8 @@ class Flow:
         self.acked = 0  # data bytes acknowledged
         self.window = 0
         self.sent = 0  # segments sent
+        self.stalled = 0  # segments sent since acked last moved
+        self.last_acked = 0
         self.done = False
 
 
@@ -87,7 +89,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--connections", type=int, default=8)
-    ap.add_argument("--segments", type=int, default=1100)  # per connection, at most
+    ap.add_argument("--segments", type=int, default=3000)  # per connection, at most
+    ap.add_argument("--stall", type=int, default=100)  # sends without progress: done
     ap.add_argument("--mtu", type=int, default=65520)
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--hold", action="store_true")
@@ -116,9 +119,13 @@ def main() -> None:
         if not busy:
             break
         for flow in busy:
-            if flow.sent >= args.segments or flow.window < 1024:
+            if flow.acked != flow.last_acked:
+                flow.last_acked = flow.acked
+                flow.stalled = 0
+            if flow.sent >= args.segments or flow.window < 1024 or flow.stalled > args.stall:
                 flow.done = True
                 continue
+            flow.stalled += 1
             start = max(flow.acked - (size - 1024), 0)
             sock.send(frame(flow, args.port, start, ACK | PSH, stream[start : start + size]))
             flow.sent += 1

@@ -23,6 +23,10 @@ BUDGET_MIB = 32
 # Python's own overhead beyond the bytes held (objects, the heap's slack,
 # frames in flight): the growth may exceed the budget by this much.
 MARGIN_MIB = 32
+# Under PyPy (PYSLIRP_TEST_PYTHON=pypy3) garbage waits for a major
+# collection, which comes when the heap has grown by 1.82 times what
+# survived the last one (PYPY_GC_MAJOR_COLLECT): the budget counts that much.
+GC_FACTOR = 1.82 if "pypy" in harness.FORWARDER[0] else 1.0
 
 
 def rss_kib(pid: int) -> int:
@@ -116,7 +120,9 @@ def test_overlapping_gso_attack_through_the_tap_stays_within_the_budget():
         assert report["connections"] == 40 and len(accepted) == 40
         # Unbounded, 40 connections of this would pin about 40 x 64 MiB.
         assert report["frame_bytes"] > 8 * (BUDGET_MIB + MARGIN_MIB) * 1024 * 1024
-        assert growth_mib <= BUDGET_MIB + MARGIN_MIB
+        assert growth_mib <= BUDGET_MIB * GC_FACTOR + MARGIN_MIB
+        # It got as far as the budget allows (less what the kernel took).
+        assert report["acked"] > BUDGET_MIB * 1024 * 1024 * 3 // 4
         assert "memory budget: under pressure" in log
 
 
