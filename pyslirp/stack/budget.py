@@ -13,8 +13,10 @@ upstream) charges the bytes it actually holds, a view of a frame counted as
 the whole frame, and releases them when it lets go. ``charge`` refuses what
 would take the total past ``limit``: the holder drops that one datagram or
 segment (the guest resends it, or its flow is reset), never the process.
-Windows offered to the guest shrink as ``held`` passes ``pressure``, so a
-guest that respects them is flow-controlled before anything is refused.
+Past ``pressure`` a window (or send space) offered anew is a quarter of
+what is left, nothing at the limit; a window already offered is not taken
+back (RFC 1122), so a segment inside it may still be refused at the limit
+and resent, as in Linux when tcp_mem's limit is reached.
 """
 
 from __future__ import annotations
