@@ -96,6 +96,9 @@ CAP_NET_BIND_SERVICE if running as the root)
 --busy-poll=USEC         poll without sleeping for up to USEC microseconds
                          after traffic (python backend; default=50, 0: off,
                          max=1000)
+--memory-budget=SIZE     bytes held for the guest's flows at most, all
+                         together (python backend; K, M, G suffixes,
+                         binary; default=256M, min=1M)
 --dns-upstream=ADDR[:PORT]
                          resolver for the DNS proxy (repeatable;
                          default=every nameserver in /etc/resolv.conf)
@@ -143,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-offload", action="store_true")
     p.add_argument("--busy-poll", default="50")
     p.add_argument("--dns-upstream", action="append", default=[])
+    p.add_argument("--memory-budget", default="256M")
     p.add_argument("--log-level", default="warning")
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("-v", "--version", action="store_true")
@@ -171,6 +175,22 @@ def parse_mtu(text: str) -> int:
     if mtu is None or not MIN_MTU <= mtu <= MAX_MTU:
         raise UsageError(f"MTU must be an integer from {MIN_MTU} to {MAX_MTU}, not {text!r}")
     return mtu
+
+
+MIN_MEMORY_BUDGET = 1 << 20  # below a MiB one 1 MiB window would not fit
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_memory_budget(text: str) -> int:
+    """--memory-budget: bytes, or K, M, G (powers of 1024)."""
+    match = re.fullmatch(r"(\d{1,15})([KMG]?)", text.strip().upper())
+    size = int(match.group(1)) * _SIZE_SUFFIXES[match.group(2)] if match else None
+    if size is None or size < MIN_MEMORY_BUDGET:
+        raise UsageError(
+            f"--memory-budget must be a size of at least 1M (bytes, or with K, M or G), "
+            f"not {text!r}"
+        )
+    return size
 
 
 MAX_BUSY_POLL_US = 1000
@@ -456,6 +476,7 @@ class Options:
         self.ready_fd = parse_fd(ns.ready_fd, "ready-fd")
         mtu = parse_mtu(ns.mtu)
         busy_poll = parse_busy_poll(ns.busy_poll)
+        memory_budget = parse_memory_budget(ns.memory_budget)
         cidr = parse_cidr(ns.cidr)
         self.macaddress = None
         if ns.macaddress is not None:
@@ -521,6 +542,7 @@ class Options:
                 dns_search=dns_search,
                 busy_poll=busy_poll,
                 **tcp_retransmission_from_env(os.environ),
+                memory_budget=memory_budget,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None

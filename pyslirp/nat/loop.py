@@ -32,7 +32,7 @@ import selectors
 import time
 
 from pyslirp.stack import virtio
-from pyslirp.stack.events import IcmpEchoRequested, UdpDatagramReceived
+from pyslirp.stack.events import IcmpEchoRequested, MemoryPressureChanged, UdpDatagramReceived
 from pyslirp.stack.interface import Stack
 
 from .compat import writev
@@ -127,6 +127,7 @@ class Loop:
         self._read_size = MAX_FRAME + virtio.HEADER_LEN if self.vnet else MAX_FRAME
         if stop_fd is not None:
             self._epoll.register(stop_fd, select.EPOLLIN)
+        self.on_event(MemoryPressureChanged, self._memory_pressure_changed)
         from .services import install
 
         install(self)
@@ -155,6 +156,19 @@ class Loop:
             self._quiet_events.add(event_type)
         else:
             self._quiet_events.discard(event_type)
+
+    @staticmethod
+    def _memory_pressure_changed(event, now: float) -> None:
+        if event.entered:
+            log.info(
+                "memory budget: under pressure, %d of %d bytes held; windows close",
+                event.held,
+                event.limit,
+            )
+        else:
+            log.info(
+                "memory budget: pressure over, %d of %d bytes held", event.held, event.limit
+            )
 
     def timers_changed(self) -> None:
         """A service's next_deadline() may have become earlier."""
@@ -333,6 +347,8 @@ class Loop:
                     self._dispatch_events(now)
             if stack._out or (tcp is not None and tcp.dirty):
                 flush(now)
+                if events:  # news from the flush (the memory budget's pressure)
+                    self._dispatch_events(now)
 
     def _busy_poll(self, spin: float, deadline):
         """Poll without sleeping for up to ``spin`` seconds (not past

@@ -44,6 +44,7 @@ from pyslirp.stack.events import (
     TcpDataReceived,
     TcpSendSpaceOpened,
 )
+from pyslirp.stack.tcp_connection import CLOSED
 from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 
 from .addressing import AddressMap, family_of
@@ -524,6 +525,8 @@ class TcpNat:
                 pass
         flow.sock.close()
         self.descriptors.release()
+        if flow.conn.state is CLOSED:  # guest bytes left unread go too
+            self.tcp.release_received(flow.conn)
         # The connection and its flow point at each other: once both are
         # done, the link goes, and reference counting frees them at once
         # rather than the cycle collector later (a connect/close run made

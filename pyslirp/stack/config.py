@@ -34,6 +34,11 @@ class StackConfig:
 
     # ARP (RFC 1122 2.3.2.2 asks to queue at least one packet per address).
     arp_queue_per_address: int = 32
+    # ...and at most this many bytes per address (IPv6 ND's queue too): four
+    # packets at the largest MTU, so that 64 addresses waiting cannot hold
+    # 32 x 64 KiB each (128 MiB per family); all of it counts against
+    # memory_budget as well.
+    arp_queue_bytes_per_address: int = 256 * 1024
     arp_pending_addresses: int = 64
     arp_retry_interval: float = 1.0
     arp_attempts: int = 3

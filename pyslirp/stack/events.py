@@ -84,3 +84,13 @@ class TcpConnectionClosed:
     """Both directions finished normally (TIME-WAIT or CLOSED)."""
 
     conn: object
+
+
+@dataclass(**SLOTS)
+class MemoryPressureChanged:
+    """The memory budget (budget.py) passed its pressure mark (``entered``)
+    or fell back below its relief mark: once per crossing, for the log."""
+
+    entered: bool
+    held: int
+    limit: int

@@ -20,7 +20,7 @@ from . import arp, checksum, ethernet, icmpv4, icmpv6, ipv4, ipv6, udp, virtio
 from .budget import MemoryBudget
 from .config import StackConfig
 from .errors import MalformedFrame
-from .events import IcmpEchoRequested, UdpDatagramReceived
+from .events import IcmpEchoRequested, MemoryPressureChanged, UdpDatagramReceived
 from .ipv6_layer import Ipv6Layer
 from .reassembly import Reassembler
 
@@ -35,10 +35,11 @@ _VNET_GSO_TCP = frozenset((virtio.GSO_NONE, virtio.GSO_TCPV4, virtio.GSO_TCPV6))
 
 
 class _PendingArp:
-    __slots__ = ("packets", "attempts", "retry_at")
+    __slots__ = ("packets", "size", "attempts", "retry_at")
 
     def __init__(self, retry_at: float) -> None:
         self.packets: list[bytes] = []
+        self.size = 0  # bytes in packets, charged to the memory budget
         self.attempts = 1
         self.retry_at = retry_at
 
@@ -66,6 +67,7 @@ class Stack:
             config.reassembly_max_datagrams,
             config.reassembly_max_bytes,
             config.reassembly_max_fragments,
+            self.budget,
         )
         self._local = {config.gateway, config.dns}
         self._broadcast = config.broadcast  # a computed property: once, not per packet
@@ -145,11 +147,43 @@ class Stack:
     def vnet_frames_to_send(self, now: float) -> list:
         """The frames for the guest, each either a frame (its virtio_net_hdr
         is virtio.NO_OFFLOAD) or a (virtio_net_hdr, frame) pair."""
+        budget = self.budget
+        held = budget.held
+        if held > budget.peak:  # hot paths charge without looking at peak
+            budget.peak = held
+        if held >= budget.relief or budget.pressed:
+            self.check_memory_pressure()
         if self.tcp is not None:
             self.tcp.flush(now)
         out, self._out = self._out, []
         self.counters["frames-out"] += len(out)
         return out
+
+    def check_memory_pressure(self) -> None:
+        """Once per wake-up near the budget's marks (and where a holder lets
+        go of much): tell the NAT side when
+        pressure begins or ends, and when it ends, the connections that it
+        held back (their windows and send space open again)."""
+        budget = self.budget
+        changed = budget.pressure_changed()
+        if changed is None:
+            return
+        self.counters["memory-pressure-entered" if changed else "memory-pressure-left"] += 1
+        self._events.append(MemoryPressureChanged(changed, budget.held, budget.limit))
+        if not changed and self.tcp is not None:
+            self.tcp.memory_relieved()  # window updates go at the next flush
+
+    def memory_held(self) -> dict:
+        """What each holder holds, recounted from its buffers (tests compare
+        the sum with budget.held; holders on the NAT side add their own)."""
+        held = {
+            "tcp": self.tcp.held_bytes() if self.tcp is not None else 0,
+            "reassembly": self._reassembler.held_bytes,
+            "arp": sum(p.size for p in self._arp_pending.values()),
+        }
+        if self.ipv6 is not None:
+            held["nd"] = sum(p.size for p in self.ipv6.pending.values())
+        return held
 
     def next_event(self):
         return self._events.popleft() if self._events else None
@@ -187,6 +221,7 @@ class Stack:
             if pending.attempts >= self.config.arp_attempts:
                 del self._arp_pending[addr]
                 self.drops["arp-unresolved"] += len(pending.packets)
+                self.budget.release(pending.size)
                 continue
             pending.attempts += 1
             pending.retry_at = now + self.config.arp_retry_interval
@@ -366,6 +401,7 @@ class Stack:
         if pending is not None:
             head = ethernet.header(mac, self.gateway_mac, ethernet.ETHERTYPE_IPV4)
             self._out.extend(head + packet for packet in pending.packets)
+            self.budget.release(pending.size)
 
     def _receive_ipv4(self, data, src_mac: bytes, now: float) -> None:
         header = ipv4.parse(data)
@@ -504,10 +540,18 @@ class Stack:
                 return
             pending = self._arp_pending[dst] = _PendingArp(now + self.config.arp_retry_interval)
             self._send_arp_request(dst)
-        if len(pending.packets) >= self.config.arp_queue_per_address:
+        size = len(packet)
+        if (
+            len(pending.packets) >= self.config.arp_queue_per_address
+            or pending.size + size > self.config.arp_queue_bytes_per_address
+        ):
             self.drops["arp-queue-full"] += 1
             return
+        if not self.budget.charge(size):
+            self.drops["arp-memory-budget"] += 1
+            return
         pending.packets.append(packet)
+        pending.size += size
 
     def _send_arp_request(self, addr: bytes) -> None:
         request = arp.emit(arp.REQUEST, self.gateway_mac, self.config.gateway, bytes(6), addr)

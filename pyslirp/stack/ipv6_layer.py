@@ -65,10 +65,11 @@ _FROM_V4_UNREACHABLE = {
 
 
 class _Pending:
-    __slots__ = ("packets", "attempts", "retry_at")
+    __slots__ = ("packets", "size", "attempts", "retry_at")
 
     def __init__(self, retry_at: float) -> None:
         self.packets: list[bytes] = []
+        self.size = 0  # bytes in packets, charged to the memory budget
         self.attempts = 1
         self.retry_at = retry_at
 
@@ -401,6 +402,7 @@ class Ipv6Layer:
         if pending is not None:
             head = ethernet.header(mac, self.mac, ethernet.ETHERTYPE_IPV6)
             stack._out.extend(head + packet for packet in pending.packets)
+            stack.budget.release(pending.size)
 
     def learn_neighbor(self, addr: bytes, mac: bytes) -> None:
         self._learn(addr, mac, 0.0)
@@ -469,10 +471,18 @@ class Ipv6Layer:
                 return
             pending = self.pending[dst] = _Pending(now + config.nd_retry_interval)
             self._solicit(dst, now)
-        if len(pending.packets) >= config.arp_queue_per_address:
+        size = len(packet)
+        if (
+            len(pending.packets) >= config.arp_queue_per_address
+            or pending.size + size > config.arp_queue_bytes_per_address
+        ):
             self.stack.drops["nd-queue-full"] += 1
             return
+        if not self.stack.budget.charge(size):
+            self.stack.drops["nd-memory-budget"] += 1
+            return
         pending.packets.append(packet)
+        pending.size += size
 
     def _solicit(self, target: bytes, now: float) -> None:
         """RFC 4861 7.2.2: a solicitation to the target's solicited-node group."""
@@ -565,6 +575,7 @@ class Ipv6Layer:
             if pending.attempts >= config.nd_attempts:
                 del self.pending[addr]
                 self.stack.drops["nd-unresolved"] += len(pending.packets)
+                self.stack.budget.release(pending.size)
                 # RFC 4861 7.2.2: address unreachable for what waited.
                 continue
             pending.attempts += 1

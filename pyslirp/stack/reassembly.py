@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pyslirp._compat import SLOTS
 
 from . import checksum
+from .budget import MemoryBudget
 from .errors import MalformedFrame
 
 MAX_PACKET = 65535
@@ -48,8 +49,18 @@ def finish_ipv4(first_header: bytes, payload_len: int) -> bytes:
 
 
 class Reassembler:
-    def __init__(self, timeout: float, max_datagrams: int, max_bytes: int, max_fragments: int):
+    def __init__(
+        self,
+        timeout: float,
+        max_datagrams: int,
+        max_bytes: int,
+        max_fragments: int,
+        budget: MemoryBudget | None = None,
+    ):
         self.timeout = timeout
+        # Fragments are copies (held exactly as counted), charged to the
+        # stack's memory budget as well as bounded by max_bytes.
+        self.budget = budget if budget is not None else MemoryBudget(max_bytes)
         self.max_datagrams = max_datagrams
         self.max_bytes = max_bytes
         self.max_fragments = max_fragments
@@ -121,6 +132,9 @@ class Reassembler:
         if len(entry.pieces) >= self.max_fragments:
             self._forget(key)
             raise MalformedFrame("reassembly-too-many-fragments")
+        if not self.budget.charge(len(data)):
+            self._forget(key)
+            raise MalformedFrame("reassembly-memory-budget")
         entry.pieces[offset] = bytes(data)
         entry.received += len(data)
         self._bytes += len(data)
@@ -138,6 +152,7 @@ class Reassembler:
         entry = self._held.pop(key, None)
         if entry is not None:
             self._bytes -= entry.received
+            self.budget.release(entry.received)
 
     def expire(self, now: float) -> list[tuple[tuple, bytes, bytes]]:
         """Drop timed-out datagrams; return (key, first header, first piece) for

@@ -21,13 +21,19 @@ from __future__ import annotations
 import enum
 from collections import deque
 
+from .budget import held_size
 from .events import TcpDataReceived, TcpSendSpaceOpened
 from .tcp import ACK, FIN, PSH, RST, SYN, URG
 
 MASK = 0xFFFFFFFF
 HALF = 0x80000000
 # Guest payloads shorter than this are copied (and merged up to
-# MERGED_CHUNK) rather than kept as views of their frames.
+# MERGED_CHUNK) rather than kept as views of their frames. A longer one is
+# kept as a view only if it is at least half its frame (an honest segment
+# is nearly all of it): a view keeps the whole frame alive and is charged
+# to the memory budget as such, so a small piece of a large frame (a
+# segment that overlaps what came before) is copied instead, and what a
+# connection holds stays within twice what its window counts.
 SMALL_SEGMENT = 1024
 MERGED_CHUNK = 65536
 
@@ -106,18 +112,28 @@ class SendBuffer:
             chunks.append(bytes(data))
         self.size += size
 
-    def drop(self, count: int) -> None:
-        """Forget ``count`` acknowledged bytes at the front."""
+    def held(self) -> int:
+        """Bytes the chunks keep alive (the front one whole)."""
+        return self.size + self.offset
+
+    def drop(self, count: int) -> int:
+        """Forget ``count`` acknowledged bytes at the front; returns how
+        many bytes that let go of (whole chunks only)."""
         if count >= self.size:
+            freed = self.size + self.offset
             self.chunks.clear()
             self.offset = self.size = 0
-            return
+            return freed
         self.size -= count
         chunks = self.chunks
         count += self.offset
+        freed = 0
         while count >= len(chunks[0]):
-            count -= len(chunks.popleft())
+            size = len(chunks.popleft())
+            count -= size
+            freed += size
         self.offset = count
+        return freed
 
     def view(self, start: int, end: int):
         """Bytes [start, end) counted from SND.UNA (a view when it can)."""
@@ -351,15 +367,25 @@ class TcpConnection:
 
     # ------------------------------------------------------------ helpers
     def send_space(self) -> int:
-        return self.snd_limit - self.snd_buf.size
+        """What the send buffer may still take (TcpLayer.send_space, without
+        marking the connection as waiting)."""
+        space = self.snd_limit - self.snd_buf.size
+        room = self.layer.budget.window_room()
+        return space if space < room else room
 
     def in_flight(self) -> int:
         return (self.snd_nxt - self.snd_una) & MASK
 
     def receive_window(self) -> int:
         """The window we would advertise now: free receive buffer, never
-        moving the right edge left (RFC 9293 3.8.6.2.2 and 3.10.7.4)."""
+        moving the right edge left (RFC 9293 3.8.6.2.2 and 3.10.7.4), and
+        under memory pressure no more than the budget has room for."""
         space = self.rcv_limit - self.rx_bytes
+        budget = self.layer.budget
+        if budget.held >= budget.pressure:
+            room = budget.window_room()
+            if space > room:
+                space = room
         if space < 0:
             space = 0
         advertised = (self.rcv_adv - self.rcv_nxt) & MASK
@@ -371,8 +397,16 @@ class TcpConnection:
         """Window for the header, scaled (RFC 7323 2.2), updating RCV.ADV.
 
         Receiver silly window avoidance (RFC 9293 3.8.6.2.2): the right edge
-        moves only when it can move by min(buffer/2, MSS)."""
+        moves only when it can move by min(buffer/2, MSS). Under memory
+        pressure the free space is what the budget has room for: the edge
+        stops moving (it is never pulled back, RFC 1122 4.2.2.16), and what
+        still arrives inside it is dropped if the budget cannot take it."""
         space = self.rcv_limit - self.rx_bytes
+        budget = self.layer.budget
+        if budget.held >= budget.pressure:
+            room = budget.window_room()
+            if space > room:
+                space = room
         if space < 0:
             space = 0
         advertised = (self.rcv_adv - self.rcv_nxt) & MASK
@@ -571,8 +605,10 @@ class TcpConnection:
                     flags &= ~FIN  # the FIN lies beyond the window
                 if data:
                     if offset == 0:
-                        self._deliver(data)
-                        if self.ooo:
+                        if not self._deliver(data):
+                            self.memory_refused()
+                            flags &= ~FIN  # it follows bytes we did not take
+                        elif self.ooo:
                             self._drain_ooo(now)
                         elif not trimmed:
                             # RFC 1122 4.2.3.2 and RFC 5681 4.2: delay the ACK
@@ -640,12 +676,14 @@ class TcpConnection:
         if ts is not None:
             self.ts_recent = ts[0]
         if fin:  # in order after the text: ACK it now (_fin_received does)
-            if plen:
-                self._deliver(payload)
-            self._fin_received(now)
+            if plen and not self._deliver(payload):
+                self.memory_refused()  # the FIN too: it follows the text
+            else:
+                self._fin_received(now)
         elif plen:
-            self._deliver(payload)
-            if ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit:
+            if not self._deliver(payload):
+                self.memory_refused()
+            elif ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit:
                 if self.delack_at is None:  # layer.delay_ack, inlined
                     layer = self.layer
                     at = self.delack_at = now + layer.config.delayed_ack_timeout
@@ -748,7 +786,7 @@ class TcpConnection:
             self.fin_acked = True
             data_acked -= 1
         if data_acked:
-            self.snd_buf.drop(data_acked)
+            self.layer.budget.held -= self.snd_buf.drop(data_acked)
             self.bytes_out += data_acked
         self.snd_una = ack
         if ack != self.snd_nxt and 0 < ((ack - self.snd_nxt) & MASK) < HALF:
@@ -820,27 +858,57 @@ class TcpConnection:
             self.cwnd = self.ssthresh + 3 * mss
             self.rtx_at = now + self.rto
 
-    def _deliver(self, data) -> None:
+    def _deliver(self, data) -> bool:
+        """Append in-order bytes to ``rx``, charged to the memory budget at
+        what they keep alive; False (nothing changed) if it has no room."""
         n = len(data)
         rx = self.rx
+        budget = self.layer.budget
         if n >= SMALL_SEGMENT:
+            if type(data) is memoryview:
+                cost = len(data.obj)
+                if cost > n + n:  # a small part of a large frame: copy it
+                    data = bytes(data)
+                    cost = n
+            else:
+                cost = n
+            held = budget.held + cost  # budget.charge, written out
+            if held > budget.limit:
+                return False
+            budget.held = held
             rx.append(data)  # a view of the frame: no copy
-        elif rx and type(rx[-1]) is bytearray and len(rx[-1]) < MERGED_CHUNK:
-            rx[-1] += data
         else:
-            # Copied: a view would keep its whole frame (and itself) alive,
-            # hundreds of bytes for each byte of a tiny segment.
-            rx.append(bytearray(data))
+            held = budget.held + n
+            if held > budget.limit:
+                return False
+            budget.held = held
+            if rx and type(rx[-1]) is bytearray and len(rx[-1]) < MERGED_CHUNK:
+                rx[-1] += data
+            else:
+                # Copied: a view would keep its whole frame (and itself) alive,
+                # hundreds of bytes for each byte of a tiny segment.
+                rx.append(bytearray(data))
         self.rx_bytes += n
         self.bytes_in += n
         self.rcv_nxt = (self.rcv_nxt + n) & MASK
         if not self.rx_notified:  # notify_readable, inlined
             self.rx_notified = True
             self.layer.events.append(TcpDataReceived(self))
+        return True
+
+    def memory_refused(self) -> None:
+        """In-window text the memory budget could not take: dropped and
+        counted, and an ACK tells the guest what we have (it resends)."""
+        layer = self.layer
+        layer.budget.refused += 1
+        layer.stack.drops["tcp-memory-budget"] += 1
+        self.ack_pending = True
+        self.mark()
 
     def _queue_ooo(self, start: int, data) -> None:
         """Keep an in-window segment that came early, bounded in count and,
-        overlaps included, in bytes by the receive buffer."""
+        overlaps included, in bytes by the receive buffer; charged to the
+        memory budget like in-order bytes (_deliver)."""
         ooo = self.ooo
         layer = self.layer
         if len(ooo) >= layer.config.max_out_of_order or self.ooo_bytes + len(data) > self.rcv_limit:
@@ -854,14 +922,20 @@ class TcpConnection:
         if i and ooo[i - 1][0] == start and len(ooo[i - 1][1]) >= len(data):
             layer.counters["tcp-ooo-duplicate"] += 1
             return
-        if len(data) < SMALL_SEGMENT:
-            data = bytes(data)  # do not keep the whole frame for a few bytes
+        n = len(data)
+        if n < SMALL_SEGMENT or type(data) is memoryview and len(data.obj) > n + n:
+            data = bytes(data)  # do not keep the whole frame for a part of it
+        cost = held_size(data)
+        if not layer.budget.charge(cost):
+            layer.stack.drops["tcp-memory-budget"] += 1
+            return
         ooo.insert(i, (start, data))
-        self.ooo_bytes += len(data)
+        self.ooo_bytes += n
         layer.counters["tcp-ooo-queued"] += 1
 
     def _drain_ooo(self, now: float) -> None:
         ooo = self.ooo
+        budget = self.layer.budget
         while ooo:
             start, data = ooo[0]
             offset = (start - self.rcv_nxt) & MASK
@@ -869,22 +943,34 @@ class TcpConnection:
                 end = (start + len(data) - self.rcv_nxt) & MASK
                 del ooo[0]
                 self.ooo_bytes -= len(data)
-                if 0 < end < HALF:
-                    self._deliver(data[len(data) - end :])
+                budget.held -= held_size(data)
+                # (The tail costs no more than the entry just let go.)
+                if 0 < end < HALF and not self._deliver(data[len(data) - end :]):
+                    self.memory_refused()
+                    break
             elif offset == 0:
                 del ooo[0]
                 self.ooo_bytes -= len(data)
-                self._deliver(data)
+                budget.held -= held_size(data)
+                if not self._deliver(data):
+                    self.memory_refused()
+                    break
             else:
                 break
         if self.ooo_fin is not None and self.ooo_fin == self.rcv_nxt:
             self.ooo_fin = None
             self._fin_received(now)
 
+    def drop_out_of_order(self) -> None:
+        """Forget the out-of-order queue and what it was charged."""
+        if self.ooo:
+            self.layer.budget.held -= sum(held_size(data) for _start, data in self.ooo)
+            self.ooo.clear()
+        self.ooo_bytes = 0
+
     def _fin_received(self, now: float) -> None:
         self.rcv_nxt = (self.rcv_nxt + 1) & MASK
-        self.ooo.clear()
-        self.ooo_bytes = 0
+        self.drop_out_of_order()
         self.guest_fin = True
         self.ack_pending = True
         self.mark()

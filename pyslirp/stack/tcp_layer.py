@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pyslirp._compat import SLOTS
 
 from . import checksum, ethernet, icmpv4, ipv4, tcp, virtio
+from .budget import held_size
 from .events import (
     TcpConnected,
     TcpConnectionClosed,
     TcpConnectionReset,
     TcpConnectRequested,
+    TcpSendSpaceOpened,
 )
 from .tcp import ACK, FIN, PSH, RST, SYN, URG
 from .tcp_connection import (
@@ -122,6 +124,13 @@ class TcpLayer:
         self.isn_key = stack.config.isn_key  # RFC 6528's secret (StackConfig)
         self.connections: dict[tuple, TcpConnection] = {}
         self.events = stack._events
+        # Every byte a connection holds (rx, the out-of-order queue, snd_buf)
+        # is charged to the stack's memory budget and released as it goes.
+        self.budget = stack.budget
+        # Connections gone from the table whose received bytes the NAT side
+        # may still pass on (a graceful close): charged until it has, or
+        # until it lets go (release_received).
+        self.unread: dict[TcpConnection, None] = {}
         self.dirty: list[TcpConnection] = []
         self.counters: Counter = Counter()
         self.verify_checksum = self.config.verify_checksum
@@ -515,11 +524,20 @@ class TcpLayer:
             self.stack.send_icmp_error(icmpv4.DEST_UNREACHABLE, icmp_code, conn.syn_packet, now)
 
     def send_space(self, conn: TcpConnection) -> int:
-        """How many bytes ``send`` would take now (0 marks the connection as
-        waiting for TcpSendSpaceOpened)."""
+        """How many bytes ``send`` would take now: the send buffer's free
+        space, no more than the memory budget has room for (under pressure
+        a share of what is left, at the limit nothing: the host peer waits
+        on its own socket buffer). 0 marks the connection as waiting for
+        TcpSendSpaceOpened."""
         if conn.close_requested or conn.state not in OPEN_FOR_SEND:
             return 0
         space = conn.snd_limit - conn.snd_buf.size
+        budget = self.budget
+        held = budget.held
+        if held >= budget.pressure or space > budget.limit - held:  # else no call
+            room = budget.window_room()
+            if space > room:
+                space = room
         if space <= 0:
             conn.send_blocked = True
             return 0
@@ -534,6 +552,12 @@ class TcpLayer:
         if conn.close_requested or conn.state not in OPEN_FOR_SEND:
             return 0
         space = conn.snd_limit - conn.snd_buf.size
+        budget = self.budget
+        held = budget.held
+        if held >= budget.pressure or space > budget.limit - held:  # as send_space
+            room = budget.window_room()
+            if space > room:
+                space = room
         size = len(data)
         if size > space:
             conn.send_blocked = True
@@ -541,7 +565,8 @@ class TcpLayer:
                 return 0
             data = memoryview(data)[:space]
             size = space
-        conn.snd_buf.append(data)
+        budget.held += size  # budget.charge: within window_room, so within the limit
+        conn.snd_buf.append(data)  # a copy: it holds just ``size`` bytes more
         if at_once and not conn.dirty:
             conn.output(now)
         else:
@@ -553,22 +578,38 @@ class TcpLayer:
         if count <= 0:
             return
         rx = conn.rx
-        if count >= conn.rx_bytes:  # all of it (a request, say): no walk
+        freed = 0
+        if count >= conn.rx_bytes:  # all of it (a request, say)
+            if len(rx) == 1:
+                head = rx[0]
+                freed = len(head.obj) if type(head) is memoryview else len(head)
+            else:
+                freed = sum(map(held_size, rx))
             rx.clear()
             conn.rx_bytes = 0
         else:
             conn.rx_bytes -= count
-        while count > 0 and rx:
-            head = rx[0]
-            size = len(head)
-            if size <= count:
-                rx.popleft()
-                count -= size
-            else:
-                rx[0] = head[count:]
-                break
+            while count > 0 and rx:
+                head = rx[0]
+                size = len(head)
+                if size <= count:
+                    rx.popleft()
+                    count -= size
+                    freed += len(head.obj) if type(head) is memoryview else size
+                else:
+                    if type(head) is not memoryview:  # a copy: only the rest stays
+                        freed += count
+                    rx[0] = head[count:]
+                    break
+        budget = self.budget
+        budget.held -= freed
+        if budget.pressed and budget.held < budget.relief:
+            self.stack.check_memory_pressure()
         if not rx:
             conn.rx_notified = False
+            if conn.state is CLOSED:
+                self.unread.pop(conn, None)
+                return
         if conn.state in RECEIVING:
             space = conn.rcv_limit - conn.rx_bytes
             advertised = (conn.rcv_adv - conn.rcv_nxt) & MASK
@@ -603,7 +644,7 @@ class TcpLayer:
         else:
             if state is not SYN_SENT and state is not TIME_WAIT:
                 self.emit(conn, RST | ACK, conn.snd_nxt, b"", now)
-            self.remove(conn)
+            self.remove(conn, reset=True)
         self.counters["tcp-aborted"] += 1
         if reason is not None and not conn.end_notified:
             conn.end_notified = True
@@ -632,14 +673,70 @@ class TcpLayer:
         return conn
 
     # ------------------------------------------------------------ endings
-    def remove(self, conn: TcpConnection) -> None:
+    def remove(self, conn: TcpConnection, reset: bool = False) -> None:
+        """Out of the table, its buffers released: all of them after a
+        ``reset`` or when nobody will read, else (a graceful close) the
+        received bytes stay for the NAT side (``unread``)."""
         if self.connections.get(conn.key) is conn:
             del self.connections[conn.key]
         conn.state = CLOSED
         conn.rtx_at = conn.wait_at = conn.delack_at = conn.heap_at = None
+        if conn.ooo:
+            conn.drop_out_of_order()
+        buf = conn.snd_buf
+        if buf.size or buf.offset:
+            self.budget.held -= buf.held()
+            buf.drop(buf.size)
+        if conn.rx:
+            if reset or conn.user is None:
+                self.release_received(conn)
+            else:
+                self.unread[conn] = None
+        budget = self.budget
+        if budget.pressed and budget.held < budget.relief:
+            self.stack.check_memory_pressure()
+
+    def release_received(self, conn: TcpConnection) -> None:
+        """The NAT side will not pass on the rest of conn.rx (its host socket
+        is gone): drop those bytes and what they were charged."""
+        rx = conn.rx
+        if rx:
+            self.budget.held -= sum(map(held_size, rx))
+            rx.clear()
+            conn.rx_bytes = 0
+        self.unread.pop(conn, None)
+
+    def held_bytes(self) -> int:
+        """What the connections hold, recounted from their buffers (for
+        tests: the budget's share of TCP must equal it)."""
+        total = 0
+        for conn in (*self.connections.values(), *self.unread):
+            total += sum(map(held_size, conn.rx))
+            total += sum(held_size(data) for _start, data in conn.ooo)
+            total += conn.snd_buf.held()
+        return total
+
+    def memory_relieved(self) -> None:
+        """The budget left pressure: connections it held back hear so, the
+        guest by a window update, the NAT side by TcpSendSpaceOpened."""
+        for conn in self.connections.values():
+            state = conn.state
+            if state in RECEIVING:
+                advertised = (conn.rcv_adv - conn.rcv_nxt) & MASK
+                if conn.rcv_limit - conn.rx_bytes - advertised >= conn.rcv_sws:
+                    conn.ack_pending = True
+                    conn.mark()
+            if (
+                conn.send_blocked
+                and state in OPEN_FOR_SEND
+                and not conn.close_requested
+                and conn.snd_buf.size < conn.snd_limit
+            ):
+                conn.send_blocked = False
+                self.events.append(TcpSendSpaceOpened(conn))
 
     def connection_reset(self, conn: TcpConnection, reason: str, now: float) -> None:
-        self.remove(conn)
+        self.remove(conn, reset=True)
         self.counters["tcp-reset-by-guest"] += 1
         if not conn.end_notified:
             conn.end_notified = True
@@ -886,6 +983,9 @@ class TcpLayer:
     def send_syn_ack(self, conn: TcpConnection, now: float) -> None:
         options, options_sum = self._syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)  # RFC 7323 2.2: a SYN's window is not scaled
+        room = self.budget.window_room()
+        if window > room:  # under memory pressure: little or nothing
+            window = room if room >= conn.rcv_sws else 0
         conn.rcv_adv = (conn.rcv_nxt + window) & MASK
         conn.ack_sent = conn.rcv_nxt
         conn.rtt_time = now
