@@ -53,11 +53,12 @@ import socket
 import stat
 import time
 
+from pyslirp.backend import READ
+
 from .timerfd import TimerFd
 
 log = logging.getLogger("pyslirp.api")
 
-READ = 1  # select.POLLIN == selectors.EVENT_READ
 MAX_MESSAGE = 4096  # slirp4netns's buffer: a read that fills it is "too large"
 MAX_CLIENTS = 16  # connections waiting for their request at once; oldest dropped
 # Seconds a client may keep its connection, to send its request and read
@@ -521,6 +522,16 @@ class ApiServer:
             self.sock = None
         self._guard.close()
         self.remove_file()
+
+    def hand_over_file(self) -> tuple | None:
+        """(path, (st_dev, st_ino)) of our socket file, for another process
+        to remove at exit (the sandbox's keeper, which keeps the mount rights
+        that we give up); from then on ``close`` leaves the file alone. None
+        when there is no file of ours."""
+        if self._identity is None:
+            return None
+        identity, self._identity = self._identity, None
+        return self.path, identity
 
     def remove_file(self) -> None:
         """Unlink the socket file if it is still ours."""

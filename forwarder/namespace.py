@@ -14,7 +14,6 @@ Everything here raises ``StartupError`` with one line fit for the user.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -26,12 +25,9 @@ from dataclasses import dataclass
 
 from pyslirp.nat.compat import if_nametoindex
 
-# <sched.h>, <sys/mount.h>, <linux/if_tun.h>
-CLONE_NEWNET = 0x40000000
-CLONE_NEWUSER = 0x10000000
-MS_BIND = 0x1000
-MNT_DETACH = 0x2
-UMOUNT_NOFOLLOW = 0x8
+from .libc import CLONE_NEWNET, CLONE_NEWUSER, MNT_DETACH, MS_BIND, UMOUNT_NOFOLLOW, libc
+
+# <fcntl.h>, <linux/if_tun.h>
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -56,35 +52,6 @@ class StartupError(Exception):
 
 def _errno_text(err: int) -> str:
     return os.strerror(err)
-
-
-class _Libc:
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self.unshare = libc.unshare
-        self.unshare.argtypes = [ctypes.c_int]
-        self.setns = libc.setns
-        self.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-        self.mount = libc.mount
-        self.mount.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_ulong,
-            ctypes.c_void_p,
-        ]
-        self.umount2 = libc.umount2
-        self.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-_libc: _Libc | None = None
-
-
-def libc() -> _Libc:
-    global _libc
-    if _libc is None:
-        _libc = _Libc()
-    return _libc
 
 
 def _check(result: int, what: str) -> None:

@@ -133,6 +133,8 @@ def install(handler: logging.Handler, limits: WarningLimits | None = None) -> Ra
 def serve(limiter: RateLimitFilter, backend) -> object:
     """Have ``backend``'s loop call ``limiter.flush`` when an interval with
     suppressed lines ends (a timerfd, no thread). Returns the timer."""
+    from pyslirp.backend import READ
+
     timer = TimerFd()
     armed = [None]  # the deadline the timer is set for
 
@@ -150,7 +152,7 @@ def serve(limiter: RateLimitFilter, backend) -> object:
             arm(deadline)
 
     try:
-        backend.register(timer.fileno(), 1, expired)
+        backend.register(timer.fileno(), READ, expired)
     except BaseException:
         timer.close()
         raise

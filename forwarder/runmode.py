@@ -24,23 +24,28 @@ import sys
 import tempfile
 import time
 
+from pyslirp.backend import READ
 from pyslirp.nat.compat import pidfd_open
 
-from .namespace import CLONE_NEWNET, CLONE_NEWUSER, ExistingNamespace, libc
+from .errors import PROG, fail
+from .libc import (
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWUSER,
+    MNT_DETACH,
+    MS_BIND,
+    MS_PRIVATE,
+    MS_REC,
+    errno_text,
+    libc,
+)
+from .namespace import ExistingNamespace
+from .serve import serve
 
-CLONE_NEWNS = 0x00020000
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-MNT_DETACH = 0x2
 EXIT_SETUP_FAILED = 125  # as env(1) and container runtimes: our failure, not COMMAND's
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 STOP_GRACE = 1.0  # seconds COMMAND gets after SIGTERM when we must stop first
-
-
-def _errno_text() -> str:
-    return os.strerror(ctypes.get_errno())
 
 
 def _write(path: str, text: str) -> None:
@@ -56,7 +61,7 @@ def _child(command, resolv_conf, to_parent: int, from_parent: int, uid: int, gid
         if uid != 0:
             flags |= CLONE_NEWUSER
         if lib.unshare(flags) != 0:
-            os.write(to_parent, f"unshare: {_errno_text()}".encode())
+            os.write(to_parent, f"unshare: {errno_text()}".encode())
             os._exit(EXIT_SETUP_FAILED)
         if uid != 0:
             # Root in the new user namespace is us outside it.
@@ -64,7 +69,7 @@ def _child(command, resolv_conf, to_parent: int, from_parent: int, uid: int, gid
             _write("/proc/self/uid_map", f"0 {uid} 1")
             _write("/proc/self/gid_map", f"0 {gid} 1")
         if lib.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-            os.write(to_parent, f"cannot make / private: {_errno_text()}".encode())
+            os.write(to_parent, f"cannot make / private: {errno_text()}".encode())
             os._exit(EXIT_SETUP_FAILED)
         os.write(to_parent, b"\0")
         os.close(to_parent)
@@ -83,8 +88,8 @@ def _child(command, resolv_conf, to_parent: int, from_parent: int, uid: int, gid
                 result = lib.mount(source, target, None, MS_BIND, None)
             if result != 0:
                 print(
-                    f"pyslirp-forwarder: warning: cannot bind-mount {resolv_conf} on "
-                    f"/etc/resolv.conf: {_errno_text()}",
+                    f"{PROG}: warning: cannot bind-mount {resolv_conf} on "
+                    f"/etc/resolv.conf: {errno_text()}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -93,11 +98,11 @@ def _child(command, resolv_conf, to_parent: int, from_parent: int, uid: int, gid
         try:
             os.execvp(command[0], command)
         except OSError as exc:
-            print(f"pyslirp-forwarder: {command[0]}: {exc.strerror}", file=sys.stderr, flush=True)
+            print(f"{PROG}: {command[0]}: {exc.strerror}", file=sys.stderr, flush=True)
             os._exit(EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE)
     except BaseException as exc:  # noqa: BLE001 - must not escape a forked child
         try:
-            print(f"pyslirp-forwarder: run mode: {exc!r}", file=sys.stderr, flush=True)
+            print(f"{PROG}: run mode: {exc!r}", file=sys.stderr, flush=True)
         finally:
             os._exit(EXIT_SETUP_FAILED)
 
@@ -108,8 +113,6 @@ def _exit_code(status: int) -> int:
 
 
 def run_command(options) -> int:
-    from .cli import _fail, serve
-
     config = options.config
     workdir = tempfile.mkdtemp(prefix="pyslirp-run-")
     resolv_conf = None
@@ -142,7 +145,7 @@ def run_command(options) -> int:
         if message != b"\0":
             _, status = os.waitpid(pid, 0)
             text = message.decode(errors="replace") or "the command's namespaces failed"
-            _fail(f"run mode: {text}")
+            fail(f"run mode: {text}")
             return EXIT_SETUP_FAILED
         options.target = ExistingNamespace(
             f"/proc/{pid}/ns/net", f"/proc/{pid}/ns/user" if uid != 0 else None
@@ -161,7 +164,7 @@ def run_command(options) -> int:
                 backend.unregister(pidfd)
                 request_stop()
 
-            backend.register(pidfd, 1, command_exited)
+            backend.register(pidfd, READ, command_exited)
             os.write(parent_w, b"g")
 
         code = serve(options, on_signal=on_signal, on_ready=on_ready)

@@ -23,7 +23,6 @@ to close (also when we are killed), does them, and exits.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -32,21 +31,24 @@ import struct
 import sys
 import time
 
+from .libc import (
+    CLONE_NEWNS,
+    CLONE_NEWUSER,
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    MS_SLAVE,
+    libc,
+)
 from .namespace import unmount_if_ours
 
-# <sched.h>, <sys/mount.h>, <linux/prctl.h>, <linux/capability.h>
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MNT_DETACH = 0x2
+# <linux/prctl.h>, <linux/capability.h>
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
@@ -200,30 +202,6 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-_libc = None
-
-
-def libc():
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        lib.mount.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_ulong,
-            ctypes.c_void_p,
-        ]
-        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        lib.unshare.argtypes = [ctypes.c_int]
-        lib.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-        lib.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-        lib.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
-        lib.syscall.restype = ctypes.c_long
-        _libc = lib
-    return _libc
-
-
 def _fail(what: str) -> None:
     err = ctypes.get_errno()
     raise SandboxError(f"{what}: {os.strerror(err)}")
@@ -324,12 +302,16 @@ def drop_capabilities() -> None:
     header = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
     bit = 1 << CAP_NET_BIND_SERVICE
     data = (_CapData * 2)((bit, bit, bit), (0, 0, 0))
+    lib.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
     if lib.capset(ctypes.byref(header), data) != 0:
         _fail("capset")
 
 
 # ------------------------------------------------------------------ seccomp
-def _arch():
+def seccomp_arch() -> tuple:
+    """This machine's entry in ARCHES: (AUDIT_ARCH_*, system call numbers,
+    whether x32 calls share the arch value). SandboxError where the table
+    is not known (the command line checks it before anything is set up)."""
     machine = platform.machine()
     arch = ARCHES.get(machine)
     if arch is None:
@@ -341,7 +323,7 @@ def _arch():
 
 
 def _syscall_number(name: str) -> int:
-    return _arch()[1][name]
+    return seccomp_arch()[1][name]
 
 
 def build_filter(audit_arch: int, table: dict, x32: bool, kill_action: int):
@@ -376,7 +358,7 @@ def _kill_action(nr_seccomp: int) -> int:
 
 def enable_seccomp() -> list[str]:
     """Load the filter on every thread of the process; the names blocked."""
-    audit_arch, table, x32 = _arch()
+    audit_arch, table, x32 = seccomp_arch()
     nr_seccomp = table["seccomp"]
     program, blocked = build_filter(audit_arch, table, x32, _kill_action(nr_seccomp))
     buffer = ctypes.create_string_buffer(program, len(program))

@@ -23,6 +23,8 @@ import logging
 import socket
 import struct
 
+from pyslirp.backend import READ
+
 from .timerfd import TimerFd
 
 log = logging.getLogger("pyslirp")
@@ -91,8 +93,8 @@ class SlaacWatch:
     def start(self, timeout: float = WAIT_TIMEOUT) -> None:
         self._timer = TimerFd()
         self._timer.arm(timeout)
-        self.backend.register(self.sock.fileno(), 1, self._readable)
-        self.backend.register(self._timer.fileno(), 1, self._timed_out)
+        self.backend.register(self.sock.fileno(), READ, self._readable)
+        self.backend.register(self._timer.fileno(), READ, self._timed_out)
         self._request(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0))
 
     def _request(self, kind: int, body: bytes) -> None:

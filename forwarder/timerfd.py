@@ -13,23 +13,13 @@ import ctypes
 import os
 import struct
 
+from .libc import libc
+
 # <sys/timerfd.h>, <time.h>
 CLOCK_MONOTONIC = 1
 TFD_CLOEXEC = os.O_CLOEXEC
 TFD_NONBLOCK = os.O_NONBLOCK
 _ITIMERSPEC = struct.Struct("=qqqq")  # it_interval (sec, nsec), it_value (sec, nsec)
-
-_libc = None
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        # The process's own symbols (libc's among them): no library search,
-        # which would run ldconfig, a process that seccomp would not allow.
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
 
 def _raise(what: str):
     err = ctypes.get_errno()
@@ -41,7 +31,7 @@ class TimerFd:
     readable once it has expired, until ``clear``."""
 
     def __init__(self) -> None:
-        fd = _lib().timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+        fd = libc().timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
         if fd < 0:
             _raise("timerfd_create")
         self.fd = fd
@@ -61,7 +51,7 @@ class TimerFd:
 
     def _set(self, seconds: int, nanoseconds: int) -> None:
         spec = ctypes.create_string_buffer(_ITIMERSPEC.pack(0, 0, seconds, nanoseconds))
-        if _lib().timerfd_settime(self.fd, 0, spec, None) != 0:
+        if libc().timerfd_settime(self.fd, 0, spec, None) != 0:
             _raise("timerfd_settime")
 
     def clear(self) -> None:

@@ -6,16 +6,17 @@ import json
 import pytest
 from scapy.layers.dhcp6 import DHCP6_Reply
 
-from forwarder import cli
+from forwarder import options
 from forwarder.api import Api
+from forwarder.serve import banner
 from pyslirp.nat.config import NetworkConfig, read_resolv_conf, read_resolv_conf_search
 from pyslirp.nat.dhcpv6 import Dhcpv6Server
 
 
-def parse(*argv: str, tmp_path) -> cli.Options:
+def parse(*argv: str, tmp_path) -> options.Options:
     ns_file = tmp_path / "net"
     ns_file.touch()
-    text, opts = cli.parse([*argv, "--dns-upstream", "127.0.0.1:9", str(ns_file)])
+    text, opts = options.parse([*argv, "--dns-upstream", "127.0.0.1:9", str(ns_file)])
     assert text is None
     return opts
 
@@ -29,10 +30,10 @@ def test_defaults_with_enable_ipv6(tmp_path):
     stack = config.stack_config()
     assert stack.ipv6 and stack.ipv6_link_local == ipaddress.IPv6Address("fe80::2").packed
     assert stack.mac_for(stack.ipv6_gateway) == bytes.fromhex("525600000002")
-    banner = cli.banner(opts)
-    assert "* IPv6 prefix:     fd00::/64" in banner
-    assert "* IPv6 gateway:    fd00::2 (also fe80::2)" in banner
-    assert "[::1]:* on the host is accessible as [fd00::2]" in banner
+    text = banner(opts)
+    assert "* IPv6 prefix:     fd00::/64" in text
+    assert "* IPv6 gateway:    fd00::2 (also fe80::2)" in text
+    assert "[::1]:* on the host is accessible as [fd00::2]" in text
 
 
 def test_ipv6_off_by_default(tmp_path):
@@ -41,7 +42,7 @@ def test_ipv6_off_by_default(tmp_path):
 
 
 def test_random_prefix_is_a_unique_local_64():
-    first, second = cli.parse_ipv6_prefix("random"), cli.parse_ipv6_prefix("random")
+    first, second = options.parse_ipv6_prefix("random"), options.parse_ipv6_prefix("random")
     for prefix in (first, second):
         assert prefix.prefixlen == 64
         assert prefix.network_address.packed[0] == 0xFD  # RFC 4193: fd00::/8, L = 1
@@ -54,19 +55,19 @@ def test_random_prefix_is_a_unique_local_64():
     [("fd12:3456:789a:1::", "fd12:3456:789a:1::/64"), ("2001:db8:5::/64", "2001:db8:5::/64")],
 )
 def test_prefix_forms(text, expected):
-    assert str(cli.parse_ipv6_prefix(text)) == expected
+    assert str(options.parse_ipv6_prefix(text)) == expected
 
 
 @pytest.mark.parametrize("text", ["fd00::/48", "fe80::/64", "ff02::/64", "::/64", "nonsense"])
 def test_bad_prefixes_refused(text):
-    with pytest.raises(cli.UsageError):
-        cli.parse_ipv6_prefix(text)
+    with pytest.raises(options.UsageError):
+        options.parse_ipv6_prefix(text)
 
 
 def test_publish_ipv6_goes_to_the_learned_guest_address(tmp_path):
     opts = parse("-6", "-p", "[::1]:8080:80", "-p", "[::]:5353:53/udp", tmp_path=tmp_path)
     assert opts.publish == [("tcp", "::1", 8080, "::", 80), ("udp", "::", 5353, "::", 53)]
-    assert "tcp [::1]:8080 -> the guest's IPv6 address:80" in cli.banner(opts)
+    assert "tcp [::1]:8080 -> the guest's IPv6 address:80" in banner(opts)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +75,7 @@ def test_publish_ipv6_goes_to_the_learned_guest_address(tmp_path):
     [("::1", ("::1", 53)), ("[::1]:5353", ("::1", 5353)), ("10.0.0.1:54", ("10.0.0.1", 54))],
 )
 def test_dns_upstreams_of_either_family(text, expected):
-    assert cli.parse_upstream(text) == expected
+    assert options.parse_upstream(text) == expected
 
 
 def test_resolv_conf_nameservers_and_search(tmp_path):

@@ -302,14 +302,14 @@ def test_many_connections_stay_within_one_budget_and_lose_nothing():
     [("1M", MIB), ("32m", 32 * MIB), ("1536K", 1536 * 1024), ("2G", 2 << 30), ("1048576", MIB)],
 )
 def test_memory_budget_option_sets_the_network_config(tmp_path, text, size):
-    from forwarder import cli
+    from forwarder.options import parse
 
     ns = tmp_path / "net"
     ns.touch()
-    _text, options = cli.parse([f"--memory-budget={text}", str(ns)])
+    _text, options = parse([f"--memory-budget={text}", str(ns)])
     assert options.config.memory_budget == size
     assert options.config.stack_config().memory_budget == size
-    _text, options = cli.parse([str(ns)])
+    _text, options = parse([str(ns)])
     assert options.config.memory_budget == 256 * MIB
 
 
