@@ -296,6 +296,12 @@ class ApiServer:
         self._timer = None  # a TimerFd: drops clients past CLIENT_TIMEOUT
         self._timer_at: float | None = None
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of replies that their clients have not taken yet (kept
+        near MAX_PENDING_REPLY_BYTES by dropping the oldest clients)."""
+        return self._pending_bytes
+
     # ------------------------------------------------------------ set-up
     def listen(self) -> None:
         """Bind and listen (raises ApiError with slirp4netns's wording)."""

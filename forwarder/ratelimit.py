@@ -73,6 +73,12 @@ class RateLimitFilter(logging.Filter):
         self._windows: dict[tuple, _Window] = {}
         self.suppressed_total = 0
 
+    @property
+    def kinds_tracked(self) -> int:
+        """How many kinds of warning have an open interval (at most
+        ``limits.max_kinds``)."""
+        return len(self._windows)
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.limits.level or getattr(record, "rate_limit_summary", False):
             return True

@@ -494,7 +494,7 @@ def test_replies_waiting_for_readers_are_bounded_in_total(monkeypatch, tmp_path)
             sock.sendall(b'{"execute": "list_connections"}')  # and never reads
             for _ in range(5):
                 serve_once()
-        assert server._pending_bytes <= 1 << 20
+        assert server.pending_bytes <= 1 << 20
         assert _hung_up(clients[0]) and _hung_up(clients[1])  # the oldest, dropped
         assert not _hung_up(clients[3])  # the newest still gets its reply
         received = b""
