@@ -25,32 +25,31 @@ import struct
 
 from pyslirp.backend import READ
 
+from .rtnetlink import (
+    IFA_ADDRESS,
+    IFA_F_DADFAILED,
+    IFA_F_TENTATIVE,
+    IFA_FLAGS,
+    IFADDRMSG,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSGHDR,
+    RTA_GATEWAY,
+    RTATTR,
+    RTM_GETADDR,
+    RTM_GETROUTE,
+    RTM_NEWADDR,
+    RTM_NEWROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMSG,
+)
 from .timerfd import TimerFd
 
 log = logging.getLogger("pyslirp")
 
-RTMGRP_IPV6_IFADDR = 0x100
-RTMGRP_IPV6_ROUTE = 0x400
 GROUPS = RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-RTM_NEWADDR = 20
-RTM_GETADDR = 22
-RTM_NEWROUTE = 24
-RTM_GETROUTE = 26
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-IFA_ADDRESS = 1
-IFA_FLAGS = 8
-IFA_F_DADFAILED = 0x08
-IFA_F_TENTATIVE = 0x40
-RTA_GATEWAY = 5
-RT_TABLE_MAIN = 254
-
-_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
-_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst len, src len, tos, table, ...
-_RTATTR = struct.Struct("=HH")  # length, type
 WAIT_TIMEOUT = 10.0  # seconds before the ready fd is written anyway
 
 
@@ -65,11 +64,11 @@ def open_watch_socket() -> socket.socket:
 
 
 def _attributes(data: bytes, offset: int, end: int):
-    while offset + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(data, offset)
-        if length < _RTATTR.size or offset + length > end:
+    while offset + RTATTR.size <= end:
+        length, kind = RTATTR.unpack_from(data, offset)
+        if length < RTATTR.size or offset + length > end:
             return
-        yield kind, data[offset + _RTATTR.size : offset + length]
+        yield kind, data[offset + RTATTR.size : offset + length]
         offset += (length + 3) & ~3
 
 
@@ -95,10 +94,10 @@ class SlaacWatch:
         self._timer.arm(timeout)
         self.backend.register(self.sock.fileno(), READ, self._readable)
         self.backend.register(self._timer.fileno(), READ, self._timed_out)
-        self._request(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0))
+        self._request(RTM_GETADDR, IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0))
 
     def _request(self, kind: int, body: bytes) -> None:
-        header = _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, kind, 0)
+        header = NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, kind, 0)
         try:
             self.sock.send(header + body)
         except OSError as exc:
@@ -112,7 +111,7 @@ class SlaacWatch:
                 break
             except OSError:  # ENOBUFS: events were lost; ask again
                 self._dumping = RTM_GETADDR
-                self._request(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0))
+                self._request(RTM_GETADDR, IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0))
                 continue
             self._messages(data)
             if self.done:
@@ -122,27 +121,27 @@ class SlaacWatch:
 
     def _messages(self, data: bytes) -> None:
         offset = 0
-        while offset + _NLMSG.size <= len(data):
-            length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
-            if length < _NLMSG.size or offset + length > len(data):
+        while offset + NLMSGHDR.size <= len(data):
+            length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, offset)
+            if length < NLMSGHDR.size or offset + length > len(data):
                 return
-            body = offset + _NLMSG.size
+            body = offset + NLMSGHDR.size
             end = offset + length
-            if kind == RTM_NEWADDR and end - body >= _IFADDRMSG.size:
+            if kind == RTM_NEWADDR and end - body >= IFADDRMSG.size:
                 self._address(data, body, end)
-            elif kind == RTM_NEWROUTE and end - body >= _RTMSG.size:
+            elif kind == RTM_NEWROUTE and end - body >= RTMSG.size:
                 self._route(data, body, end)
             elif kind == NLMSG_DONE and self._dumping == RTM_GETADDR:
                 self._dumping = RTM_GETROUTE
-                self._request(RTM_GETROUTE, _RTMSG.pack(socket.AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0))
+                self._request(RTM_GETROUTE, RTMSG.pack(socket.AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0))
             offset += (length + 3) & ~3
 
     def _address(self, data: bytes, body: int, end: int) -> None:
-        family, _plen, flags, _scope, _index = _IFADDRMSG.unpack_from(data, body)
+        family, _plen, flags, _scope, _index = IFADDRMSG.unpack_from(data, body)
         if family != socket.AF_INET6:
             return
         address = None
-        for kind, value in _attributes(data, body + _IFADDRMSG.size, end):
+        for kind, value in _attributes(data, body + IFADDRMSG.size, end):
             if kind == IFA_ADDRESS and len(value) == 16:
                 address = ipaddress.IPv6Address(value)
             elif kind == IFA_FLAGS and len(value) >= 4:
@@ -153,10 +152,10 @@ class SlaacWatch:
             self.address = str(address)
 
     def _route(self, data: bytes, body: int, end: int) -> None:
-        family, dst_len, *_rest = _RTMSG.unpack_from(data, body)
+        family, dst_len, *_rest = RTMSG.unpack_from(data, body)
         if family != socket.AF_INET6 or dst_len != 0:
             return
-        for kind, value in _attributes(data, body + _RTMSG.size, end):
+        for kind, value in _attributes(data, body + RTMSG.size, end):
             if kind == RTA_GATEWAY and value == self.router:
                 self.route = True
 

@@ -155,3 +155,11 @@ def test_read_comes_from_the_backend_interface():
         text = path.read_text()
         assert not re.search(r"^READ *=", text, re.MULTILINE), path.name
         assert not re.search(r"\bregister\([^,]+, 1,", text), path.name
+
+
+def test_each_constant_has_one_home():
+    homes: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        for match in re.finditer(r"^([A-Z][A-Z0-9_]*) *=", path.read_text(), re.MULTILINE):
+            homes.setdefault(match.group(1), []).append(path.name)
+    assert {name: where for name, where in homes.items() if len(where) > 1} == {}
