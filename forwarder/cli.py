@@ -166,7 +166,7 @@ def version_text() -> str:
 
 # ------------------------------------------------------------ validation
 def parse_mtu(text: str) -> int:
-    from pyslirp.nat.config import MAX_MTU, MIN_MTU
+    from pyslirp.config import MAX_MTU, MIN_MTU
 
     try:
         mtu = int(text, 10)
@@ -432,7 +432,7 @@ class Options:
 
     def __init__(self, ns, command: list[str] | None = None) -> None:
         from pyslirp.backend import BACKENDS
-        from pyslirp.nat.config import (
+        from pyslirp.config import (
             DEFAULT_IPV6_PREFIX,
             NetworkConfig,
             read_resolv_conf,

@@ -49,8 +49,8 @@ from collections import deque
 from concurrent.futures import Future
 
 from pyslirp.backend import Backend
-from pyslirp.nat.config import NetworkConfig, read_resolv_conf
-from pyslirp.nat.loop import write_tap
+from pyslirp.config import NetworkConfig, read_resolv_conf
+from pyslirp.tap import MAX_FRAME, write_tap
 
 log = logging.getLogger("pyslirp.libslirp")
 
@@ -58,7 +58,6 @@ LIBRARY = "libslirp.so.0"
 GLIB = "libglib-2.0.so.0"  # libslirp's own dependency, for g_free
 INSTALL_HINT = "apt-get install libslirp0"
 MIN_VERSION = (4, 1)
-MAX_FRAME = 65536 + 14
 
 # The subset of libslirp 4.7's public API that we use, declared for cffi.
 # struct in6_addr is 16 bytes aligned to 4 in glibc (a union with uint32_t[4]).

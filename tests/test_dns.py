@@ -16,7 +16,7 @@ from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
 from pyslirp.nat.dns import DnsProxy, servfail
 from pyslirp.stack.budget import MemoryBudget
 from tests.dnsserver import DnsServer

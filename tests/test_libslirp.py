@@ -28,7 +28,7 @@ from scapy.utils import rdpcap
 
 from pyslirp import libslirp
 from pyslirp.backend import BACKENDS, create_backend
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
 from tests.inprocess import InProcessNetwork
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,7 +295,7 @@ def test_missing_library_is_one_line_naming_the_package(monkeypatch):
 
 def test_nothing_else_imports_cffi_at_start_up():
     code = (
-        "import sys, pyslirp, pyslirp.backend, pyslirp.nat.loop, pyslirp.nat.services\n"
+        "import sys, pyslirp, pyslirp.backend, pyslirp.nat.loop, pyslirp.nat.backend\n"
         "import forwarder.cli\n"
         "assert 'cffi' not in sys.modules, 'cffi imported'\n"
         "assert 'pyslirp.libslirp' not in sys.modules, 'pyslirp.libslirp imported'\n"

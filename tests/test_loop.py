@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
 from pyslirp.nat.loop import Loop
 from tests.guest_frames import ARP_REQUEST
 from tests.inprocess import InProcessNetwork
