@@ -200,6 +200,11 @@ class DnsProxy:
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
 
+    def in_flight(self) -> list:
+        """The queries sent upstream and waiting for its answer, each on a
+        socket of its own, oldest first."""
+        return list(self._waiting)
+
     # ---------------------------------------------------------- the guest side
     def query(
         self, guest: bytes, guest_port: int, payload: bytes, now: float, dst: bytes | None = None

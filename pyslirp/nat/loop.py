@@ -93,7 +93,9 @@ class Loop:
         self.vnet = config.offload
         # One epoll, used directly: selectors' keys and per-call lists cost a
         # few microseconds per wake-up, which a request/response pays twice.
-        self._epoll = select.epoll()
+        # (Public so that a test can watch how long the loop sleeps: run()
+        # takes its poll once, at the start.)
+        self.epoll = select.epoll()
         # The TAP alone, to ask "more frames?" without a failing read (an
         # EAGAIN costs an exception; a poll of nothing costs a fifth of it).
         self._tap_poll = select.epoll()
@@ -119,11 +121,11 @@ class Loop:
         self._event_errors: dict[type, object] = {}
         self._quiet_events: set[type] = set()
         os.set_blocking(tap_fd, False)
-        self._epoll.register(tap_fd, select.EPOLLIN)
+        self.epoll.register(tap_fd, select.EPOLLIN)
         self._receive = self.stack.receive_vnet_frame if self.vnet else self.stack.receive_frame
         self._read_size = MAX_FRAME + virtio.HEADER_LEN if self.vnet else MAX_FRAME
         if stop_fd is not None:
-            self._epoll.register(stop_fd, select.EPOLLIN)
+            self.epoll.register(stop_fd, select.EPOLLIN)
         self.on_event(MemoryPressureChanged, self._memory_pressure_changed)
         # The services (build_loop sets them).
         self.dhcp: DhcpServer | None = None  # DHCPv4 for the guest (its datagrams come via udp)
@@ -172,7 +174,7 @@ class Loop:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if fd in self._handlers:
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
-        self._epoll.register(fd, _epoll_events(events))
+        self.epoll.register(fd, _epoll_events(events))
         self._handlers[fd] = (events, handler, fileobj, quiet, on_error)
 
     def modify(self, fileobj, events: int, handler) -> None:
@@ -181,7 +183,7 @@ class Loop:
             raise KeyError(f"{fileobj!r} (fd {fd}) is not registered")
         entry = self._handlers[fd]
         if entry[0] != events:
-            self._epoll.modify(fd, _epoll_events(events))
+            self.epoll.modify(fd, _epoll_events(events))
         self._handlers[fd] = (events, handler, fileobj, entry[3], entry[4])
 
     def unregister(self, fileobj) -> None:
@@ -194,7 +196,7 @@ class Loop:
         if self._handlers.pop(fd, None) is None:
             return
         try:
-            self._epoll.unregister(fd)
+            self.epoll.unregister(fd)
         except OSError:
             pass  # closed already: the kernel dropped it from the epoll
 
@@ -273,7 +275,7 @@ class Loop:
         self._running = True
         stack = self.stack
         events = stack.events
-        poll = self._epoll.poll
+        poll = self.epoll.poll
         handlers = self._handlers
         tap_fd = self.tap_fd
         stop_fd = self.stop_fd
@@ -300,7 +302,7 @@ class Loop:
             due = self._services_due
             if due is not None and (deadline is None or due < deadline):
                 deadline = due
-            ready = self._busy_poll(spin, deadline) if spin else None
+            ready = self.busy_poll(spin, deadline) if spin else None
             if ready is None:
                 if deadline is None:
                     timeout = -1
@@ -339,12 +341,12 @@ class Loop:
                 if events:  # news from the flush (the memory budget's pressure)
                     self._dispatch_events(now)
 
-    def _busy_poll(self, spin: float, deadline):
+    def busy_poll(self, spin: float, deadline):
         """Poll without sleeping for up to ``spin`` seconds (not past
         ``deadline``): the ready list as soon as there is one, else None.
         A peer that answers within that time finds us awake: no sleep, no
         wake-up (on a VM each costs tens of microseconds, a round trip's worth)."""
-        poll = self._epoll.poll
+        poll = self.epoll.poll
         ready = poll(0.0)
         if ready:
             return ready
@@ -468,7 +470,7 @@ class Loop:
             close = getattr(service, "close", None)
             if close is not None:
                 close()
-        self._epoll.close()
+        self.epoll.close()
         self._tap_poll.close()
 
 
