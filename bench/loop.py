@@ -1,6 +1,6 @@
 """The python backend's own cost per transaction, without a kernel guest.
 
-The real event loop (pyslirp.nat.loop.Loop) runs in this process with an
+The real event loop (pyslirp.nat.backend.build_loop) runs in this process with an
 AF_UNIX SOCK_SEQPACKET socketpair as its TAP. A scripted guest in a child
 process speaks TCP in raw frames through the other end; a host server in
 another child listens on 127.0.0.1. Only this process is measured, so the
@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pyslirp.nat.config import NetworkConfig  # noqa: E402
-from pyslirp.nat.loop import Loop  # noqa: E402
+from pyslirp.config import NetworkConfig  # noqa: E402
+from pyslirp.nat.backend import build_loop  # noqa: E402
 from pyslirp.stack import checksum  # noqa: E402
 
 GUEST_MAC = bytes.fromhex("020000000064")
@@ -196,7 +196,7 @@ def main() -> int:
             dns_upstreams=[("127.0.0.1", 9)],
             busy_poll=args.busy_poll / 1e6,
         )
-        loop = Loop(config, ours.fileno(), stop_r)
+        loop = build_loop(config, ours.fileno(), stop_r)
         guest_status = []
 
         def stop_when_guest_ends() -> None:

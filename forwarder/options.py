@@ -160,7 +160,7 @@ def version_text() -> str:
 
 # ------------------------------------------------------------ validation
 def parse_mtu(text: str) -> int:
-    from pyslirp.nat.config import MAX_MTU, MIN_MTU
+    from pyslirp.config import MAX_MTU, MIN_MTU
 
     try:
         mtu = int(text, 10)
@@ -517,7 +517,7 @@ class Options:
     def _read_ipv6(self, ns) -> dict:
         """--ipv6-prefix and --dns-search (by default the search line of
         /etc/resolv.conf, with -6)."""
-        from pyslirp.nat.config import DEFAULT_IPV6_PREFIX, read_resolv_conf_search, valid_domain
+        from pyslirp.config import DEFAULT_IPV6_PREFIX, read_resolv_conf_search, valid_domain
 
         ipv6_prefix = parse_ipv6_prefix(ns.ipv6_prefix or DEFAULT_IPV6_PREFIX)
         if ns.ipv6_prefix is not None and not self.enable_ipv6:
@@ -548,7 +548,7 @@ class Options:
 
     def _read_upstreams(self, ns) -> list:
         """--dns-upstream, or every nameserver of /etc/resolv.conf."""
-        from pyslirp.nat.config import read_resolv_conf
+        from pyslirp.config import read_resolv_conf
 
         upstreams = [parse_upstream(u) for u in ns.dns_upstream]
         self.upstreams_from = "command line" if upstreams else "/etc/resolv.conf"
@@ -568,7 +568,7 @@ class Options:
     def _make_config(self, ns, network: dict) -> None:
         """The NetworkConfig (its own checks become UsageErrors), and the
         forwards' guest addresses from it."""
-        from pyslirp.nat.config import NetworkConfig
+        from pyslirp.config import NetworkConfig
 
         try:
             self.config = NetworkConfig(

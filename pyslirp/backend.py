@@ -21,10 +21,18 @@ serves; all in the backend's own thread:
 from __future__ import annotations
 
 import abc
+import importlib
 
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
 
-BACKENDS = ("python", "libslirp")
+# Each backend by name, as "module:Class", imported only when chosen: the
+# front end and the libslirp backend load nothing of the python stack, and
+# nothing needs cffi or libslirp.so.0 but the libslirp backend. The backends
+# import this module (for Backend); it imports none of them.
+BACKENDS = {
+    "python": "pyslirp.nat.backend:PythonBackend",
+    "libslirp": "pyslirp.libslirp:LibslirpBackend",
+}
 READ = 1  # select.POLLIN == selectors.EVENT_READ
 
 
@@ -71,81 +79,12 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"the {self.name} backend cannot list its connections")
 
 
-class PythonBackend(Backend):
-    name = "python"
-    supported_options = frozenset({"outbound_addr", "disable_dns", "enable_ipv6", "outbound_addr6"})
-
-    def __init__(self, config: NetworkConfig) -> None:
-        super().__init__(config)
-        self.loop = None
-        self._capture = None
-
-    def start(self, tap_fd: int, stop_fd: int) -> None:
-        if self.loop is not None:
-            return
-        from pyslirp.nat.forward import Forwards
-        from pyslirp.nat.loop import Loop
-        from pyslirp.pcap import PcapWriter
-
-        self._capture = PcapWriter(self.config.pcap_path) if self.config.pcap_path else None
-        loop = Loop(self.config, tap_fd, stop_fd, self._capture)
-        loop.forwards = Forwards(loop)
-        loop.services.append(loop.forwards)
-        self.loop = loop
-
-    def run(self, tap_fd: int, stop_fd: int) -> None:
-        self.start(tap_fd, stop_fd)
-        try:
-            self.loop.run()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        loop, self.loop = self.loop, None
-        if loop is not None:
-            loop.close()
-        capture, self._capture = self._capture, None
-        if capture is not None:
-            capture.close()
-
-    def _started(self):
-        if self.loop is None:
-            raise RuntimeError("the python backend has not started")
-        return self.loop
-
-    def register(self, fd: int, events: int, handler) -> None:
-        self._started().register(fd, events, handler)
-
-    def unregister(self, fd: int) -> None:
-        self._started().unregister(fd)
-
-    def call_at(self, at: float, callback) -> None:
-        """``callback(now)`` once at ``at`` (the loop's monotonic clock)."""
-        self._started().call_at(at, callback)
-
-    def add_hostfwd(self, proto, host_addr, host_port, guest_addr, guest_port) -> int:
-        return self._started().forwards.add(proto, host_addr, host_port, guest_addr, guest_port)
-
-    def remove_hostfwd(self, forward_id: int) -> None:
-        self._started().forwards.remove(forward_id)
-
-    def list_hostfwd(self) -> list[dict]:
-        return self._started().forwards.entries()
-
-    def list_connections(self) -> list[dict]:
-        from pyslirp.nat.forward import list_connections
-
-        loop = self._started()
-        return list_connections(loop, loop.now())
-
-
 def create_backend(name: str, config: NetworkConfig) -> Backend:
-    if name == "python":
-        return PythonBackend(config)
-    if name == "libslirp":
-        # Imported here so that nothing else needs cffi or libslirp.so.0; a
-        # missing library raises LibslirpUnavailable with one line to act on.
-        from pyslirp.libslirp import LibslirpBackend
-
-        return LibslirpBackend(config)
-    raise ValueError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
+    """The backend called ``name`` (a key of BACKENDS) for ``config``. A
+    missing libslirp raises LibslirpUnavailable with one line to act on."""
+    try:
+        where = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})") from None
+    module, _, cls = where.partition(":")
+    return getattr(importlib.import_module(module), cls)(config)

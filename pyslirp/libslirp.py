@@ -49,8 +49,8 @@ from collections import deque
 from concurrent.futures import Future
 
 from pyslirp.backend import Backend
-from pyslirp.nat.config import NetworkConfig, read_resolv_conf
-from pyslirp.nat.loop import write_tap
+from pyslirp.config import NetworkConfig, read_resolv_conf
+from pyslirp.tap import MAX_FRAME, write_tap
 
 log = logging.getLogger("pyslirp.libslirp")
 
@@ -58,7 +58,6 @@ LIBRARY = "libslirp.so.0"
 GLIB = "libglib-2.0.so.0"  # libslirp's own dependency, for g_free
 INSTALL_HINT = "apt-get install libslirp0"
 MIN_VERSION = (4, 1)
-MAX_FRAME = 65536 + 14
 
 # The subset of libslirp 4.7's public API that we use, declared for cffi.
 # struct in6_addr is 16 bytes aligned to 4 in glibc (a union with uint32_t[4]).
@@ -426,14 +425,14 @@ class LibslirpBackend(Backend):
         )
         self._cb_timer_new = ffi.callback(
             "void *(*)(SlirpTimerCb, void *, void *)",
-            self._timer_new,
+            self.timer_new,
             onerror=self._callback_error,
         )
         self._cb_timer_free = ffi.callback(
-            "void(*)(void *, void *)", self._timer_free, onerror=self._callback_error
+            "void(*)(void *, void *)", self.timer_free, onerror=self._callback_error
         )
         self._cb_timer_mod = ffi.callback(
-            "void(*)(void *, int64_t, void *)", self._timer_mod, onerror=self._callback_error
+            "void(*)(void *, int64_t, void *)", self.timer_mod, onerror=self._callback_error
         )
         self._cb_register = ffi.callback("void(*)(int, void *)", self._ignore_fd)
         self._cb_unregister = ffi.callback("void(*)(int, void *)", self._ignore_fd)
@@ -441,7 +440,7 @@ class LibslirpBackend(Backend):
         self._cb_init_completed = ffi.callback("void(*)(Slirp *, void *)", self._init_completed)
         self._cb_timer_new_opaque = ffi.callback(
             "void *(*)(SlirpTimerId, void *, void *)",
-            self._timer_new_opaque,
+            self.timer_new_opaque,
             onerror=self._callback_error,
         )
         self._cb_add_poll = ffi.callback(
@@ -506,7 +505,7 @@ class LibslirpBackend(Backend):
             # Note libslirp's meaning: the DNS address is then an ordinary
             # outside address, as with slirp4netns --disable-dns.
             cfg.disable_dns = True
-        self._cfg = cfg
+        self.slirp_config = cfg  # the SlirpConfig given to slirp_new (read by tests)
         slirp = self.lib.slirp_new(cfg, self._callbacks, ffi.NULL)
         if slirp == ffi.NULL:
             raise RuntimeError(
@@ -541,10 +540,13 @@ class LibslirpBackend(Backend):
     def _clock_get_ns(opaque) -> int:
         return time.monotonic_ns()
 
-    def _timer_new(self, cb, cb_opaque, opaque):
+    # libslirp's timer callbacks (SlirpCb's timer_new, timer_free, timer_mod),
+    # and the loop's two timer steps: public, so that a test drives them
+    # without libslirp.
+    def timer_new(self, cb, cb_opaque, opaque):
         return self._add_timer(_Timer(cb, cb_opaque, None))
 
-    def _timer_new_opaque(self, timer_id, cb_opaque, opaque):
+    def timer_new_opaque(self, timer_id, cb_opaque, opaque):
         return self._add_timer(_Timer(None, cb_opaque, timer_id))
 
     def _add_timer(self, timer: _Timer):
@@ -555,10 +557,10 @@ class LibslirpBackend(Backend):
     def _timer_handle(self, timer) -> int:
         return int(self.ffi.cast("uintptr_t", timer))
 
-    def _timer_free(self, timer, opaque) -> None:
+    def timer_free(self, timer, opaque) -> None:
         self._timers.pop(self._timer_handle(timer), None)
 
-    def _timer_mod(self, timer, expire_ms, opaque) -> None:
+    def timer_mod(self, timer, expire_ms, opaque) -> None:
         handle = self._timer_handle(timer)
         entry = self._timers.get(handle)
         if entry is None:
@@ -590,7 +592,8 @@ class LibslirpBackend(Backend):
         return poll_to_slirp(revents)
 
     # ------------------------------------------------------------ timers
-    def _next_timer_ms(self) -> int | None:
+    def next_timer_ms(self) -> int | None:
+        """The earliest live deadline (milliseconds), if any."""
         heap = self._timer_heap
         timers = self._timers
         while heap:
@@ -601,7 +604,8 @@ class LibslirpBackend(Backend):
             heapq.heappop(heap)
         return None
 
-    def _run_timers(self, now_ms: int) -> None:
+    def run_timers(self, now_ms: int) -> None:
+        """Fire every timer due at ``now_ms``, in deadline order."""
         heap = self._timer_heap
         while heap and heap[0][0] <= now_ms:
             expire_ms, _, handle = heapq.heappop(heap)
@@ -810,7 +814,7 @@ class LibslirpBackend(Backend):
             # What libslirp wants watched, and for how long we may sleep.
             self._poll_fds.clear()
             self._poll_events.clear()
-            due = self._next_timer_ms()
+            due = self.next_timer_ms()
             if due is None:
                 timeout[0] = UINT32_MAX
             else:
@@ -870,7 +874,7 @@ class LibslirpBackend(Backend):
                     mask = revents.get(fd)
                     if mask:
                         handler(mask, now)
-            self._run_timers(time.monotonic_ns() // 1_000_000)
+            self.run_timers(time.monotonic_ns() // 1_000_000)
             if self._failure is not None:
                 raise self._failure
             if self.capture is not None:

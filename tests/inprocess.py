@@ -11,8 +11,8 @@ import socket
 import threading
 import time
 
-from pyslirp.nat.config import NetworkConfig
-from pyslirp.nat.loop import Loop
+from pyslirp.config import NetworkConfig
+from pyslirp.nat.backend import build_loop
 
 
 class InProcessNetwork:
@@ -26,7 +26,7 @@ class InProcessNetwork:
         self._stop_r, self._stop_w = os.pipe()
         if backend == "python":
             self.backend = None
-            self.loop = Loop(self.config, tap.fileno(), self._stop_r)
+            self.loop = build_loop(self.config, tap.fileno(), self._stop_r)
         else:
             from pyslirp.backend import create_backend
 

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from forwarder.api import Api, parse_request
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
 from tests import harness
 
 FORWARDER = [sys.executable, "-m", "forwarder"]

@@ -14,6 +14,7 @@ from scapy.layers.inet import ICMP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from pyslirp.nat.descriptors import DescriptorBudget, raise_soft_limit
+from pyslirp.nat.loop import READ
 from pyslirp.stack.events import UdpDatagramReceived
 from tests import harness
 from tests.dnsserver import DnsServer
@@ -198,15 +199,14 @@ def test_emfile_from_socket_is_a_refusal_not_a_crash(echo_server):
 
 
 # ------------------------------------------------------------ the barrier
-def fail_handler_of(loop, sock, exc: Exception) -> None:
-    """Make the loop's handler of ``sock`` raise ``exc`` from now on."""
-    fd = sock.fileno()
-    entry = loop._handlers[fd]
+def fail_handler_of(loop, sock, events: int, exc: Exception) -> None:
+    """Make the loop's handler of ``sock`` (registered for ``events``) raise
+    ``exc`` from now on; its on_error stays."""
 
     def broken(mask, now):
         raise exc
 
-    loop._handlers[fd] = (entry[0], broken, *entry[2:])
+    loop.modify(sock, events, broken)
 
 
 def test_a_failing_udp_socket_handler_closes_its_flow_alone(echo_server):
@@ -218,7 +218,7 @@ def test_a_failing_udp_socket_handler_closes_its_flow_alone(echo_server):
             net.send(guest_udp("10.0.2.2", port, b"x", sport=sport))
             peers[sport] = echo_server.recvfrom(10)[1]
         broken = udp.flows[(bytes([10, 0, 2, 100]), 44000)]
-        fail_handler_of(net.loop, broken.sock, RuntimeError("boom in udp"))
+        fail_handler_of(net.loop, broken.sock, READ, RuntimeError("boom in udp"))
         echo_server.sendto(b"to the broken flow", peers[44000])
         assert wait_until(lambda: net.loop.counters["internal-error"] == 1)
         assert "boom in udp" in net.loop.last_internal_error
@@ -250,7 +250,8 @@ def test_a_failing_tcp_socket_handler_resets_that_connection_alone():
                 hosts[sport], _ = listener.accept()
                 hosts[sport].settimeout(2)
             flows = {f.conn.remote_port: f for f in net.loop.tcp.flows}
-            fail_handler_of(net.loop, flows[45000].sock, ValueError("boom in tcp"))
+            victim = flows[45000]
+            fail_handler_of(net.loop, victim.sock, victim.mask, ValueError("boom in tcp"))
             hosts[45000].sendall(b"wakes the broken handler")
             rst = net.receive(predicate=has_flag(0x04, 45000))
             assert rst is not None, "the guest got no RST"
@@ -277,14 +278,14 @@ def test_a_failing_event_handler_answers_that_datagram_and_serves_the_rest(echo_
     port = echo_server.getsockname()[1]
     with InProcessNetwork() as net:
         loop = net.loop
-        handler = loop._event_handlers[UdpDatagramReceived]
+        handler = loop.udp.on_datagram
 
         def sometimes_broken(event, now):
             if event.src_port == 46000:
                 raise KeyError("boom in an event")
             handler(event, now)
 
-        loop._event_handlers[UdpDatagramReceived] = sometimes_broken
+        loop.on_event(UdpDatagramReceived, sometimes_broken, on_error=loop.udp.on_error)
         net.send(guest_udp("10.0.2.2", port, b"x", sport=46000))
         icmp = Ether(net.receive(predicate=is_icmp))
         assert (icmp[ICMP].type, icmp[ICMP].code) == (3, 13)
@@ -302,16 +303,17 @@ def test_a_failing_timer_closes_the_flow_it_was_on(echo_server):
         net.send(guest_udp("10.0.2.2", port, b"x", sport=47000))
         echo_server.recvfrom(10)
         flow = next(iter(udp.flows.values()))
-        close = udp._close
+        unregister = net.loop.unregister
         failures = []
 
-        def close_once_broken(key, victim):
-            if not failures:
-                failures.append(victim)
+        def unregister_once_broken(sock):
+            # The sweep closes the idle flow: its first step fails.
+            if sock is flow.sock and not failures:
+                failures.append(sock)
                 raise OSError("boom in a timer")
-            close(key, victim)
+            unregister(sock)
 
-        udp._close = close_once_broken
+        net.loop.unregister = unregister_once_broken
         assert wait_until(lambda: failures and flow.sock.fileno() == -1, timeout=5)
         assert net.loop.counters["internal-error"] == 1
         assert "timer of UdpNat" in net.loop.last_internal_error
@@ -326,14 +328,14 @@ def test_internal_errors_are_logged_once_per_interval(echo_server, caplog):
     port = echo_server.getsockname()[1]
     with InProcessNetwork(log_interval=60.0) as net:
         loop = net.loop
-        handler = loop._event_handlers[UdpDatagramReceived]
+        handler = loop.udp.on_datagram
 
         def broken(event, now):
             if event.src_port < 48100:
                 raise RuntimeError("boom again")
             handler(event, now)
 
-        loop._event_handlers[UdpDatagramReceived] = broken
+        loop.on_event(UdpDatagramReceived, broken, on_error=loop.udp.on_error)
         with caplog.at_level("ERROR", logger="pyslirp"):
             for sport in range(48000, 48020):
                 net.send(guest_udp("10.0.2.2", port, b"x", sport=sport))

@@ -7,7 +7,7 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
 from pyslirp.nat.dhcp import DhcpLeaseGranted, DhcpServer
 from tests.inprocess import InProcessNetwork
 

@@ -16,7 +16,7 @@ from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
 from pyslirp.nat.dns import DnsProxy, servfail
 from pyslirp.stack.budget import MemoryBudget
 from tests.dnsserver import DnsServer
@@ -144,7 +144,7 @@ def test_concurrent_guests_with_the_same_id_do_not_collide(make_proxy):
         proxy.query(GUEST2, 5353, query("two.test", qid=7), 0.0)
         proxy.query(GUEST, 5353, query("two.test", qid=7), 0.0)  # same guest, same id
         assert proxy.open_sockets == 3  # a socket (and a port) each
-        assert len({q.sock.getsockname()[1] for q in proxy._waiting}) == 3
+        assert len({q.sock.getsockname()[1] for q in proxy.in_flight()}) == 3
         assert loop.pump(0.0, lambda: len(loop.stack.sent) == 3)
         first, second = answers(loop.stack.sent, GUEST)
         (other,) = answers(loop.stack.sent, GUEST2)

@@ -20,7 +20,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from pyslirp.nat.forward import Forwards, list_connections, validate
+from pyslirp.nat.forward import list_connections, validate
 from tests import harness
 from tests.inprocess import InProcessNetwork
 
@@ -68,9 +68,7 @@ def guest_udp(dst: str, sport: int, dport: int, payload: bytes) -> bytes:
 @contextlib.contextmanager
 def network_with_forwards(*forwards, **config_kw):
     net = InProcessNetwork(**config_kw)
-    table = Forwards(net.loop)
-    net.loop.forwards = table
-    net.loop.services.append(table)
+    table = net.loop.forwards
     try:
         ids = [table.add(*f) for f in forwards]
     except BaseException:
@@ -99,7 +97,7 @@ def network_with_forwards(*forwards, **config_kw):
     ],
 )
 def test_validate_names_the_bad_argument(args, word):
-    from pyslirp.nat.config import NetworkConfig
+    from pyslirp.config import NetworkConfig
 
     with pytest.raises(ValueError) as info:
         validate(NetworkConfig(), *args)

@@ -25,7 +25,8 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
+from pyslirp.nat.descriptors import DescriptorBudget
 from pyslirp.nat.icmp import IcmpRelay
 from pyslirp.stack.events import IcmpEchoRequested
 from pyslirp.stack.interface import Stack
@@ -100,6 +101,7 @@ class MiniLoop:
     def __init__(self, **config) -> None:
         self.config = NetworkConfig(**config)
         self.stack = Stack(self.config.stack_config(), FixedRandom())
+        self.descriptors = DescriptorBudget.for_process(self.config)
         self.selector = selectors.DefaultSelector()
 
     def register(self, sock, events, handler, on_error=None) -> None:

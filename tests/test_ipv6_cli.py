@@ -9,7 +9,7 @@ from scapy.layers.dhcp6 import DHCP6_Reply
 from forwarder import options
 from forwarder.api import Api
 from forwarder.serve import banner
-from pyslirp.nat.config import NetworkConfig, read_resolv_conf, read_resolv_conf_search
+from pyslirp.config import NetworkConfig, read_resolv_conf, read_resolv_conf_search
 from pyslirp.nat.dhcpv6 import Dhcpv6Server
 
 

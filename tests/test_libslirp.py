@@ -28,7 +28,7 @@ from scapy.utils import rdpcap
 
 from pyslirp import libslirp
 from pyslirp.backend import BACKENDS, create_backend
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
 from tests.inprocess import InProcessNetwork
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,7 +295,7 @@ def test_missing_library_is_one_line_naming_the_package(monkeypatch):
 
 def test_nothing_else_imports_cffi_at_start_up():
     code = (
-        "import sys, pyslirp, pyslirp.backend, pyslirp.nat.loop, pyslirp.nat.services\n"
+        "import sys, pyslirp, pyslirp.backend, pyslirp.nat.loop, pyslirp.nat.backend\n"
         "import forwarder.cli\n"
         "assert 'cffi' not in sys.modules, 'cffi imported'\n"
         "assert 'pyslirp.libslirp' not in sys.modules, 'pyslirp.libslirp imported'\n"
@@ -400,22 +400,22 @@ def test_timers_fire_in_deadline_order_once_and_not_after_free(sandbox):
         def on_timer(opaque):
             fired.append(int(ffi.cast("uintptr_t", opaque)))
 
-        t1 = backend._timer_new(on_timer, ffi.cast("void *", 1), ffi.NULL)
-        t2 = backend._timer_new(on_timer, ffi.cast("void *", 2), ffi.NULL)
-        t3 = backend._timer_new(on_timer, ffi.cast("void *", 3), ffi.NULL)
-        backend._timer_mod(t1, 300, ffi.NULL)
-        backend._timer_mod(t2, 100, ffi.NULL)
-        backend._timer_mod(t3, 200, ffi.NULL)
-        backend._timer_mod(t1, 150, ffi.NULL)  # re-armed earlier: the old deadline is stale
-        backend._timer_free(t3, ffi.NULL)
-        assert backend._next_timer_ms() == 100
-        backend._run_timers(99)
+        t1 = backend.timer_new(on_timer, ffi.cast("void *", 1), ffi.NULL)
+        t2 = backend.timer_new(on_timer, ffi.cast("void *", 2), ffi.NULL)
+        t3 = backend.timer_new(on_timer, ffi.cast("void *", 3), ffi.NULL)
+        backend.timer_mod(t1, 300, ffi.NULL)
+        backend.timer_mod(t2, 100, ffi.NULL)
+        backend.timer_mod(t3, 200, ffi.NULL)
+        backend.timer_mod(t1, 150, ffi.NULL)  # re-armed earlier: the old deadline is stale
+        backend.timer_free(t3, ffi.NULL)
+        assert backend.next_timer_ms() == 100
+        backend.run_timers(99)
         assert fired == []
-        backend._run_timers(1000)
+        backend.run_timers(1000)
         assert fired == [2, 1]
-        backend._run_timers(2000)
+        backend.run_timers(2000)
         assert fired == [2, 1]
-        assert backend._next_timer_ms() is None
+        assert backend.next_timer_ms() is None
     finally:
         backend.close()
 
@@ -801,7 +801,7 @@ def test_disable_dns_is_passed_to_libslirp_and_skips_the_upstream_check(sandbox)
     backend = create_backend("libslirp", config)
     try:
         assert "disable_dns" in backend.supported_options
-        assert backend._cfg.disable_dns and backend._cfg.version >= 3
+        assert backend.slirp_config.disable_dns and backend.slirp_config.version >= 3
     finally:
         backend.close()
 

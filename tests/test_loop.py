@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pyslirp.nat.config import NetworkConfig
+from pyslirp.config import NetworkConfig
 from pyslirp.nat.loop import Loop
 from tests.guest_frames import ARP_REQUEST
 from tests.inprocess import InProcessNetwork
@@ -37,7 +37,7 @@ def arp_answered(net: InProcessNetwork) -> bool:
 
 def polls_after_one_frame(busy_poll: float) -> list:
     net = InProcessNetwork(busy_poll=busy_poll)
-    recorder = net.loop._epoll = RecordingEpoll(net.loop._epoll)
+    recorder = net.loop.epoll = RecordingEpoll(net.loop.epoll)
     with net:
         time.sleep(0.1)
         recorder.timeouts.clear()  # from here on: one frame, then idle
@@ -83,7 +83,7 @@ def test_busy_poll_returns_what_is_ready_at_once():
     try:
         b.send(b"frame")
         started = time.monotonic()
-        ready = loop._busy_poll(0.5, None)
+        ready = loop.busy_poll(0.5, None)
         assert time.monotonic() - started < 0.1
         assert ready and ready[0][0] == a.fileno() and ready[0][1] & select.EPOLLIN
     finally:
@@ -98,7 +98,7 @@ def test_busy_poll_gives_up_after_the_spin_or_the_deadline(spin, deadline_in, lo
     try:
         started = time.monotonic()
         deadline = None if deadline_in is None else started + deadline_in
-        assert loop._busy_poll(spin, deadline) is None
+        assert loop.busy_poll(spin, deadline) is None
         took = time.monotonic() - started
         assert longest <= took < longest + 0.2, took
     finally:

@@ -274,3 +274,26 @@ def test_ended_connections_leave_no_reference_cycle():
                 assert bound == [], ending
     finally:
         listener.close()
+
+
+def test_tcp_settings_have_one_set_of_defaults_and_reach_the_layer():
+    """NetworkConfig's tcp_* fields are the stack's TcpConfig through one
+    mapping (NetworkConfig.tcp_config): the same defaults on both sides, and
+    a setting given to the network is the one the TCP layer runs with."""
+    from pyslirp.config import NetworkConfig
+    from pyslirp.stack.tcp_layer import TcpConfig
+
+    assert NetworkConfig().tcp_config() == TcpConfig()
+    settings = dict(
+        tcp_max_connections=7,
+        tcp_receive_buffer=4096,
+        tcp_send_buffer=8192,
+        tcp_time_wait_timeout=5.0,
+        tcp_keepalive_idle=9000.0,
+        tcp_max_retransmits=3,
+        tcp_max_rto=2.0,
+        tcp_verify_checksum=False,
+    )
+    with InProcessNetwork(**settings) as net:
+        layer = net.loop.stack.tcp.config
+        assert [getattr(layer, name[4:]) for name in settings] == list(settings.values())

@@ -1270,7 +1270,7 @@ def test_isn_does_not_come_from_the_injected_random():
 
 
 def test_network_config_draws_a_fresh_isn_key():
-    from pyslirp.nat.config import NetworkConfig
+    from pyslirp.config import NetworkConfig
 
     a, b = NetworkConfig(), NetworkConfig()
     assert len(a.isn_key) == 16 and a.isn_key != b.isn_key

@@ -160,3 +160,26 @@ def test_arp_for_gateway_answered_through_loop():
         )
         reply = Ether(net.receive())
         assert reply[ARP].op == 2 and reply[ARP].hwsrc == GW_MAC and reply[ARP].psrc == "10.0.2.2"
+
+
+def test_consumers_see_datagrams_first_and_pass_on_the_rest(echo_server):
+    """UdpNat.add_consumer: a consumer that returns True keeps the datagram
+    (no host flow, nothing sent); one that returns False leaves it to the NAT."""
+    port = echo_server.getsockname()[1]
+    with InProcessNetwork() as net:
+        seen = []
+
+        def consumer(event, now):
+            seen.append((event.src_port, bytes(event.payload)))
+            return event.src_port == 41000
+
+        net.loop.udp.add_consumer(consumer)
+        net.send(guest_udp("10.0.2.2", port, b"mine", sport=41000))
+        net.send(guest_udp("10.0.2.2", port, b"theirs", sport=41001))
+        data, _peer = echo_server.recvfrom(100)
+        assert data == b"theirs"  # "mine" never reached the host
+        assert seen == [(41000, b"mine"), (41001, b"theirs")]
+        assert [key[1] for key in net.loop.udp.flows] == [41001]
+        with pytest.raises(TimeoutError):
+            echo_server.settimeout(0.3)
+            echo_server.recvfrom(100)

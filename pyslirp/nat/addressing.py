@@ -12,9 +12,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+from pyslirp.config import NetworkConfig
 from pyslirp.stack import icmpv4
-
-from .config import NetworkConfig
 
 LOOPBACK4 = "127.0.0.1"
 LOOPBACK6 = "::1"

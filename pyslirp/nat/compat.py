@@ -1,6 +1,6 @@
 """System calls that Debian 12's PyPy (Python 3.9) lacks, for the host side
-and the front end: ``os.writev``, ``socket.if_nametoindex`` and
-``os.pidfd_open`` (see pyslirp/_compat.py for the rest)."""
+and the front end: ``socket.if_nametoindex`` and ``os.pidfd_open`` (see
+pyslirp/_compat.py for the rest, pyslirp/tap.py for ``os.writev``)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,6 @@ import struct
 
 _SIOCGIFINDEX = 0x8933
 _IFREQ_INDEX = struct.Struct("16si")
-
-
-def writev(fd: int, buffers) -> int:
-    """os.writev, or one joined write where the platform lacks it."""
-    return os.write(fd, b"".join(buffers))
-
-
-if hasattr(os, "writev"):
-    writev = os.writev  # noqa: F811
 
 
 def if_nametoindex(name: str) -> int:

@@ -187,7 +187,7 @@ class DnsProxy:
         ]
         # --outbound-addr and --outbound-addr6: what upstream sockets bind to.
         self.bind_addr = (self.config.outbound_addr or "0.0.0.0", 0)
-        self.bind_addr6 = (getattr(self.config, "outbound_addr6", None) or "::", 0)
+        self.bind_addr6 = (self.config.outbound_addr6 or "::", 0)
         self.preferred = 0  # the upstream that answered last
         # Every query waiting for an upstream, in the order of its deadline:
         # all deadlines are "sent + dns_upstream_timeout", so the order in
@@ -199,6 +199,11 @@ class DnsProxy:
         self.open_sockets = 0  # upstream sockets open now
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
+
+    def in_flight(self) -> list:
+        """The queries sent upstream and waiting for its answer, each on a
+        socket of its own, oldest first."""
+        return list(self._waiting)
 
     # ---------------------------------------------------------- the guest side
     def query(

@@ -49,11 +49,10 @@ import socket
 from dataclasses import dataclass
 
 from pyslirp._compat import SLOTS
-from pyslirp.stack.events import TcpConnected, UdpDatagramReceived
 
 from .addressing import endpoint
 from .descriptors import AcceptGuard
-from .tcp import TCP_NODELAY, TcpFlow
+from .tcp import TCP_NODELAY
 
 log = logging.getLogger("pyslirp.forward")
 
@@ -179,10 +178,18 @@ def family_of_text(addr) -> int | None:
 
 
 class Forwards:
-    """Every forward of one loop: add, remove, list, and the relaying."""
+    """Every forward of one loop: add, remove, list, and the relaying.
 
-    def __init__(self, loop) -> None:
+    Forwarded TCP connections are relayed by the TCP NAT (``tcp``, which
+    adopts them); the guest's replies to UDP clients reach ``on_udp_datagram``
+    as a consumer of the UDP NAT (``udp.add_consumer``), added with the
+    first UDP forward. The loop routes TcpConnected to ``on_tcp_connected``.
+    """
+
+    def __init__(self, loop, tcp, udp) -> None:
         self.loop = loop
+        self.tcp = tcp  # the TCP NAT
+        self.udp = udp  # the UDP NAT
         self.stack = loop.stack
         self.config = loop.config
         stack_config = self.stack.config
@@ -205,14 +212,8 @@ class Forwards:
             "listener-paused": 0,
         }
         self._sweep_at: float | None = None
-        self._udp_fallback = None
+        self._udp_consumer = False  # on_udp_datagram added to the UDP NAT's consumers
         self.guard = AcceptGuard("published ports", loop.limiter)
-        tcp = getattr(loop, "tcp", None)
-        loop.on_event(
-            TcpConnected,
-            self.on_tcp_connected,
-            on_error=tcp.on_error if tcp is not None else None,
-        )
 
     # ------------------------------------------------------------ commands
     def add(self, proto, host_addr, host_port, guest_addr, guest_port) -> int:
@@ -249,8 +250,10 @@ class Forwards:
             sock,
         )
         self.forwards[forward.id] = forward
-        if proto == "udp":
-            self._intercept_udp()
+        if proto == "udp" and not self._udp_consumer:
+            # From now on the guest's datagrams may be replies to our clients.
+            self.udp.add_consumer(self.on_udp_datagram)
+            self._udp_consumer = True
         self._listen(forward)
         log.info(
             "forward %d: %s %s:%d -> %s:%d",
@@ -336,20 +339,12 @@ class Forwards:
         return None
 
     # ------------------------------------------------------------ UDP
-    def _intercept_udp(self) -> None:
-        """See the guest's datagrams first: replies to forward clients are
-        ours, everything else goes on to the UDP NAT."""
-        if self._udp_fallback is None:
-            self._udp_fallback = self.loop.udp.on_datagram
-            self.loop.on_event(
-                UdpDatagramReceived, self.on_udp_datagram, on_error=self.loop.udp.on_error
-            )
-
-    def on_udp_datagram(self, event, now: float) -> None:
+    def on_udp_datagram(self, event, now: float) -> bool:
+        """A guest datagram, as the UDP NAT's consumer: True if it is a reply
+        to one of our clients (sent on to it), False for the NAT's."""
         flow = self.udp_flows.get((event.src, event.src_port, event.dst, event.dst_port))
         if flow is None:
-            self._udp_fallback(event, now)
-            return
+            return False
         flow.last_active = now
         flow.bytes_from_guest += len(event.payload)
         try:
@@ -358,6 +353,7 @@ class Forwards:
             self.stack.drops["forward-udp-host-buffer-full"] += 1
         except OSError as exc:
             self.stack.drops[f"forward-udp-sendto-{errno.errorcode.get(exc.errno, exc.errno)}"] += 1
+        return True
 
     def _udp_read(self, forward: Forward, now: float) -> None:
         sock = forward.sock
@@ -425,7 +421,7 @@ class Forwards:
 
     # ------------------------------------------------------------ TCP
     def _accept(self, forward: Forward, now: float) -> None:
-        nat = getattr(self.loop, "tcp", None)
+        nat = self.tcp
         descriptors = self.loop.descriptors
         for _ in range(ACCEPT_BATCH):
             try:
@@ -436,7 +432,7 @@ class Forwards:
                 if self.guard.accept_failed(forward.sock, exc, now):
                     self._pause(forward, now)
                 return
-            if nat is None or not descriptors.acquire():  # evicts an idle UDP flow first
+            if not descriptors.acquire():  # evicts an idle UDP flow first
                 self.counters["tcp-connections-refused"] += 1
                 _reset(sock)
                 continue
@@ -477,12 +473,9 @@ class Forwards:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
         except OSError:
             pass
-        flow = TcpFlow(nat, conn, sock, client)
         # The client is connected already; reading it starts once the guest
         # has answered (on_tcp_connected), so its bytes wait in the kernel.
-        flow.connecting = False
-        conn.user = flow
-        nat.flows.add(flow)
+        flow = nat.adopt(conn, sock, client)
         self.tcp_flows[flow] = forward.id
         forward.opened += 1
         self.counters["tcp-connections-opened"] += 1
@@ -502,8 +495,7 @@ class Forwards:
         flow = event.conn.user
         if flow is None or flow not in self.tcp_flows or flow.closed:
             return
-        nat = flow.nat
-        nat._set_mask(flow, READ)
+        self.tcp.start_relay(flow)
 
     def _prune_tcp(self) -> None:
         for flow in [f for f in self.tcp_flows if f.closed]:
@@ -554,10 +546,6 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _endpoint(addr: bytes, port: int) -> str:
-    return endpoint(addr, port)
-
-
 def _host_endpoint(sockaddr) -> str:
     """A host socket address (v4 or v6 tuple) as address:port text."""
     if ":" in sockaddr[0]:
@@ -570,47 +558,40 @@ def list_connections(loop, now: float) -> list[dict]:
     UDP NAT flows, TCP connections (guest-opened and forwarded) and the UDP
     flows of forwards. Bytes are payload bytes; ages and idle times seconds."""
     out = []
-    udp = getattr(loop, "udp", None)
-    if udp is not None:
-        for flow in udp.flows.values():
-            try:
-                host = flow.sock.getsockname()
-            except OSError:
-                host = ("?", 0)
-            entry = {
+    for flow in loop.udp.flows.values():
+        try:
+            host = flow.sock.getsockname()
+        except OSError:
+            host = ("?", 0)
+        out.append(
+            {
                 "proto": "udp",
-                "guest": _endpoint(flow.guest, flow.guest_port),
+                "guest": endpoint(flow.guest, flow.guest_port),
                 "host": _host_endpoint(host),
                 "state": "open",
+                "bytes_from_guest": flow.bytes_from_guest,
+                "bytes_to_guest": flow.bytes_to_guest,
+                "age": round(now - flow.opened_at, 3),
+                "idle": round(now - flow.last_active, 3),
             }
-            for key in ("bytes_from_guest", "bytes_to_guest"):
-                if hasattr(flow, key):
-                    entry[key] = getattr(flow, key)
-            if hasattr(flow, "opened_at"):
-                entry["age"] = round(now - flow.opened_at, 3)
-            entry["idle"] = round(now - flow.last_active, 3)
-            out.append(entry)
-    forwards = getattr(loop, "forwards", None)
-    forwarded = forwards.tcp_flows if forwards is not None else {}
-    tcp = getattr(loop, "tcp", None)
-    if tcp is not None:
-        for flow in list(tcp.flows):
-            conn = flow.conn
-            state = conn.state.name.replace("_", "-")  # RFC 9293 spelling: SYN-SENT
-            entry = {
-                "proto": "tcp",
-                "guest": _endpoint(conn.remote, conn.remote_port),
-                "host": _host_endpoint(flow.host),
-                "state": "CONNECTING" if flow.connecting else state,
-                "bytes_from_guest": conn.bytes_in,
-                "bytes_to_guest": conn.bytes_out,
-                "idle": round(max(0.0, now - conn.last_rx), 3),
-            }
-            forward_id = forwarded.get(flow)
-            if forward_id is not None:
-                entry["forward"] = forward_id
-                entry["seen_as"] = _endpoint(conn.local, conn.local_port)
-            out.append(entry)
-    if forwards is not None:
-        out.extend(forwards.connections(now))
+        )
+    forwarded = loop.forwards.tcp_flows
+    for flow in list(loop.tcp.flows):
+        conn = flow.conn
+        state = conn.state.name.replace("_", "-")  # RFC 9293 spelling: SYN-SENT
+        entry = {
+            "proto": "tcp",
+            "guest": endpoint(conn.remote, conn.remote_port),
+            "host": _host_endpoint(flow.host),
+            "state": "CONNECTING" if flow.connecting else state,
+            "bytes_from_guest": conn.bytes_in,
+            "bytes_to_guest": conn.bytes_out,
+            "idle": round(max(0.0, now - conn.last_rx), 3),
+        }
+        forward_id = forwarded.get(flow)
+        if forward_id is not None:
+            entry["forward"] = forward_id
+            entry["seen_as"] = endpoint(conn.local, conn.local_port)
+        out.append(entry)
+    out.extend(loop.forwards.connections(now))
     return out

@@ -158,14 +158,8 @@ class IcmpRelay:
         self.flows: dict[tuple[bytes, int], PingFlow] = {}
         self.counters: Counter = Counter()
         self._warned_not_permitted = False
-        # Host descriptors (MiniLoop-style test loops may have none).
-        self.descriptors = getattr(loop, "descriptors", None)
-        capacity = self.descriptors.capacity if self.descriptors is not None else None
-        self.max_flows = (
-            self.config.max_ping_sockets
-            if capacity is None
-            else min(self.config.max_ping_sockets, capacity)
-        )
+        self.descriptors = loop.descriptors  # host descriptors, shared with UDP and TCP
+        self.max_flows = min(self.config.max_ping_sockets, self.descriptors.capacity)
 
     # ------------------------------------------------------------ guest -> host
     def on_echo(self, event, now: float) -> None:
@@ -221,7 +215,7 @@ class IcmpRelay:
             self._close(oldest)
             self.counters["sockets-evicted"] += 1
         descriptors = self.descriptors
-        if descriptors is not None and not descriptors.acquire():
+        if not descriptors.acquire():
             self.counters["sockets-refused"] += 1
             self.stack.send_icmp_error(
                 icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
@@ -235,8 +229,7 @@ class IcmpRelay:
                 sock = self.open_socket(self.config.outbound_addr or "0.0.0.0")
         except OSError as exc:
             self.counters["sockets-refused"] += 1
-            if descriptors is not None:
-                descriptors.release()
+            descriptors.release()
             if exc.errno in (errno.EACCES, errno.EPERM):
                 if not self._warned_not_permitted:
                     self._warned_not_permitted = True
@@ -384,8 +377,7 @@ class IcmpRelay:
         elif flow.sock.fileno() >= 0:  # half closed when it failed
             self.loop.unregister(flow.sock)
             flow.sock.close()
-            if self.descriptors is not None:
-                self.descriptors.release()
+            self.descriptors.release()
 
     def expire(self, now: float) -> None:
         timeout = self.config.ping_idle_timeout
@@ -397,8 +389,7 @@ class IcmpRelay:
         flow = self.flows.pop(key)
         self.loop.unregister(flow.sock)
         flow.sock.close()
-        if self.descriptors is not None:
-            self.descriptors.release()
+        self.descriptors.release()
         log.info("ping %s id %d closed", to_text(flow.guest), flow.guest_ident)
 
     def close(self) -> None:

@@ -30,20 +30,28 @@ import os
 import select
 import selectors
 import time
+from typing import TYPE_CHECKING
 
+from pyslirp.config import NetworkConfig
 from pyslirp.stack import virtio
-from pyslirp.stack.events import IcmpEchoRequested, MemoryPressureChanged, UdpDatagramReceived
+from pyslirp.stack.events import MemoryPressureChanged
 from pyslirp.stack.interface import Stack
+from pyslirp.tap import MAX_FRAME, write_tap
 
-from .compat import writev
-from .config import NetworkConfig
 from .descriptors import DescriptorBudget, LogLimiter
+
+if TYPE_CHECKING:
+    from .dhcp import DhcpServer
+    from .dns import DnsProxy
+    from .forward import Forwards
+    from .icmp import IcmpRelay
+    from .tcp import TcpNat
+    from .udp import UdpNat
 
 log = logging.getLogger("pyslirp")
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
-MAX_FRAME = 65536 + 14  # MTU 65520 plus Ethernet header, with room to spare
 
 
 _NOT_OUT = ~select.EPOLLOUT
@@ -64,25 +72,14 @@ def _epoll_events(events: int) -> int:
     return bits
 
 
-def write_tap(fd: int, frame, header=None) -> bool:
-    """Write one frame (after its virtio header, if any) to the TAP; False if
-    the kernel dropped it: the queue is full, or the TAP is down (EIO) and the
-    guest is not listening yet."""
-    try:
-        if header is None:
-            os.write(fd, frame)
-        else:
-            writev(fd, (header, frame))
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.EIO, errno.ENOBUFS, errno.EINVAL):
-            raise
-        return False
-    return True
-
-
 class Loop:
+    """The loop of one network: its stack, the TAP, host sockets, timers.
+
+    The services are fields, set once by ``build_loop``
+    (pyslirp/nat/backend.py), which makes each of them with this loop and
+    routes the stack's events to them; a bare ``Loop`` has none (None).
+    """
+
     def __init__(
         self, config: NetworkConfig, tap_fd: int, stop_fd: int | None = None, capture=None
     ) -> None:
@@ -96,7 +93,9 @@ class Loop:
         self.vnet = config.offload
         # One epoll, used directly: selectors' keys and per-call lists cost a
         # few microseconds per wake-up, which a request/response pays twice.
-        self._epoll = select.epoll()
+        # (Public so that a test can watch how long the loop sleeps: run()
+        # takes its poll once, at the start.)
+        self.epoll = select.epoll()
         # The TAP alone, to ask "more frames?" without a failing read (an
         # EAGAIN costs an exception; a poll of nothing costs a fifth of it).
         self._tap_poll = select.epoll()
@@ -122,27 +121,19 @@ class Loop:
         self._event_errors: dict[type, object] = {}
         self._quiet_events: set[type] = set()
         os.set_blocking(tap_fd, False)
-        self._epoll.register(tap_fd, select.EPOLLIN)
+        self.epoll.register(tap_fd, select.EPOLLIN)
         self._receive = self.stack.receive_vnet_frame if self.vnet else self.stack.receive_frame
         self._read_size = MAX_FRAME + virtio.HEADER_LEN if self.vnet else MAX_FRAME
         if stop_fd is not None:
-            self._epoll.register(stop_fd, select.EPOLLIN)
+            self.epoll.register(stop_fd, select.EPOLLIN)
         self.on_event(MemoryPressureChanged, self._memory_pressure_changed)
-        from .services import install
-
-        install(self)
-        budget = self.descriptors
-        log.info(
-            "descriptors: limit %d, %d open at start, %d reserved: %d for flows "
-            "(udp %d, tcp %d, ping %d)",
-            budget.limit,
-            budget.limit - budget.reserve - budget.capacity,
-            budget.reserve,
-            budget.capacity,
-            self.udp.max_flows,
-            self.tcp.max_flows,
-            self.icmp.max_flows,
-        )
+        # The services (build_loop sets them).
+        self.dhcp: DhcpServer | None = None  # DHCPv4 for the guest (its datagrams come via udp)
+        self.dns: DnsProxy | None = None  # the DNS proxy at the DNS address
+        self.udp: UdpNat | None = None  # UDP NAT (and, through it, DHCP and DNS over UDP)
+        self.icmp: IcmpRelay | None = None  # echo requests through host ping sockets
+        self.tcp: TcpNat | None = None  # TCP NAT (and DNS over TCP)
+        self.forwards: Forwards | None = None  # published ports (-p, add_hostfwd)
 
     # -------------------------------------------------------- registration
     def on_event(self, event_type: type, handler, quiet: bool = False, on_error=None) -> None:
@@ -183,7 +174,7 @@ class Loop:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if fd in self._handlers:
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
-        self._epoll.register(fd, _epoll_events(events))
+        self.epoll.register(fd, _epoll_events(events))
         self._handlers[fd] = (events, handler, fileobj, quiet, on_error)
 
     def modify(self, fileobj, events: int, handler) -> None:
@@ -192,7 +183,7 @@ class Loop:
             raise KeyError(f"{fileobj!r} (fd {fd}) is not registered")
         entry = self._handlers[fd]
         if entry[0] != events:
-            self._epoll.modify(fd, _epoll_events(events))
+            self.epoll.modify(fd, _epoll_events(events))
         self._handlers[fd] = (events, handler, fileobj, entry[3], entry[4])
 
     def unregister(self, fileobj) -> None:
@@ -205,7 +196,7 @@ class Loop:
         if self._handlers.pop(fd, None) is None:
             return
         try:
-            self._epoll.unregister(fd)
+            self.epoll.unregister(fd)
         except OSError:
             pass  # closed already: the kernel dropped it from the epoll
 
@@ -283,8 +274,8 @@ class Loop:
     def run(self) -> None:
         self._running = True
         stack = self.stack
-        events = stack._events
-        poll = self._epoll.poll
+        events = stack.events
+        poll = self.epoll.poll
         handlers = self._handlers
         tap_fd = self.tap_fd
         stop_fd = self.stop_fd
@@ -311,7 +302,7 @@ class Loop:
             due = self._services_due
             if due is not None and (deadline is None or due < deadline):
                 deadline = due
-            ready = self._busy_poll(spin, deadline) if spin else None
+            ready = self.busy_poll(spin, deadline) if spin else None
             if ready is None:
                 if deadline is None:
                     timeout = -1
@@ -345,17 +336,17 @@ class Loop:
                 self._run_timers(now)
                 if events:
                     self._dispatch_events(now)
-            if stack._out or (tcp is not None and tcp.dirty):
+            if stack.out or (tcp is not None and tcp.dirty):
                 flush(now)
                 if events:  # news from the flush (the memory budget's pressure)
                     self._dispatch_events(now)
 
-    def _busy_poll(self, spin: float, deadline):
+    def busy_poll(self, spin: float, deadline):
         """Poll without sleeping for up to ``spin`` seconds (not past
         ``deadline``): the ready list as soon as there is one, else None.
         A peer that answers within that time finds us awake: no sleep, no
         wake-up (on a VM each costs tens of microseconds, a round trip's worth)."""
-        poll = self._epoll.poll
+        poll = self.epoll.poll
         ready = poll(0.0)
         if ready:
             return ready
@@ -392,7 +383,7 @@ class Loop:
         guest waiting for the host (request/response), and a frame left
         unread wakes the next poll anyway."""
         stack = self.stack
-        events = stack._events
+        events = stack.events
         tcp = stack.tcp
         receive = self._receive
         capture = self.capture
@@ -418,14 +409,14 @@ class Loop:
                 self._dispatch_events(now)
             count += 1
             if count == 1 and (
-                not (stack._out or (tcp is not None and tcp.dirty)) or not self._tap_poll.poll(0)
+                not (stack.out or (tcp is not None and tcp.dirty)) or not self._tap_poll.poll(0)
             ):
                 return  # one frame and no more (request/response): no EAGAIN read
             if count >= self.config.tap_batch:
                 return
 
     def _dispatch_events(self, now: float) -> None:
-        events = self.stack._events  # Stack.next_event, inlined
+        events = self.stack.events  # Stack.next_event, inlined
         handlers = self._event_handlers
         quiet = self._quiet_events
         while events:
@@ -479,7 +470,7 @@ class Loop:
             close = getattr(service, "close", None)
             if close is not None:
                 close()
-        self._epoll.close()
+        self.epoll.close()
         self._tap_poll.close()
 
 
@@ -503,4 +494,4 @@ class _Timers:
             callback(now)  # popped first: one that raises is not called again
 
 
-__all__ = ["Loop", "READ", "WRITE", "IcmpEchoRequested", "UdpDatagramReceived"]
+__all__ = ["Loop", "READ", "WRITE"]

@@ -37,15 +37,8 @@ import socket
 import struct
 
 from pyslirp.stack import icmpv4
-from pyslirp.stack.events import (
-    TcpConnectionClosed,
-    TcpConnectionReset,
-    TcpConnectRequested,
-    TcpDataReceived,
-    TcpSendSpaceOpened,
-)
 from pyslirp.stack.tcp_connection import CLOSED
-from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
+from pyslirp.stack.tcp_layer import TcpLayer
 
 from .addressing import AddressMap, family_of
 from .descriptors import EXHAUSTED
@@ -73,20 +66,6 @@ CONNECT_ERRORS = {
     errno.EACCES: icmpv4.ADMIN_PROHIBITED,
     errno.EPERM: icmpv4.ADMIN_PROHIBITED,
 }
-
-
-def tcp_config_from(config) -> TcpConfig:
-    """The stack's TCP settings from the network's configuration."""
-    return TcpConfig(
-        max_connections=config.tcp_max_connections,
-        receive_buffer=config.tcp_receive_buffer,
-        send_buffer=config.tcp_send_buffer,
-        time_wait_timeout=config.tcp_time_wait_timeout,
-        keepalive_idle=config.tcp_keepalive_idle,
-        max_retransmits=config.tcp_max_retransmits,
-        max_rto=config.tcp_max_rto,
-        verify_checksum=config.tcp_verify_checksum,
-    )
 
 
 class TcpFlow:
@@ -119,7 +98,7 @@ class TcpFlow:
         self.closed = False  # the host socket is closed
         self.ended = False  # the stack's connection ended, as far as we are concerned
 
-    def _ready(self, mask: int, now: float) -> None:
+    def on_ready(self, mask: int, now: float) -> None:
         nat = self.nat
         if self.connecting:
             nat.connect_finished(self, now)
@@ -212,7 +191,7 @@ class TcpNat:
         self.stack = loop.stack
         self.config = loop.config
         self.dns = dns
-        self.tcp = TcpLayer(loop.stack, tcp_config_from(loop.config))
+        self.tcp = TcpLayer(loop.stack, loop.config.tcp_config())
         self.addresses = AddressMap(loop.config)
         self.flows: set[TcpFlow] = set()
         self._recv_buffer = memoryview(bytearray(RECV_MAX))
@@ -236,14 +215,6 @@ class TcpNat:
         # The table's size: the configured one, or what the descriptors allow.
         self.max_flows = min(loop.config.tcp_max_connections, self.descriptors.capacity)
         self._timed_out = None  # the flow handle_timer is ending (for timer_failed)
-        on_error = self.on_error
-        loop.on_event(TcpConnectRequested, self.on_connect_requested, on_error=on_error)
-        # Quiet: these only move data (a DNS query over TCP calls
-        # timers_changed through the proxy).
-        loop.on_event(TcpDataReceived, self.on_data, quiet=True, on_error=on_error)
-        loop.on_event(TcpSendSpaceOpened, self.on_send_space, quiet=True, on_error=on_error)
-        loop.on_event(TcpConnectionReset, self.on_reset, on_error=on_error)
-        loop.on_event(TcpConnectionClosed, self.on_closed, on_error=on_error)
 
     # ------------------------------------------------------------ opening
     def on_connect_requested(self, event, now: float) -> None:
@@ -292,7 +263,7 @@ class TcpNat:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         v6 = ":" in host
-        outbound = getattr(self.config, "outbound_addr6", None) if v6 else self.config.outbound_addr
+        outbound = self.config.outbound_addr6 if v6 else self.config.outbound_addr
         if outbound and not host.startswith("127.") and host != "::1":
             try:  # --outbound-addr: the source address toward the outside
                 sock.bind((outbound, 0))
@@ -322,6 +293,21 @@ class TcpNat:
             self._set_mask(flow, WRITE)
         else:
             self._connect_failed(flow, err, now)
+
+    def adopt(self, conn, sock, client) -> TcpFlow:
+        """Relay ``sock``, a host client already connected (a published
+        port's), over ``conn``, a connection the stack opens toward the
+        guest. The client is read only from ``start_relay`` on, once the
+        guest has answered: until then its bytes wait in the kernel."""
+        flow = TcpFlow(self, conn, sock, client)
+        flow.connecting = False
+        conn.user = flow
+        self.flows.add(flow)
+        return flow
+
+    def start_relay(self, flow: TcpFlow) -> None:
+        """The guest accepted an adopted connection: relay both ways."""
+        self._set_mask(flow, READ)
 
     def _limited(self, conn, now: float, why: str) -> None:
         self.counters["connections-limited"] += 1
@@ -540,11 +526,11 @@ class TcpNat:
         if not flow.mask:
             # Quiet: a flow's handler only moves data or ends the flow,
             # which never makes a deadline earlier.
-            self.loop.register(flow.sock, mask, flow._ready, quiet=True, on_error=flow.fail)
+            self.loop.register(flow.sock, mask, flow.on_ready, quiet=True, on_error=flow.fail)
         elif not mask:
             self.loop.unregister(flow.sock)
         else:
-            self.loop.modify(flow.sock, mask, flow._ready)
+            self.loop.modify(flow.sock, mask, flow.on_ready)
         flow.mask = mask
 
     # ------------------------------------------------------------ timers

@@ -130,6 +130,8 @@ class UdpNat:
         self.bind_addr = (loop.config.outbound_addr or "0.0.0.0", 0)
         self.bind_addr6 = (loop.config.outbound_addr6 or "::", 0)
         self.dns_enabled = not loop.config.disable_dns
+        # Other readers of the guest's datagrams, asked first (add_consumer).
+        self.consumers: list = []
         self.dhcpv6 = None
         if loop.config.enable_ipv6:
             from .dhcpv6 import Dhcpv6Server
@@ -143,7 +145,21 @@ class UdpNat:
             )
 
     # ------------------------------------------------------------ guest -> host
+    def add_consumer(self, consumer) -> None:
+        """Let another part see the guest's datagrams before the NAT:
+        ``consumer(event, now)`` (an UdpDatagramReceived) returns True when
+        the datagram was its own, which ends it there, or False to pass it
+        on. Consumers are asked in the order added, for every datagram, so
+        one is added only once it has flows (the published ports add theirs
+        with the first UDP forward: the guest's replies to its clients). One
+        that raises fails like the NAT's own handler (``on_error``)."""
+        self.consumers.append(consumer)
+
     def on_datagram(self, event, now: float) -> None:
+        if self.consumers:
+            for consumer in self.consumers:
+                if consumer(event, now):
+                    return
         stack = self.stack
         dst, dport = event.dst, event.dst_port
         if dport == DHCP_SERVER_PORT and (

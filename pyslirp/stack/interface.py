@@ -57,8 +57,8 @@ class Stack:
         # The one ceiling on bytes held for the guest (budget.py): every
         # holder, here and on the NAT side, charges and releases it.
         self.budget = MemoryBudget(config.memory_budget)
-        self._out: list[bytes] = []
-        self._events: deque = deque()
+        self.out = self._out = []  # frames for the guest (public: the loop asks if any wait)
+        self.events = self._events = deque()  # events for the NAT side (public: the loop drains it)
         self._arp_cache: dict[bytes, bytes] = {}
         self._arp_pending: dict[bytes, _PendingArp] = {}
         self._ip_ident = random.getrandbits(16)
@@ -155,7 +155,8 @@ class Stack:
             self.check_memory_pressure()
         if self.tcp is not None:
             self.tcp.flush(now)
-        out, self._out = self._out, []
+        out = self._out
+        self.out = self._out = []
         self.counters["frames-out"] += len(out)
         return out
 

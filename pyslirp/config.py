@@ -1,4 +1,10 @@
-"""Configuration of one virtual network: addresses, upstreams and every limit."""
+"""Configuration of one virtual network: addresses, upstreams and every limit.
+
+Both backends take a NetworkConfig (the python one carries out every field,
+libslirp the common ones), so this module imports nothing of the python
+stack at load time: ``stack_config`` and ``tcp_config``, the one mapping
+from these fields to the sans-IO stack's settings, import it when called.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,11 @@ import ipaddress
 import os
 import random as _random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pyslirp.stack.config import StackConfig
+if TYPE_CHECKING:
+    from pyslirp.stack.config import StackConfig
+    from pyslirp.stack.tcp_layer import TcpConfig
 
 MIN_MTU = 68  # RFC 791: every host must take 68-byte datagrams
 MIN_MTU_IPV6 = 1280  # RFC 8200 section 5
@@ -76,8 +85,8 @@ class NetworkConfig:
     # the network address as not available").
     dhcp_offer_timeout: float = 60.0
     dhcp_decline_timeout: float = 600.0
-    # TCP (protocol timers are in pyslirp.stack.tcp_layer.TcpConfig).
-    # Connections the stack tracks and
+    # TCP (protocol timers are in pyslirp.stack.tcp_layer.TcpConfig; these
+    # reach it through tcp_config(), the one mapping). Connections the stack tracks and
     # host sockets open at once: past it (or past the process's file
     # descriptor limit) new guest connections get RST, the others carry on.
     tcp_max_connections: int = 4096
@@ -182,6 +191,9 @@ class NetworkConfig:
         return self.ipv6_prefix.network_address + 3
 
     def stack_config(self) -> StackConfig:
+        """The sans-IO stack's settings (addresses, MTU, offload, budget)."""
+        from pyslirp.stack.config import StackConfig
+
         gateway = self.gateway.packed
         return StackConfig(
             network=self.cidr.network_address.packed,
@@ -199,6 +211,21 @@ class NetworkConfig:
             ipv6_gateway=self.ipv6_gateway.packed,
             ipv6_dns=self.ipv6_dns.packed,
             dns_search=tuple(self.dns_search),
+        )
+
+    def tcp_config(self) -> TcpConfig:
+        """The TCP layer's settings: the tcp_* fields, and nothing else sets them."""
+        from pyslirp.stack.tcp_layer import TcpConfig
+
+        return TcpConfig(
+            max_connections=self.tcp_max_connections,
+            receive_buffer=self.tcp_receive_buffer,
+            send_buffer=self.tcp_send_buffer,
+            time_wait_timeout=self.tcp_time_wait_timeout,
+            keepalive_idle=self.tcp_keepalive_idle,
+            max_retransmits=self.tcp_max_retransmits,
+            max_rto=self.tcp_max_rto,
+            verify_checksum=self.tcp_verify_checksum,
         )
 
 

@@ -1,0 +1,146 @@
+"""The python backend, put together: ``build_loop`` makes the loop (which
+makes the stack) and each service, sets them on the loop's fields and routes
+the stack's events to them, here and nowhere else; ``PythonBackend`` serves
+it behind the front end's Backend interface (pyslirp/backend.py).
+
+Who hears what (``Loop.on_event``; each handler's ``on_error`` closes the
+flow the event is about when it raises):
+
+- UdpDatagramReceived: the UDP NAT, which hands DHCP to the DHCP server, DNS
+  to the proxy, and asks its consumers first (the published ports' replies);
+- IcmpEchoRequested: the ICMP relay;
+- TcpConnectRequested, TcpDataReceived, TcpSendSpaceOpened,
+  TcpConnectionReset, TcpConnectionClosed: the TCP NAT;
+- TcpConnected (a connection we opened toward the guest): the published ports;
+- MemoryPressureChanged: the loop itself (a log line).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyslirp.backend import Backend
+from pyslirp.config import NetworkConfig
+from pyslirp.pcap import PcapWriter
+from pyslirp.stack.events import (
+    IcmpEchoRequested,
+    TcpConnected,
+    TcpConnectionClosed,
+    TcpConnectionReset,
+    TcpConnectRequested,
+    TcpDataReceived,
+    TcpSendSpaceOpened,
+    UdpDatagramReceived,
+)
+
+from .dhcp import DhcpServer
+from .dns import DnsProxy
+from .forward import Forwards, list_connections
+from .icmp import IcmpRelay
+from .loop import Loop
+from .tcp import TcpNat
+from .udp import UdpNat
+
+log = logging.getLogger("pyslirp")
+
+
+def build_loop(
+    config: NetworkConfig, tap_fd: int, stop_fd: int | None = None, capture=None
+) -> Loop:
+    """The python backend for one network: the loop on ``tap_fd`` (it stops
+    when ``stop_fd`` is readable; frames are written to ``capture``, a
+    PcapWriter, if given) with every service wired in."""
+    loop = Loop(config, tap_fd, stop_fd, capture)
+    loop.dhcp = dhcp = DhcpServer(config)
+    loop.dns = dns = DnsProxy(loop)
+    loop.udp = udp = UdpNat(loop, dhcp, dns)
+    loop.icmp = icmp = IcmpRelay(loop)
+    # --disable-dns: TCP to the DNS address is refused like any other port.
+    loop.tcp = tcp = TcpNat(loop, None if config.disable_dns else dns)
+    loop.forwards = forwards = Forwards(loop, tcp, udp)
+
+    loop.on_event(UdpDatagramReceived, udp.on_datagram, on_error=udp.on_error)
+    loop.on_event(IcmpEchoRequested, icmp.on_echo, on_error=icmp.on_error)
+    loop.on_event(TcpConnectRequested, tcp.on_connect_requested, on_error=tcp.on_error)
+    # Quiet: these only move data (a DNS query over TCP calls timers_changed
+    # through the proxy).
+    loop.on_event(TcpDataReceived, tcp.on_data, quiet=True, on_error=tcp.on_error)
+    loop.on_event(TcpSendSpaceOpened, tcp.on_send_space, quiet=True, on_error=tcp.on_error)
+    loop.on_event(TcpConnectionReset, tcp.on_reset, on_error=tcp.on_error)
+    loop.on_event(TcpConnectionClosed, tcp.on_closed, on_error=tcp.on_error)
+    loop.on_event(TcpConnected, forwards.on_tcp_connected, on_error=tcp.on_error)
+    # Their timers (next_deadline, handle_timer), after the loop's own call_at.
+    loop.services.extend([udp, dns, icmp, tcp, forwards])
+
+    budget = loop.descriptors
+    log.info(
+        "descriptors: limit %d, %d open at start, %d reserved: %d for flows "
+        "(udp %d, tcp %d, ping %d)",
+        budget.limit,
+        budget.limit - budget.reserve - budget.capacity,
+        budget.reserve,
+        budget.capacity,
+        udp.max_flows,
+        tcp.max_flows,
+        icmp.max_flows,
+    )
+    return loop
+
+
+class PythonBackend(Backend):
+    name = "python"
+    supported_options = frozenset({"outbound_addr", "disable_dns", "enable_ipv6", "outbound_addr6"})
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__(config)
+        self.loop: Loop | None = None
+        self._capture: PcapWriter | None = None
+
+    def start(self, tap_fd: int, stop_fd: int) -> None:
+        if self.loop is not None:
+            return
+        self._capture = PcapWriter(self.config.pcap_path) if self.config.pcap_path else None
+        self.loop = build_loop(self.config, tap_fd, stop_fd, self._capture)
+
+    def run(self, tap_fd: int, stop_fd: int) -> None:
+        self.start(tap_fd, stop_fd)
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        loop, self.loop = self.loop, None
+        if loop is not None:
+            loop.close()
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.close()
+
+    def _started(self) -> Loop:
+        if self.loop is None:
+            raise RuntimeError("the python backend has not started")
+        return self.loop
+
+    def register(self, fd: int, events: int, handler) -> None:
+        self._started().register(fd, events, handler)
+
+    def unregister(self, fd: int) -> None:
+        self._started().unregister(fd)
+
+    def call_at(self, at: float, callback) -> None:
+        """``callback(now)`` once at ``at`` (the loop's monotonic clock)."""
+        self._started().call_at(at, callback)
+
+    def add_hostfwd(self, proto, host_addr, host_port, guest_addr, guest_port) -> int:
+        return self._started().forwards.add(proto, host_addr, host_port, guest_addr, guest_port)
+
+    def remove_hostfwd(self, forward_id: int) -> None:
+        self._started().forwards.remove(forward_id)
+
+    def list_hostfwd(self) -> list[dict]:
+        return self._started().forwards.entries()
+
+    def list_connections(self) -> list[dict]:
+        loop = self._started()
+        return list_connections(loop, loop.now())
