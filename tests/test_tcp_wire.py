@@ -295,7 +295,7 @@ def test_syn_options_in_one_pack_equal_build_options_and_their_sum():
         conn.remote = bytes(4)
         layer = tcp_layer.TcpLayer.__new__(tcp_layer.TcpLayer)
         layer.stack = type("Stack", (), {"config": type("C", (), {"mtu": mss + 40})()})()
-        options, words = layer._syn_options(conn, 0.0)
+        options, words = layer.syn_options(conn, 0.0)
         expected = tcp.build_options(mss=mss, window_scale=shift, timestamp=(ts_val, ts_ecr))
         assert options == expected
         assert words % 0xFFFF == checksum.partial_sum(expected) % 0xFFFF

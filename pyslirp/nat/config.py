@@ -7,7 +7,7 @@ import os
 import random as _random
 from dataclasses import dataclass, field
 
-from pyslirp.stack.config import StackConfig
+from pyslirp.stack.config import StackConfig, TcpConfig
 
 MIN_MTU = 68  # RFC 791: every host must take 68-byte datagrams
 MIN_MTU_IPV6 = 1280  # RFC 8200 section 5
@@ -76,7 +76,7 @@ class NetworkConfig:
     # the network address as not available").
     dhcp_offer_timeout: float = 60.0
     dhcp_decline_timeout: float = 600.0
-    # TCP (protocol timers are in pyslirp.stack.tcp_layer.TcpConfig).
+    # TCP (protocol timers are in pyslirp.stack.config.TcpConfig).
     # Connections the stack tracks and
     # host sockets open at once: past it (or past the process's file
     # descriptor limit) new guest connections get RST, the others carry on.
@@ -199,6 +199,16 @@ class NetworkConfig:
             ipv6_gateway=self.ipv6_gateway.packed,
             ipv6_dns=self.ipv6_dns.packed,
             dns_search=tuple(self.dns_search),
+            tcp=TcpConfig(
+                max_connections=self.tcp_max_connections,
+                receive_buffer=self.tcp_receive_buffer,
+                send_buffer=self.tcp_send_buffer,
+                time_wait_timeout=self.tcp_time_wait_timeout,
+                keepalive_idle=self.tcp_keepalive_idle,
+                max_retransmits=self.tcp_max_retransmits,
+                max_rto=self.tcp_max_rto,
+                verify_checksum=self.tcp_verify_checksum,
+            ),
         )
 
 

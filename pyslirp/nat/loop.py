@@ -283,7 +283,7 @@ class Loop:
     def run(self) -> None:
         self._running = True
         stack = self.stack
-        events = stack._events
+        events = stack.events
         poll = self._epoll.poll
         handlers = self._handlers
         tap_fd = self.tap_fd
@@ -345,7 +345,7 @@ class Loop:
                 self._run_timers(now)
                 if events:
                     self._dispatch_events(now)
-            if stack._out or (tcp is not None and tcp.dirty):
+            if stack.out or (tcp is not None and tcp.dirty):
                 flush(now)
                 if events:  # news from the flush (the memory budget's pressure)
                     self._dispatch_events(now)
@@ -392,7 +392,7 @@ class Loop:
         guest waiting for the host (request/response), and a frame left
         unread wakes the next poll anyway."""
         stack = self.stack
-        events = stack._events
+        events = stack.events
         tcp = stack.tcp
         receive = self._receive
         capture = self.capture
@@ -418,14 +418,14 @@ class Loop:
                 self._dispatch_events(now)
             count += 1
             if count == 1 and (
-                not (stack._out or (tcp is not None and tcp.dirty)) or not self._tap_poll.poll(0)
+                not (stack.out or (tcp is not None and tcp.dirty)) or not self._tap_poll.poll(0)
             ):
                 return  # one frame and no more (request/response): no EAGAIN read
             if count >= self.config.tap_batch:
                 return
 
     def _dispatch_events(self, now: float) -> None:
-        events = self.stack._events  # Stack.next_event, inlined
+        events = self.stack.events  # Stack.next_event, inlined
         handlers = self._event_handlers
         quiet = self._quiet_events
         while events:

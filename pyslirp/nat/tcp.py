@@ -45,7 +45,6 @@ from pyslirp.stack.events import (
     TcpSendSpaceOpened,
 )
 from pyslirp.stack.tcp_connection import CLOSED
-from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 
 from .addressing import AddressMap, family_of
 from .descriptors import EXHAUSTED
@@ -73,20 +72,6 @@ CONNECT_ERRORS = {
     errno.EACCES: icmpv4.ADMIN_PROHIBITED,
     errno.EPERM: icmpv4.ADMIN_PROHIBITED,
 }
-
-
-def tcp_config_from(config) -> TcpConfig:
-    """The stack's TCP settings from the network's configuration."""
-    return TcpConfig(
-        max_connections=config.tcp_max_connections,
-        receive_buffer=config.tcp_receive_buffer,
-        send_buffer=config.tcp_send_buffer,
-        time_wait_timeout=config.tcp_time_wait_timeout,
-        keepalive_idle=config.tcp_keepalive_idle,
-        max_retransmits=config.tcp_max_retransmits,
-        max_rto=config.tcp_max_rto,
-        verify_checksum=config.tcp_verify_checksum,
-    )
 
 
 class TcpFlow:
@@ -212,7 +197,7 @@ class TcpNat:
         self.stack = loop.stack
         self.config = loop.config
         self.dns = dns
-        self.tcp = TcpLayer(loop.stack, tcp_config_from(loop.config))
+        self.tcp = loop.stack.tcp  # configured by NetworkConfig.stack_config
         self.addresses = AddressMap(loop.config)
         self.flows: set[TcpFlow] = set()
         self._recv_buffer = memoryview(bytearray(RECV_MAX))

@@ -16,12 +16,10 @@ import hashlib
 import heapq
 import struct
 from collections import Counter, deque
-from dataclasses import dataclass
-
-from pyslirp._compat import SLOTS
 
 from . import checksum, ethernet, icmpv4, ipv4, tcp, virtio
 from .budget import held_size
+from .config import TcpConfig  # noqa: F401 - its home was here
 from .events import (
     TcpConnected,
     TcpConnectionClosed,
@@ -47,49 +45,6 @@ from .tcp_connection import (
     seq_le,
     seq_lt,
 )
-
-
-@dataclass(**SLOTS)
-class TcpConfig:
-    # Connections in the table, TIME-WAIT included (those are reclaimed
-    # first when the table is full). Each costs at most the two buffers below.
-    max_connections: int = 4096
-    # Per connection: bytes from the guest not yet taken by the host socket
-    # (bounds the window we advertise) and bytes for the guest not yet
-    # acknowledged by it. 1 MiB each keeps a 64 KiB-segment link busy.
-    receive_buffer: int = 1 << 20
-    send_buffer: int = 1 << 20
-    # Segments held out of order per connection (their bytes are bounded by
-    # the receive window they must lie in).
-    max_out_of_order: int = 256
-    # RFC 6298: initial RTO 1 s (2.1), bounds (2.4, 2.5). The lower bound is
-    # Linux's 200 ms rather than the RFC's 1 s: the guest is one hop away.
-    initial_rto: float = 1.0
-    min_rto: float = 0.2
-    max_rto: float = 60.0
-    clock_granularity: float = 0.001
-    # Retransmissions before giving up (RFC 1122 4.2.3.5 R2), for data and
-    # for our SYN or SYN-ACK (Linux's tcp_synack_retries is 5 too).
-    max_retransmits: int = 12
-    syn_retries: int = 5
-    dupack_threshold: int = 3  # RFC 5681 3.2
-    # RFC 1122 4.2.3.2 allows 500 ms; a guest that writes small pieces with
-    # Nagle on waits this long for each ACK, so it stays short. 0: off.
-    delayed_ack_timeout: float = 0.002
-    # TIME-WAIT: 2*MSL would be 4 minutes (RFC 9293); Linux uses 60 s.
-    time_wait_timeout: float = 60.0
-    # RFC 1122 4.2.3.6: keep-alive no sooner than 2 hours idle; we probe a
-    # silent guest so that its connections do not hold host sockets forever.
-    keepalive_idle: float = 7200.0
-    keepalive_interval: float = 75.0
-    keepalive_probes: int = 9
-    challenge_ack_limit: int = 1000  # per second, RFC 5961 section 7
-    window_scaling: bool = True  # RFC 7323 section 2
-    timestamps: bool = True  # RFC 7323 sections 3-5
-    # The guest's checksum is checked by default; a TAP that hands us frames
-    # straight from the guest kernel's memory may turn this off.
-    verify_checksum: bool = True
-
 
 # IPv4 and TCP headers of one segment in one pack (40 bytes): version/IHL,
 # TOS, total length, ID, flags, TTL, protocol, header checksum, both
@@ -117,13 +72,16 @@ _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
 
 
 class TcpLayer:
-    def __init__(self, stack, config: TcpConfig | None = None) -> None:
+    """The Stack builds its own (``stack.tcp``), configured by
+    ``StackConfig.tcp``."""
+
+    def __init__(self, stack) -> None:
         self.stack = stack
-        self.config = config or TcpConfig()
+        self.config = stack.config.tcp
         self.random = stack.random
         self.isn_key = stack.config.isn_key  # RFC 6528's secret (StackConfig)
         self.connections: dict[tuple, TcpConnection] = {}
-        self.events = stack._events
+        self.events = stack.events
         # Every byte a connection holds (rx, the out-of-order queue, snd_buf)
         # is charged to the stack's memory budget and released as it goes.
         self.budget = stack.budget
@@ -166,7 +124,6 @@ class TcpLayer:
         while (self.config.receive_buffer >> shift) > 0xFFFF and shift < tcp.MAX_WINDOW_SCALE:
             shift += 1
         self._rcv_wscale = shift
-        stack.tcp = self
 
     def _mss_limit(self, conn: TcpConnection) -> int:
         """Largest payload per segment the MTU allows, without TCP options:
@@ -229,7 +186,7 @@ class TcpLayer:
         state = conn.state
         if state is LISTEN or state is SYN_SENT or state is CLOSED:
             return False
-        if self.stack._arp_cache.get(src) != src_mac:
+        if self.stack.arp_cache.get(src) != src_mac:
             return False
         # The header checksum: a valid header's partial sum is 0, in
         # checksum.py's form of it (int.from_bytes modulo 0xFFFF) written
@@ -285,8 +242,8 @@ class TcpLayer:
             or not sport
             or not dport
             or dst[0] >= 224
-            or dst == stack._broadcast
-            or stack._arp_cache.get(src) != src_mac
+            or dst == stack.broadcast
+            or stack.arp_cache.get(src) != src_mac
             or _from_bytes(data[off + 14 : off + 34], "big") % 0xFFFF  # as receive_fast
         ):
             return False
@@ -434,7 +391,7 @@ class TcpLayer:
     def _new_connection(self, key, local, local_port, remote, remote_port, now):
         self._serial += 1
         conn = TcpConnection(self, key, local, local_port, remote, remote_port, self._serial, now)
-        mac = self.stack._arp_cache.get(remote)
+        mac = self.stack.neighbour_mac(remote)
         if mac is not None and len(remote) == 4:
             conn.eth = ethernet.header(mac, self.stack.gateway_mac, ethernet.ETHERTYPE_IPV4)
         both = int.from_bytes(local, "big") + int.from_bytes(remote, "big")
@@ -826,7 +783,7 @@ class TcpLayer:
             # the MSS goes as one GSO frame of MSS pieces.
             size = len(payload)
             stack = self.stack
-            ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
+            ident = stack.next_ip_ident()
             if conn.ts_enabled:
                 header_len = 32
                 total = 52 + size
@@ -863,9 +820,9 @@ class TcpLayer:
                 if size > conn.mss:
                     vnet = virtio.tcp_header(14, 20, header_len, virtio.GSO_TCPV4, conn.mss)
                     self.counters["tcp-gso-out"] += 1
-                    stack._out.append((vnet, frame))
+                    stack.out.append((vnet, frame))
                     return
-            stack._out.append((self._vnet_plain[header_len], frame))
+            stack.out.append((self._vnet_plain[header_len], frame))
             return
         if conn.ts_enabled:
             ts_val = (int(now * 1000) + conn.ts_offset) & MASK
@@ -880,8 +837,7 @@ class TcpLayer:
     def _headers4(self, conn, flags, seq, ack, window, header_len, total, tcp_csum) -> bytes:
         """The IPv4 header and the fixed TCP header of one segment toward the
         guest (40 bytes; TCP options and payload follow)."""
-        stack = self.stack
-        ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
+        ident = self.stack.next_ip_ident()
         s = (conn.ip_sum + total + ident) % 0xFFFF
         return _PACKET4.pack(
             0x45,
@@ -926,10 +882,10 @@ class TcpLayer:
         stack = self.stack
         eth = conn.eth
         if eth is not None:
-            stack._out.append(b"".join((eth, head, options, payload)))
+            stack.out.append(b"".join((eth, head, options, payload)))
             return
-        stack._send_packet(conn.remote, b"".join((head, options, payload)), now)
-        mac = stack._arp_cache.get(conn.remote)
+        stack.send_packet(conn.remote, b"".join((head, options, payload)), now)
+        mac = stack.neighbour_mac(conn.remote)
         if mac is not None:
             conn.eth = ethernet.header(mac, stack.gateway_mac, ethernet.ETHERTYPE_IPV4)
 
@@ -971,7 +927,7 @@ class TcpLayer:
         vnet = virtio.tcp_header(14, 40, header_len, gso, conn.mss)
         self.stack.ipv6.send_offload_segment(conn.local, conn.remote, mac, vnet, parts, tcp_len)
 
-    def _syn_options(self, conn: TcpConnection, now: float):
+    def syn_options(self, conn: TcpConnection, now: float):
         """Our SYN's (or SYN-ACK's) options and the sum of their 16-bit words."""
         options = tcp.build_options(
             mss=self._mss_limit(conn),
@@ -981,7 +937,7 @@ class TcpLayer:
         return options, checksum.partial_sum(options)
 
     def send_syn_ack(self, conn: TcpConnection, now: float) -> None:
-        options, options_sum = self._syn_options(conn, now)
+        options, options_sum = self.syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)  # RFC 7323 2.2: a SYN's window is not scaled
         room = self.budget.window_room()
         if window > room:  # under memory pressure: little or nothing
@@ -992,7 +948,7 @@ class TcpLayer:
         self._frame(conn, SYN | ACK, conn.iss, conn.rcv_nxt, window, options, options_sum, b"", now)
 
     def send_syn(self, conn: TcpConnection, now: float) -> None:
-        options, options_sum = self._syn_options(conn, now)
+        options, options_sum = self.syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)
         conn.rtt_time = now
         self._frame(conn, SYN, conn.iss, 0, window, options, options_sum, b"", now)
@@ -1073,6 +1029,15 @@ class TcpLayer:
         heap = [entry for entry in self._heap if entry[2].heap_at == entry[0]]
         heapq.heapify(heap)
         self._heap = heap
+
+    def queue_lengths(self) -> dict:
+        """A test hook: the lengths of the timer heap, the delayed-ACK FIFO
+        and the TIME-WAIT queue (each must stay about as long as the table)."""
+        return {
+            "timers": len(self._heap),
+            "delayed-acks": len(self._delack),
+            "time-wait": len(self._time_wait),
+        }
 
     def get_timer(self):
         """The earliest deadline, or one a little early (see __init__).
