@@ -22,7 +22,7 @@ import enum
 from collections import deque
 
 from .budget import held_size
-from .events import TcpDataReceived, TcpSendSpaceOpened
+from .events import TcpConnected, TcpDataReceived, TcpSendSpaceOpened
 from .tcp import ACK, FIN, PSH, RST, SYN, URG
 
 MASK = 0xFFFFFFFF
@@ -452,6 +452,57 @@ class TcpConnection:
             self.rx_notified = True
             self.layer.events.append(TcpDataReceived(self))
 
+    # ------------------------------------------------------------ opening
+    # The transitions of the opening handshakes, called by the layer (which
+    # owns the table, the ISN and the options); those of the synchronized
+    # states follow from segment_arrives, output and on_timer below.
+    def syn_arrived(self, seq: int) -> None:
+        """CLOSED -> LISTEN: a guest's SYN is recorded, the NAT side is asked
+        to connect on the host (TcpConnectRequested). A repeated SYN with
+        another sequence number restarts it."""
+        self.state = LISTEN
+        self.irs = seq
+        self.rcv_nxt = (seq + 1) & MASK
+
+    def host_connected(self, now: float) -> None:
+        """LISTEN -> SYN-RECEIVED: the host connection is made (the NAT
+        side's accept); our SYN-ACK goes, its retransmission timer runs."""
+        self.state = SYN_RECEIVED
+        layer = self.layer
+        layer.send_syn_ack(self, now)
+        self.rtx_at = now + self.rto
+        layer.arm(self)
+
+    def active_open(self, now: float) -> None:
+        """CLOSED -> SYN-SENT: we open toward the guest (the layer's
+        connect); our SYN goes, its retransmission timer runs."""
+        self.state = SYN_SENT
+        layer = self.layer
+        layer.send_syn(self, now)
+        self.rtx_at = now + self.rto
+        layer.arm(self)
+
+    def syn_ack_received(self, seq: int, ack: int, window: int, now: float) -> None:
+        """SYN-SENT -> ESTABLISHED on the guest's SYN-ACK (RFC 9293
+        3.10.7.3); its window is not scaled (RFC 7323 2.2). We ACK it."""
+        self._established(seq, ack, window, now)
+        self.ack_pending = True
+        self.layer.events.append(TcpConnected(self))
+        self.layer.arm(self)
+
+    def simultaneous_open(self, now: float) -> None:
+        """SYN-SENT -> SYN-RECEIVED on a SYN without ACK (RFC 9293
+        3.10.7.3): our SYN-ACK goes."""
+        self.state = SYN_RECEIVED
+        self.layer.send_syn_ack(self, now)
+        self.layer.arm(self)
+
+    def closed(self) -> None:
+        """Any state -> CLOSED: out of the layer's table (the layer's
+        remove), every deadline gone."""
+        self.state = CLOSED
+        self.rtx_at = self.wait_at = self.delack_at = self.heap_at = None
+
     # ------------------------------------------------------------ ingress
     def segment_arrives(self, seg, now: float) -> None:
         """RFC 9293 3.10.7.4, step by step, for the synchronized states
@@ -541,7 +592,7 @@ class TcpConnection:
         ack = seg.ack
         if state is SYN_RECEIVED:
             if seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max):
-                self._established(seq, ack, seg.window, now)
+                self._established(seq, ack, seg.window << self.snd_wscale, now)
                 state = ESTABLISHED
             else:
                 layer.send_reset(self.local, self.local_port, self.remote, self.remote_port, ack)
@@ -720,7 +771,7 @@ class TcpConnection:
         anything else. ``ts`` is None unless the connection uses timestamps."""
         if not self._plain_ack_taken(seq, ack, ts, now):
             return False
-        self._established(seq, ack, window, now)
+        self._established(seq, ack, window << self.snd_wscale, now)
         if ts is not None:
             self.ts_recent = ts[0]
         self.layer.arm(self)
@@ -760,13 +811,12 @@ class TcpConnection:
             self.snd_wl2 = ack
 
     def _established(self, seq: int, ack: int, window: int, now: float) -> None:
-        """SYN-RECEIVED -> ESTABLISHED on the ACK of our SYN (``window``: the
-        header's field)."""
+        """SYN-RECEIVED or SYN-SENT -> ESTABLISHED on the ACK of our SYN
+        (``window``: the guest's window in bytes, scaled)."""
         self.snd_una = ack
         if seq_lt(self.snd_nxt, ack):
             self.snd_nxt = ack
-        self.snd_wnd = window << self.snd_wscale
-        self.max_snd_wnd = self.snd_wnd
+        self.snd_wnd = self.max_snd_wnd = window
         self.snd_wl1 = seq
         self.snd_wl2 = ack
         self.state = ESTABLISHED

@@ -21,7 +21,6 @@ from . import checksum, ethernet, icmpv4, ipv4, tcp, virtio
 from .budget import held_size
 from .config import TcpConfig  # noqa: F401 - its home was here
 from .events import (
-    TcpConnected,
     TcpConnectionClosed,
     TcpConnectionReset,
     TcpConnectRequested,
@@ -260,14 +259,7 @@ class TcpLayer:
         # table gives up its oldest TIME-WAIT entry, or the full path refuses.
         if len(self.connections) >= self.config.max_connections and not self._reclaim():
             return False
-        conn = self._new_connection(key, dst, dport, src, sport, now)
-        conn.state = LISTEN
-        conn.irs = seq
-        conn.rcv_nxt = (seq + 1) & MASK
-        self._take_syn_options(conn, seg)
-        conn.syn_packet = bytes(data[off + 14 : at + 20])
-        self.counters["tcp-connect-requests"] += 1
-        self.events.append(TcpConnectRequested(conn))
+        self._syn_recorded(key, seg, bytes(data[off + 14 : at + 20]), now)
         return True
 
     def receive_segment(self, ip, packet, payload, now: float) -> None:
@@ -318,12 +310,17 @@ class TcpLayer:
             ack = (seg.seq + seg.length) & MASK
             self.send_reset(ip.dst, seg.dst_port, ip.src, seg.src_port, 0, ack)
             return
-        conn = self._new_connection(key, ip.dst, seg.dst_port, ip.src, seg.src_port, now)
-        conn.state = LISTEN
-        conn.irs = seg.seq
-        conn.rcv_nxt = (seg.seq + 1) & MASK
+        self._syn_recorded(key, seg, bytes(packet[: ip.header_len + tcp.HEADER_LEN]), now)
+
+    def _syn_recorded(self, key, seg, syn_packet: bytes, now: float) -> None:
+        """A guest SYN for no connection, with room in the table (the end of
+        _no_connection and of _syn_fast): LISTEN, and the NAT side is asked.
+        ``syn_packet``: its IPv4 and TCP headers, for an ICMP error's quote."""
+        remote, remote_port, local, local_port = key
+        conn = self._new_connection(key, local, local_port, remote, remote_port, now)
+        conn.syn_arrived(seg.seq)
         self._take_syn_options(conn, seg)
-        conn.syn_packet = bytes(packet[: ip.header_len + tcp.HEADER_LEN])
+        conn.syn_packet = syn_packet
         self.counters["tcp-connect-requests"] += 1
         self.events.append(TcpConnectRequested(conn))
 
@@ -338,8 +335,7 @@ class TcpLayer:
             if seg.seq == conn.irs:
                 self.counters["tcp-syn-repeated"] += 1
             else:  # a new attempt from the same port: answer that one
-                conn.irs = seg.seq
-                conn.rcv_nxt = (seg.seq + 1) & MASK
+                conn.syn_arrived(seg.seq)
                 self._take_syn_options(conn, seg)
 
     def _syn_sent_arrives(self, conn: TcpConnection, seg, now: float) -> None:
@@ -369,23 +365,9 @@ class TcpLayer:
         conn.guest_mss = max(seg.mss or 536, _MIN_MSS)
         self._set_mss(conn)
         if flags & ACK:
-            conn.snd_una = seg.ack
-            conn.snd_wnd = conn.max_snd_wnd = seg.window  # never scaled on a SYN
-            conn.snd_wl1 = seg.seq
-            conn.snd_wl2 = seg.ack
-            conn.state = ESTABLISHED
-            if conn.retries == 0:
-                conn.set_rto_sample(now - conn.rtt_time)
-            conn.retries = 0
-            conn.rtx_at = None
-            conn.ack_pending = True
-            conn.mark()
-            self.keepalive_start(conn, now)
-            self.events.append(TcpConnected(conn))
-        else:  # simultaneous open
-            conn.state = SYN_RECEIVED
-            self.send_syn_ack(conn, now)
-        self.arm(conn)
+            conn.syn_ack_received(seg.seq, seg.ack, seg.window, now)
+        else:
+            conn.simultaneous_open(now)
 
     # ------------------------------------------------------------ setup
     def _new_connection(self, key, local, local_port, remote, remote_port, now):
@@ -458,10 +440,7 @@ class TcpLayer:
             return
         self._initial_sequence(conn, now)
         self._set_mss(conn)
-        conn.state = SYN_RECEIVED
-        self.send_syn_ack(conn, now)
-        conn.rtx_at = now + conn.rto
-        self.arm(conn)
+        conn.host_connected(now)
         if conn.close_requested:
             conn.mark()
 
@@ -619,14 +598,11 @@ class TcpLayer:
         if len(self.connections) >= self.config.max_connections and not self._reclaim():
             return None
         conn = self._new_connection(key, local, local_port, remote, remote_port, now)
-        conn.state = SYN_SENT
         self._initial_sequence(conn, now)
         conn.ws_enabled = self.config.window_scaling
         conn.rcv_wscale = self._rcv_wscale if conn.ws_enabled else 0
         conn.ts_enabled = self.config.timestamps
-        self.send_syn(conn, now)
-        conn.rtx_at = now + conn.rto
-        self.arm(conn)
+        conn.active_open(now)
         return conn
 
     # ------------------------------------------------------------ endings
@@ -636,8 +612,7 @@ class TcpLayer:
         received bytes stay for the NAT side (``unread``)."""
         if self.connections.get(conn.key) is conn:
             del self.connections[conn.key]
-        conn.state = CLOSED
-        conn.rtx_at = conn.wait_at = conn.delack_at = conn.heap_at = None
+        conn.closed()
         if conn.ooo:
             conn.drop_out_of_order()
         buf = conn.snd_buf
