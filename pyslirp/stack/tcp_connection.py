@@ -735,13 +735,8 @@ class TcpConnection:
             if not self._deliver(payload):
                 self.memory_refused()
             elif ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit:
-                if self.delack_at is None:  # layer.delay_ack, inlined
-                    layer = self.layer
-                    at = self.delack_at = now + layer.config.delayed_ack_timeout
-                    layer._delack.append((at, self))
-                    wake = layer.wake_at
-                    if wake is None or at < wake:
-                        layer.wake_at = at
+                if self.delack_at is None:
+                    self.layer.delay_ack(self, now)
             else:
                 self.ack_pending = True
                 self.mark()
