@@ -373,6 +373,10 @@ class TcpConnection:
         room = self.layer.budget.window_room()
         return space if space < room else room
 
+    def ts_value(self, now: float) -> int:
+        """Our TSval: milliseconds plus a per-connection offset (RFC 7323 5.4)."""
+        return (int(now * 1000) + self.ts_offset) & MASK
+
     def in_flight(self) -> int:
         return (self.snd_nxt - self.snd_una) & MASK
 
@@ -841,8 +845,7 @@ class TcpConnection:
             echo = ts[1]
             if echo and echo != self.ts_sampled:  # one sample per echoed TSval (ms)
                 self.ts_sampled = echo
-                ts_now = int(now * 1000) + self.ts_offset  # TcpLayer.ts_clock
-                self.set_rto_sample(((ts_now - echo) & MASK) / 1000.0)
+                self.set_rto_sample(((self.ts_value(now) - echo) & MASK) / 1000.0)
         elif self.rtt_seq is not None and seq_le(self.rtt_seq, ack):
             self.set_rto_sample(now - self.rtt_time)
             self.rtt_seq = None

@@ -741,10 +741,6 @@ class TcpLayer:
         conn.mark()
 
     # ------------------------------------------------------------ egress
-    def ts_clock(self, conn: TcpConnection, now: float) -> int:
-        """Our TSval: milliseconds plus a per-connection offset (RFC 7323 5.4)."""
-        return (int(now * 1000) + conn.ts_offset) & MASK
-
     def emit(self, conn: TcpConnection, flags: int, seq: int, payload, now: float) -> None:
         """One segment with ACK = RCV.NXT, our window and timestamps."""
         window = conn.window_field()
@@ -782,7 +778,7 @@ class TcpLayer:
                     window,
                     (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF,
                     _TS_WORD,
-                    (int(now * 1000) + conn.ts_offset) & MASK,
+                    conn.ts_value(now),
                     conn.ts_recent,
                 )
             else:
@@ -800,7 +796,7 @@ class TcpLayer:
             stack.out.append((self._vnet_plain[header_len], frame))
             return
         if conn.ts_enabled:
-            ts_val = (int(now * 1000) + conn.ts_offset) & MASK
+            ts_val = conn.ts_value(now)
             ts_ecr = conn.ts_recent
             options = _TS_BLOCK.pack(_TS_WORD, ts_val, ts_ecr)
             options_sum = _TS_SUM + ts_val + ts_ecr
@@ -907,7 +903,7 @@ class TcpLayer:
         options = tcp.build_options(
             mss=self._mss_limit(conn),
             window_scale=conn.rcv_wscale if conn.ws_enabled else -1,
-            timestamp=(self.ts_clock(conn, now), conn.ts_recent) if conn.ts_enabled else None,
+            timestamp=(conn.ts_value(now), conn.ts_recent) if conn.ts_enabled else None,
         )
         return options, checksum.partial_sum(options)
 
