@@ -70,6 +70,18 @@ _TS_WORD = 0x0101080A
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
 
 
+def _tcp_checksum(conn, flags, seq, ack, window, header_len, tcp_len, options_sum, payload):
+    """The whole TCP checksum of one segment toward the guest, from the
+    connection's precomputed sum of the pseudo-header and ports
+    (``conn.tcp_sum``), the header's fields, its options' sum and the
+    payload (IPv4 and IPv6 alike: RFC 8200 8.1)."""
+    s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
+    if tcp_len > header_len:
+        s += checksum.partial_sum(payload)
+    s %= 0xFFFF
+    return (~s) & 0xFFFF if s else 0
+
+
 class TcpLayer:
     """The Stack builds its own (``stack.tcp``), configured by
     ``StackConfig.tcp``."""
@@ -840,16 +852,11 @@ class TcpLayer:
             self._frame6(conn, flags, seq, ack, window, options, options_sum, payload, now)
             return
         header_len = 20 + len(options)
-        size = len(payload)
-        tcp_len = header_len + size
-        total = 20 + tcp_len
-        s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
-        if size:
-            s += checksum.partial_sum(payload)
-        s %= 0xFFFF
-        head = self._headers4(
-            conn, flags, seq, ack, window, header_len, total, (~s) & 0xFFFF if s else 0
+        tcp_len = header_len + len(payload)
+        csum = _tcp_checksum(
+            conn, flags, seq, ack, window, header_len, tcp_len, options_sum, payload
         )
+        head = self._headers4(conn, flags, seq, ack, window, header_len, 20 + tcp_len, csum)
         stack = self.stack
         eth = conn.eth
         if eth is not None:
@@ -871,12 +878,9 @@ class TcpLayer:
         if mac is not None:
             csum = (conn.pseudo_sum + tcp_len) % 0xFFFF or 0xFFFF
         else:
-            s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window
-            s += options_sum
-            if size:
-                s += checksum.partial_sum(payload)
-            s %= 0xFFFF
-            csum = (~s) & 0xFFFF if s else 0
+            csum = _tcp_checksum(
+                conn, flags, seq, ack, window, header_len, tcp_len, options_sum, payload
+            )
         head = _SEGMENT.pack(
             conn.local_port,
             conn.remote_port,
