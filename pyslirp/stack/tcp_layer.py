@@ -70,6 +70,13 @@ _TS_WORD = 0x0101080A
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
 
 
+def _ip_checksum(conn, total: int, ident: int) -> int:
+    """The IPv4 header checksum of a segment toward the guest: the sum of
+    its fixed words and addresses is precomputed (``conn.ip_sum``)."""
+    s = (conn.ip_sum + total + ident) % 0xFFFF
+    return (~s) & 0xFFFF if s else 0
+
+
 def _tcp_checksum(conn, flags, seq, ack, window, header_len, tcp_len, options_sum, payload):
     """The whole TCP checksum of one segment toward the guest, from the
     connection's precomputed sum of the pseudo-header and ports
@@ -770,7 +777,6 @@ class TcpLayer:
             if conn.ts_enabled:
                 header_len = 32
                 total = 52 + size
-                s = (conn.ip_sum + total + ident) % 0xFFFF
                 frame = _FRAME4_TS.pack(
                     eth,
                     0x45,
@@ -779,7 +785,7 @@ class TcpLayer:
                     _DF,
                     _TTL,
                     6,  # TCP
-                    (~s) & 0xFFFF if s else 0,
+                    _ip_checksum(conn, total, ident),
                     conn.addrs,
                     conn.local_port,
                     conn.remote_port,
@@ -821,7 +827,6 @@ class TcpLayer:
         """The IPv4 header and the fixed TCP header of one segment toward the
         guest (40 bytes; TCP options and payload follow)."""
         ident = self.stack.next_ip_ident()
-        s = (conn.ip_sum + total + ident) % 0xFFFF
         return _PACKET4.pack(
             0x45,
             0,
@@ -830,7 +835,7 @@ class TcpLayer:
             _DF,
             ipv4.DEFAULT_TTL,
             ipv4.PROTO_TCP,
-            (~s) & 0xFFFF if s else 0,
+            _ip_checksum(conn, total, ident),
             conn.addrs,
             conn.local_port,
             conn.remote_port,
