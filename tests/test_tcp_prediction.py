@@ -78,7 +78,7 @@ class Pair:
                 tcp.receive_fast = self._counting(tcp.receive_fast)
             else:
                 tcp.receive_fast = lambda *args: False
-                tcp.predict = False  # the RFC's steps for every segment
+                tcp.predict = False  # the RFC's steps for every segment, output's general path
             self.stacks.append(stack)
         self.fast_taken = 0
 

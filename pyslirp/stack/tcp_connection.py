@@ -1048,9 +1048,13 @@ class TcpConnection:
         self.dirty = False
         layer = self.layer
         state = self.state
-        if state is ESTABLISHED and not self.close_requested:
+        if state is ESTABLISHED and not self.close_requested and layer.predict:
             # The common case in short: new bytes that fit one segment and
-            # both windows, with nothing in flight to resend first.
+            # both windows, with nothing in flight to resend first. A copy
+            # of what the general path below does for them, kept because
+            # folding it costs more than the noise (bench/loop.py --opcodes);
+            # tests/test_tcp_prediction.py plays every conversation with it
+            # (layer.predict) and without, and compares the frames.
             una = self.snd_una
             nxt = self.snd_nxt
             buffered = self.snd_buf.size

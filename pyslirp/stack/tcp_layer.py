@@ -110,9 +110,10 @@ class TcpLayer:
         self.dirty: list[TcpConnection] = []
         self.counters: Counter = Counter()
         self.verify_checksum = self.config.verify_checksum
-        # Header prediction in segment_arrives (TcpConnection.predicted). Off,
-        # every segment takes the RFC's steps: the reference a test compares
-        # the prediction with.
+        # Header prediction in segment_arrives (TcpConnection.predicted) and
+        # output's common case. Off, every segment takes the RFC's steps and
+        # every output the general path: the reference a test compares the
+        # shortcuts with (tests/test_tcp_prediction.py).
         self.predict = True
         # Virtio offloads on the TAP (StackConfig.offload): segments of up to
         # gso_payload bytes (IPv4's 65535 less its header and TCP's with
