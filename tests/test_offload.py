@@ -256,7 +256,7 @@ def _guest(v6: bool, args: list[str]):
     """(forwarder, listener family, gateway for socat): IPv4 as the harness
     starts it; IPv6 in a host namespace of its own (this host may lack ::1)."""
     if not v6:
-        with harness._forwarder_as_asked(*args, mtu=1500) as fwd:
+        with harness.forwarder_as_asked(*args, mtu=1500) as fwd:
             yield fwd, socket.AF_INET, "TCP:10.0.2.2", contextlib.nullcontext
         return
     with named_netns("offload6") as host, forwarder6(host, *args, mtu=1500) as fwd:

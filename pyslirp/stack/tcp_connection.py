@@ -199,7 +199,7 @@ class TcpConnection:
         "serial",
         "state",
         "user",
-        # frame template (see TcpLayer._emit)
+        # frame template (see TcpLayer.emit)
         "eth",
         "addrs",
         "ip_sum",
@@ -347,7 +347,7 @@ class TcpConnection:
         self.ack_pending = False
         self.ack_sent = 0
         self.delack_at = None
-        self.delack_limit = 0  # two full-sized guest segments (TcpLayer._set_mss)
+        self.delack_limit = 0  # two full-sized guest segments (set with the MSS by the layer)
         self.dirty = False
         self.rcv_sws = 536
         self.bytes_in = 0
