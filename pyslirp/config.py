@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pyslirp.stack.config import StackConfig
-    from pyslirp.stack.tcp_layer import TcpConfig
+    from pyslirp.stack.config import StackConfig, TcpConfig
 
 MIN_MTU = 68  # RFC 791: every host must take 68-byte datagrams
 MIN_MTU_IPV6 = 1280  # RFC 8200 section 5
@@ -85,7 +84,7 @@ class NetworkConfig:
     # the network address as not available").
     dhcp_offer_timeout: float = 60.0
     dhcp_decline_timeout: float = 600.0
-    # TCP (protocol timers are in pyslirp.stack.tcp_layer.TcpConfig; these
+    # TCP (protocol timers are in pyslirp.stack.config.TcpConfig; these
     # reach it through tcp_config(), the one mapping). Connections the stack tracks and
     # host sockets open at once: past it (or past the process's file
     # descriptor limit) new guest connections get RST, the others carry on.
@@ -211,11 +210,12 @@ class NetworkConfig:
             ipv6_gateway=self.ipv6_gateway.packed,
             ipv6_dns=self.ipv6_dns.packed,
             dns_search=tuple(self.dns_search),
+            tcp=self.tcp_config(),
         )
 
     def tcp_config(self) -> TcpConfig:
         """The TCP layer's settings: the tcp_* fields, and nothing else sets them."""
-        from pyslirp.stack.tcp_layer import TcpConfig
+        from pyslirp.stack.config import TcpConfig
 
         return TcpConfig(
             max_connections=self.tcp_max_connections,

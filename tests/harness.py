@@ -243,12 +243,12 @@ def __getattr__(name):
 # PYSLIRP_TEST_NO_OFFLOAD=1: every forwarder the tests start runs with
 # --no-offload (a plain TAP), so that the suite covers both TAP modes.
 NO_OFFLOAD = os.environ.get("PYSLIRP_TEST_NO_OFFLOAD", "") not in ("", "0")
-_forwarder_as_asked = forwarder
+forwarder_as_asked = forwarder  # the forwarder with exactly the flags given (test_offload)
 
 
 @contextlib.contextmanager
 def forwarder(*extra_args: str, **kw):  # noqa: F811 - wraps the one above
     if NO_OFFLOAD:
         extra_args = ("--no-offload", *extra_args)
-    with _forwarder_as_asked(*extra_args, **kw) as fwd:
+    with forwarder_as_asked(*extra_args, **kw) as fwd:
         yield fwd

@@ -181,15 +181,15 @@ def check_output(frames: list[bytes], mtu: int) -> None:
 
 def check_bounds(stack: Stack, config: StackConfig) -> None:
     assert stack.drops["internal-error"] == 0, stack.last_internal_error
-    reassembler = stack._reassembler
+    reassembler = stack.reassembler
     assert len(reassembler) <= config.reassembly_max_datagrams
     assert 0 <= reassembler.held_bytes <= config.reassembly_max_bytes
-    for entry in reassembler._held.values():
+    for entry in reassembler.datagrams.values():
         assert len(entry.pieces) <= config.reassembly_max_fragments
-    assert len(stack._arp_pending) <= config.arp_pending_addresses
-    for pending in stack._arp_pending.values():
+    assert len(stack.arp_pending) <= config.arp_pending_addresses
+    for pending in stack.arp_pending.values():
         assert len(pending.packets) <= config.arp_queue_per_address
-    assert len(stack._arp_cache) <= config.arp_cache_size
+    assert len(stack.arp_cache) <= config.arp_cache_size
 
 
 class FixedRandom:

@@ -607,7 +607,7 @@ def test_fragments_reassembled_in_any_order(order):
     assert event.payload == PAYLOAD
     quoted = IPv6(event.packet)
     assert quoted.plen == 8 + len(PAYLOAD) and quoted.nh == 17  # the fragment header is gone
-    assert stack.counters["reassembled"] == 1 and len(stack._reassembler) == 0
+    assert stack.counters["reassembled"] == 1 and len(stack.reassembler) == 0
 
 
 def test_atomic_fragment_processed_as_whole():
@@ -616,7 +616,7 @@ def test_atomic_fragment_processed_as_whole():
     stack.receive_frame(from_guest(pkt), 1.0)
     (event,) = events(stack)
     assert event.payload == b"atomic"
-    assert len(stack._reassembler) == 0
+    assert len(stack.reassembler) == 0
 
 
 def test_overlapping_fragments_drop_the_datagram():
@@ -626,7 +626,7 @@ def test_overlapping_fragments_drop_the_datagram():
     overlap[IPv6ExtHdrFragment].offset -= 1
     stack.receive_frame(first, 1.0)
     stack.receive_frame(bytes(overlap), 1.0)
-    assert stack.drops["fragment-overlap"] == 1 and len(stack._reassembler) == 0
+    assert stack.drops["fragment-overlap"] == 1 and len(stack.reassembler) == 0
     assert events(stack) == []
 
 
@@ -647,7 +647,7 @@ def test_fragments_share_the_reassembly_bounds():
     stack = new_stack(reassembly_max_datagrams=2)
     for ident in (1, 2, 3):
         stack.receive_frame(guest_fragments(ident)[0], 1.0)
-    assert len(stack._reassembler) == 2
+    assert len(stack.reassembler) == 2
     assert stack.drops["reassembly-datagrams-full"] == 1
 
 
@@ -740,7 +740,7 @@ def test_fuzzed_ipv6_frames_never_escape():
         if i % 100 == 0:
             stack.handle_timer(1.0 + i * 0.01)
     assert stack.drops["internal-error"] == 0, stack.last_internal_error
-    assert len(stack._reassembler) <= 8
+    assert len(stack.reassembler) <= 8
     assert len(stack.ipv6.neighbors) <= stack.config.arp_cache_size
     assert len(stack.ipv6.pending) <= stack.config.arp_pending_addresses
 

@@ -15,11 +15,10 @@ import sys
 
 import pytest
 
-from pyslirp.stack.config import StackConfig
+from pyslirp.stack.config import StackConfig, TcpConfig
 from pyslirp.stack.events import TcpConnectRequested
 from pyslirp.stack.interface import Stack
 from pyslirp.stack.tcp_connection import TcpState
-from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 from tests.harness import REPO
 from tests.tcp_craft import ACK, PSH, RST, SYN, parse_tcp, syn_options, tcp_frame
 
@@ -49,9 +48,8 @@ def counted_by(conn) -> int:
 
 
 def new_stack(budget: int = 256 * MIB, mtu: int = MTU, **tcp_config):
-    stack = Stack(StackConfig(mtu=mtu, memory_budget=budget), random.Random(7))
-    TcpLayer(stack, TcpConfig(**tcp_config))
-    return stack
+    config = StackConfig(mtu=mtu, memory_budget=budget, tcp=TcpConfig(**tcp_config))
+    return Stack(config, random.Random(7))
 
 
 class Guest:

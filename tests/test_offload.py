@@ -24,7 +24,6 @@ from scapy.packet import Raw
 from pyslirp.stack.config import StackConfig
 from pyslirp.stack.events import TcpDataReceived
 from pyslirp.stack.interface import Stack
-from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 from tests import harness
 from tests.harness import this_thread_in
 from tests.test_ipv6_e2e import forwarder6, named_netns
@@ -54,7 +53,7 @@ class OffloadScript(Script):
 
     def __init__(self, mtu: int = 1500) -> None:
         self.stack = Stack(StackConfig(mtu=mtu, offload=True), FixedRandom(ISS))
-        self.tcp = TcpLayer(self.stack, TcpConfig())
+        self.tcp = self.stack.tcp
         fix_isn(self.tcp, ISS)
         self.ident = 0x1000
         self.iss = ISS
@@ -257,7 +256,7 @@ def _guest(v6: bool, args: list[str]):
     """(forwarder, listener family, gateway for socat): IPv4 as the harness
     starts it; IPv6 in a host namespace of its own (this host may lack ::1)."""
     if not v6:
-        with harness._forwarder_as_asked(*args, mtu=1500) as fwd:
+        with harness.forwarder_as_asked(*args, mtu=1500) as fwd:
             yield fwd, socket.AF_INET, "TCP:10.0.2.2", contextlib.nullcontext
         return
     with named_netns("offload6") as host, forwarder6(host, *args, mtu=1500) as fwd:

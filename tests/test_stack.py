@@ -460,7 +460,7 @@ def test_overlapping_fragments_drop_the_datagram(name):
     for offset, data, more in OVERLAPS[name]:
         stack.receive_frame(frag(11, offset, data, more), 0.0)
     assert stack.drops["fragment-overlap"] == 1
-    assert len(stack._reassembler) == 0 and stack._reassembler.held_bytes == 0
+    assert len(stack.reassembler) == 0 and stack.reassembler.held_bytes == 0
     # What remains of the datagram cannot complete it: nothing held survived.
     stack.receive_frame(frag(11, *B), 0.0)
     stack.receive_frame(frag(11, *C), 0.0)
@@ -476,7 +476,7 @@ def test_conflicting_last_fragments_drop_the_datagram():
     stack.receive_frame(frag(12, *C), 0.0)
     stack.receive_frame(frag(12, 40, SMALL_DATAGRAM[32:40], False), 0.0)
     assert stack.drops["fragment-conflicting-end"] == 1
-    assert len(stack._reassembler) == 0
+    assert len(stack.reassembler) == 0
 
 
 def test_fragment_past_the_end_drops_the_datagram():
@@ -484,7 +484,7 @@ def test_fragment_past_the_end_drops_the_datagram():
     stack.receive_frame(frag(13, *C), 0.0)
     stack.receive_frame(frag(13, 40, bytes(8), True), 0.0)
     assert stack.drops["fragment-past-end"] == 1
-    assert len(stack._reassembler) == 0
+    assert len(stack.reassembler) == 0
 
 
 def test_unaligned_middle_fragment_dropped():
@@ -497,7 +497,7 @@ def test_reassembly_bounded_in_datagrams():
     stack = new_stack(reassembly_max_datagrams=4)
     for ident in range(5):
         stack.receive_frame(frag(ident, *A), 0.0)
-    assert len(stack._reassembler) == 4
+    assert len(stack.reassembler) == 4
     assert stack.drops["reassembly-datagrams-full"] == 1
     for ident in range(4):  # those held still complete
         stack.receive_frame(frag(ident, *B), 0.0)
@@ -509,11 +509,11 @@ def test_reassembly_bounded_in_bytes():
     stack = new_stack(reassembly_max_bytes=40)
     stack.receive_frame(frag(1, *A), 0.0)
     stack.receive_frame(frag(2, *A), 0.0)
-    assert stack._reassembler.held_bytes == 32
+    assert stack.reassembler.held_bytes == 32
     stack.receive_frame(frag(3, *A), 0.0)
     assert stack.drops["reassembly-memory-full"] == 1
-    assert stack._reassembler.held_bytes <= 40
-    assert len(stack._reassembler) == 2
+    assert stack.reassembler.held_bytes <= 40
+    assert len(stack.reassembler) == 2
 
 
 def test_reassembly_bounded_in_fragments_per_datagram():
@@ -521,7 +521,7 @@ def test_reassembly_bounded_in_fragments_per_datagram():
     for i in range(5):
         stack.receive_frame(frag(1, i * 8, SMALL_DATAGRAM[i * 8 : i * 8 + 8], True), 0.0)
     assert stack.drops["reassembly-too-many-fragments"] == 1
-    assert len(stack._reassembler) == 0 and stack._reassembler.held_bytes == 0
+    assert len(stack.reassembler) == 0 and stack.reassembler.held_bytes == 0
 
 
 def test_reassembly_timeout_sends_time_exceeded_when_first_fragment_came():
@@ -546,7 +546,7 @@ def test_reassembly_timeout_silent_without_first_fragment():
     stack.handle_timer(30.0)
     assert_quiet(stack, 30.0)
     assert stack.drops["reassembly-timeout"] == 1
-    assert len(stack._reassembler) == 0
+    assert len(stack.reassembler) == 0
 
 
 def test_reassembled_datagram_too_long_for_ip_dropped():
@@ -558,7 +558,7 @@ def test_reassembled_datagram_too_long_for_ip_dropped():
     stack.receive_frame(frag(30, 65000, bytes(515), False), 0.0)
     assert_quiet(stack)
     assert stack.drops["reassembly-too-long"] == 1
-    assert len(stack._reassembler) == 0
+    assert len(stack.reassembler) == 0
 
 
 # ------------------------------------------------------------- fragmentation

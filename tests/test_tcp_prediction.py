@@ -19,9 +19,8 @@ import struct
 import pytest
 
 from pyslirp.stack import checksum
-from pyslirp.stack.config import StackConfig
+from pyslirp.stack.config import StackConfig, TcpConfig
 from pyslirp.stack.interface import Stack
-from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 
 GUEST = bytes([10, 0, 2, 100])
 PEER = bytes([198, 51, 100, 7])
@@ -72,13 +71,14 @@ class Pair:
         self.vnet = vnet
         self.stacks = []
         for fast in (True, False):
-            stack = Stack(StackConfig(offload=vnet), FixedRandom())
-            tcp = TcpLayer(stack, TcpConfig(receive_buffer=65536, send_buffer=65536))
+            tcp_config = TcpConfig(receive_buffer=65536, send_buffer=65536)
+            stack = Stack(StackConfig(offload=vnet, tcp=tcp_config), FixedRandom())
+            tcp = stack.tcp
             if fast:
                 tcp.receive_fast = self._counting(tcp.receive_fast)
             else:
                 tcp.receive_fast = lambda *args: False
-                tcp.predict = False  # the RFC's steps for every segment
+                tcp.predict = False  # the RFC's steps for every segment, output's general path
             self.stacks.append(stack)
         self.fast_taken = 0
 
@@ -118,7 +118,7 @@ class Pair:
             (type(e).__name__, _fields(e)) for e in full
         ]
         assert self.stacks[0].drops == self.stacks[1].drops
-        assert self.stacks[0]._arp_cache == self.stacks[1]._arp_cache
+        assert self.stacks[0].arp_cache == self.stacks[1].arp_cache
         conns = [stack.tcp.connections for stack in self.stacks]
         assert {k: _state(c) for k, c in conns[0].items()} == {
             k: _state(c) for k, c in conns[1].items()

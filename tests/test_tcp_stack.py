@@ -16,7 +16,7 @@ from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from pyslirp.stack.config import StackConfig
+from pyslirp.stack.config import StackConfig, TcpConfig
 from pyslirp.stack.events import (
     TcpConnected,
     TcpConnectionClosed,
@@ -27,7 +27,7 @@ from pyslirp.stack.events import (
 )
 from pyslirp.stack.interface import Stack
 from pyslirp.stack.tcp_connection import TcpState
-from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
+from pyslirp.stack.tcp_layer import TcpLayer
 
 GUEST = "10.0.2.100"
 PEER = "198.51.100.7"
@@ -65,8 +65,9 @@ class Script:
     """One stack with a TCP layer, and helpers to play the guest."""
 
     def __init__(self, iss: int = ISS, mtu: int = 1500, **tcp_config) -> None:
-        self.stack = Stack(StackConfig(mtu=mtu), FixedRandom(iss))
-        self.tcp = TcpLayer(self.stack, TcpConfig(**tcp_config))
+        config = StackConfig(mtu=mtu, tcp=TcpConfig(**tcp_config))
+        self.stack = Stack(config, FixedRandom(iss))
+        self.tcp = self.stack.tcp
         fix_isn(self.tcp, iss)
         self.ident = 0x1000
         self.iss = iss
@@ -995,17 +996,21 @@ class LossyLink:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_lossy_link_between_two_stacks_keeps_data_intact(seed):
     rnd = random.Random(seed)
-    host = Stack(StackConfig(), random.Random(seed + 100))
-    host_tcp = TcpLayer(host, TcpConfig(receive_buffer=64 * 1024, send_buffer=64 * 1024))
+    host_config = StackConfig(tcp=TcpConfig(receive_buffer=64 * 1024, send_buffer=64 * 1024))
+    host = Stack(host_config, random.Random(seed + 100))
+    host_tcp = host.tcp
     # The "guest" is a second stack that owns 10.0.2.100 and opens toward PEER.
     guest = Stack(
         StackConfig(
-            gateway=ip4(GUEST), gateway_mac=bytes.fromhex("020000000064"), dns=ip4("10.0.2.99")
+            gateway=ip4(GUEST),
+            gateway_mac=bytes.fromhex("020000000064"),
+            dns=ip4("10.0.2.99"),
+            tcp=TcpConfig(receive_buffer=48 * 1024, send_buffer=48 * 1024),
         ),
         random.Random(seed + 200),
     )
-    guest_tcp = TcpLayer(guest, TcpConfig(receive_buffer=48 * 1024, send_buffer=48 * 1024))
-    guest._arp_cache[ip4(PEER)] = bytes.fromhex("52550a000202")
+    guest_tcp = guest.tcp
+    guest.learn_neighbor(ip4(PEER), bytes.fromhex("52550a000202"))
     link = LossyLink(rnd, loss=0.05, duplicate=0.03, reorder=0.1)
     up = bytes(rnd.getrandbits(8) for _ in range(200_000))
     down = bytes(rnd.getrandbits(8) for _ in range(300_000))
@@ -1214,8 +1219,9 @@ def test_closed_connections_leave_no_timer_entries_behind():
         assert s.stack.get_timer() == keeper.rtx_at
     s.stack.frames_to_send(1.0)
     assert len(s.tcp.connections) == 1
-    assert len(s.tcp._heap) <= 2 * len(s.tcp.connections) + 65
-    assert len(s.tcp._time_wait) <= 2
+    queues = s.tcp.queue_lengths()
+    assert queues["timers"] <= 2 * len(s.tcp.connections) + 65
+    assert queues["time-wait"] <= 2
 
 
 # ------------------------------------------------------ RFC 6528 ISNs
@@ -1234,7 +1240,7 @@ def syn_ack_seq(key: bytes, now: float, sport: int = GPORT) -> int:
     """Our SYN-ACK's sequence number, read from the wire, on a fresh stack
     with ISN key ``key`` accepting a guest SYN from ``sport`` at ``now``."""
     stack = Stack(StackConfig(isn_key=key), random.Random(7))
-    tcp = TcpLayer(stack, TcpConfig())
+    tcp = stack.tcp
     syn = IP(src=GUEST, dst=PEER, flags="DF") / TCP(
         sport=sport, dport=PPORT, seq=GISN, flags="S", options=LINUX_SYN
     )
@@ -1264,7 +1270,7 @@ def test_isn_does_not_come_from_the_injected_random():
     # The guest sees the injected random's outputs (IP ids, timestamp
     # offsets); an ISN drawn from it would be predictable from them.
     stack = Stack(StackConfig(), FixedRandom(ISS))
-    tcp = TcpLayer(stack, TcpConfig())
+    tcp = stack.tcp
     isn = tcp.initial_sequence_number(ip4(PEER), PPORT, ip4(GUEST), GPORT, 1.0)
     assert isn == rfc6528_isn(bytes(16), PEER, PPORT, GUEST, GPORT, 1.0) != ISS
 

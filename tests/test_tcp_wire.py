@@ -283,19 +283,19 @@ def test_syn_options_in_one_pack_equal_build_options_and_their_sum():
     """TcpLayer packs its SYN-ACK options (the common case) in one go and
     sums their words from the fields: the same bytes and the same checksum
     contribution as build_options and partial_sum."""
-    from pyslirp.stack import checksum, tcp_layer
+    from pyslirp.stack import checksum, tcp_connection, tcp_layer
 
     rng = random.Random(3)
     for _ in range(500):
         mss, shift = rng.randrange(536, 65496), rng.randrange(15)
         ts_val, ts_ecr = rng.randrange(1 << 32), rng.randrange(1 << 32)
-        conn = type("Conn", (), {})()
+        conn = type("Conn", (), {"ts_value": tcp_connection.TcpConnection.ts_value})()
         conn.ws_enabled = conn.ts_enabled = True
         conn.rcv_wscale, conn.ts_recent, conn.ts_offset = shift, ts_ecr, ts_val
         conn.remote = bytes(4)
         layer = tcp_layer.TcpLayer.__new__(tcp_layer.TcpLayer)
         layer.stack = type("Stack", (), {"config": type("C", (), {"mtu": mss + 40})()})()
-        options, words = layer._syn_options(conn, 0.0)
+        options, words = layer.syn_options(conn, 0.0)
         expected = tcp.build_options(mss=mss, window_scale=shift, timestamp=(ts_val, ts_ecr))
         assert options == expected
         assert words % 0xFFFF == checksum.partial_sum(expected) % 0xFFFF

@@ -38,7 +38,6 @@ import struct
 
 from pyslirp.stack import icmpv4
 from pyslirp.stack.tcp_connection import CLOSED
-from pyslirp.stack.tcp_layer import TcpLayer
 
 from .addressing import AddressMap, family_of
 from .descriptors import EXHAUSTED
@@ -191,7 +190,7 @@ class TcpNat:
         self.stack = loop.stack
         self.config = loop.config
         self.dns = dns
-        self.tcp = TcpLayer(loop.stack, loop.config.tcp_config())
+        self.tcp = loop.stack.tcp  # configured by NetworkConfig.stack_config
         self.addresses = AddressMap(loop.config)
         self.flows: set[TcpFlow] = set()
         self._recv_buffer = memoryview(bytearray(RECV_MAX))

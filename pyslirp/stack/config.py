@@ -6,9 +6,53 @@ Every bound the stack enforces lives here, with its reason. Addresses are raw
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyslirp._compat import SLOTS
+
+
+@dataclass(**SLOTS)
+class TcpConfig:
+    """The TCP layer's settings (StackConfig.tcp)."""
+
+    # Connections in the table, TIME-WAIT included (those are reclaimed
+    # first when the table is full). Each costs at most the two buffers below.
+    max_connections: int = 4096
+    # Per connection: bytes from the guest not yet taken by the host socket
+    # (bounds the window we advertise) and bytes for the guest not yet
+    # acknowledged by it. 1 MiB each keeps a 64 KiB-segment link busy.
+    receive_buffer: int = 1 << 20
+    send_buffer: int = 1 << 20
+    # Segments held out of order per connection (their bytes are bounded by
+    # the receive window they must lie in).
+    max_out_of_order: int = 256
+    # RFC 6298: initial RTO 1 s (2.1), bounds (2.4, 2.5). The lower bound is
+    # Linux's 200 ms rather than the RFC's 1 s: the guest is one hop away.
+    initial_rto: float = 1.0
+    min_rto: float = 0.2
+    max_rto: float = 60.0
+    clock_granularity: float = 0.001
+    # Retransmissions before giving up (RFC 1122 4.2.3.5 R2), for data and
+    # for our SYN or SYN-ACK (Linux's tcp_synack_retries is 5 too).
+    max_retransmits: int = 12
+    syn_retries: int = 5
+    dupack_threshold: int = 3  # RFC 5681 3.2
+    # RFC 1122 4.2.3.2 allows 500 ms; a guest that writes small pieces with
+    # Nagle on waits this long for each ACK, so it stays short. 0: off.
+    delayed_ack_timeout: float = 0.002
+    # TIME-WAIT: 2*MSL would be 4 minutes (RFC 9293); Linux uses 60 s.
+    time_wait_timeout: float = 60.0
+    # RFC 1122 4.2.3.6: keep-alive no sooner than 2 hours idle; we probe a
+    # silent guest so that its connections do not hold host sockets forever.
+    keepalive_idle: float = 7200.0
+    keepalive_interval: float = 75.0
+    keepalive_probes: int = 9
+    challenge_ack_limit: int = 1000  # per second, RFC 5961 section 7
+    window_scaling: bool = True  # RFC 7323 section 2
+    timestamps: bool = True  # RFC 7323 sections 3-5
+    # The guest's checksum is checked by default; a TAP that hands us frames
+    # straight from the guest kernel's memory may turn this off.
+    verify_checksum: bool = True
 
 
 @dataclass(**SLOTS)
@@ -31,6 +75,8 @@ class StackConfig:
     # no randomness of its own: the NAT side fills this from os.urandom(16)
     # (NetworkConfig.isn_key); this fixed default is for tests only.
     isn_key: bytes = bytes(16)
+    # TCP (the Stack's own layer, stack.tcp): its bounds and timers.
+    tcp: TcpConfig = field(default_factory=TcpConfig)
 
     # ARP (RFC 1122 2.3.2.2 asks to queue at least one packet per address).
     arp_queue_per_address: int = 32

@@ -4,7 +4,19 @@ Verbs (after aioquic): ``receive_frame(frame, now)``, ``frames_to_send(now)``,
 ``get_timer()`` (and its cheap lower bound ``next_wake()``), ``handle_timer(now)``,
 ``next_event()``; and the commands the
 NAT side calls: ``send_udp``, ``send_icmp_error``, ``send_echo_reply`` (and the
-TCP commands on ``stack.tcp``).
+TCP commands on ``stack.tcp``, the TcpLayer the Stack builds from
+``config.tcp``: a bare Stack speaks TCP).
+
+The seam (what the loop and the layers use, and nothing private):
+``stack.events`` (the event deque ``next_event`` pops; ``drain_events()`` takes
+them all), ``stack.out`` (frames queued for the guest, replaced by a new list
+at each ``vnet_frames_to_send``: look it up, do not keep it),
+``next_ip_ident()`` (the IPv4 identification for the next datagram),
+``neighbour_mac(addr)`` (the guest's MAC for an address, if known) and
+``learn_neighbor(addr, mac)``, ``send_packet(dst, packet, now)`` (an IPv4
+packet, ARP first if need be), ``arp_cache``, ``arp_pending`` and
+``reassembler`` (read-only outside the Stack: the TCP layer's fast path and
+tests read them), ``broadcast`` (the network's broadcast address).
 
 Ingress never raises: MalformedFrame is counted by its reason in
 ``stack.drops`` and the frame is dropped; any other exception is a bug, counted
@@ -23,6 +35,7 @@ from .errors import MalformedFrame
 from .events import IcmpEchoRequested, MemoryPressureChanged, UdpDatagramReceived
 from .ipv6_layer import Ipv6Layer
 from .reassembly import Reassembler
+from .tcp_layer import TcpLayer
 
 _ZERO_IP = bytes(4)
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
@@ -57,12 +70,15 @@ class Stack:
         # The one ceiling on bytes held for the guest (budget.py): every
         # holder, here and on the NAT side, charges and releases it.
         self.budget = MemoryBudget(config.memory_budget)
-        self.out = self._out = []  # frames for the guest (public: the loop asks if any wait)
-        self.events = self._events = deque()  # events for the NAT side (public: the loop drains it)
-        self._arp_cache: dict[bytes, bytes] = {}
-        self._arp_pending: dict[bytes, _PendingArp] = {}
+        # The seam (see the module's docstring): frames for the guest, events
+        # for the NAT side, the ARP cache (address -> MAC) and the addresses
+        # waiting for ARP, written here only.
+        self.out: list = []
+        self.events: deque = deque()
+        self.arp_cache: dict[bytes, bytes] = {}
+        self.arp_pending: dict[bytes, _PendingArp] = {}
         self._ip_ident = random.getrandbits(16)
-        self._reassembler = Reassembler(
+        self.reassembler = Reassembler(
             config.reassembly_timeout,
             config.reassembly_max_datagrams,
             config.reassembly_max_bytes,
@@ -70,21 +86,21 @@ class Stack:
             self.budget,
         )
         self._local = {config.gateway, config.dns}
-        self._broadcast = config.broadcast  # a computed property: once, not per packet
+        self.broadcast = config.broadcast  # a computed property: once, not per packet
         # Set for the length of one receive_vnet_frame call: the guest's
         # checksum is partial or checked, and the frame may be a GSO one.
         self.rx_checksum_trusted = False
         self.rx_gso = False
-        self.tcp = None  # set by the TCP layer: receive_segment(header, packet, now)
         # IPv6 (config.ipv6): ingress, neighbour discovery, RAs, egress.
         self.ipv6 = Ipv6Layer(self) if config.ipv6 else None
+        # TCP (config.tcp): connections, their timers, the NAT side's commands.
+        self.tcp = TcpLayer(self)
 
     # ------------------------------------------------------------ the verbs
     def receive_frame(self, frame, now: float) -> None:
         self.counters["frames-in"] += 1
         try:
-            tcp = self.tcp
-            if tcp is None or not tcp.receive_fast(frame, 0, False, False, now):
+            if not self.tcp.receive_fast(frame, 0, False, False, now):
                 self._receive(memoryview(frame), now)
         except MalformedFrame as exc:
             self.drops[exc.reason] += 1
@@ -103,10 +119,8 @@ class Stack:
             flags = data[0]
             gso_type = data[1]
             tcp = self.tcp
-            if (
-                tcp is not None
-                and (not gso_type or gso_type == virtio.GSO_TCPV4)
-                and tcp.receive_fast(data, _VNET_LEN, flags or gso_type, gso_type, now)
+            if (not gso_type or gso_type == virtio.GSO_TCPV4) and tcp.receive_fast(
+                data, _VNET_LEN, flags or gso_type, gso_type, now
             ):
                 if gso_type:
                     self.counters["gso-frames-in"] += 1
@@ -118,20 +132,18 @@ class Stack:
                     return
             elif gso_type & ~virtio.GSO_ECN not in _VNET_GSO_TCP:
                 raise MalformedFrame("vnet-gso-unsupported")
-            verify = tcp.verify_checksum if tcp is not None else True
+            verify = tcp.verify_checksum
             self.rx_checksum_trusted = True
             if gso_type:
                 self.rx_gso = True
                 self.counters["gso-frames-in"] += 1
-            if tcp is not None:
-                tcp.verify_checksum = False
+            tcp.verify_checksum = False
             try:
                 self._receive(frame, now)
             finally:
                 self.rx_checksum_trusted = False
                 self.rx_gso = False
-                if tcp is not None:
-                    tcp.verify_checksum = verify
+                tcp.verify_checksum = verify
         except MalformedFrame as exc:
             self.drops[exc.reason] += 1
         except Exception as exc:  # a bug: count it, never let the guest stop us
@@ -153,10 +165,8 @@ class Stack:
             budget.peak = held
         if held >= budget.relief or budget.pressed:
             self.check_memory_pressure()
-        if self.tcp is not None:
-            self.tcp.flush(now)
-        out = self._out
-        self.out = self._out = []
+        self.tcp.flush(now)
+        out, self.out = self.out, []
         self.counters["frames-out"] += len(out)
         return out
 
@@ -170,64 +180,80 @@ class Stack:
         if changed is None:
             return
         self.counters["memory-pressure-entered" if changed else "memory-pressure-left"] += 1
-        self._events.append(MemoryPressureChanged(changed, budget.held, budget.limit))
-        if not changed and self.tcp is not None:
+        self.events.append(MemoryPressureChanged(changed, budget.held, budget.limit))
+        if not changed:
             self.tcp.memory_relieved()  # window updates go at the next flush
 
     def memory_held(self) -> dict:
         """What each holder holds, recounted from its buffers (tests compare
         the sum with budget.held; holders on the NAT side add their own)."""
         held = {
-            "tcp": self.tcp.held_bytes() if self.tcp is not None else 0,
-            "reassembly": self._reassembler.held_bytes,
-            "arp": sum(p.size for p in self._arp_pending.values()),
+            "tcp": self.tcp.held_bytes(),
+            "reassembly": self.reassembler.held_bytes,
+            "arp": sum(p.size for p in self.arp_pending.values()),
         }
         if self.ipv6 is not None:
             held["nd"] = sum(p.size for p in self.ipv6.pending.values())
         return held
 
     def next_event(self):
-        return self._events.popleft() if self._events else None
+        return self.events.popleft() if self.events else None
+
+    def drain_events(self) -> list:
+        """Every event waiting, oldest first (next_event until None)."""
+        events = list(self.events)
+        self.events.clear()
+        return events
+
+    def next_ip_ident(self) -> int:
+        """The identification field of the next IPv4 datagram toward the guest."""
+        ident = self._ip_ident = (self._ip_ident + 1) & 0xFFFF
+        return ident
+
+    def neighbour_mac(self, addr: bytes) -> bytes | None:
+        """The MAC of a guest address (IPv4's ARP cache, IPv6's neighbour
+        cache), or None while unknown."""
+        if len(addr) == 16:
+            return self.ipv6.neighbors.get(addr) if self.ipv6 is not None else None
+        return self.arp_cache.get(addr)
 
     def next_wake(self):
         """A time no later than get_timer()'s, perhaps earlier (then nothing
         is due yet when it comes): the cheap question for a loop's sleep,
         asked at every wake-up. get_timer() is exact."""
-        if not self._arp_pending and not self._reassembler._held and self.ipv6 is None:
-            tcp = self.tcp
-            return tcp.wake_at if tcp is not None else None  # the common case
+        if not self.arp_pending and not self.reassembler.datagrams and self.ipv6 is None:
+            return self.tcp.wake_at  # the common case
         return self.get_timer()
 
     def get_timer(self):
-        if not self._arp_pending and not self._reassembler._held and self.ipv6 is None:
-            return self.tcp.get_timer() if self.tcp is not None else None  # the common case
-        deadlines = [p.retry_at for p in self._arp_pending.values()]
-        reassembly = self._reassembler.next_deadline()
+        if not self.arp_pending and not self.reassembler.datagrams and self.ipv6 is None:
+            return self.tcp.get_timer()  # the common case
+        deadlines = [p.retry_at for p in self.arp_pending.values()]
+        reassembly = self.reassembler.next_deadline()
         if reassembly is not None:
             deadlines.append(reassembly)
         if self.ipv6 is not None:
             due = self.ipv6.next_deadline()
             if due is not None:
                 deadlines.append(due)
-        if self.tcp is not None:
-            tcp = self.tcp.get_timer()
-            if tcp is not None:
-                deadlines.append(tcp)
+        tcp = self.tcp.get_timer()
+        if tcp is not None:
+            deadlines.append(tcp)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
-        for addr, pending in list(self._arp_pending.items()):
+        for addr, pending in list(self.arp_pending.items()):
             if pending.retry_at > now:
                 continue
             if pending.attempts >= self.config.arp_attempts:
-                del self._arp_pending[addr]
+                del self.arp_pending[addr]
                 self.drops["arp-unresolved"] += len(pending.packets)
                 self.budget.release(pending.size)
                 continue
             pending.attempts += 1
             pending.retry_at = now + self.config.arp_retry_interval
             self._send_arp_request(addr)
-        for key, header, first in self._reassembler.expire(now):
+        for key, header, first in self.reassembler.expire(now):
             self.drops["reassembly-timeout"] += 1
             if len(key[0]) == 16:
                 if self.ipv6 is not None:
@@ -237,8 +263,7 @@ class Stack:
                 self.send_icmp_error(icmpv4.TIME_EXCEEDED, 1, header + first[:8], now)
         if self.ipv6 is not None:
             self.ipv6.handle_timer(now)
-        if self.tcp is not None:
-            self.tcp.handle_timer(now)
+        self.tcp.handle_timer(now)
 
     # ------------------------------------------------------------ commands
     def send_udp(
@@ -344,18 +369,14 @@ class Stack:
         if ipv4.HEADER_LEN + len(payload) > ipv4.MAX_PACKET:
             self.drops["ipv4-too-long-out"] += 1
             return
-        self._ip_ident = (self._ip_ident + 1) & 0xFFFF
+        ident = self.next_ip_ident()
         if ipv4.HEADER_LEN + len(payload) <= self.config.mtu:
-            packets = [
-                ipv4.header(src, dst, protocol, len(payload), self._ip_ident, ttl) + bytes(payload)
-            ]
+            packets = [ipv4.header(src, dst, protocol, len(payload), ident, ttl) + bytes(payload)]
         else:
-            packets = ipv4.fragment(
-                src, dst, protocol, payload, self._ip_ident, self.config.mtu, ttl
-            )
+            packets = ipv4.fragment(src, dst, protocol, payload, ident, self.config.mtu, ttl)
             self.counters["fragmented-out"] += 1
         for packet in packets:
-            self._send_packet(dst, packet, now, dst_mac)
+            self.send_packet(dst, packet, now, dst_mac)
 
     def udp_quote(self, src: bytes, src_port: int, dst: bytes, dst_port: int) -> bytes:
         """A plausible copy of a guest datagram's first bytes, for an ICMP error
@@ -389,29 +410,29 @@ class Stack:
         if oper == arp.REQUEST and tpa in self._local and spa != tpa and not sha[0] & 1:
             mac = self.config.mac_for(tpa)
             reply = arp.emit(arp.REPLY, mac, tpa, sha, spa)
-            self._out.append(ethernet.header(sha, mac, ethernet.ETHERTYPE_ARP) + reply)
+            self.out.append(ethernet.header(sha, mac, ethernet.ETHERTYPE_ARP) + reply)
 
     def _learn(self, addr: bytes, mac: bytes, now: float) -> None:
         if mac[0] & 1:
             return
         self.guest_mac = mac
-        if addr not in self._arp_cache and len(self._arp_cache) >= self.config.arp_cache_size:
-            self._arp_cache.pop(next(iter(self._arp_cache)))
-        self._arp_cache[addr] = mac
-        pending = self._arp_pending.pop(addr, None)
+        if addr not in self.arp_cache and len(self.arp_cache) >= self.config.arp_cache_size:
+            self.arp_cache.pop(next(iter(self.arp_cache)))
+        self.arp_cache[addr] = mac
+        pending = self.arp_pending.pop(addr, None)
         if pending is not None:
             head = ethernet.header(mac, self.gateway_mac, ethernet.ETHERTYPE_IPV4)
-            self._out.extend(head + packet for packet in pending.packets)
+            self.out.extend(head + packet for packet in pending.packets)
             self.budget.release(pending.size)
 
     def _receive_ipv4(self, data, src_mac: bytes, now: float) -> None:
         header = ipv4.parse(data)
         packet = data[: header.total_len]
         src, dst = header.src, header.dst
-        if src[0] >= 224 or src[0] == 127 or src == self._broadcast:
+        if src[0] >= 224 or src[0] == 127 or src == self.broadcast:
             raise MalformedFrame("ipv4-bad-source")
         if (
-            self._arp_cache.get(src) != src_mac
+            self.arp_cache.get(src) != src_mac
             and src != _ZERO_IP
             and self.config.in_network(src)
             and src not in self._local
@@ -429,7 +450,7 @@ class Stack:
             self.drops["ipv4-too-big"] += 1
             return
         local = dst in self._local
-        broadcast = dst == _LIMITED_BROADCAST or dst == self._broadcast
+        broadcast = dst == _LIMITED_BROADCAST or dst == self.broadcast
         if dst[0] >= 224 and not broadcast:
             self.drops["ipv4-multicast"] += 1
             return
@@ -439,7 +460,7 @@ class Stack:
             return
         payload = packet[header.header_len :]
         if header.more_fragments or header.fragment_offset:  # header.is_fragment
-            whole = self._reassembler.add(
+            whole = self.reassembler.add(
                 (src, dst, header.protocol, header.ident),
                 packet[: header.header_len],
                 header.fragment_offset,
@@ -459,10 +480,8 @@ class Stack:
         elif proto == ipv4.PROTO_TCP:
             if broadcast:
                 self.drops["tcp-broadcast"] += 1
-            elif self.tcp is not None:
-                self.tcp.receive_segment(header, packet, payload, now)
             else:
-                self.send_icmp_error(icmpv4.DEST_UNREACHABLE, icmpv4.PORT_UNREACHABLE, packet, now)
+                self.tcp.receive_segment(header, packet, payload, now)
         elif proto == ipv4.PROTO_ICMP:
             self._receive_icmp(header, packet, payload, local, broadcast, now)
         else:
@@ -477,7 +496,7 @@ class Stack:
             payload, header.src, header.dst, not self.rx_checksum_trusted
         )
         self.counters["udp-in"] += 1
-        self._events.append(
+        self.events.append(
             UdpDatagramReceived(
                 header.src,
                 sport,
@@ -508,7 +527,7 @@ class Stack:
                 now,
             )
             return
-        self._events.append(
+        self.events.append(
             IcmpEchoRequested(
                 header.src,
                 header.dst,
@@ -521,25 +540,25 @@ class Stack:
         )
 
     # ------------------------------------------------------------ egress
-    def _send_packet(
+    def send_packet(
         self, dst: bytes, packet: bytes, now: float, dst_mac: bytes | None = None
     ) -> None:
         if dst_mac is None:
             if dst == _LIMITED_BROADCAST or dst == self.config.broadcast:
                 dst_mac = ethernet.BROADCAST
             else:
-                dst_mac = self._arp_cache.get(dst)
+                dst_mac = self.arp_cache.get(dst)
         if dst_mac is not None:
-            self._out.append(
+            self.out.append(
                 ethernet.header(dst_mac, self.gateway_mac, ethernet.ETHERTYPE_IPV4) + packet
             )
             return
-        pending = self._arp_pending.get(dst)
+        pending = self.arp_pending.get(dst)
         if pending is None:
-            if len(self._arp_pending) >= self.config.arp_pending_addresses:
+            if len(self.arp_pending) >= self.config.arp_pending_addresses:
                 self.drops["arp-pending-full"] += 1
                 return
-            pending = self._arp_pending[dst] = _PendingArp(now + self.config.arp_retry_interval)
+            pending = self.arp_pending[dst] = _PendingArp(now + self.config.arp_retry_interval)
             self._send_arp_request(dst)
         size = len(packet)
         if (
@@ -556,7 +575,7 @@ class Stack:
 
     def _send_arp_request(self, addr: bytes) -> None:
         request = arp.emit(arp.REQUEST, self.gateway_mac, self.config.gateway, bytes(6), addr)
-        self._out.append(
+        self.out.append(
             ethernet.header(ethernet.BROADCAST, self.gateway_mac, ethernet.ETHERTYPE_ARP) + request
         )
 

@@ -146,7 +146,7 @@ class Ipv6Layer:
             return
         if header.fragment_id >= 0 and header.is_fragment:
             at = header.fragment_at + ipv6.FRAGMENT_LEN
-            whole = stack._reassembler.add(
+            whole = stack.reassembler.add(
                 (src, dst, header.fragment_id),
                 packet[:at],
                 header.fragment_offset,
@@ -173,7 +173,7 @@ class Ipv6Layer:
                 return
             sport, dport, length = udp.parse(payload, src, dst, not stack.rx_checksum_trusted)
             stack.counters["udp-in"] += 1
-            stack._events.append(
+            stack.events.append(
                 UdpDatagramReceived(
                     src,
                     sport,
@@ -247,7 +247,7 @@ class Ipv6Layer:
                     now,
                 )
                 return
-            stack._events.append(
+            stack.events.append(
                 IcmpEchoRequested(
                     src,
                     dst,
@@ -401,7 +401,7 @@ class Ipv6Layer:
         pending = self.pending.pop(addr, None)
         if pending is not None:
             head = ethernet.header(mac, self.mac, ethernet.ETHERTYPE_IPV6)
-            stack._out.extend(head + packet for packet in pending.packets)
+            stack.out.extend(head + packet for packet in pending.packets)
             stack.budget.release(pending.size)
 
     def learn_neighbor(self, addr: bytes, mac: bytes) -> None:
@@ -441,7 +441,7 @@ class Ipv6Layer:
         mac = self.neighbors.get(dst)
         if mac is not None:
             eth = ethernet.header(mac, self.mac, ethernet.ETHERTYPE_IPV6)
-            self.stack._out.append(b"".join((eth, head, *parts)))
+            self.stack.out.append(b"".join((eth, head, *parts)))
         else:
             self._send_packet(dst, b"".join((head, *parts)), now)
 
@@ -450,7 +450,7 @@ class Ipv6Layer:
         segment may exceed the MTU (``vnet`` says how the guest cuts it)."""
         head = ipv6.header(src, dst, ipv6.PROTO_TCP, size)
         eth = ethernet.header(mac, self.mac, ethernet.ETHERTYPE_IPV6)
-        self.stack._out.append((vnet, b"".join((eth, head, *parts))))
+        self.stack.out.append((vnet, b"".join((eth, head, *parts))))
 
     def _send_packet(self, dst: bytes, packet: bytes, now: float, dst_mac=None) -> None:
         if dst_mac is None:
@@ -459,7 +459,7 @@ class Ipv6Layer:
             else:
                 dst_mac = self.neighbors.get(dst)
         if dst_mac is not None:
-            self.stack._out.append(
+            self.stack.out.append(
                 ethernet.header(dst_mac, self.mac, ethernet.ETHERTYPE_IPV6) + packet
             )
             return

@@ -64,11 +64,13 @@ class Reassembler:
         self.max_datagrams = max_datagrams
         self.max_bytes = max_bytes
         self.max_fragments = max_fragments
-        self._held: dict[tuple, _Datagram] = {}
+        # The datagrams being put together, by (src, dst, protocol, ident):
+        # read-only outside (the Stack asks whether any is, tests look in).
+        self.datagrams: dict[tuple, _Datagram] = {}
         self._bytes = 0
 
     def __len__(self) -> int:
-        return len(self._held)
+        return len(self.datagrams)
 
     @property
     def held_bytes(self) -> int:
@@ -103,12 +105,12 @@ class Reassembler:
         end = offset + len(data)
         if end > max_end:
             raise MalformedFrame("fragment-too-long")
-        entry = self._held.get(key)
+        entry = self.datagrams.get(key)
         if entry is None:
-            if len(self._held) >= self.max_datagrams:
+            if len(self.datagrams) >= self.max_datagrams:
                 raise MalformedFrame("reassembly-datagrams-full")
             entry = _Datagram(expires_at=now + self.timeout)
-            self._held[key] = entry
+            self.datagrams[key] = entry
         if self._bytes + len(data) > self.max_bytes:
             self._forget(key)
             raise MalformedFrame("reassembly-memory-full")
@@ -149,7 +151,7 @@ class Reassembler:
         return b"".join([head, *pieces])
 
     def _forget(self, key: tuple) -> None:
-        entry = self._held.pop(key, None)
+        entry = self.datagrams.pop(key, None)
         if entry is not None:
             self._bytes -= entry.received
             self.budget.release(entry.received)
@@ -159,13 +161,13 @@ class Reassembler:
         each, the header and piece empty where the first fragment never came
         (RFC 792: time exceeded, code 1, only when it did)."""
         expired = []
-        for key in [k for k, e in self._held.items() if e.expires_at <= now]:
-            entry = self._held[key]
+        for key in [k for k, e in self.datagrams.items() if e.expires_at <= now]:
+            entry = self.datagrams[key]
             expired.append((key, entry.first_header, entry.pieces.get(0, b"")))
             self._forget(key)
         return expired
 
     def next_deadline(self):
-        if not self._held:
+        if not self.datagrams:
             return None
-        return min(e.expires_at for e in self._held.values())
+        return min(e.expires_at for e in self.datagrams.values())

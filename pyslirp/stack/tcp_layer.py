@@ -16,14 +16,11 @@ import hashlib
 import heapq
 import struct
 from collections import Counter, deque
-from dataclasses import dataclass
-
-from pyslirp._compat import SLOTS
 
 from . import checksum, ethernet, icmpv4, ipv4, tcp, virtio
 from .budget import held_size
+from .config import TcpConfig  # noqa: F401 - its home was here
 from .events import (
-    TcpConnected,
     TcpConnectionClosed,
     TcpConnectionReset,
     TcpConnectRequested,
@@ -47,49 +44,6 @@ from .tcp_connection import (
     seq_le,
     seq_lt,
 )
-
-
-@dataclass(**SLOTS)
-class TcpConfig:
-    # Connections in the table, TIME-WAIT included (those are reclaimed
-    # first when the table is full). Each costs at most the two buffers below.
-    max_connections: int = 4096
-    # Per connection: bytes from the guest not yet taken by the host socket
-    # (bounds the window we advertise) and bytes for the guest not yet
-    # acknowledged by it. 1 MiB each keeps a 64 KiB-segment link busy.
-    receive_buffer: int = 1 << 20
-    send_buffer: int = 1 << 20
-    # Segments held out of order per connection (their bytes are bounded by
-    # the receive window they must lie in).
-    max_out_of_order: int = 256
-    # RFC 6298: initial RTO 1 s (2.1), bounds (2.4, 2.5). The lower bound is
-    # Linux's 200 ms rather than the RFC's 1 s: the guest is one hop away.
-    initial_rto: float = 1.0
-    min_rto: float = 0.2
-    max_rto: float = 60.0
-    clock_granularity: float = 0.001
-    # Retransmissions before giving up (RFC 1122 4.2.3.5 R2), for data and
-    # for our SYN or SYN-ACK (Linux's tcp_synack_retries is 5 too).
-    max_retransmits: int = 12
-    syn_retries: int = 5
-    dupack_threshold: int = 3  # RFC 5681 3.2
-    # RFC 1122 4.2.3.2 allows 500 ms; a guest that writes small pieces with
-    # Nagle on waits this long for each ACK, so it stays short. 0: off.
-    delayed_ack_timeout: float = 0.002
-    # TIME-WAIT: 2*MSL would be 4 minutes (RFC 9293); Linux uses 60 s.
-    time_wait_timeout: float = 60.0
-    # RFC 1122 4.2.3.6: keep-alive no sooner than 2 hours idle; we probe a
-    # silent guest so that its connections do not hold host sockets forever.
-    keepalive_idle: float = 7200.0
-    keepalive_interval: float = 75.0
-    keepalive_probes: int = 9
-    challenge_ack_limit: int = 1000  # per second, RFC 5961 section 7
-    window_scaling: bool = True  # RFC 7323 section 2
-    timestamps: bool = True  # RFC 7323 sections 3-5
-    # The guest's checksum is checked by default; a TAP that hands us frames
-    # straight from the guest kernel's memory may turn this off.
-    verify_checksum: bool = True
-
 
 # IPv4 and TCP headers of one segment in one pack (40 bytes): version/IHL,
 # TOS, total length, ID, flags, TTL, protocol, header checksum, both
@@ -116,14 +70,36 @@ _TS_WORD = 0x0101080A
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
 
 
+def _ip_checksum(conn, total: int, ident: int) -> int:
+    """The IPv4 header checksum of a segment toward the guest: the sum of
+    its fixed words and addresses is precomputed (``conn.ip_sum``)."""
+    s = (conn.ip_sum + total + ident) % 0xFFFF
+    return (~s) & 0xFFFF if s else 0
+
+
+def _tcp_checksum(conn, flags, seq, ack, window, header_len, tcp_len, options_sum, payload):
+    """The whole TCP checksum of one segment toward the guest, from the
+    connection's precomputed sum of the pseudo-header and ports
+    (``conn.tcp_sum``), the header's fields, its options' sum and the
+    payload (IPv4 and IPv6 alike: RFC 8200 8.1)."""
+    s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
+    if tcp_len > header_len:
+        s += checksum.partial_sum(payload)
+    s %= 0xFFFF
+    return (~s) & 0xFFFF if s else 0
+
+
 class TcpLayer:
-    def __init__(self, stack, config: TcpConfig | None = None) -> None:
+    """The Stack builds its own (``stack.tcp``), configured by
+    ``StackConfig.tcp``."""
+
+    def __init__(self, stack) -> None:
         self.stack = stack
-        self.config = config or TcpConfig()
+        self.config = stack.config.tcp
         self.random = stack.random
         self.isn_key = stack.config.isn_key  # RFC 6528's secret (StackConfig)
         self.connections: dict[tuple, TcpConnection] = {}
-        self.events = stack._events
+        self.events = stack.events
         # Every byte a connection holds (rx, the out-of-order queue, snd_buf)
         # is charged to the stack's memory budget and released as it goes.
         self.budget = stack.budget
@@ -134,9 +110,10 @@ class TcpLayer:
         self.dirty: list[TcpConnection] = []
         self.counters: Counter = Counter()
         self.verify_checksum = self.config.verify_checksum
-        # Header prediction in segment_arrives (TcpConnection.predicted). Off,
-        # every segment takes the RFC's steps: the reference a test compares
-        # the prediction with.
+        # Header prediction in segment_arrives (TcpConnection.predicted) and
+        # output's common case. Off, every segment takes the RFC's steps and
+        # every output the general path: the reference a test compares the
+        # shortcuts with (tests/test_tcp_prediction.py).
         self.predict = True
         # Virtio offloads on the TAP (StackConfig.offload): segments of up to
         # gso_payload bytes (IPv4's 65535 less its header and TCP's with
@@ -166,7 +143,6 @@ class TcpLayer:
         while (self.config.receive_buffer >> shift) > 0xFFFF and shift < tcp.MAX_WINDOW_SCALE:
             shift += 1
         self._rcv_wscale = shift
-        stack.tcp = self
 
     def _mss_limit(self, conn: TcpConnection) -> int:
         """Largest payload per segment the MTU allows, without TCP options:
@@ -229,7 +205,7 @@ class TcpLayer:
         state = conn.state
         if state is LISTEN or state is SYN_SENT or state is CLOSED:
             return False
-        if self.stack._arp_cache.get(src) != src_mac:
+        if self.stack.arp_cache.get(src) != src_mac:
             return False
         # The header checksum: a valid header's partial sum is 0, in
         # checksum.py's form of it (int.from_bytes modulo 0xFFFF) written
@@ -285,8 +261,8 @@ class TcpLayer:
             or not sport
             or not dport
             or dst[0] >= 224
-            or dst == stack._broadcast
-            or stack._arp_cache.get(src) != src_mac
+            or dst == stack.broadcast
+            or stack.arp_cache.get(src) != src_mac
             or _from_bytes(data[off + 14 : off + 34], "big") % 0xFFFF  # as receive_fast
         ):
             return False
@@ -303,14 +279,7 @@ class TcpLayer:
         # table gives up its oldest TIME-WAIT entry, or the full path refuses.
         if len(self.connections) >= self.config.max_connections and not self._reclaim():
             return False
-        conn = self._new_connection(key, dst, dport, src, sport, now)
-        conn.state = LISTEN
-        conn.irs = seq
-        conn.rcv_nxt = (seq + 1) & MASK
-        self._take_syn_options(conn, seg)
-        conn.syn_packet = bytes(data[off + 14 : at + 20])
-        self.counters["tcp-connect-requests"] += 1
-        self.events.append(TcpConnectRequested(conn))
+        self._syn_recorded(key, seg, bytes(data[off + 14 : at + 20]), now)
         return True
 
     def receive_segment(self, ip, packet, payload, now: float) -> None:
@@ -361,12 +330,17 @@ class TcpLayer:
             ack = (seg.seq + seg.length) & MASK
             self.send_reset(ip.dst, seg.dst_port, ip.src, seg.src_port, 0, ack)
             return
-        conn = self._new_connection(key, ip.dst, seg.dst_port, ip.src, seg.src_port, now)
-        conn.state = LISTEN
-        conn.irs = seg.seq
-        conn.rcv_nxt = (seg.seq + 1) & MASK
+        self._syn_recorded(key, seg, bytes(packet[: ip.header_len + tcp.HEADER_LEN]), now)
+
+    def _syn_recorded(self, key, seg, syn_packet: bytes, now: float) -> None:
+        """A guest SYN for no connection, with room in the table (the end of
+        _no_connection and of _syn_fast): LISTEN, and the NAT side is asked.
+        ``syn_packet``: its IPv4 and TCP headers, for an ICMP error's quote."""
+        remote, remote_port, local, local_port = key
+        conn = self._new_connection(key, local, local_port, remote, remote_port, now)
+        conn.syn_arrived(seg.seq)
         self._take_syn_options(conn, seg)
-        conn.syn_packet = bytes(packet[: ip.header_len + tcp.HEADER_LEN])
+        conn.syn_packet = syn_packet
         self.counters["tcp-connect-requests"] += 1
         self.events.append(TcpConnectRequested(conn))
 
@@ -381,8 +355,7 @@ class TcpLayer:
             if seg.seq == conn.irs:
                 self.counters["tcp-syn-repeated"] += 1
             else:  # a new attempt from the same port: answer that one
-                conn.irs = seg.seq
-                conn.rcv_nxt = (seg.seq + 1) & MASK
+                conn.syn_arrived(seg.seq)
                 self._take_syn_options(conn, seg)
 
     def _syn_sent_arrives(self, conn: TcpConnection, seg, now: float) -> None:
@@ -412,29 +385,15 @@ class TcpLayer:
         conn.guest_mss = max(seg.mss or 536, _MIN_MSS)
         self._set_mss(conn)
         if flags & ACK:
-            conn.snd_una = seg.ack
-            conn.snd_wnd = conn.max_snd_wnd = seg.window  # never scaled on a SYN
-            conn.snd_wl1 = seg.seq
-            conn.snd_wl2 = seg.ack
-            conn.state = ESTABLISHED
-            if conn.retries == 0:
-                conn.set_rto_sample(now - conn.rtt_time)
-            conn.retries = 0
-            conn.rtx_at = None
-            conn.ack_pending = True
-            conn.mark()
-            self.keepalive_start(conn, now)
-            self.events.append(TcpConnected(conn))
-        else:  # simultaneous open
-            conn.state = SYN_RECEIVED
-            self.send_syn_ack(conn, now)
-        self.arm(conn)
+            conn.syn_ack_received(seg.seq, seg.ack, seg.window, now)
+        else:
+            conn.simultaneous_open(now)
 
     # ------------------------------------------------------------ setup
     def _new_connection(self, key, local, local_port, remote, remote_port, now):
         self._serial += 1
         conn = TcpConnection(self, key, local, local_port, remote, remote_port, self._serial, now)
-        mac = self.stack._arp_cache.get(remote)
+        mac = self.stack.neighbour_mac(remote)
         if mac is not None and len(remote) == 4:
             conn.eth = ethernet.header(mac, self.stack.gateway_mac, ethernet.ETHERTYPE_IPV4)
         both = int.from_bytes(local, "big") + int.from_bytes(remote, "big")
@@ -501,10 +460,7 @@ class TcpLayer:
             return
         self._initial_sequence(conn, now)
         self._set_mss(conn)
-        conn.state = SYN_RECEIVED
-        self.send_syn_ack(conn, now)
-        conn.rtx_at = now + conn.rto
-        self.arm(conn)
+        conn.host_connected(now)
         if conn.close_requested:
             conn.mark()
 
@@ -662,14 +618,11 @@ class TcpLayer:
         if len(self.connections) >= self.config.max_connections and not self._reclaim():
             return None
         conn = self._new_connection(key, local, local_port, remote, remote_port, now)
-        conn.state = SYN_SENT
         self._initial_sequence(conn, now)
         conn.ws_enabled = self.config.window_scaling
         conn.rcv_wscale = self._rcv_wscale if conn.ws_enabled else 0
         conn.ts_enabled = self.config.timestamps
-        self.send_syn(conn, now)
-        conn.rtx_at = now + conn.rto
-        self.arm(conn)
+        conn.active_open(now)
         return conn
 
     # ------------------------------------------------------------ endings
@@ -679,8 +632,7 @@ class TcpLayer:
         received bytes stay for the NAT side (``unread``)."""
         if self.connections.get(conn.key) is conn:
             del self.connections[conn.key]
-        conn.state = CLOSED
-        conn.rtx_at = conn.wait_at = conn.delack_at = conn.heap_at = None
+        conn.closed()
         if conn.ooo:
             conn.drop_out_of_order()
         buf = conn.snd_buf
@@ -809,10 +761,6 @@ class TcpLayer:
         conn.mark()
 
     # ------------------------------------------------------------ egress
-    def ts_clock(self, conn: TcpConnection, now: float) -> int:
-        """Our TSval: milliseconds plus a per-connection offset (RFC 7323 5.4)."""
-        return (int(now * 1000) + conn.ts_offset) & MASK
-
     def emit(self, conn: TcpConnection, flags: int, seq: int, payload, now: float) -> None:
         """One segment with ACK = RCV.NXT, our window and timestamps."""
         window = conn.window_field()
@@ -826,11 +774,10 @@ class TcpLayer:
             # the MSS goes as one GSO frame of MSS pieces.
             size = len(payload)
             stack = self.stack
-            ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
+            ident = stack.next_ip_ident()
             if conn.ts_enabled:
                 header_len = 32
                 total = 52 + size
-                s = (conn.ip_sum + total + ident) % 0xFFFF
                 frame = _FRAME4_TS.pack(
                     eth,
                     0x45,
@@ -839,7 +786,7 @@ class TcpLayer:
                     _DF,
                     _TTL,
                     6,  # TCP
-                    (~s) & 0xFFFF if s else 0,
+                    _ip_checksum(conn, total, ident),
                     conn.addrs,
                     conn.local_port,
                     conn.remote_port,
@@ -850,7 +797,7 @@ class TcpLayer:
                     window,
                     (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF,
                     _TS_WORD,
-                    (int(now * 1000) + conn.ts_offset) & MASK,
+                    conn.ts_value(now),
                     conn.ts_recent,
                 )
             else:
@@ -863,12 +810,12 @@ class TcpLayer:
                 if size > conn.mss:
                     vnet = virtio.tcp_header(14, 20, header_len, virtio.GSO_TCPV4, conn.mss)
                     self.counters["tcp-gso-out"] += 1
-                    stack._out.append((vnet, frame))
+                    stack.out.append((vnet, frame))
                     return
-            stack._out.append((self._vnet_plain[header_len], frame))
+            stack.out.append((self._vnet_plain[header_len], frame))
             return
         if conn.ts_enabled:
-            ts_val = (int(now * 1000) + conn.ts_offset) & MASK
+            ts_val = conn.ts_value(now)
             ts_ecr = conn.ts_recent
             options = _TS_BLOCK.pack(_TS_WORD, ts_val, ts_ecr)
             options_sum = _TS_SUM + ts_val + ts_ecr
@@ -880,9 +827,7 @@ class TcpLayer:
     def _headers4(self, conn, flags, seq, ack, window, header_len, total, tcp_csum) -> bytes:
         """The IPv4 header and the fixed TCP header of one segment toward the
         guest (40 bytes; TCP options and payload follow)."""
-        stack = self.stack
-        ident = stack._ip_ident = (stack._ip_ident + 1) & 0xFFFF
-        s = (conn.ip_sum + total + ident) % 0xFFFF
+        ident = self.stack.next_ip_ident()
         return _PACKET4.pack(
             0x45,
             0,
@@ -891,7 +836,7 @@ class TcpLayer:
             _DF,
             ipv4.DEFAULT_TTL,
             ipv4.PROTO_TCP,
-            (~s) & 0xFFFF if s else 0,
+            _ip_checksum(conn, total, ident),
             conn.addrs,
             conn.local_port,
             conn.remote_port,
@@ -913,23 +858,18 @@ class TcpLayer:
             self._frame6(conn, flags, seq, ack, window, options, options_sum, payload, now)
             return
         header_len = 20 + len(options)
-        size = len(payload)
-        tcp_len = header_len + size
-        total = 20 + tcp_len
-        s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window + options_sum
-        if size:
-            s += checksum.partial_sum(payload)
-        s %= 0xFFFF
-        head = self._headers4(
-            conn, flags, seq, ack, window, header_len, total, (~s) & 0xFFFF if s else 0
+        tcp_len = header_len + len(payload)
+        csum = _tcp_checksum(
+            conn, flags, seq, ack, window, header_len, tcp_len, options_sum, payload
         )
+        head = self._headers4(conn, flags, seq, ack, window, header_len, 20 + tcp_len, csum)
         stack = self.stack
         eth = conn.eth
         if eth is not None:
-            stack._out.append(b"".join((eth, head, options, payload)))
+            stack.out.append(b"".join((eth, head, options, payload)))
             return
-        stack._send_packet(conn.remote, b"".join((head, options, payload)), now)
-        mac = stack._arp_cache.get(conn.remote)
+        stack.send_packet(conn.remote, b"".join((head, options, payload)), now)
+        mac = stack.neighbour_mac(conn.remote)
         if mac is not None:
             conn.eth = ethernet.header(mac, stack.gateway_mac, ethernet.ETHERTYPE_IPV4)
 
@@ -944,12 +884,9 @@ class TcpLayer:
         if mac is not None:
             csum = (conn.pseudo_sum + tcp_len) % 0xFFFF or 0xFFFF
         else:
-            s = conn.tcp_sum + tcp_len + seq + ack + ((header_len << 10) | flags) + window
-            s += options_sum
-            if size:
-                s += checksum.partial_sum(payload)
-            s %= 0xFFFF
-            csum = (~s) & 0xFFFF if s else 0
+            csum = _tcp_checksum(
+                conn, flags, seq, ack, window, header_len, tcp_len, options_sum, payload
+            )
         head = _SEGMENT.pack(
             conn.local_port,
             conn.remote_port,
@@ -971,17 +908,17 @@ class TcpLayer:
         vnet = virtio.tcp_header(14, 40, header_len, gso, conn.mss)
         self.stack.ipv6.send_offload_segment(conn.local, conn.remote, mac, vnet, parts, tcp_len)
 
-    def _syn_options(self, conn: TcpConnection, now: float):
+    def syn_options(self, conn: TcpConnection, now: float):
         """Our SYN's (or SYN-ACK's) options and the sum of their 16-bit words."""
         options = tcp.build_options(
             mss=self._mss_limit(conn),
             window_scale=conn.rcv_wscale if conn.ws_enabled else -1,
-            timestamp=(self.ts_clock(conn, now), conn.ts_recent) if conn.ts_enabled else None,
+            timestamp=(conn.ts_value(now), conn.ts_recent) if conn.ts_enabled else None,
         )
         return options, checksum.partial_sum(options)
 
     def send_syn_ack(self, conn: TcpConnection, now: float) -> None:
-        options, options_sum = self._syn_options(conn, now)
+        options, options_sum = self.syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)  # RFC 7323 2.2: a SYN's window is not scaled
         room = self.budget.window_room()
         if window > room:  # under memory pressure: little or nothing
@@ -992,7 +929,7 @@ class TcpLayer:
         self._frame(conn, SYN | ACK, conn.iss, conn.rcv_nxt, window, options, options_sum, b"", now)
 
     def send_syn(self, conn: TcpConnection, now: float) -> None:
-        options, options_sum = self._syn_options(conn, now)
+        options, options_sum = self.syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)
         conn.rtt_time = now
         self._frame(conn, SYN, conn.iss, 0, window, options, options_sum, b"", now)
@@ -1073,6 +1010,15 @@ class TcpLayer:
         heap = [entry for entry in self._heap if entry[2].heap_at == entry[0]]
         heapq.heapify(heap)
         self._heap = heap
+
+    def queue_lengths(self) -> dict:
+        """A test hook: the lengths of the timer heap, the delayed-ACK FIFO
+        and the TIME-WAIT queue (each must stay about as long as the table)."""
+        return {
+            "timers": len(self._heap),
+            "delayed-acks": len(self._delack),
+            "time-wait": len(self._time_wait),
+        }
 
     def get_timer(self):
         """The earliest deadline, or one a little early (see __init__).
