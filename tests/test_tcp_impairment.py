@@ -160,7 +160,9 @@ def test_duplicated_and_reordered_frames_both_ways_arrive_once_in_order(seed):
     assert counters["tcp-timeouts"] <= 3, counters
 
 
-@pytest.mark.parametrize("seed", [21, 22])
+# Seed 12 stalled for good before ACKs were sent at SND.MAX (see
+# tests/test_tcp_recovery.py).
+@pytest.mark.parametrize("seed", [12, 21, 22])
 def test_loss_duplication_and_reordering_together_recover_quickly(seed):
     result = run_pair(seed, 300_000, 300_000, loss=0.05, duplicate=0.05, reorder=0.1)
     assert result["up_ok"] and result["down_ok"]
