@@ -138,6 +138,10 @@ class PythonBackend(Backend):
         loop = self._started()
         return list_connections(loop, loop.now())
 
+    def held_bytes(self) -> int:
+        """Bytes charged to the memory budget now (the stack's budget.held)."""
+        return self._started().stack.budget.held
+
 
 def create_backend(name: str, config: NetworkConfig) -> Backend:
     if name == "python":
