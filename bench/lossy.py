@@ -218,11 +218,18 @@ def transfer(ns_name: str, mode: str, size: int, count: int, timeout: float) -> 
     -> guest) or "up"; each result has ok (byte-exact), seconds, error."""
     server = Server(mode, size)
     try:
-        proc = subprocess.run(
-            ["ip", "netns", "exec", ns_name, sys.executable, "-c", GUEST_CLIENT, mode,
-             str(server.port), str(size), str(count), str(timeout)],
-            capture_output=True, text=True, timeout=timeout + 30,
-        )  # fmt: skip
+        try:
+            proc = subprocess.run(
+                ["ip", "netns", "exec", ns_name, sys.executable, "-c", GUEST_CLIENT, mode,
+                 str(server.port), str(size), str(count), str(timeout)],
+                capture_output=True, text=True, timeout=timeout + 30,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:  # (subprocess.run has killed the client)
+            error = f"did not finish in {timeout:.0f} s"
+            return [
+                {"i": i, "ok": False, "seconds": timeout, "bytes": 0, "error": error}
+                for i in range(count)
+            ]
         results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if len(results) != count:
             raise RuntimeError(f"guest client: {proc.stderr[-2000:]}")
