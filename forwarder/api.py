@@ -263,7 +263,11 @@ class Api:
             connections = self.backend.list_connections()
         except NotImplementedError:
             return _error(f"list_connections: not supported by the {self.backend.name} backend")
-        return _compact({"return": {"connections": connections}})
+        reply = {"connections": connections}
+        held = getattr(self.backend, "held_bytes", None)
+        if held is not None:  # the python backend: bytes held for the guest (budget.py)
+            reply["held_bytes"] = held()
+        return _compact({"return": reply})
 
 
 class _Client:

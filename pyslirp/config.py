@@ -88,7 +88,10 @@ class NetworkConfig:
     # reach it through tcp_config(), the one mapping). Connections the stack tracks and
     # host sockets open at once: past it (or past the process's file
     # descriptor limit) new guest connections get RST, the others carry on.
-    tcp_max_connections: int = 4096
+    # 16,384: ten thousand from one guest with room to spare (a few KiB of
+    # memory each while idle); the table is the smaller of this and what the
+    # descriptors allow once RLIMIT_NOFILE is raised (descriptors.py).
+    tcp_max_connections: int = 16384
     # Per connection, bytes from the guest the host socket has not taken yet
     # (the guest's window) and bytes for the guest it has not acknowledged:
     # memory per connection is bounded by their sum.

@@ -144,3 +144,7 @@ class PythonBackend(Backend):
     def list_connections(self) -> list[dict]:
         loop = self._started()
         return list_connections(loop, loop.now())
+
+    def held_bytes(self) -> int:
+        """Bytes charged to the memory budget now (the stack's budget.held)."""
+        return self._started().stack.budget.held

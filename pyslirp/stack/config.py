@@ -37,6 +37,11 @@ class TcpConfig:
     max_retransmits: int = 12
     syn_retries: int = 5
     dupack_threshold: int = 3  # RFC 5681 3.2
+    # Duplicate ACKs sent at once for segments that came out of order (one
+    # per wire segment, RFC 5681 4.2; a GSO frame from the guest holds many):
+    # enough for the guest's fast retransmit (3 duplicates) and a little of
+    # NewReno's window inflation, without a burst of tiny frames.
+    dupack_burst: int = 4
     # RFC 1122 4.2.3.2 allows 500 ms; a guest that writes small pieces with
     # Nagle on waits this long for each ACK, so it stays short. 0: off.
     delayed_ack_timeout: float = 0.002

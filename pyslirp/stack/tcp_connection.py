@@ -259,6 +259,7 @@ class TcpConnection:
         "dupacks",
         "recover",
         "in_recovery",
+        "recover_by_timeout",
         # other timers
         "wait_at",
         "last_rx",
@@ -266,6 +267,7 @@ class TcpConnection:
         "heap_at",
         # bookkeeping
         "ack_pending",
+        "dupacks_owed",
         "ack_sent",
         "delack_at",
         "delack_limit",
@@ -340,11 +342,13 @@ class TcpConnection:
         self.dupacks = 0
         self.recover = 0
         self.in_recovery = False
+        self.recover_by_timeout = False  # RECOVER was set by a timeout, not fast recovery
         self.wait_at = None
         self.last_rx = now
         self.keepalive_probes = 0
         self.heap_at = None
         self.ack_pending = False
+        self.dupacks_owed = 0  # wire segments that arrived out of order since the last ACK
         self.ack_sent = 0
         self.delack_at = None
         self.delack_limit = 0  # two full-sized guest segments (set with the MSS by the layer)
@@ -672,6 +676,10 @@ class TcpConnection:
                             delay = ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit
                     else:
                         self._queue_ooo(start, data)
+                        # RFC 5681 4.2: one duplicate ACK per segment that
+                        # arrives out of order, as the guest's wire would
+                        # have carried it (a GSO frame is many segments).
+                        self.dupacks_owed += (len(data) + self.mss - 1) // self.mss
             else:
                 flags &= ~FIN
             if delay and not flags & FIN:
@@ -894,11 +902,18 @@ class TcpConnection:
         if self.in_recovery:
             self.cwnd += mss  # each duplicate means one segment has left
             self.mark()
-        elif self.dupacks == self.layer.config.dupack_threshold and seq_lt(
-            self.recover, self.snd_una
+        elif self.dupacks == self.layer.config.dupack_threshold and (
+            seq_lt(self.recover, self.snd_una)
+            # RFC 6582 3.2 step 2 guards against duplicates that a timeout's
+            # go-back-N resends provoke. After a fast recovery that ended
+            # exactly at RECOVER there were none: duplicates there mean the
+            # next segment is lost too (Linux's Reno takes them so as well),
+            # and waiting for the timer instead stalls the connection.
+            or (self.snd_una == self.recover and not self.recover_by_timeout)
         ):
             self.ssthresh = max(self.in_flight() // 2, 2 * mss)
             self.recover = self.snd_max
+            self.recover_by_timeout = False
             self.in_recovery = True
             self.rtt_seq = None
             self.layer.counters["tcp-fast-retransmits"] += 1
@@ -1048,6 +1063,9 @@ class TcpConnection:
         self.dirty = False
         layer = self.layer
         state = self.state
+        owed = self.dupacks_owed
+        if owed:
+            self.dupacks_owed = 0
         if state is ESTABLISHED and not self.close_requested and layer.predict:
             # The common case in short: new bytes that fit one segment and
             # both windows, with nothing in flight to resend first. A copy
@@ -1140,7 +1158,19 @@ class TcpConnection:
                 self.rtx_at = now + self.rto
         if self.ack_pending:
             if not sent:
-                layer.emit(self, ACK, self.snd_nxt, b"", now)
+                # At SND.MAX, the highest sequence number sent, as Linux does
+                # (tcp_acceptable_seq): after a timeout SND.NXT is pulled back
+                # to resend (go back N), and an ACK carrying that older number
+                # lies before the guest's RCV.NXT, where RFC 9293 3.10.7.4
+                # has it dropped unread; data both ways then stalls for good.
+                seq = self.snd_max
+                layer.emit(self, ACK, seq, b"", now)
+                # The guest counts duplicate ACKs toward fast retransmit
+                # (RFC 5681 3.2): one per segment it sent out of order, not
+                # one per batch of them that we read in one wake-up.
+                burst = layer.config.dupack_burst
+                for _ in range(1, owed if owed < burst else burst):
+                    layer.emit(self, ACK, seq, b"", now)
             self.ack_pending = False
         layer.arm(self)
 
@@ -1205,6 +1235,7 @@ class TcpConnection:
         self.cwnd = mss
         self.in_recovery = False
         self.recover = self.snd_max
+        self.recover_by_timeout = True
         self.dupacks = 0
         self.rtt_seq = None
         self.snd_nxt = self.snd_una
