@@ -32,11 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pyslirp.stack import checksum, ipv4, ipv6, tcp, udp, virtio  # noqa: E402
-from pyslirp.stack.config import StackConfig  # noqa: E402
+from pyslirp.stack.config import (
+    StackConfig,  # noqa: E402
+    TcpConfig,  # noqa: E402
+)
 from pyslirp.stack.events import TcpConnectRequested, TcpDataReceived  # noqa: E402
 from pyslirp.stack.interface import Stack  # noqa: E402
 from pyslirp.stack.tcp_connection import TcpState  # noqa: E402
-from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer  # noqa: E402
 from tests import guest_frames, ipv6_frames  # noqa: E402
 from tests.test_fuzz import mutate, repair_checksums, seed_frames  # noqa: E402
 
@@ -204,10 +206,10 @@ def vnet_wrap(rng: random.Random, frame: bytes) -> bytes:
 def run_campaign(frames: int, seed: int = 1, progress=None) -> dict:
     """Feed ``frames`` frames; return the result (see the module docstring)."""
     rng = random.Random(seed)
-    config = StackConfig(ipv6=True, guest_probe_delays=())
-    stack = Stack(config, random.Random(seed + 1))
     tcp_config = TcpConfig(max_connections=256, receive_buffer=256 * 1024)
-    layer = TcpLayer(stack, tcp_config)
+    config = StackConfig(ipv6=True, guest_probe_delays=(), tcp=tcp_config)
+    stack = Stack(config, random.Random(seed + 1))
+    layer = stack.tcp
     stack.learn_neighbor(GUEST6, GUEST_MAC)
     seeds4 = seed_frames() + [guest_frames.ARP_REQUEST]
     v6 = seeds6()
@@ -319,8 +321,8 @@ def run_campaign(frames: int, seed: int = 1, progress=None) -> dict:
         "held_bytes": stack.budget.held,
         "held_by": stack.memory_held(),
         "peak_held_bytes": stack.budget.peak,
-        "reassembly_datagrams": len(stack._reassembler),
-        "arp_pending": len(stack._arp_pending),
+        "reassembly_datagrams": len(stack.reassembler),
+        "arp_pending": len(stack.arp_pending),
     }
 
 

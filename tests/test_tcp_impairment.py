@@ -13,11 +13,10 @@ import random
 
 import pytest
 
-from pyslirp.stack.config import StackConfig
+from pyslirp.stack.config import StackConfig, TcpConfig
 from pyslirp.stack.events import TcpConnectionClosed, TcpConnectionReset, TcpConnectRequested
 from pyslirp.stack.interface import Stack
 from pyslirp.stack.tcp_connection import TcpState
-from pyslirp.stack.tcp_layer import TcpConfig, TcpLayer
 
 GUEST = bytes([10, 0, 2, 100])
 PEER = bytes([198, 51, 100, 7])
@@ -72,15 +71,21 @@ class Impairment:
 
 def run_pair(seed, up_size, down_size, **impairment):
     rnd = random.Random(seed)
-    host = Stack(StackConfig(), random.Random(seed + 100))
-    host_tcp = TcpLayer(host, TcpConfig(receive_buffer=64 * 1024, send_buffer=64 * 1024))
+    host = Stack(
+        StackConfig(tcp=TcpConfig(receive_buffer=64 * 1024, send_buffer=64 * 1024)),
+        random.Random(seed + 100),
+    )
+    host_tcp = host.tcp
     guest = Stack(
         StackConfig(
-            gateway=GUEST, gateway_mac=bytes.fromhex("020000000064"), dns=bytes([10, 0, 2, 99])
+            gateway=GUEST,
+            gateway_mac=bytes.fromhex("020000000064"),
+            dns=bytes([10, 0, 2, 99]),
+            tcp=TcpConfig(receive_buffer=48 * 1024, send_buffer=48 * 1024),
         ),
         random.Random(seed + 200),
     )
-    guest_tcp = TcpLayer(guest, TcpConfig(receive_buffer=48 * 1024, send_buffer=48 * 1024))
+    guest_tcp = guest.tcp
     guest.learn_neighbor(PEER, bytes.fromhex("52550a000202"))
     link = Impairment(rnd, **impairment)
     up = rnd.randbytes(up_size)

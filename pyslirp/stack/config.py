@@ -16,8 +16,10 @@ class TcpConfig:
     """The TCP layer's settings (StackConfig.tcp)."""
 
     # Connections in the table, TIME-WAIT included (those are reclaimed
-    # first when the table is full). Each costs at most the two buffers below.
-    max_connections: int = 4096
+    # first when the table is full): ten thousand from one guest with room to
+    # spare, a few KiB each while idle; the buffers below and the memory
+    # budget bound what they may hold.
+    max_connections: int = 16384
     # Per connection: bytes from the guest not yet taken by the host socket
     # (bounds the window we advertise) and bytes for the guest not yet
     # acknowledged by it. 1 MiB each keeps a 64 KiB-segment link busy.
