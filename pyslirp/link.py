@@ -132,6 +132,11 @@ class Link:
     def connected(self) -> bool:
         return self._conn is not None
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting for a VM that does not read fast enough."""
+        return self._pending_bytes if self._conn is not None else 0
+
     def qemu_options(self) -> str:
         """What to give QEMU to connect to this link."""
         return (

@@ -1,0 +1,222 @@
+"""pyslirp/link.py, a VM's frames over a UNIX stream socket (QEMU's -netdev
+stream framing), in process with a real socket as the VM; and the
+forwarder's --socket options (no QEMU needed)."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyslirp.link import HEADER_LEN, Link, LinkLimits, open_link
+from pyslirp.tap import MAX_FRAME
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WAIT = 10.0  # seconds for anything the kernel should do at once
+
+
+def framed(*frames: bytes) -> bytes:
+    return b"".join(struct.pack("!I", len(f)) + f for f in frames)
+
+
+def frames_of(link: Link, want: int) -> list:
+    """read_frames until ``want`` frames came (bounded in time)."""
+    got: list = []
+    deadline = time.monotonic() + WAIT
+    while len(got) < want and time.monotonic() < deadline:
+        if select.select([link.fd], [], [], 0.5)[0]:
+            got += link.read_frames()
+    return got
+
+
+def settle(link: Link, until) -> None:
+    """read_frames until ``until()`` holds (bounded in time)."""
+    deadline = time.monotonic() + WAIT
+    while not until():
+        assert time.monotonic() < deadline, link.counters
+        if select.select([link.fd], [], [], 0.5)[0]:
+            link.read_frames()
+
+
+@pytest.fixture
+def link(tmp_path):
+    link = open_link(str(tmp_path / "vm.sock"))
+    left = []
+    link.on_disconnect = lambda: left.append(1)
+    link.left = left
+    try:
+        yield link
+    finally:
+        link.close()
+
+
+def connect(link: Link) -> socket.socket:
+    vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    vm.settimeout(WAIT)
+    vm.connect(link.path)
+    settle(link, lambda: link.connected)
+    return vm
+
+
+def read_framed(vm: socket.socket, count: int) -> list:
+    """``count`` frames from the VM's side of the socket."""
+    data = b""
+    frames = []
+    while len(frames) < count:
+        while len(data) >= HEADER_LEN:
+            (length,) = struct.unpack_from("!I", data)
+            if len(data) < HEADER_LEN + length:
+                break
+            frames.append(data[HEADER_LEN : HEADER_LEN + length])
+            data = data[HEADER_LEN + length :]
+        if len(frames) >= count:
+            break
+        chunk = vm.recv(1 << 20)
+        assert chunk, "EOF"
+        data += chunk
+    assert data == b""
+    return frames
+
+
+def test_socket_file_is_private_and_removed(link):
+    assert os.stat(link.path).st_mode & 0o777 == 0o600
+    path = link.path
+    link.close()
+    assert not os.path.exists(path)
+
+
+def test_frames_both_ways_batched_and_split(link):
+    vm = connect(link)
+    frames = [bytes([n]) * size for n, size in enumerate((60, 1514, 65536 + 14, 42), 1)]
+    data = framed(*frames)
+    # In pieces that cut a header and a frame in two, read as they come.
+    got = []
+    for piece in (data[:2], data[2:100], data[100:70000], data[70000:]):
+        view = memoryview(piece)
+        while view:
+            view = view[vm.send(view) :]
+            time.sleep(0.01)
+            got += link.read_frames()
+    got += frames_of(link, 4 - len(got))
+    assert got == frames
+    link.write_frames([b"a" * 60, memoryview(b"b" * 1514)])
+    assert read_framed(vm, 2) == [b"a" * 60, b"b" * 1514]
+    assert link.counters["link-frames-in"] == 4 and link.counters["link-frames-out"] == 2
+    vm.close()
+
+
+@pytest.mark.parametrize("length", [0, MAX_FRAME + 1, 0xFFFFFFFF])
+def test_bad_length_drops_the_connection(link, length):
+    vm = connect(link)
+    vm.sendall(framed(b"x" * 60) + struct.pack("!I", length) + b"y" * 100)
+    settle(link, lambda: not link.connected)
+    assert link.counters["link-bad-length"] == 1
+    assert link.left == [1]
+    assert vm.recv(10) == b""  # the VM sees its connection closed
+    vm.close()
+    # ... and the next VM is served.
+    again = connect(link)
+    again.sendall(framed(b"z" * 60))
+    assert frames_of(link, 1) == [b"z" * 60]
+    again.close()
+
+
+def test_hang_up_inside_a_frame_is_counted(link):
+    vm = connect(link)
+    vm.sendall(framed(b"x" * 100)[:50])
+    vm.close()
+    settle(link, lambda: not link.connected)
+    assert link.counters["link-partial-frame"] == 1
+    assert link.counters["link-disconnected"] == 1
+
+
+def test_a_vm_that_stops_reading_gets_a_bounded_queue(tmp_path):
+    limits = LinkLimits(write_bytes=256 * 1024)
+    link = open_link(str(tmp_path / "vm.sock"), limits=limits)
+    try:
+        vm = connect(link)
+        frame = bytes(range(256)) * 256  # 64 KiB
+        sent = 0
+        for _ in range(100):  # 6.4 MB, far past the socket buffer and the queue
+            link.write_frames([frame])
+            link.read_frames()
+            sent += 1
+            assert link.queued_bytes <= limits.write_bytes + len(frame) + HEADER_LEN
+        dropped = link.counters["link-write-dropped"]
+        assert dropped > 0
+        # The VM reads again: what was kept comes whole and in order.
+        vm.setblocking(False)
+        data = b""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and len(data) < (sent - dropped) * (len(frame) + 4):
+            if select.select([link.fd], [], [], 0.01)[0]:
+                link.read_frames()
+            try:
+                data += vm.recv(1 << 20)
+            except BlockingIOError:
+                pass
+        assert len(data) == (sent - dropped) * (len(frame) + HEADER_LEN)
+        assert data == framed(*[frame] * (sent - dropped))
+        vm.close()
+    finally:
+        link.close()
+
+
+def forwarder(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--socket=/tmp/x.sock", "/run/netns/x"], "--socket cannot be combined with PATH"),
+        (["--socket=/tmp/x.sock", "-c"], "--socket cannot be combined with --netns-type"),
+        (["--socket=/tmp/x.sock", "--socket-type=seqpacket"], "invalid --socket-type"),
+        (["--one-off", "/run/netns/x"], "--socket-type and --one-off need --socket"),
+        ([f"--socket=/tmp/{'x' * 120}"], "socket path is empty or too long"),
+    ],
+)
+def test_bad_socket_options(args, message):
+    result = forwarder(*args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyslirp-forwarder: ") and message in lines[0]
+
+
+def test_one_off_exits_when_the_vm_leaves(tmp_path):
+    path = str(tmp_path / "vm.sock")
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forwarder", f"--socket={path}", "--one-off", "-r", str(write_fd),
+         "--dns-upstream=127.0.0.1:9"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+    )  # fmt: skip
+    os.close(write_fd)
+    try:
+        assert select.select([read_fd], [], [], 30)[0] and os.read(read_fd, 1) == b"1"
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        vm.connect(path)
+        vm.sendall(framed(b"\xff" * 60))  # a runt broadcast frame: dropped by the stack
+        vm.close()
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert f"addr.path={path}" in out.decode()  # the QEMU options were printed
+        assert not os.path.exists(path)
+    finally:
+        os.close(read_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
