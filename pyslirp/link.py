@@ -44,7 +44,7 @@ _LENGTH = struct.Struct("!I")
 HEADER_LEN = _LENGTH.size
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 STREAM, DGRAM = "stream", "dgram"
-KINDS = (STREAM,)  # the socket types open_link serves
+KINDS = (STREAM, DGRAM)  # the socket types open_link serves
 
 
 @dataclasses.dataclass
@@ -59,6 +59,9 @@ class LinkLimits:
     write_bytes: int = 4 * 1024 * 1024
     # Buffers per sendmsg: Linux's IOV_MAX (1024), two per frame.
     write_buffers: int = 1024
+    # Datagrams read per wake-up (dgram), as the TAP's batch: the rest wake
+    # the next poll, so that the host side is served in between.
+    read_datagrams: int = 64
 
 
 class Link:
@@ -315,10 +318,101 @@ def _remove_stale_socket(path: str) -> None:
         pass
 
 
+class DgramLink(Link):
+    """One frame per datagram (QEMU's -netdev dgram, vfkit): the VM is
+    whoever sent the last datagram, from its own bound socket; a datagram
+    from another address is a new VM (the old one's flows are closed), and
+    one that cannot be delivered (its socket is gone) means the VM left.
+    Python has no sendmmsg: one sendto per frame, and a full socket buffer
+    drops the frame (counted), as a full TAP queue does."""
+
+    kind = DGRAM
+
+    def __init__(self, path: str, limits: LinkLimits | None = None) -> None:
+        super().__init__(path, limits)
+        self._peer = None
+        # One byte more than the largest frame, to see one that is too long.
+        self._buffer = bytearray(MAX_FRAME + 1)
+        self._view = memoryview(self._buffer)
+
+    @property
+    def connected(self) -> bool:
+        return self._peer is not None
+
+    @property
+    def queued_bytes(self) -> int:
+        return 0
+
+    def read_frames(self) -> list:
+        frames: list = []
+        sock = self._listener
+        if sock is None:
+            return frames
+        view = self._view
+        counters = self.counters
+        for _ in range(self.limits.read_datagrams):
+            try:
+                size, peer = sock.recvfrom_into(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                counters["link-error"] += 1
+                break
+            if size == 0 or size > MAX_FRAME or not peer:
+                counters["link-bad-length"] += 1  # or unnamed: no way to answer
+                continue
+            if peer != self._peer:
+                if self._peer is not None:
+                    if not self.reconnect:
+                        continue
+                    self._drop_connection()
+                    frames.clear()
+                self._peer = peer
+                counters["link-connected"] += 1
+                log.info("link %s: a VM spoke from %s", self.path, peer)
+            frames.append(bytes(view[:size]))
+            counters["link-bytes-in"] += size
+        counters["link-frames-in"] += len(frames)
+        return frames
+
+    def write_frames(self, frames) -> None:
+        peer = self._peer
+        if peer is None:
+            self.counters["link-write-dropped"] += len(frames)
+            return
+        sendto = self._listener.sendto
+        sent = dropped = size = 0
+        for frame in frames:
+            try:
+                size += sendto(frame, peer)
+                sent += 1
+            except (BlockingIOError, InterruptedError):
+                dropped += 1
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):  # its socket is gone
+                    self.counters["link-write-dropped"] += len(frames) - sent
+                    self._drop_connection()
+                    return
+                self.counters["link-error"] += 1
+                dropped += 1
+        self.counters["link-frames-out"] += sent
+        self.counters["link-bytes-out"] += size
+        self.counters["link-write-dropped"] += dropped
+
+    def _drop_connection(self, notify: bool = True) -> None:
+        if self._peer is None:
+            return
+        self._peer = None
+        self.counters["link-disconnected"] += 1
+        log.info("link %s: the VM went away", self.path)
+        if notify and self.on_disconnect is not None:
+            self.on_disconnect()
+
+
 def open_link(path: str, kind: str = STREAM, limits: LinkLimits | None = None) -> Link:
     """A listening link of ``kind`` (stream or dgram) at ``path``."""
-    if kind != STREAM:
-        raise ValueError(f"unknown socket type {kind!r} (choose from stream)")
-    link = Link(path, limits)
+    if kind not in KINDS:
+        raise ValueError(f"unknown socket type {kind!r} (choose from {', '.join(KINDS)})")
+    link = Link(path, limits) if kind == STREAM else DgramLink(path, limits)
     link.listen()
     return link

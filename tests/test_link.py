@@ -220,3 +220,32 @@ def test_one_off_exits_when_the_vm_leaves(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_dgram_one_frame_per_datagram(tmp_path):
+    link = open_link(str(tmp_path / "vm.sock"), "dgram")
+    left = []
+    link.on_disconnect = lambda: left.append(1)
+    vm = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        assert os.stat(link.path).st_mode & 0o777 == 0o600
+        vm.bind(str(tmp_path / "qemu.sock"))
+        vm.settimeout(WAIT)
+        frames = [b"a" * 60, b"b" * 1514, b"c" * (65536 + 14)]
+        got = []
+        for frame in frames:  # one at a time: the socket queues little
+            vm.sendto(frame, link.path)
+            got += frames_of(link, 1)
+        assert got == frames
+        vm.sendto(b"", link.path)  # empty: counted, dropped
+        settle(link, lambda: link.counters["link-bad-length"] == 1)
+        link.write_frames([b"x" * 60, b"y" * 9000])
+        assert [vm.recv(70000) for _ in range(2)] == [b"x" * 60, b"y" * 9000]
+        vm.close()  # QEMU went away: the next write finds no socket
+        os.unlink(str(tmp_path / "qemu.sock"))
+        link.write_frames([b"z" * 60])
+        assert left == [1] and not link.connected
+    finally:
+        vm.close()
+        link.close()
+    assert not os.path.exists(str(tmp_path / "vm.sock"))

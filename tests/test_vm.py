@@ -227,3 +227,27 @@ def test_a_second_vm_after_the_first_went_away(vm):
     guest.check(f"wget -q -O /tmp/blob http://10.0.2.2:{vm['http_port']}/blob", timeout=120)
     assert hashlib.sha256(BLOB).hexdigest() in guest.check("sha256sum /tmp/blob")
     assert fw.log().count("a VM connected") == 2
+
+
+def test_dgram_socket(host_servers, tmp_path):
+    """--socket-type=dgram (QEMU's -netdev dgram): a lease and a download."""
+    http_port, dns = host_servers
+    path = str(tmp_path / "vm.sock")
+    fw = VmForwarder(
+        path, str(tmp_path / "forwarder.log"), "--socket-type=dgram",
+        f"--dns-upstream=127.0.0.1:{dns.port}",
+    )  # fmt: skip
+    try:
+        netdev = (
+            f"dgram,id=n0,local.type=unix,local.path={tmp_path / 'qemu.sock'},"
+            f"remote.type=unix,remote.path={path}"
+        )
+        with Guest(["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]) as guest:
+            assert "lease of 10.0.2.15 obtained" in guest.check(DHCP, timeout=90)
+            guest.check(f"wget -q -O /tmp/blob http://10.0.2.2:{http_port}/blob", timeout=120)
+            assert hashlib.sha256(BLOB).hexdigest() in guest.check("sha256sum /tmp/blob")
+    finally:
+        status = fw.close()
+    assert status == 0, fw.log()
+    assert "a VM spoke from" in fw.log()
+    assert not os.path.exists(path)
