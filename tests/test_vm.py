@@ -138,6 +138,7 @@ def vm(request, host_servers, tmp_path_factory):
         str(tmp / "vm.sock"),
         str(tmp / "forwarder.log"),
         f"--backend={backend}",
+        "-6",
         *upstream,
         "-p",
         f"127.0.0.1:{host_port}:{GUEST_PORT}",
@@ -193,6 +194,21 @@ def test_dns_through_the_proxy(vm):
 
 def test_ping_gateway(vm):
     text = vm["guest"].check("ping -c 2 -W 5 10.0.2.2", timeout=60)
+    assert "2 packets received" in text, text
+
+
+def test_ipv6_by_slaac(vm):
+    """-6: the guest's kernel takes an address in fd00::/64 from our router
+    advertisements and reaches the gateway."""
+    guest = vm["guest"]
+    deadline = time.monotonic() + 60
+    while True:
+        text = guest.check("ip -6 addr show dev eth0 scope global")
+        if "inet6 fd00::" in text and "tentative" not in text:
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(1)
+    text = guest.check("ping -c 2 -W 5 fd00::2", timeout=60)
     assert "2 packets received" in text, text
 
 
