@@ -413,6 +413,10 @@ def _lock_down(cleanup: contextlib.ExitStack, options: Options, backend, attachm
         keeper = Keeper(unmount, remove)
         cleanup.callback(keeper.finish)
         attachment.mounted_path = None
+    link = getattr(attachment, "link", None)
+    if link is not None:  # --socket: its file, out of reach after pivot_root
+        st = os.stat(link.path)
+        cleanup.callback(Keeper(None, (link.path, (st.st_dev, st.st_ino))).finish)
     _preload(backend)
     try:
         if options.enable_sandbox:

@@ -249,3 +249,31 @@ def test_dgram_one_frame_per_datagram(tmp_path):
         vm.close()
         link.close()
     assert not os.path.exists(str(tmp_path / "vm.sock"))
+
+
+def test_sandbox_still_removes_the_socket_file(tmp_path):
+    """--enable-sandbox (as root: pivot_root into an empty root) with
+    --socket: a keeper process removes the socket file at exit."""
+    path = str(tmp_path / "vm.sock")
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forwarder", f"--socket={path}", "--one-off", "-r", str(write_fd),
+         "--dns-upstream=127.0.0.1:9", "--enable-sandbox"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+    )  # fmt: skip
+    os.close(write_fd)
+    try:
+        ready = select.select([read_fd], [], [], 30)[0] and os.read(read_fd, 1) == b"1"
+        assert ready, proc.communicate(timeout=30)[0]
+        vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        vm.connect(path)
+        vm.sendall(framed(b"\xff" * 60))
+        vm.close()
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert not os.path.exists(path)
+    finally:
+        os.close(read_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
