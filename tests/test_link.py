@@ -4,6 +4,7 @@ forwarder's --socket options (no QEMU needed)."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -195,18 +196,42 @@ def test_bad_socket_options(args, message):
     assert len(lines) == 1 and lines[0].startswith("pyslirp-forwarder: ") and message in lines[0]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api_request(path: str, request: bytes) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(WAIT)
+        client.connect(path)
+        client.sendall(request)
+        client.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := client.recv(65536):
+            data += chunk
+    return json.loads(data)
+
+
 def test_one_off_exits_when_the_vm_leaves(tmp_path):
+    """--one-off, with -p (to the VM's DHCP address), the API socket and
+    --pcap (which holds the VM's frame)."""
     path = str(tmp_path / "vm.sock")
+    api, pcap = str(tmp_path / "api.sock"), str(tmp_path / "vm.pcap")
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, "-m", "forwarder", f"--socket={path}", "--one-off", "-r", str(write_fd),
-         "--dns-upstream=127.0.0.1:9"],
+         "--dns-upstream=127.0.0.1:9", "-a", api, f"--pcap={pcap}",
+         "-p", f"127.0.0.1:{free_port()}:80"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
     )  # fmt: skip
     os.close(write_fd)
     try:
         assert select.select([read_fd], [], [], 30)[0] and os.read(read_fd, 1) == b"1"
         assert os.stat(path).st_mode & 0o777 == 0o600
+        entries = api_request(api, b'{"execute": "list_hostfwd"}')["entries"]
+        assert [e["guest_addr"] for e in entries] == ["10.0.2.15"]
         vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         vm.connect(path)
         vm.sendall(framed(b"\xff" * 60))  # a runt broadcast frame: dropped by the stack
@@ -214,7 +239,9 @@ def test_one_off_exits_when_the_vm_leaves(tmp_path):
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert f"addr.path={path}" in out.decode()  # the QEMU options were printed
-        assert not os.path.exists(path)
+        assert not os.path.exists(path) and not os.path.exists(api)
+        with open(pcap, "rb") as f:
+            assert f.read()[24 + 16 :] == b"\xff" * 60  # header, one record
     finally:
         os.close(read_fd)
         if proc.poll() is None:
