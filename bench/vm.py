@@ -226,8 +226,8 @@ def measure(name: str, mtu: int, duration: float, tmp: str, ends: HostEnds) -> d
 METRICS = [
     ("guest->host", "Gbit/s", "{:.2f}"),
     ("host->guest", "Gbit/s", "{:.2f}"),
-    ("1-byte request/response", "tx/s", "{:.0f}"),
-    ("connect/close", "conn/s", "{:.0f}"),
+    ("1-byte request/response", "tx/s", "{:.3g}"),
+    ("connect/close", "conn/s", "{:.3g}"),
 ]
 TITLES = {
     "python": "pyslirp (python)",

@@ -15,7 +15,6 @@ import hashlib
 import http.server
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,9 +28,7 @@ from tests.dnsserver import DnsServer
 from tests.test_libslirp import Dns53
 from tests.vmguest import Guest
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed"
-)
+pytestmark = pytest.mark.e2e  # QEMU and its guest come from .ci/install
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOB = random.Random(17).randbytes(1 << 20)  # the download: 1 MiB
