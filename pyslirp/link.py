@@ -100,7 +100,7 @@ class Link:
         kind = socket.SOCK_STREAM if self.kind == STREAM else socket.SOCK_DGRAM
         sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            _remove_stale_socket(self.path)
+            _remove_stale_socket(self.path, kind)
             old = os.umask(0o177)
             try:
                 sock.bind(self.path)
@@ -139,13 +139,6 @@ class Link:
     def queued_bytes(self) -> int:
         """Bytes waiting for a VM that does not read fast enough."""
         return self._pending_bytes if self._conn is not None else 0
-
-    def qemu_options(self) -> str:
-        """What to give QEMU to connect to this link."""
-        return (
-            f"-netdev stream,id=n0,server=off,addr.type=unix,addr.path={self.path} "
-            "-device virtio-net-pci,netdev=n0"
-        )
 
     # ----------------------------------------------------------- frames
     def read_frames(self) -> list:
@@ -306,16 +299,24 @@ class Link:
             self.on_disconnect()
 
 
-def _remove_stale_socket(path: str) -> None:
-    """A socket file left at ``path`` (by a forwarder that was killed) is
-    removed; any other file is left for bind to refuse."""
+def _remove_stale_socket(path: str, kind: int) -> None:
+    """A socket file left at ``path`` by a forwarder that was killed (no one
+    answers there) is removed; one in use is EADDRINUSE; any other file is
+    left for bind to refuse."""
     import stat
 
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
     except FileNotFoundError:
-        pass
+        return
+    with socket.socket(socket.AF_UNIX, kind) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise OSError(errno.EADDRINUSE, "a forwarder (or another program) is serving it")
 
 
 class DgramLink(Link):

@@ -4,6 +4,7 @@ forwarder's --socket options (no QEMU needed)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -304,3 +305,18 @@ def test_sandbox_still_removes_the_socket_file(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_a_stale_socket_file_is_replaced_a_live_one_is_not(tmp_path):
+    path = str(tmp_path / "vm.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # the file stays, no one listens: a killed forwarder's
+    link = open_link(path)
+    try:
+        with pytest.raises(OSError) as info:
+            open_link(path)  # the first one serves it
+        assert info.value.errno == errno.EADDRINUSE
+        assert link.counters["link-connected"] == 0
+    finally:
+        link.close()
