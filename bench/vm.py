@@ -226,8 +226,8 @@ def measure(name: str, mtu: int, duration: float, tmp: str, ends: HostEnds) -> d
 METRICS = [
     ("guest->host", "Gbit/s", "{:.2f}"),
     ("host->guest", "Gbit/s", "{:.2f}"),
-    ("1-byte request/response", "tx/s", "{:.3g}"),
-    ("connect/close", "conn/s", "{:.3g}"),
+    ("1-byte request/response", "tx/s", "{:.0f}"),
+    ("connect/close", "conn/s", "{:.0f}"),
 ]
 TITLES = {
     "python": "pyslirp (python)",
@@ -244,7 +244,10 @@ def table(results: dict, columns: list) -> str:
         cells = []
         for column in columns:
             value = results.get(column, {}).get(metric)
-            cells.append("-" if value is None else form.format(value))
+            if value is None:
+                cells.append("-")
+            else:  # a rate below 1 (passt's connect/close) keeps two decimals
+                cells.append(form.format(value) if value >= 1 else f"{value:.2f}")
         lines.append(f"| {metric} ({unit}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
