@@ -16,6 +16,7 @@ file, the NetworkConfig, and last the target (PATH, PID TAPNAME or COMMAND).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import ipaddress
 import os
@@ -101,6 +102,11 @@ CAP_NET_BIND_SERVICE if running as the root)
                          resolver for the DNS proxy (repeatable;
                          default=every nameserver in /etc/resolv.conf)
 --log-level=LEVEL        [debug|info|warning|error] (default=warning)
+--socket=PATH            serve a virtual machine instead of a namespace: listen
+                         on a UNIX socket at PATH for QEMU's -netdev stream
+                         (no PATH, PID or TAPNAME then)
+--socket-type=TYPE       ([stream|dgram], default=stream; dgram: -netdev dgram)
+--one-off                with --socket: exit when the VM disconnects
 -h, --help               show this help and exit
 -v, --version            show version and exit
 """
@@ -142,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dns-upstream", action="append", default=[])
     p.add_argument("--memory-budget", default="256M")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--socket", default=None)
+    p.add_argument("--socket-type", default=None)
+    p.add_argument("--one-off", action="store_true")
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("-v", "--version", action="store_true")
     p.add_argument("args", nargs="*")
@@ -421,6 +430,15 @@ def parse_publish(text: str, ipv6: bool = False) -> tuple[str, str, int, int]:
 
 
 # --------------------------------------------------------------- options
+@dataclasses.dataclass
+class VmSocket:
+    """--socket: serve one VM at a time on a UNIX socket (pyslirp/link.py)."""
+
+    path: str
+    kind: str  # "stream" (QEMU -netdev stream) or "dgram" (-netdev dgram)
+    one_off: bool  # exit when the VM disconnects, rather than wait for the next
+
+
 class Options:
     """The validated command line.
 
@@ -601,7 +619,11 @@ class Options:
         if ns.userns_path is not None and not os.path.exists(ns.userns_path):
             raise UsageError(f"userns path doesn't exist: {ns.userns_path}")
         self.userns_path = ns.userns_path
-        if self.command is not None:
+        if ns.socket is not None:
+            self._socket_target(ns)
+        elif ns.socket_type is not None or ns.one_off:
+            raise UsageError("--socket-type and --one-off need --socket")
+        elif self.command is not None:
             self._run_mode_target(ns)
         elif not ns.args:
             raise UsageError("missing PATH, or PID and TAPNAME (see --help)")
@@ -615,6 +637,36 @@ class Options:
                 raise UsageError("TAPNAME is required with --netns-type (see --help)")
             else:
                 self._existing_target(ns, ns.args[0], ns.args[1])
+
+    def _socket_target(self, ns) -> None:
+        """--socket=PATH: a VM's network card over a UNIX socket."""
+        from pyslirp.link import KINDS
+
+        if ns.args or self.command is not None:
+            raise UsageError("--socket cannot be combined with PATH, PID, TAPNAME or -- COMMAND")
+        if ns.netns_type is not None or ns.userns_path is not None or ns.configure:
+            raise UsageError(
+                "--socket cannot be combined with --netns-type, --userns-path or --configure"
+            )
+        kind = ns.socket_type or "stream"
+        if kind not in KINDS:
+            raise UsageError(
+                f"invalid --socket-type {kind!r} (choose from {', '.join(KINDS)})"
+            )
+        if not ns.socket or len(os.fsencode(ns.socket)) >= 108:
+            raise UsageError("the specified socket path is empty or too long (>= 108)")
+        self.target = VmSocket(ns.socket, kind, ns.one_off)
+        # -p goes to the VM's address: the first lease, as in QEMU's -netdev
+        # user (nothing sets 10.0.2.100 in a VM, as -c does in a namespace).
+        leased = str(self.config.dhcp_start)
+        recommended = str(self.config.recommended_guest)
+        self.publish = [
+            (proto, addr, hp, leased if guest == recommended else guest, gp)
+            for proto, addr, hp, guest, gp in self.publish
+        ]
+        self.tap = None
+        self.offload = False  # QEMU's stream carries no virtio header
+        self.where = f"a VM on the {kind} socket {ns.socket}"
 
     def _run_mode_target(self, ns) -> None:
         """-- COMMAND: the run mode makes the namespace (forwarder.runmode)."""

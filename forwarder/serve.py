@@ -25,7 +25,7 @@ import sys
 from pyslirp.backend import READ
 
 from .errors import PROG, SetupError, fail
-from .options import Options
+from .options import Options, VmSocket
 
 log = logging.getLogger("pyslirp")
 
@@ -46,7 +46,7 @@ def banner(options: Options) -> str:
         f"* DHCP begin:      {config.dhcp_start}",
         f"* DHCP end:        {dhcp_end}",
         f"* Recommended IP:  {config.recommended_guest}",
-        f"* TAP:             {options.tap} in the {options.where}",
+        *_where_lines(options),
         f"* DNS upstreams:   {upstreams} (from {options.upstreams_from})",
     ]
     if config.enable_ipv6:
@@ -91,6 +91,27 @@ def banner(options: Options) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _where_lines(options: Options) -> list[str]:
+    """The TAP, or the VM's socket and the QEMU options that reach it."""
+    target = options.target
+    if not isinstance(target, VmSocket):
+        return [f"* TAP:             {options.tap} in the {options.where}"]
+    mtu = options.config.mtu
+    card = "-device virtio-net-pci,netdev=n0" + (f",host_mtu={mtu}" if mtu > 1500 else "")
+    if target.kind == "dgram":
+        netdev = (
+            "-netdev dgram,id=n0,local.type=unix,local.path=VM_SOCKET,"
+            f"remote.type=unix,remote.path={target.path}"
+        )
+    else:
+        netdev = f"-netdev stream,id=n0,server=off,addr.type=unix,addr.path={target.path}"
+    once = "exit when it disconnects" if target.one_off else "the next when it disconnects"
+    return [
+        f"* Socket:          {target.path} ({target.kind}; one VM at a time, {once})",
+        f"* QEMU options:    {netdev} {card}",
+    ]
+
+
 # ----------------------------------------------------------------- serve
 def serve(options: Options, on_signal=None, on_ready=None) -> int:
     """Attach to options.target and carry its traffic until told to stop;
@@ -110,6 +131,7 @@ def serve(options: Options, on_signal=None, on_ready=None) -> int:
         try:
             backend = _open_backend(cleanup, options)
             attachment = _attach(cleanup, options)
+            backend.link = getattr(attachment, "link", None)  # --socket
         except SetupError as exc:
             return fail(str(exc))
         try:
@@ -176,11 +198,38 @@ def _open_backend(cleanup: contextlib.ExitStack, options: Options):
     return backend
 
 
+class _SocketAttachment:
+    """--socket: the listening link stands for the TAP (no namespace)."""
+
+    netlink_fd = -1
+    mounted_path = None
+    mounted_identity = None
+
+    def __init__(self, link) -> None:
+        self.link = link
+        self.tap_fd = link.fd
+
+
 def _attach(cleanup: contextlib.ExitStack, options: Options):
-    """The TAP in the target namespace, set up as -c and -6 ask."""
+    """The TAP in the target namespace, set up as -c and -6 ask; or with
+    --socket, the VM's socket, listening before anything says ready (QEMU
+    connects once and does not retry)."""
     from .namespace import LinkSetup, NewNamespace, StartupError, attach
 
     config = options.config
+    if isinstance(options.target, VmSocket):
+        from pyslirp.link import open_link
+
+        try:
+            link = open_link(options.target.path, options.target.kind)
+        except OSError as exc:
+            raise SetupError(
+                f"cannot listen on {options.target.path}: {exc.strerror or exc}"
+            ) from None
+        cleanup.callback(link.close)
+        link.reconnect = not options.target.one_off
+        config.offload = False
+        return _SocketAttachment(link)
     setup = LinkSetup(
         loopback_up=isinstance(options.target, NewNamespace) or options.configure,
         configure=options.configure,
@@ -364,6 +413,10 @@ def _lock_down(cleanup: contextlib.ExitStack, options: Options, backend, attachm
         keeper = Keeper(unmount, remove)
         cleanup.callback(keeper.finish)
         attachment.mounted_path = None
+    link = getattr(attachment, "link", None)
+    if link is not None:  # --socket: its file, out of reach after pivot_root
+        st = os.stat(link.path)
+        cleanup.callback(Keeper(None, (link.path, (st.st_dev, st.st_ino))).finish)
     _preload(backend)
     try:
         if options.enable_sandbox:

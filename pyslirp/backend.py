@@ -44,6 +44,9 @@ class Backend(abc.ABC):
     # register()'s bit for "writable": selectors.EVENT_WRITE here, the
     # backends whose loop polls say select.POLLOUT.
     write_event = 2
+    # A VM's socket (pyslirp/link.py) to serve instead of the TAP: the front
+    # end sets it before start(), and run()'s tap_fd is then the link's fd.
+    link = None
 
     def __init__(self, config: NetworkConfig) -> None:
         self.config = config

@@ -406,6 +406,10 @@ class LibslirpBackend(Backend):
         self._calls: deque = deque()
         self._calls_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # With a link (--socket): frames for the VM, written once per turn,
+        # and whether the VM went away (then a new instance for the next).
+        self._outbox: list = []
+        self._guest_left = False
         self._make_callbacks()
         self._slirp = self._new_slirp()
 
@@ -525,6 +529,9 @@ class LibslirpBackend(Backend):
         self.counters["frames-out"] += 1
         if self.capture is not None:
             self.capture.write(frame)
+        if self.link is not None:  # a VM's socket: written in one batch per turn
+            self._outbox.append(frame)
+            return length
         if self.tap_fd is None:
             self.counters["tap-write-dropped"] += 1
             return length
@@ -800,6 +807,9 @@ class LibslirpBackend(Backend):
         get_revents = self._cb_get_revents
         POLLIN = select.POLLIN
         wake_fd = self._wake_r
+        link = self.link
+        if link is not None:
+            link.on_disconnect = self._on_guest_left
         # libslirp reads its clock (a process-wide "curtime") only in
         # slirp_pollfds_poll, and stamps new sockets with it in slirp_input.
         # Prime it now: a flow opened by the very first guest frame would
@@ -849,7 +859,16 @@ class LibslirpBackend(Backend):
             self._revents = revents = dict(ready)
             # The guest's frames first: slirp_pollfds_poll ends by sending what
             # waited for an ARP answer, which may have just arrived.
-            if tap_fd in revents:
+            if link is not None:
+                if tap_fd in revents:
+                    for frame in link.read_frames():
+                        self.counters["frames-in"] += 1
+                        if self.capture is not None:
+                            self.capture.write(frame)
+                        slirp_input(slirp, from_buffer("uint8_t[]", frame), len(frame))
+                    if self._failure is not None:
+                        raise self._failure
+            elif tap_fd in revents:
                 for _ in range(batch):
                     try:
                         frame = read(tap_fd, MAX_FRAME)
@@ -877,10 +896,38 @@ class LibslirpBackend(Backend):
             self.run_timers(time.monotonic_ns() // 1_000_000)
             if self._failure is not None:
                 raise self._failure
+            if self._outbox:
+                outbox, self._outbox = self._outbox, []
+                link.write_frames(outbox)
             if self.capture is not None:
                 self.capture.flush()
             if stop_fd in revents:
                 return
+            if self._guest_left:
+                if not link.reconnect:
+                    return
+                slirp = self._next_guest()
+
+    def _on_guest_left(self) -> None:
+        self._guest_left = True
+
+    def _next_guest(self):
+        """The VM went away: free the instance (closing its flows' sockets)
+        and make a new one for the next VM, with the same forwards and ids."""
+        self._guest_left = False
+        self._outbox = []
+        self.lib.slirp_cleanup(self._slirp)
+        self._timers.clear()
+        self._timer_heap.clear()
+        self._slirp = slirp = self._new_slirp()
+        for entry in self._forwards.values():
+            is_udp, host, host_port, guest, guest_port = entry
+            if self.lib.slirp_add_hostfwd(
+                slirp, is_udp, _in_addr(host), host_port, _in_addr(guest), guest_port
+            ) < 0:
+                log.warning("cannot publish %s:%s again", host, host_port)
+        self.lib.slirp_pollfds_poll(slirp, 0, self._cb_get_revents, self.ffi.NULL)
+        return slirp
 
     def close(self) -> None:
         """Free the libslirp instance (closing its host sockets) and the pcap

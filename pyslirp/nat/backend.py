@@ -45,12 +45,13 @@ log = logging.getLogger("pyslirp")
 
 
 def build_loop(
-    config: NetworkConfig, tap_fd: int, stop_fd: int | None = None, capture=None
+    config: NetworkConfig, tap_fd: int, stop_fd: int | None = None, capture=None, link=None
 ) -> Loop:
-    """The python backend for one network: the loop on ``tap_fd`` (it stops
-    when ``stop_fd`` is readable; frames are written to ``capture``, a
-    PcapWriter, if given) with every service wired in."""
-    loop = Loop(config, tap_fd, stop_fd, capture)
+    """The python backend for one network: the loop on ``tap_fd`` (or on
+    ``link``, a VM's socket: pyslirp/link.py; it stops when ``stop_fd`` is
+    readable; frames are written to ``capture``, a PcapWriter, if given)
+    with every service wired in."""
+    loop = Loop(config, tap_fd, stop_fd, capture, link)
     loop.dhcp = dhcp = DhcpServer(config)
     loop.dns = dns = DnsProxy(loop)
     loop.udp = udp = UdpNat(loop, dhcp, dns)
@@ -95,19 +96,52 @@ class PythonBackend(Backend):
         super().__init__(config)
         self.loop: Loop | None = None
         self._capture: PcapWriter | None = None
+        # With a link: what the front end asked of the loop (extra
+        # descriptors, forwards), made again in the next VM's loop.
+        self._extra: dict[int, tuple] = {}
+        self._forwards: dict[int, tuple] = {}
+        self._guest_left = False
 
     def start(self, tap_fd: int, stop_fd: int) -> None:
         if self.loop is not None:
             return
         self._capture = PcapWriter(self.config.pcap_path) if self.config.pcap_path else None
-        self.loop = build_loop(self.config, tap_fd, stop_fd, self._capture)
+        self._stop_fd = stop_fd
+        if self.link is not None:
+            self.link.on_disconnect = self._on_guest_left
+        self.loop = build_loop(self.config, tap_fd, stop_fd, self._capture, self.link)
 
     def run(self, tap_fd: int, stop_fd: int) -> None:
         self.start(tap_fd, stop_fd)
         try:
-            self.loop.run()
+            while True:
+                self.loop.run()
+                if not self._guest_left or not self.link.reconnect:
+                    break
+                self._next_guest()
         finally:
             self.close()
+
+    def _on_guest_left(self) -> None:
+        self._guest_left = True
+        self.loop.stop()
+
+    def _next_guest(self) -> None:
+        """The VM went away: its flows close with its loop, and the next VM
+        gets a new loop (stack, NAT, leases) with the same extra descriptors
+        and forwards (renumbered from 1, in the order they were added)."""
+        self._guest_left = False
+        old, self.loop = self.loop, None
+        old.close()
+        self.loop = loop = build_loop(self.config, -1, self._stop_fd, self._capture, self.link)
+        for fd, (events, handler) in self._extra.items():
+            loop.register(fd, events, handler)
+        forwards, self._forwards = self._forwards, {}
+        for args in forwards.values():
+            try:
+                self._forwards[loop.forwards.add(*args)] = args
+            except OSError as exc:
+                log.warning("cannot publish %s %s:%s again: %s", args[0], args[1], args[2], exc)
 
     def close(self) -> None:
         loop, self.loop = self.loop, None
@@ -124,19 +158,25 @@ class PythonBackend(Backend):
 
     def register(self, fd: int, events: int, handler) -> None:
         self._started().register(fd, events, handler)
+        self._extra[fd] = (events, handler)
 
     def unregister(self, fd: int) -> None:
         self._started().unregister(fd)
+        self._extra.pop(fd, None)
 
     def call_at(self, at: float, callback) -> None:
         """``callback(now)`` once at ``at`` (the loop's monotonic clock)."""
         self._started().call_at(at, callback)
 
     def add_hostfwd(self, proto, host_addr, host_port, guest_addr, guest_port) -> int:
-        return self._started().forwards.add(proto, host_addr, host_port, guest_addr, guest_port)
+        args = (proto, host_addr, host_port, guest_addr, guest_port)
+        forward_id = self._started().forwards.add(*args)
+        self._forwards[forward_id] = args
+        return forward_id
 
     def remove_hostfwd(self, forward_id: int) -> None:
         self._started().forwards.remove(forward_id)
+        self._forwards.pop(forward_id, None)
 
     def list_hostfwd(self) -> list[dict]:
         return self._started().forwards.entries()

@@ -81,9 +81,20 @@ class Loop:
     """
 
     def __init__(
-        self, config: NetworkConfig, tap_fd: int, stop_fd: int | None = None, capture=None
+        self,
+        config: NetworkConfig,
+        tap_fd: int,
+        stop_fd: int | None = None,
+        capture=None,
+        link=None,
     ) -> None:
         self.config = config
+        # A VM's socket (pyslirp/link.py) instead of the TAP: its fd stands
+        # for the TAP's in the epoll, and its reader and flush replace ours.
+        self.link = link
+        if link is not None:
+            tap_fd = link.fd
+            config.offload = False
         self.tap_fd = tap_fd
         self.stop_fd = stop_fd
         self.capture = capture
@@ -120,7 +131,11 @@ class Loop:
         self._event_handlers: dict[type, object] = {}
         self._event_errors: dict[type, object] = {}
         self._quiet_events: set[type] = set()
-        os.set_blocking(tap_fd, False)
+        if link is None:
+            os.set_blocking(tap_fd, False)
+        else:
+            self._read_tap = self._read_link
+            self.flush = self._flush_link
         self.epoll.register(tap_fd, select.EPOLLIN)
         self._receive = self.stack.receive_vnet_frame if self.vnet else self.stack.receive_frame
         self._read_size = MAX_FRAME + virtio.HEADER_LEN if self.vnet else MAX_FRAME
@@ -284,6 +299,7 @@ class Loop:
         services = self.services
         monotonic = time.monotonic
         flush = self._flush_vnet if self.vnet else self.flush
+        read_tap = self._read_tap
         busy = self.config.busy_poll
         spin = 0.0  # this turn's busy polling: set by a wake-up that found work
         while self._running:
@@ -315,7 +331,7 @@ class Loop:
             spin = busy if ready else 0.0
             for fd, happened in ready:
                 if fd == tap_fd:
-                    self._read_tap(now)
+                    read_tap(now)
                 elif fd == stop_fd:
                     self._running = False
                 else:
@@ -414,6 +430,33 @@ class Loop:
                 return  # one frame and no more (request/response): no EAGAIN read
             if count >= self.config.tap_batch:
                 return
+
+    def _read_link(self, now: float) -> None:
+        """``_read_tap`` for a link: every whole frame of one batched read."""
+        frames = self.link.read_frames()
+        if not frames:
+            return
+        receive = self._receive
+        capture = self.capture
+        events = self.stack.events
+        for frame in frames:
+            if capture is not None:
+                capture.write(frame)
+            receive(frame, now)
+            if events:
+                self._dispatch_events(now)
+
+    def _flush_link(self, now: float) -> None:
+        """``flush`` for a link: the whole batch in one write."""
+        frames = self.stack.frames_to_send(now)
+        if not frames:
+            return
+        capture = self.capture
+        if capture is not None:
+            for frame in frames:
+                capture.write(frame)
+            capture.flush()
+        self.link.write_frames(frames)
 
     def _dispatch_events(self, now: float) -> None:
         events = self.stack.events  # Stack.next_event, inlined
