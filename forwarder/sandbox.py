@@ -281,6 +281,11 @@ def create_own_sandbox() -> str | None:
     kernel refuses the user or the mount namespace, only what needs no
     rights is done; the warning line that says so is returned (else None).
     Needs a process with one thread. Raises SandboxError."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        # The kernel refuses CLONE_NEWUSER to a process with threads (EINVAL):
+        # our fault, not the kernel's, so an error rather than a warning.
+        raise SandboxError(f"cannot unshare new user namespace: the process has {threads} threads")
     try:
         make_user_namespace()
         if libc().unshare(CLONE_NEWNS) != 0:
@@ -305,10 +310,6 @@ def make_user_namespace() -> None:
     over anything else. Host files, sockets and descriptors already open
     are untouched (their owners are the same kernel ids)."""
     uid, gid = os.geteuid(), os.getegid()
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:
-        # The kernel refuses CLONE_NEWUSER to a process with threads (EINVAL).
-        raise SandboxError(f"cannot unshare new user namespace: the process has {threads} threads")
     if libc().unshare(CLONE_NEWUSER) != 0:
         _fail("cannot unshare new user namespace")
     maps = (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1"))
