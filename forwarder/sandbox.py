@@ -14,6 +14,16 @@ reboot, module loading and the rest of that list, which kill the process.
 Calls of another ABI (i386, x32) kill it too. Only x86_64 and aarch64 are
 known here; elsewhere --enable-seccomp is an error, never a silent no-op.
 
+A user who is not root has no right to make a mount namespace. In the
+namespace forms the sandbox first joins the target's user namespace (as
+slirp4netns does); with --socket there is no target, so the sandbox makes
+a user namespace of its own (the user's uid and gid mapped to themselves),
+which gives it those rights over a mount namespace of its own, and then
+builds the same root. Where the kernel refuses that (unprivileged user
+namespaces turned off), what needs no rights is still done: no new
+privileges, every capability dropped, and one warning names what was
+skipped.
+
 Both are one-way, so the things that must happen at exit and need mount
 rights (unmounting the namespace file, removing the API socket) are handed
 to a small "keeper" process forked before: it waits for our end of a pipe
@@ -258,9 +268,87 @@ def _bind_read_only(source: str, target: str) -> None:
 
 def create_sandbox() -> None:
     """Enter the sandbox (one way). Raises SandboxError."""
-    lib = libc()
-    if lib.unshare(CLONE_NEWNS) != 0:
+    if libc().unshare(CLONE_NEWNS) != 0:
         _fail("cannot unshare new mount namespace")
+    _enter_empty_root()
+    drop_capabilities()
+
+
+def create_own_sandbox() -> str | None:
+    """The sandbox for a user who is not root and has no namespace to join
+    (--socket): a user namespace of our own, then the same mount namespace
+    and empty root, no new privileges, capabilities dropped. Where the
+    kernel refuses the user or the mount namespace, only what needs no
+    rights is done; the warning line that says so is returned (else None).
+    Needs a process with one thread. Raises SandboxError."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        # The kernel refuses CLONE_NEWUSER to a process with threads (EINVAL):
+        # our fault, not the kernel's, so an error rather than a warning.
+        raise SandboxError(f"cannot unshare new user namespace: the process has {threads} threads")
+    try:
+        make_user_namespace()
+        if libc().unshare(CLONE_NEWNS) != 0:
+            _fail("cannot unshare new mount namespace")
+    except SandboxError as exc:
+        drop_every_capability()
+        return (
+            f"WARNING: sandbox: {exc}: the mount namespace (empty read-only root) is "
+            "skipped; no new privileges and no capabilities still apply"
+        )
+    _enter_empty_root()
+    # CAP_NET_BIND_SERVICE in our own user namespace would open no port
+    # below 1024 of the host's network namespace: it goes too.
+    drop_every_capability()
+    return None
+
+
+def make_user_namespace() -> None:
+    """unshare(CLONE_NEWUSER) with our uid and gid mapped to themselves
+    (setgroups denied, as the kernel asks of an unprivileged map): in it
+    we hold every capability over the namespaces we make next, and none
+    over anything else. Host files, sockets and descriptors already open
+    are untouched (their owners are the same kernel ids)."""
+    uid, gid = os.geteuid(), os.getegid()
+    if libc().unshare(CLONE_NEWUSER) != 0:
+        _fail("cannot unshare new user namespace")
+    maps = (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1"))
+    for name, text in maps:
+        try:
+            fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SandboxError(f"cannot write /proc/self/{name}: {exc.strerror}") from None
+
+
+def drop_every_capability() -> None:
+    """No new privileges (no set-user-ID or file-capability program can
+    give any back) and no ambient, permitted or effective capability. The
+    bounding set is emptied where we may (CAP_SETPCAP, which an
+    unprivileged process lacks outside a user namespace of its own); with
+    no new privileges nothing could be raised from it anyway."""
+    lib = libc()
+    if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_NO_NEW_PRIVS)")
+    if lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        _fail("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    cap = 0
+    while lib.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+        cap += 1  # stops at EPERM (no CAP_SETPCAP) or EINVAL (past the last)
+    header = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)((0, 0, 0), (0, 0, 0))
+    lib.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+    if lib.capset(ctypes.byref(header), data) != 0:
+        _fail("capset")
+
+
+def _enter_empty_root() -> None:
+    """In a new mount namespace: pivot_root into an empty tmpfs holding
+    /etc and /run bound read-only, the old root detached."""
+    lib = libc()
     if _mount(None, "/", None, MS_PRIVATE | MS_REC) != 0:
         _fail("cannot remount / private")
     if _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=1k") != 0:
@@ -282,7 +370,6 @@ def create_sandbox() -> None:
     os.rmdir("/old")
     # slirp4netns treats a failure here as negligible, and so do we.
     _mount("tmpfs", "/", "tmpfs", MS_REMOUNT | MS_RDONLY, "size=0k")
-    drop_capabilities()
 
 
 def drop_capabilities() -> None:

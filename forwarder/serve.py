@@ -399,6 +399,7 @@ def _lock_down(cleanup: contextlib.ExitStack, options: Options, backend, attachm
     from .sandbox import (
         Keeper,
         SandboxError,
+        create_own_sandbox,
         create_sandbox,
         enable_seccomp,
         join_user_namespace,
@@ -423,12 +424,18 @@ def _lock_down(cleanup: contextlib.ExitStack, options: Options, backend, attachm
             warning = resolv_conf_warning()
             if warning:
                 print(warning, file=sys.stderr, flush=True)
-            if os.geteuid() != 0:
-                userns = getattr(options.target, "userns_path", None)
-                if userns is None:
-                    raise SandboxError("--enable-sandbox needs root or a target user namespace")
+            userns = getattr(options.target, "userns_path", None)
+            if os.geteuid() == 0:
+                create_sandbox()
+            elif userns is not None:
                 join_user_namespace(userns)
-            create_sandbox()
+                create_sandbox()
+            elif link is not None:  # --socket: no namespace to join, one of our own
+                skipped = create_own_sandbox()
+                if skipped:
+                    print(skipped, file=sys.stderr, flush=True)
+            else:
+                raise SandboxError("--enable-sandbox needs root or a target user namespace")
         if options.enable_seccomp:
             blocked = enable_seccomp()
             print(f"seccomp: The following syscalls are blocked: {' '.join(blocked)}", flush=True)

@@ -7,11 +7,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pathlib
 import select
+import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -320,3 +324,155 @@ def test_a_stale_socket_file_is_replaced_a_live_one_is_not(tmp_path):
         assert link.counters["link-connected"] == 0
     finally:
         link.close()
+
+
+# ---------------------------------- --enable-sandbox by a user who is not root
+UNPRIVILEGED_SANDBOX_SCRIPT = r"""
+set -eu
+work=$1; py=$2; ready_fd=$3
+case "$py" in /root/*)
+    # The interpreter lives under root's 0700 home here: give the
+    # unprivileged user a way through, in this (the test's) mount namespace.
+    mkdir "$work/root"
+    mount --bind /root "$work/root"
+    mount -t tmpfs -o mode=755 none /root
+    top=$(echo "$py" | cut -d/ -f3)
+    mkdir "/root/$top"
+    mount --bind "$work/root/$top" "/root/$top"
+esac
+chown 65534:65534 "$work"
+chmod 755 "$work"
+exec setpriv --reuid=65534 --regid=65534 --clear-groups "$py" -m forwarder \
+    --socket="$work/vm.sock" --one-off --enable-sandbox --enable-seccomp \
+    --dns-upstream=127.0.0.1:9 -r "$ready_fd"
+"""
+# Runs "$@" as root in a user namespace (uids and gids 0-65535 as outside)
+# where no further user namespace may be made, as on a kernel that refuses
+# them to unprivileged users. The first shell is exec'ed before its maps
+# exist and so holds no capability: a second exec takes them back.
+NO_MORE_USER_NAMESPACES_SCRIPT = r"""
+set -eu
+unshare -U sh -c '
+    i=0
+    while [ -z "$(cat /proc/self/gid_map)" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+    exec sh -c "echo 0 >/proc/sys/user/max_user_namespaces && exec \"\$@\"" sh "$@"
+' sh "$@" &
+child=$!
+own=$(readlink /proc/self/ns/user)
+i=0
+while [ "$(readlink /proc/$child/ns/user)" = "$own" ] && [ $i -lt 200 ]; do
+    sleep 0.05; i=$((i+1))
+done
+echo "0 0 65536" >/proc/$child/uid_map
+echo "0 0 65536" >/proc/$child/gid_map
+wait $child
+"""
+GUEST_MAC = bytes.fromhex("525400123456")
+
+
+def arp_request(target: str) -> bytes:
+    """Who has ``target``? Asked by GUEST_MAC at 10.0.2.15."""
+    return (
+        b"\xff" * 6 + GUEST_MAC + b"\x08\x06"
+        + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+        + GUEST_MAC + socket.inet_aton("10.0.2.15") + b"\x00" * 6 + socket.inet_aton(target)
+    )  # fmt: skip
+
+
+def proc_status(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def forwarder_pid(proc: subprocess.Popen, wrapped: bool) -> int:
+    """The forwarder's PID: ``proc`` itself (a chain of execs), or, behind
+    NO_MORE_USER_NAMESPACES_SCRIPT, that shell's one child (also execs)."""
+    if not wrapped:
+        return proc.pid
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        (child,) = f.read().split()
+    return int(child)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("user_namespaces", ["allowed", "refused"])
+def test_unprivileged_sandbox_with_no_namespace_to_join(user_namespaces):
+    """--socket --enable-sandbox --enable-seccomp as uid 65534. With no
+    namespace to join, the forwarder makes a user namespace of its own and
+    the same empty root; where user namespaces are refused it says so in
+    one line and keeps the rest (no capability, no new privileges,
+    seccomp). Either way the VM's ARP request is answered through the
+    socket made before, and when the VM leaves (--one-off) the forwarder
+    exits 0 and its keeper removes the socket file."""
+    allowed = user_namespaces == "allowed"
+    # Not under tmp_path: pytest makes that 0700, out of the user's reach.
+    work = pathlib.Path(tempfile.mkdtemp(prefix="pyslirp-vmsb-"))
+    path = str(work / "vm.sock")
+    read_fd, write_fd = os.pipe()
+    command = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+               UNPRIVILEGED_SANDBOX_SCRIPT, "sh", str(work), sys.executable, str(write_fd)]
+    if not allowed:
+        command = ["sh", "-c", NO_MORE_USER_NAMESPACES_SCRIPT, "sh", *command]
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        pass_fds=(write_fd,), env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True,
+    )  # fmt: skip
+    os.close(write_fd)
+    vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ready = select.select([read_fd], [], [], 30)[0] and os.read(read_fd, 1) == b"1"
+        assert ready, proc.communicate(timeout=30)[0]
+        pid = forwarder_pid(proc, wrapped=not allowed)
+        status = proc_status(pid)
+        assert status["Uid"].split()[:2] == ["65534", "65534"]
+        with open(f"/proc/{pid}/uid_map") as f:
+            uid_map = f.read().split()
+        if allowed:
+            # Its own user namespace, its own ids in it, an empty root, and
+            # not a capability left, even in the bounding set.
+            assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+            assert uid_map == ["65534", "65534", "1"]
+            assert sorted(os.listdir(f"/proc/{pid}/root")) == ["etc", "run"]
+            assert int(status["CapBnd"], 16) == 0
+        else:
+            assert uid_map == ["0", "0", "65536"]  # still the wrapper's namespace
+            assert "etc" in os.listdir(f"/proc/{pid}/root") and "usr" in os.listdir(
+                f"/proc/{pid}/root"
+            )
+        for field in ("CapPrm", "CapEff", "CapAmb"):
+            assert int(status[field], 16) == 0, (field, status[field])
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+        # The listening socket made before still serves the VM.
+        vm.settimeout(WAIT)
+        vm.connect(path)
+        vm.sendall(framed(arp_request("10.0.2.2")))
+        (reply,) = read_framed(vm, 1)
+        assert reply[:6] == GUEST_MAC and reply[12:14] == b"\x08\x06"
+        assert struct.unpack_from("!H", reply, 20)[0] == 2  # an ARP reply
+        assert reply[28:32] == socket.inet_aton("10.0.2.2")  # from the gateway
+        assert reply[32:38] == GUEST_MAC and reply[38:42] == socket.inet_aton("10.0.2.15")
+        vm.close()
+        out = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 0, out
+        warnings = [line for line in out.splitlines() if line.startswith("WARNING: sandbox")]
+        if allowed:
+            assert warnings == [], out
+        else:
+            assert warnings == [
+                "WARNING: sandbox: cannot unshare new user namespace: No space left on device: "
+                "the mount namespace (empty read-only root) is skipped; no new privileges and "
+                "no capabilities still apply"
+            ], out
+        assert "seccomp: The following syscalls are blocked:" in out
+        # The keeper (forked before, as the same user) removed the file.
+        deadline = time.monotonic() + WAIT
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(path)
+    finally:
+        vm.close()
+        os.close(read_fd)
+        if proc.poll() is None:  # the forwarder, its keeper and any wrapper
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
