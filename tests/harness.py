@@ -121,6 +121,19 @@ def configure_guest(
         fwd.run(cmd, timeout=10, check=True)
 
 
+
+# The interpreter may live under /root, mode 0700 here: the unprivileged user
+# gets a way through to it, in the calling mount namespace only.
+PYTHON_UNDER_ROOT_SH = r"""case "$py" in /root/*)
+    mkdir "$work/root"
+    mount --bind /root "$work/root"
+    mount -t tmpfs -o mode=755 none /root
+    top=$(echo "$py" | cut -d/ -f3)
+    mkdir "/root/$top"
+    mount --bind "$work/root/$top" "/root/$top"
+esac
+"""
+
 @contextlib.contextmanager
 def forwarder(
     *extra_args: str,

@@ -438,17 +438,7 @@ mount -t tmpfs -o mode=755 none "$work/dev"
 mknod "$work/dev/tun" c 10 200
 chmod "$tun_mode" "$work/dev/tun"
 mount --bind "$work/dev/tun" /dev/net/tun
-case "$py" in /root/*)
-    # The interpreter lives under root's 0700 home here: give the
-    # unprivileged user a way through, in this namespace only.
-    mkdir "$work/root"
-    mount --bind /root "$work/root"
-    mount -t tmpfs -o mode=755 none /root
-    top=$(echo "$py" | cut -d/ -f3)
-    mkdir "/root/$top"
-    mount --bind "$work/root/$top" "/root/$top"
-esac
-touch "$work/net"
+""" + harness.PYTHON_UNDER_ROOT_SH + r"""touch "$work/net"
 chown 65534:65534 "$work" "$work/net"
 chmod 755 "$work"
 exec setpriv --reuid=65534 --regid=65534 --clear-groups \
@@ -537,15 +527,7 @@ mount -t tmpfs -o mode=755 none "$work/dev"
 mknod "$work/dev/tun" c 10 200
 chmod 0666 "$work/dev/tun"
 mount --bind "$work/dev/tun" /dev/net/tun
-case "$py" in /root/*)
-    mkdir "$work/root"
-    mount --bind /root "$work/root"
-    mount -t tmpfs -o mode=755 none /root
-    top=$(echo "$py" | cut -d/ -f3)
-    mkdir "/root/$top"
-    mount --bind "$work/root/$top" "/root/$top"
-esac
-chown 65534:65534 "$work"
+""" + harness.PYTHON_UNDER_ROOT_SH + r"""chown 65534:65534 "$work"
 chmod 755 "$work"
 # As rootlesskit does it: the user makes a user and network namespace for the
 # container, and runs the forwarder from outside, in its own user namespace.

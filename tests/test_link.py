@@ -22,6 +22,7 @@ import pytest
 
 from pyslirp.link import HEADER_LEN, Link, LinkLimits, open_link
 from pyslirp.tap import MAX_FRAME
+from tests import harness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT = 10.0  # seconds for anything the kernel should do at once
@@ -330,17 +331,7 @@ def test_a_stale_socket_file_is_replaced_a_live_one_is_not(tmp_path):
 UNPRIVILEGED_SANDBOX_SCRIPT = r"""
 set -eu
 work=$1; py=$2; ready_fd=$3
-case "$py" in /root/*)
-    # The interpreter lives under root's 0700 home here: give the
-    # unprivileged user a way through, in this (the test's) mount namespace.
-    mkdir "$work/root"
-    mount --bind /root "$work/root"
-    mount -t tmpfs -o mode=755 none /root
-    top=$(echo "$py" | cut -d/ -f3)
-    mkdir "/root/$top"
-    mount --bind "$work/root/$top" "/root/$top"
-esac
-chown 65534:65534 "$work"
+""" + harness.PYTHON_UNDER_ROOT_SH + r"""chown 65534:65534 "$work"
 chmod 755 "$work"
 exec setpriv --reuid=65534 --regid=65534 --clear-groups "$py" -m forwarder \
     --socket="$work/vm.sock" --one-off --enable-sandbox --enable-seccomp \

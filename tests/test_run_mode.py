@@ -231,15 +231,7 @@ printf 'nameserver 127.0.0.1
 ' > "$work/resolv.conf"
 umount /etc/resolv.conf 2>/dev/null || true
 mount --bind "$work/resolv.conf" /etc/resolv.conf
-case "$py" in /root/*)
-    mkdir "$work/root"
-    mount --bind /root "$work/root"
-    mount -t tmpfs -o mode=755 none /root
-    top=$(echo "$py" | cut -d/ -f3)
-    mkdir "/root/$top"
-    mount --bind "$work/root/$top" "/root/$top"
-esac
-chmod 755 "$work"
+""" + harness.PYTHON_UNDER_ROOT_SH + r"""chmod 755 "$work"
 cd /
 exec setpriv --reuid=65534 --regid=65534 --clear-groups "$py" -m forwarder "$@"
 """
