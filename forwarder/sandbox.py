@@ -324,17 +324,24 @@ def make_user_namespace() -> None:
             raise SandboxError(f"cannot write /proc/self/{name}: {exc.strerror}") from None
 
 
+def _no_new_privileges():
+    """No new privileges and no ambient capability (the start of both
+    drops below); the C library, for what follows."""
+    lib = libc()
+    if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_NO_NEW_PRIVS)")
+    if lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        _fail("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    return lib
+
+
 def drop_every_capability() -> None:
     """No new privileges (no set-user-ID or file-capability program can
     give any back) and no ambient, permitted or effective capability. The
     bounding set is emptied where we may (CAP_SETPCAP, which an
     unprivileged process lacks outside a user namespace of its own); with
     no new privileges nothing could be raised from it anyway."""
-    lib = libc()
-    if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        _fail("prctl(PR_SET_NO_NEW_PRIVS)")
-    if lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
-        _fail("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    lib = _no_new_privileges()
     cap = 0
     while lib.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
         cap += 1  # stops at EPERM (no CAP_SETPCAP) or EINVAL (past the last)
@@ -374,11 +381,7 @@ def _enter_empty_root() -> None:
 
 def drop_capabilities() -> None:
     """No new privileges; every capability but CAP_NET_BIND_SERVICE gone."""
-    lib = libc()
-    if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        _fail("prctl(PR_SET_NO_NEW_PRIVS)")
-    if lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
-        _fail("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    lib = _no_new_privileges()
     cap = 0
     while True:
         if cap != CAP_NET_BIND_SERVICE and lib.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
