@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 
 
@@ -20,3 +22,13 @@ def pytest_collection_modifyitems(config, items):
             "(/etc/resolv.conf names a resolver that is not ours)",
             returncode=3,
         )
+
+
+@pytest.fixture
+def echo_server():
+    """A UDP socket on 127.0.0.1 for the tests to answer from (2 s timeout)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2)
+    yield sock
+    sock.close()

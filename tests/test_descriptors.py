@@ -35,15 +35,6 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
-@pytest.fixture
-def echo_server():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(2)
-    yield sock
-    sock.close()
-
-
 def udp_reply_to(port: int):
     def predicate(frame: bytes) -> bool:
         pkt = Ether(frame)

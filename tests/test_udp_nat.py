@@ -31,15 +31,6 @@ def is_icmp(frame: bytes) -> bool:
     return ICMP in Ether(frame)
 
 
-@pytest.fixture
-def echo_server():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(2)
-    yield sock
-    sock.close()
-
-
 def test_guest_datagram_reaches_host_loopback_and_reply_returns(echo_server):
     port = echo_server.getsockname()[1]
     with InProcessNetwork() as net:
