@@ -32,7 +32,7 @@ With no descriptor left (EMFILE, ENFILE) a waiting client is accepted with
 a spare descriptor and closed at once (``AcceptGuard``): the listener never
 spins, one warning per ``log_interval``, and requests are served again as
 soon as a descriptor is free. If even that fails, the listener rests for
-``accept_pause`` seconds (with a backend that has timers).
+``accept_pause`` seconds, on the same timer that drops slow clients.
 
 Nothing here blocks the loop that also carries the guest's traffic: client
 sockets are non-blocking, a reply is written as the client takes it (the
@@ -299,6 +299,7 @@ class ApiServer:
         self._pending_bytes = 0  # of replies not yet taken by their clients
         self._timer = None  # a TimerFd: drops clients past CLIENT_TIMEOUT
         self._timer_at: float | None = None
+        self._resume_at: float | None = None  # when a resting listener is polled again
 
     @property
     def pending_bytes(self) -> int:
@@ -358,18 +359,13 @@ class ApiServer:
             self._read(client)
 
     def _rest(self, now: float) -> None:
-        """Stop polling the listener for a while (accept keeps failing)."""
-        call_at = getattr(self._backend, "call_at", None)
-        if call_at is None or self.sock is None:
+        """Stop polling the listener for ``accept_pause`` seconds (accept
+        keeps failing); the clients' timer brings it back, in either backend."""
+        if self.sock is None or self._resume_at is not None:
             return
         self._backend.unregister(self.sock.fileno())
-        listener = self.sock
-
-        def resume(now: float) -> None:
-            if self.sock is listener:
-                self._backend.register(listener.fileno(), READ, self._on_listen)
-
-        call_at(now + self._pause, resume)
+        self._resume_at = time.monotonic() + self._pause
+        self._schedule(self._resume_at)
 
     def _evict(self, now: float) -> None:
         """Drop clients that said nothing for too long, and the oldest ones
@@ -495,8 +491,15 @@ class ApiServer:
                 if client.out is not None:
                     log.info("api: a client did not read its reply in %.0f s", CLIENT_TIMEOUT)
                 self._drop(client)
+        resume_at = self._resume_at
+        if resume_at is not None and resume_at <= now:
+            self._resume_at = resume_at = None
+            if self.sock is not None:
+                self._backend.register(self.sock.fileno(), READ, self._on_listen)
         if self._clients:
             self._schedule(min(c.since for c in self._clients.values()) + CLIENT_TIMEOUT)
+        if resume_at is not None:
+            self._schedule(resume_at)
 
     def _drop(self, client: _Client) -> None:
         if client.out is not None:

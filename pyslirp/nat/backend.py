@@ -164,10 +164,6 @@ class PythonBackend(Backend):
         self._started().unregister(fd)
         self._extra.pop(fd, None)
 
-    def call_at(self, at: float, callback) -> None:
-        """``callback(now)`` once at ``at`` (the loop's monotonic clock)."""
-        self._started().call_at(at, callback)
-
     def add_hostfwd(self, proto, host_addr, host_port, guest_addr, guest_port) -> int:
         args = (proto, host_addr, host_port, guest_addr, guest_port)
         forward_id = self._started().forwards.add(*args)
