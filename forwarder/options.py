@@ -98,6 +98,14 @@ CAP_NET_BIND_SERVICE if running as the root)
 --memory-budget=SIZE     bytes held for the guest's flows at most, all
                          together (python backend; K, M, G suffixes,
                          binary; default=256M, min=1M)
+--trace=FILE             write a JSON line for every decision the stack takes
+                         to FILE (- for stderr; python backend)
+--record=FILE            record everything that crosses the stack's boundary
+                         to FILE, for pyslirp replay (python backend)
+--record-limit=SIZE      stop recording when FILE reaches SIZE (K, M, G
+                         suffixes, binary; default=0: no limit)
+--metrics=[ADDR:]PORT    serve counters in the Prometheus text format over
+                         HTTP on ADDR (default ADDR=127.0.0.1)
 --dns-upstream=ADDR[:PORT]
                          resolver for the DNS proxy (repeatable;
                          default=every nameserver in /etc/resolv.conf)
@@ -147,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-poll", default="50")
     p.add_argument("--dns-upstream", action="append", default=[])
     p.add_argument("--memory-budget", default="256M")
+    p.add_argument("--trace", default=None)
+    p.add_argument("--record", default=None)
+    p.add_argument("--record-limit", default="0")
+    p.add_argument("--metrics", default=None)
     p.add_argument("--log-level", default="warning")
     p.add_argument("--socket", default=None)
     p.add_argument("--socket-type", default=None)
@@ -184,16 +196,36 @@ MIN_MEMORY_BUDGET = 1 << 20  # below a MiB one 1 MiB window would not fit
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
-def parse_memory_budget(text: str) -> int:
-    """--memory-budget: bytes, or K, M, G (powers of 1024)."""
+def parse_size(text: str, flag: str, least: int) -> int:
+    """A size: bytes, or K, M, G (powers of 1024), at least ``least``."""
     match = re.fullmatch(r"(\d{1,15})([KMG]?)", text.strip().upper())
     size = int(match.group(1)) * _SIZE_SUFFIXES[match.group(2)] if match else None
-    if size is None or size < MIN_MEMORY_BUDGET:
-        raise UsageError(
-            f"--memory-budget must be a size of at least 1M (bytes, or with K, M or G), "
-            f"not {text!r}"
-        )
+    if size is None or size < least:
+        floor = f"at least {least >> 20}M" if least else "a size"
+        raise UsageError(f"{flag} must be {floor} (bytes, or with K, M or G), not {text!r}")
     return size
+
+
+def parse_memory_budget(text: str) -> int:
+    """--memory-budget: bytes, or K, M, G (powers of 1024)."""
+    return parse_size(text, "--memory-budget", MIN_MEMORY_BUDGET)
+
+
+def parse_metrics(text: str) -> tuple[str, int]:
+    """--metrics=[ADDR:]PORT: a host address (loopback by default; an IPv6
+    one in brackets) and a TCP port."""
+    addr, sep, port = text.rpartition(":")
+    if not sep:
+        addr = "127.0.0.1"
+    addr = addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
+    try:
+        ipaddress.ip_address(addr)
+        number = int(port, 10)
+    except ValueError:
+        number = -1
+    if not 1 <= number <= 65535:
+        raise UsageError(f"--metrics must be [ADDR:]PORT with an IP address, not {text!r}")
+    return addr, number
 
 
 MAX_BUSY_POLL_US = 1000
@@ -459,6 +491,7 @@ class Options:
         self._read_services(ns)
         network["dns_upstreams"] = self._read_upstreams(ns)
         self._probe_pcap(ns)
+        network.update(self._read_study(ns))
         self._make_config(ns, network)
         self._resolve_target(ns)
 
@@ -582,6 +615,25 @@ class Options:
                     pass
             except OSError as exc:
                 raise UsageError(f"cannot write pcap file {ns.pcap}: {exc.strerror}") from None
+
+    def _read_study(self, ns) -> dict:
+        """--trace, --record, --record-limit and --metrics (python backend;
+        the files can be written)."""
+        for flag, value in (("--trace", ns.trace), ("--record", ns.record)):
+            if value is not None and self.backend != "python":
+                raise UsageError(f"{flag} needs --backend=python")
+        for what, path in (("trace", ns.trace), ("recording", ns.record)):
+            if path is not None and path != "-":
+                try:
+                    with open(path, "ab"):
+                        pass
+                except OSError as exc:
+                    raise UsageError(f"cannot write {what} file {path}: {exc.strerror}") from None
+        if ns.record == "-":
+            raise UsageError("--record needs a file, not -")
+        record_limit = parse_size(ns.record_limit, "--record-limit", 0)
+        self.metrics = parse_metrics(ns.metrics) if ns.metrics is not None else None
+        return {"trace_path": ns.trace, "record_path": ns.record, "record_limit": record_limit}
 
     def _make_config(self, ns, network: dict) -> None:
         """The NetworkConfig (its own checks become UsageErrors), and the

@@ -37,6 +37,12 @@ class NetworkConfig:
     # per process (not from ``random``, whose outputs the guest can see).
     isn_key: bytes = field(default_factory=lambda: os.urandom(16))
     pcap_path: str | None = None
+    # The study tools (python backend): --trace (a JSON line per decision,
+    # "-" for stderr), --record (everything crossing the stack's boundary)
+    # and the size at which a recording stops (0: no limit).
+    trace_path: str | None = None
+    record_path: str | None = None
+    record_limit: int = 0
     # Virtio-net offloads on the TAP (IFF_VNET_HDR, TUNSETOFFLOAD with
     # checksum, TSO4 and TSO6): the guest hands us 64 KiB TCP segments and
     # takes them from us at any MTU. The front end asks for them unless

@@ -202,7 +202,7 @@ def test_get_100_mib_sha256_equal(fwd):
     assert out.stdout.split()[0] == pattern_sha256(100)
     assert not server.errors
     log = fwd.log()
-    assert f"-> 10.0.2.2:{server.port} opened (host 127.0.0.1:{server.port})" in log
+    assert f">10.0.2.2:{server.port} opened (host 127.0.0.1:{server.port})" in log
     assert f"10.0.2.2:{server.port} closed: " in log
     to_guest = 100 * MIB + len(response_head(100 * MIB))
     assert f"bytes from the guest, {to_guest} bytes to the guest" in log

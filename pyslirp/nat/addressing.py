@@ -14,6 +14,7 @@ import socket
 
 from pyslirp.config import NetworkConfig
 from pyslirp.stack import icmpv4
+from pyslirp.stack.names import endpoint  # noqa: F401 (re-exported for the NAT's modules)
 
 LOOPBACK4 = "127.0.0.1"
 LOOPBACK6 = "::1"
@@ -26,13 +27,6 @@ def family_of(addr: bytes) -> int:
 def to_text(addr: bytes) -> str:
     """A raw address (4 or 16 bytes) as text, for logs and socket calls."""
     return socket.inet_ntop(family_of(addr), addr)
-
-
-def endpoint(addr: bytes, port: int) -> str:
-    """address:port, with brackets around an IPv6 address."""
-    if len(addr) == 16:
-        return f"[{to_text(addr)}]:{port}"
-    return f"{to_text(addr)}:{port}"
 
 
 class AddressMap:

@@ -566,6 +566,7 @@ def list_connections(loop, now: float) -> list[dict]:
         out.append(
             {
                 "proto": "udp",
+                "flow": flow.name,
                 "guest": endpoint(flow.guest, flow.guest_port),
                 "host": _host_endpoint(host),
                 "state": "open",
@@ -581,6 +582,7 @@ def list_connections(loop, now: float) -> list[dict]:
         state = conn.state.name.replace("_", "-")  # RFC 9293 spelling: SYN-SENT
         entry = {
             "proto": "tcp",
+            "flow": conn.describe(),
             "guest": endpoint(conn.remote, conn.remote_port),
             "host": _host_endpoint(flow.host),
             "state": "CONNECTING" if flow.connecting else state,

@@ -235,7 +235,7 @@ class TcpNat:
             return
         if len(self.flows) >= self.config.tcp_max_connections:
             self.counters["connections-limited"] += 1
-            log.warning("tcp %s refused: %d connections open", conn.describe(), len(self.flows))
+            log.warning("%s refused: %d connections open", conn.describe(), len(self.flows))
             tcp.refuse(conn, now)
             return
         descriptors = self.descriptors
@@ -267,7 +267,7 @@ class TcpNat:
             try:  # --outbound-addr: the source address toward the outside
                 sock.bind((outbound, 0))
             except OSError as exc:
-                log.warning("tcp %s refused: cannot bind %s: %s", conn.describe(), outbound, exc)
+                log.warning("%s refused: cannot bind %s: %s", conn.describe(), outbound, exc)
                 sock.close()
                 descriptors.release()
                 tcp.refuse(conn, now)
@@ -314,7 +314,7 @@ class TcpNat:
             logging.WARNING,
             "tcp-limited",
             now,
-            "tcp %s refused: %s (%d connections open)",
+            "%s refused: %s (%d connections open)",
             conn.describe(),
             why,
             len(self.flows),
@@ -337,7 +337,7 @@ class TcpNat:
         conn = flow.conn
         self.counters["connections-opened"] += 1
         if log.isEnabledFor(logging.INFO):  # describe() is not free: once per connection
-            log.info("tcp %s opened (host %s:%d)", conn.describe(), *flow.host)
+            log.info("%s opened (host %s:%d)", conn.describe(), *flow.host)
         self.tcp.accept(conn, now)
         self._set_mask(flow, READ)
 
@@ -350,7 +350,7 @@ class TcpNat:
             self.counters["connections-refused"] += 1
         else:
             self.counters["connections-unreachable"] += 1
-        log.info("tcp %s failed: host %s:%d: %s", conn.describe(), *flow.host, os_strerror(err))
+        log.info("%s failed: host %s:%d: %s", conn.describe(), *flow.host, os_strerror(err))
         self._release(flow)
         self.tcp.refuse(conn, now, icmp_code=code)
         conn.user = None  # both ends are done (see _release)
@@ -486,7 +486,7 @@ class TcpNat:
         if not log.isEnabledFor(logging.INFO):
             return
         log.info(
-            "tcp %s %s: %d bytes from the guest, %d bytes to the guest",
+            "%s %s: %d bytes from the guest, %d bytes to the guest",
             conn.describe(),
             how,
             conn.bytes_in,
@@ -562,7 +562,7 @@ class TcpNat:
                 break
             del lingering[flow]
             self._timed_out = flow
-            log.info("tcp %s: the host did not take the last bytes, reset", flow.conn.describe())
+            log.info("%s: the host did not take the last bytes, reset", flow.conn.describe())
             self._release(flow, reset=True)
         self._timed_out = None
 

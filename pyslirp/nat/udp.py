@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 from pyslirp.stack import icmpv4, ipv6
 
-from .addressing import AddressMap, to_text
+from .addressing import AddressMap, endpoint, to_text
 from .descriptors import EXHAUSTED
 from .dhcpv6 import CLIENT_PORT as DHCPV6_CLIENT_PORT
 from .dhcpv6 import SERVER_PORT as DHCPV6_SERVER_PORT
@@ -93,6 +93,12 @@ class UdpFlow:
         self.opened_at = now
         self.bytes_from_guest = 0  # payload bytes, for list_connections
         self.bytes_to_guest = 0
+
+    @property
+    def name(self) -> str:
+        """``udp guest:port>*``: one mapping for every peer (RFC 4787
+        endpoint-independent), so the peer's end is a wildcard."""
+        return f"udp {endpoint(self.guest, self.guest_port)}>*"
 
     def on_ready(self, mask: int, now: float) -> None:
         self.nat.read_flow(self, now)

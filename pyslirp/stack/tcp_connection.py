@@ -23,6 +23,7 @@ from collections import deque
 
 from .budget import held_size
 from .events import TcpConnected, TcpDataReceived, TcpSendSpaceOpened
+from .names import flow_name
 from .tcp import ACK, FIN, PSH, RST, SYN, URG
 
 MASK = 0xFFFFFFFF
@@ -161,12 +162,6 @@ class SendBuffer:
             start = 0
             end -= size
         return b"".join(parts)
-
-
-def _addr(addr: bytes) -> str:
-    if len(addr) == 4:
-        return ".".join(str(b) for b in addr)
-    return "[" + ":".join(f"{addr[i] << 8 | addr[i + 1]:x}" for i in range(0, 16, 2)) + "]"
 
 
 def seq_lt(a: int, b: int) -> bool:
@@ -366,8 +361,8 @@ class TcpConnection:
         )
 
     def describe(self) -> str:
-        """'guest:port -> peer:port' for logs."""
-        return f"{_addr(self.remote)}:{self.remote_port} -> {_addr(self.local)}:{self.local_port}"
+        """The flow's name (names.flow_name): 'tcp guest:port>peer:port'."""
+        return flow_name("tcp", self.remote, self.remote_port, self.local, self.local_port)
 
     # ------------------------------------------------------------ helpers
     def send_space(self) -> int:
