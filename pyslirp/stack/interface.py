@@ -67,6 +67,9 @@ class Stack:
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
         self.last_internal_error = ""
+        # The decision trace (pyslirp/trace.py): None, or a callable
+        # tracer(now, event, flow, msg, **fields); set with set_tracer.
+        self.tracer = None
         # The one ceiling on bytes held for the guest (budget.py): every
         # holder, here and on the NAT side, charges and releases it.
         self.budget = MemoryBudget(config.memory_budget)
@@ -195,6 +198,10 @@ class Stack:
         if self.ipv6 is not None:
             held["nd"] = sum(p.size for p in self.ipv6.pending.values())
         return held
+
+    def set_tracer(self, tracer) -> None:
+        """Trace every decision to ``tracer`` (None: stop tracing)."""
+        self.tracer = tracer
 
     def next_event(self):
         return self.events.popleft() if self.events else None
