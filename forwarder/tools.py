@@ -44,3 +44,7 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     sys.exit(run(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

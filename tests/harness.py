@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 # PYSLIRP_TEST_PYTHON=pypy3: the forwarders that harness.forwarder() starts
 # run under that interpreter (the tests themselves stay on this one).
 FORWARDER = [os.environ.get("PYSLIRP_TEST_PYTHON") or sys.executable, "-m", "forwarder"]
+# The study tools (`pyslirp`), run from this checkout as the tests run the forwarder.
+TOOLS = [sys.executable, "-m", "forwarder.tools"]
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
