@@ -40,6 +40,7 @@ import itertools
 import logging
 import os
 import re
+import resource
 import select
 import socket
 import struct
@@ -738,8 +739,6 @@ class LibslirpBackend(Backend):
             "unsupported": ["drops", "memory", "flow_limits"],
         }
         try:  # the whole process's, as libslirp opens them unseen
-            import resource
-
             reply["descriptors"] = {
                 "open": len(os.listdir("/proc/self/fd")),
                 "rlimit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
