@@ -316,3 +316,59 @@ def test_the_forwarder_never_imports_top():
         [harness.FORWARDER[0], "-c", code], cwd=harness.REPO, capture_output=True, timeout=30
     )
     assert done.returncode == 0, done.stderr
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 20.0) -> bytes:
+    """What a pty gives until ``needle`` shows (AssertionError if it does not)."""
+    import select
+
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{needle!r} not shown; got {seen[-500:]!r}"
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+    return seen
+
+
+@pytest.mark.e2e
+def test_the_live_view_draws_sorts_and_quits_on_a_terminal():
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    with echo_host_server() as port, our_api() as fwd:
+        harness.configure_guest(fwd)
+        fwd.popen(["python3", "-c", GUEST_CLIENT, str(port)])
+        wait_for(lambda: live_tcp(fwd.api_path, port), what="the live connection")
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+        proc = subprocess.Popen(
+            [*harness.TOOLS, "top", "-a", fwd.api_path, "--interval", "0.5"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=harness.REPO,
+            env={**os.environ, "TERM": "xterm"},
+            start_new_session=True,
+        )
+        os.close(slave)
+        try:
+            shown = read_until(master, b"ESTABLISHED")
+            assert b"backend python" in shown and b"SRTT" in shown
+            assert f"127.0.0.1:{port}".encode() in shown
+            os.write(master, b"s")  # bytes -> rate
+            read_until(master, b"rate")
+            os.write(master, b"q")
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+            os.close(master)
