@@ -19,6 +19,9 @@ guest's own address as learned from neighbour discovery. Beside them, ours:
 
     {"execute": "list_connections"}
         -> {"return":{"connections":[{"proto":"tcp","guest":...},...]}}
+    {"execute": "stats"}
+        -> {"return":{"backend":"python","uptime":12.3,"drops":{...},...}}
+          (the fields: pyslirp.backend.Backend.stats)
 
 The request ends when the client shuts down its writing side (as rootlesskit
 and podman do), or as soon as the bytes received form a whole JSON object
@@ -169,6 +172,7 @@ class Api:
             "list_hostfwd": self.list_hostfwd,
             "remove_hostfwd": self.remove_hostfwd,
             "list_connections": self.list_connections,
+            "stats": self.stats,
         }.get(execute)
         if handler is None:
             return E_UNKNOWN
@@ -268,6 +272,13 @@ class Api:
         if held is not None:  # the python backend: bytes held for the guest (budget.py)
             reply["held_bytes"] = held()
         return _compact({"return": reply})
+
+    def stats(self, request: dict) -> bytes:
+        try:
+            stats = self.backend.stats()
+        except NotImplementedError:
+            return _error(f"stats: not supported by the {self.backend.name} backend")
+        return _compact({"return": stats})
 
 
 class _Client:

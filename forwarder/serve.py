@@ -61,6 +61,10 @@ def banner(options: Options) -> str:
             lines.append(f"* Outbound IPv6:   {config.outbound_addr6}")
     if options.api_socket:
         lines.append(f"* API Socket:      {options.api_socket}")
+    if options.metrics is not None:
+        addr, port = options.metrics
+        host = f"[{addr}]" if ":" in addr else addr
+        lines.append(f"* Metrics:         http://{host}:{port}/metrics")
     if config.outbound_addr:
         lines.append(f"* Outbound IPv4:   {config.outbound_addr}")
     if options.macaddress:
@@ -253,8 +257,8 @@ def _attach(cleanup: contextlib.ExitStack, options: Options):
 
 def _start(cleanup: contextlib.ExitStack, options: Options, backend, attachment, stop, on_ready):
     """Everything between the attached TAP and serving: the banner, the
-    backend's start, -p, -e, the log timer, -a, the SLAAC watch (-c -6), the
-    sandbox and seccomp, -r."""
+    backend's start, -p, -e, the log timer, -a, --metrics, the SLAAC watch
+    (-c -6), the sandbox and seccomp, -r."""
     for line in options.warnings:
         print(line, file=sys.stderr if options.quiet else sys.stdout)
     if not options.quiet:
@@ -270,6 +274,8 @@ def _start(cleanup: contextlib.ExitStack, options: Options, backend, attachment,
     api = None
     if options.api_socket is not None:
         api = _serve_api(cleanup, options, backend)
+    if options.metrics is not None:
+        _serve_metrics(cleanup, options.metrics, backend)
     slaac = None
     if attachment.netlink_fd >= 0:
         # -c -6: ready (and COMMAND) once the guest has done SLAAC.
@@ -355,6 +361,22 @@ def _serve_api(cleanup: contextlib.ExitStack, options: Options, backend):
         raise SetupError(str(exc)) from None
     api.attach(backend)
     return api
+
+
+def _serve_metrics(cleanup: contextlib.ExitStack, where: tuple, backend) -> None:
+    """--metrics: the Prometheus text endpoint, served in the backend's loop
+    (forwarder/metrics.py, imported only here)."""
+    from .metrics import MetricsServer
+
+    address, port = where
+    server = MetricsServer(address, port)
+    try:
+        server.listen()
+    except OSError as exc:
+        shown = f"[{address}]" if ":" in address else address
+        raise SetupError(f"--metrics: cannot listen on {shown}:{port}: {exc.strerror}") from None
+    cleanup.callback(server.close)
+    server.attach(backend)
 
 
 def _watch_slaac(options: Options, backend, attachment, request_stop, on_ready):

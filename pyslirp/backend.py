@@ -15,7 +15,8 @@ serves; all in the backend's own thread:
 - ``add_hostfwd(proto, host_addr, host_port, guest_addr, guest_port)`` -> id
   (ValueError for a bad argument, OSError when the host socket cannot be
   bound), ``remove_hostfwd(id)`` (KeyError if unknown), ``list_hostfwd()``
-  (slirp4netns's entries), ``list_connections()`` (dicts, one per flow).
+  (slirp4netns's entries), ``list_connections()`` (dicts, one per flow),
+  ``stats()`` (counters, drops, memory, descriptors, flows; see there).
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ class Backend(abc.ABC):
 
     def list_connections(self) -> list[dict]:
         raise NotImplementedError(f"the {self.name} backend cannot list its connections")
+
+    def stats(self) -> dict:
+        """Counters for the API's ``stats``: "backend", "uptime" (seconds),
+        "counters" ({source: {event: n}}), "drops" ({reason: n}), "memory"
+        (held, limit, peak, pressure, refused bytes), "descriptors" (open,
+        limit, peak, rlimit), "flows" and "flow_limits" ({kind: n}), and
+        "unsupported": the keys this backend cannot fill (left out)."""
+        raise NotImplementedError(f"the {self.name} backend has no statistics")
 
 
 def create_backend(name: str, config: NetworkConfig) -> Backend:

@@ -40,6 +40,7 @@ import itertools
 import logging
 import os
 import re
+import resource
 import select
 import socket
 import struct
@@ -383,6 +384,7 @@ class LibslirpBackend(Backend):
             "frames-out": 0,
         }
         self.tap_fd: int | None = None
+        self._started_at = time.monotonic()  # for stats' uptime
         self.capture = None
         self._failure: BaseException | None = None
         # Poll state between slirp_pollfds_fill and slirp_pollfds_poll.
@@ -719,6 +721,31 @@ class LibslirpBackend(Backend):
     def list_connections(self) -> list[dict]:
         """Every socket libslirp holds, from slirp_connection_info."""
         return parse_connection_info(self.connection_info(), self.config.cidr)
+
+    def stats(self) -> dict:
+        """What libslirp lets us count: our own counters around it (frames,
+        guest errors), its sockets per protocol (slirp_connection_info), the
+        process's descriptors, uptime. It keeps no drop counts, memory
+        figures or flow limits that it would tell: those are "unsupported"."""
+        flows: dict[str, int] = {}
+        for entry in self.list_connections():
+            if entry["state"] != "HOST_FORWARD":  # a published port's listener
+                flows[entry["proto"]] = flows.get(entry["proto"], 0) + 1
+        reply = {
+            "backend": self.name,
+            "uptime": round(time.monotonic() - self._started_at, 3),
+            "counters": {"backend": dict(self.counters)},
+            "flows": flows,
+            "unsupported": ["drops", "memory", "flow_limits"],
+        }
+        try:  # the whole process's, as libslirp opens them unseen
+            reply["descriptors"] = {
+                "open": len(os.listdir("/proc/self/fd")),
+                "rlimit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            }
+        except OSError:  # no /proc (after the sandbox's pivot_root)
+            reply["unsupported"].append("descriptors")
+        return reply
 
     # ------------------------------------------------------ thread safety
     def _check_open(self) -> None:

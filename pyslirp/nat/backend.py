@@ -101,6 +101,7 @@ class PythonBackend(Backend):
         self._extra: dict[int, tuple] = {}
         self._forwards: dict[int, tuple] = {}
         self._guest_left = False
+        self._started_at = 0.0
 
     def start(self, tap_fd: int, stop_fd: int) -> None:
         if self.loop is not None:
@@ -110,6 +111,7 @@ class PythonBackend(Backend):
         if self.link is not None:
             self.link.on_disconnect = self._on_guest_left
         self.loop = build_loop(self.config, tap_fd, stop_fd, self._capture, self.link)
+        self._started_at = self.loop.now()  # for stats' uptime
 
     def run(self, tap_fd: int, stop_fd: int) -> None:
         self.start(tap_fd, stop_fd)
@@ -180,6 +182,56 @@ class PythonBackend(Backend):
     def list_connections(self) -> list[dict]:
         loop = self._started()
         return list_connections(loop, loop.now())
+
+    def stats(self) -> dict:
+        """The API's stats: every counter, drops by reason, memory, host
+        descriptors, flows per kind against their limits, uptime."""
+        loop = self._started()
+        stack, budget, descriptors = loop.stack, loop.stack.budget, loop.descriptors
+        services = {
+            "stack": stack.counters,
+            "loop": loop.counters,
+            "tcp": loop.tcp.counters,
+            "udp": loop.udp.counters,
+            "icmp": loop.icmp.counters,
+            "dns": loop.dns.counters,
+            "forwards": loop.forwards.counters,
+            "descriptors": descriptors.counters,
+        }
+        drops = dict(stack.drops)
+        drops.update(loop.dns.drops)  # their reasons begin with "dns-"
+        return {
+            "backend": self.name,
+            "uptime": round(loop.now() - self._started_at, 3),
+            "counters": {name: dict(counters) for name, counters in services.items()},
+            "drops": drops,
+            "memory": {
+                "held": budget.held,
+                "limit": budget.limit,
+                "peak": max(budget.peak, budget.held),
+                "pressure": budget.pressure,
+                "refused": budget.refused,
+            },
+            "descriptors": {
+                "open": descriptors.open,
+                "limit": descriptors.capacity,
+                "peak": descriptors.peak,
+                "rlimit": descriptors.limit,
+            },
+            "flows": {
+                "tcp": len(loop.tcp.flows),
+                "udp": len(loop.udp.flows),
+                "udp-forward": len(loop.forwards.udp_clients),
+                "ping": len(loop.icmp.flows),
+                "dns-upstream": loop.dns.open_sockets,
+            },
+            "flow_limits": {
+                "tcp": loop.tcp.max_flows,
+                "udp": loop.udp.max_flows,
+                "ping": loop.icmp.max_flows,
+            },
+            "unsupported": [],
+        }
 
     def held_bytes(self) -> int:
         """Bytes charged to the memory budget now (the stack's budget.held)."""

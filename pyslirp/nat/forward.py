@@ -556,7 +556,9 @@ def _host_endpoint(sockaddr) -> str:
 def list_connections(loop, now: float) -> list[dict]:
     """Every flow the python backend carries, for the API's list_connections:
     UDP NAT flows, TCP connections (guest-opened and forwarded) and the UDP
-    flows of forwards. Bytes are payload bytes; ages and idle times seconds."""
+    flows of forwards. Bytes are payload bytes; ages and idle times seconds.
+    TCP entries carry the connection's RTT, RTO, windows and so on as well
+    (TcpConnection.info)."""
     out = []
     for flow in loop.udp.flows.values():
         try:
@@ -589,7 +591,9 @@ def list_connections(loop, now: float) -> list[dict]:
             "bytes_from_guest": conn.bytes_in,
             "bytes_to_guest": conn.bytes_out,
             "idle": round(max(0.0, now - conn.last_rx), 3),
+            "age": round(max(0.0, now - flow.opened_at), 3),
         }
+        entry.update(conn.info())
         forward_id = forwarded.get(flow)
         if forward_id is not None:
             entry["forward"] = forward_id

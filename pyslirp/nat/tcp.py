@@ -82,6 +82,7 @@ class TcpFlow:
         "shut_wr",
         "closed",
         "ended",
+        "opened_at",
     )
 
     def __init__(self, nat, conn, sock, host) -> None:
@@ -96,6 +97,7 @@ class TcpFlow:
         self.shut_wr = False
         self.closed = False  # the host socket is closed
         self.ended = False  # the stack's connection ended, as far as we are concerned
+        self.opened_at = nat.loop.now()  # for the API's "age"
 
     def on_ready(self, mask: int, now: float) -> None:
         nat = self.nat

@@ -379,6 +379,25 @@ class TcpConnection:
     def in_flight(self) -> int:
         return (self.snd_nxt - self.snd_una) & MASK
 
+    def info(self) -> dict:
+        """What ``ss -ti`` shows, for the API and ``pyslirp top`` (read only):
+        RFC 6298's SRTT, RTTVAR and RTO in seconds (SRTT None before the
+        first sample), RFC 5681's cwnd and ssthresh, bytes in flight, our
+        retransmissions, the guest's window (SND.WND) and ours, and the MSS
+        we send with."""
+        return {
+            "srtt": None if self.srtt is None else round(self.srtt, 6),
+            "rttvar": round(self.rttvar, 6),
+            "rto": round(self.rto, 6),
+            "cwnd": self.cwnd,
+            "ssthresh": self.ssthresh,
+            "in_flight": self.in_flight(),
+            "retransmits": self.retransmits,
+            "snd_wnd": self.snd_wnd,
+            "rcv_wnd": self.receive_window(),
+            "mss": self.mss,
+        }
+
     def receive_window(self) -> int:
         """The window we would advertise now: free receive buffer, never
         moving the right edge left (RFC 9293 3.8.6.2.2 and 3.10.7.4), and
