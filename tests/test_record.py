@@ -3,12 +3,15 @@ front of the stack, and replays of recorded sessions (in process, and of a
 run-mode session with real clients)."""
 
 import ast
+import contextlib
+import http.server
 import io
 import os
 import pathlib
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -20,6 +23,7 @@ from pyslirp.stack.budget import MemoryBudget
 from pyslirp.stack.config import StackConfig
 from pyslirp.stack.interface import Stack
 from pyslirp.stack.tcp_layer import TcpLayer
+from tests import harness
 from tests.inprocess import InProcessNetwork
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -388,3 +392,168 @@ def test_loop_closes_the_recording(tmp):
     assert list(recording) == [] and recording.end == "closed"
     assert recording.header["stack"]["tcp"]["receive_buffer"] == 1 << 20
 
+
+
+# ------------------------------------------------------------- end to end
+class _Web(http.server.BaseHTTPRequestHandler):
+    """GET /N: N bytes; POST: the count of bytes read back."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        size = int(self.path.strip("/") or 0)
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        chunk = os.urandom(65536)
+        while size > 0:
+            self.wfile.write(chunk[: min(size, len(chunk))])
+            size -= len(chunk)
+
+    def do_POST(self):  # noqa: N802
+        size = int(self.headers["Content-Length"])
+        got = 0
+        while got < size:
+            data = self.rfile.read(min(65536, size - got))
+            if not data:
+                break
+            got += len(data)
+        body = f"got {got}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def web_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Web)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def udp_echo():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(2048)
+            except (TimeoutError, OSError):
+                continue
+            sock.sendto(b"echo " + data, peer)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        sock.close()
+
+
+def guest_script(web: int, udp: int, upload: str) -> str:
+    """curl both ways, dig through the DNS proxy, a UDP exchange, ping, and
+    a download while nftables drops a tenth of the guest's packets."""
+    get = f"http://10.0.2.2:{web}"
+    return "; ".join(
+        [
+            "set -e",
+            f"curl -sS --max-time 60 -o /dev/null -w 'down %{{size_download}}\\n' {get}/3000000",
+            f"curl -sS --max-time 60 --data-binary @{upload} {get}/up",
+            "dig +short +time=3 +tries=3 @10.0.2.3 example.test",
+            f"echo hello | socat -T 5 - UDP4:10.0.2.2:{udp}",
+            "echo",
+            "ping -c 3 -i 0.2 -W 3 10.0.2.2 >/dev/null && echo ping-ok",
+            # 0/8 is never relayed: the ICMP relay answers net unreachable (send_icmp_error)
+            "ping -c 1 -W 2 0.1.2.3 >/dev/null || echo ping-unreachable",
+            "nft add table inet lossy",
+            "nft add chain inet lossy out '{ type filter hook output priority 0; }'",
+            "nft add rule inet lossy out numgen random mod 10 0 drop",
+            f"curl -sS --max-time 120 -o /dev/null -w 'lossy %{{size_download}}\\n' {get}/1000000",
+            "nft delete table inet lossy",
+        ]
+    )
+
+
+@pytest.mark.e2e
+def test_run_mode_session_replays_without_divergence(tmp_path):
+    path = tmp_path / "session.rec"
+    upload = tmp_path / "upload"
+    upload.write_bytes(os.urandom(2_000_000))
+    with (
+        web_server() as web,
+        udp_echo() as udp,
+        harness.DnsServer(records={"example.test.": "192.0.2.7"}) as dns,
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "forwarder",
+                f"--dns-upstream=127.0.0.1:{dns.port}",
+                f"--record={path}",
+                "--",
+                "sh",
+                "-c",
+                guest_script(web, udp, str(upload)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "down 3000000" in lines and "got 2000000" in lines and "192.0.2.7" in lines
+    assert "echo hello" in lines and "ping-ok" in lines and "ping-unreachable" in lines
+    assert "lossy 1000000" in lines
+    recording = record.Recording(str(path))
+    methods = {}
+    for r in recording:
+        methods[r.method] = methods.get(r.method, 0) + 1
+    recording.close()
+    assert recording.end == "closed"
+    # run mode's TAP has the virtio header (offloads): the vnet_ verbs
+    for name in ("receive_vnet_frame", "vnet_frames_to_send", "tcp.send"):
+        assert methods.get(name), (name, methods)
+    for name in ("tcp.consume", "tcp.accept", "send_udp", "send_icmp_error", "budget.charge"):
+        assert methods.get(name), (name, methods)
+
+    pcap = tmp_path / "session.pcap"
+    played = subprocess.run(
+        [*harness.TOOLS, "replay", str(path), "--pcap", str(pcap)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert played.returncode == 0, played.stdout + played.stderr
+    assert played.stdout.endswith("pyslirp replay: no divergence\n")
+    assert pcap.stat().st_size > 6_000_000  # both transfers' payload, as the guest saw it
+
+    changed = subprocess.run(
+        [*harness.TOOLS, "replay", str(path), "--set", "tcp.receive_buffer=30000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    line = [x for x in changed.stdout.splitlines() if "first divergence" in x]
+    assert line and "to the guest" in line[0] and "[SA]" in line[0] and "win=30000" in line[0]
