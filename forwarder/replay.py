@@ -162,6 +162,9 @@ class _Pcap(PcapWriter):
 
 
 # ------------------------------------------------------------- the replay
+_NAT_HOLDS = "held by the NAT side"  # conn.user in a replay (see Replay._nat_holds)
+
+
 class Divergence(Exception):
     pass
 
@@ -212,6 +215,25 @@ class Replay:
             for f in fields(value):
                 self._learn(getattr(value, f.name))
 
+    @staticmethod
+    def _nat_holds(method: str, args, result, events) -> None:
+        """``conn.user``, as the NAT side sets it: the stack looks at it
+        (TcpLayer.remove keeps a closed connection's unread bytes for a
+        NAT side that holds it), and it is not a call, so it is not in the
+        recording. The NAT takes a connection when it hears of it (a SYN's
+        event, or its own tcp.connect) and lets go when it refuses or
+        aborts it, releases its bytes, or hears that it ended."""
+        if method == "tcp.connect" and result is not None:
+            result.user = _NAT_HOLDS
+        elif method in ("tcp.refuse", "tcp.abort", "tcp.release_received"):
+            args[0].user = None
+        for event in events:
+            kind = event.__class__.__name__
+            if kind == "TcpConnectRequested":
+                event.conn.user = _NAT_HOLDS
+            elif kind in ("TcpConnectionReset", "TcpConnectionClosed"):
+                event.conn.user = None
+
     def frames_of(self, record) -> int:
         """How many frames a record feeds or sends (as recorded)."""
         index = INDEX[record.method]
@@ -251,6 +273,7 @@ class Replay:
         for event in new:
             self._learn(event)
         self._learn(result)
+        self._nat_holds(record.method, args, result, new)
         self.counts["records"] += 1
         self.counts["events"] += len(new)
         if index in OUTPUTS:
