@@ -16,9 +16,9 @@ What is kept, and what only a digest of:
   a DNS answer or a datagram, ``send_icmp_error``, ``send_echo_reply`` for
   ICMP from a ping socket, ``tcp.accept``/``refuse`` after a connect, the
   memory budget's ``charge``/``release`` for DNS queries): whole;
-- frames for the guest (``frames_to_send``): their length and a
-  blake2b-128 digest each, since they are outputs and their payload is
-  already in the commands that queued it;
+- frames for the guest (``frames_to_send``): their length, CRC-32 and a
+  blake2b-128 of their headers each (``frame_digests``), since they are
+  outputs and their payload is already in the commands that queued it;
 - events: whole (their ``conn`` as the connection's serial number, which
   TcpLayer gives from a counter and so is the same in a replay).
 
@@ -36,8 +36,8 @@ small tagged encoding (``encode``/``decode``). The last record is ``END``
 with the reason ("closed" or "limit") and the count of records; a file
 without it was cut short (a crash, a kill -9) and replays up to its last
 whole block. Blocks are compressed with zlib level 1 only when a sample
-compresses (host bytes are often compressed already, and zlib on
-incompressible data costs more than the stack).
+does not look random (host bytes are often compressed already, and zlib
+on incompressible data costs more than the stack).
 """
 
 from __future__ import annotations
@@ -45,15 +45,20 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 import platform
+import queue
 import random as _random
 import struct
+import threading
 import zlib
 from dataclasses import fields, is_dataclass
 
 import pyslirp
 from pyslirp.stack.config import StackConfig
+
+log = logging.getLogger("pyslirp")
 
 MAGIC = b"PYSLREC\x00"
 FORMAT_VERSION = 1
@@ -121,8 +126,14 @@ INPUTS = frozenset({INDEX["receive_frame"], INDEX["receive_vnet_frame"]})
 # per 256 KiB rather than per frame, small enough that a crash loses little.
 BLOCK_SIZE = 256 * 1024
 FLUSH_INTERVAL = 1.0  # seconds of `now`
-# A block is compressed if this much of it compresses to under 90 %.
-SAMPLE_SIZE = 4096
+# Blocks handed to the writer thread and not yet written: 16 x 256 KiB
+# bounds the memory a slow disk can make us hold; past it the loop waits.
+WRITE_QUEUE = 16
+# A block is compressed unless a sample of its largest part looks random:
+# 512 random bytes hold about 221 distinct values, text and headers far
+# fewer (zlib itself costs ~50 us per sample here, a set ~5 us).
+SAMPLE_SIZE = 512
+SAMPLE_DISTINCT = 180
 # Room kept under record_limit for the last block's framing and END.
 END_RESERVE = 64
 
@@ -132,7 +143,10 @@ _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
 _RECORD_HEAD = struct.Struct("<IBd")  # length (of what follows it), method, now
 _BLOCK_HEAD = struct.Struct("<IB")
-_FRAME_DIGEST = struct.Struct("<I16s")
+_FRAME_DIGEST = struct.Struct("<II16s")  # length, CRC-32, blake2b-128 of the head
+HEAD_DIGESTED = 128  # bytes under the blake2b: every header, IPv6 and TCP options too
+FRAME_DIGEST_SIZE = _FRAME_DIGEST.size
+_IOV_MAX = 1024  # writev's limit on Linux
 STORED, ZLIB = 0, 1
 
 
@@ -273,24 +287,49 @@ def short(value, limit: int = 24) -> str:
 
 
 def frame_digests(items) -> bytes:
-    """Length and blake2b-128 of each frame of a frames_to_send result (a
-    vnet pair's header and frame together)."""
+    """Each frame of a frames_to_send result (a vnet pair's header and
+    frame together) as its length, the CRC-32 of all of it and a
+    blake2b-128 of its first HEAD_DIGESTED bytes (the headers, where a
+    change of behaviour shows: sequence numbers, windows, flags). blake2b
+    over whole 64 KiB frames cost more than the stack's own work for them;
+    a CRC-32 still catches any change of a payload a replay makes."""
     parts = []
     blake2b = hashlib.blake2b
+    crc32 = zlib.crc32
+    pack = _FRAME_DIGEST.pack
     for item in items:
         if item.__class__ is tuple:
             header, frame = item
-            digest = blake2b(header, digest_size=16)
-            digest.update(frame)
+            crc = crc32(frame, crc32(header))
+            head = bytes(header) + bytes(frame[:HEAD_DIGESTED])
             size = len(header) + len(frame)
         else:
-            digest = blake2b(item, digest_size=16)
+            crc = crc32(item)
+            head = item[:HEAD_DIGESTED]
             size = len(item)
-        parts.append(_FRAME_DIGEST.pack(size, digest.digest()))
+        parts.append(pack(size, crc, blake2b(head, digest_size=16).digest()))
     return b"".join(parts)
 
 
-def split_digests(data: bytes) -> list[tuple[int, bytes]]:
+class LazyDigests:
+    """frame_digests(items), computed later by the writer thread (zlib.crc32
+    lets go of the GIL, so the loop does not wait for it): a part of a
+    record whose length is known now. ``held`` is what it keeps alive."""
+
+    __slots__ = ("items", "held")
+
+    def __init__(self, items) -> None:
+        self.items = items  # bytes and (header, frame) pairs: immutable
+        self.held = sum(len(i[1]) if i.__class__ is tuple else len(i) for i in items)
+
+    def __len__(self) -> int:
+        return len(self.items) * _FRAME_DIGEST.size
+
+    def __bytes__(self) -> bytes:
+        return frame_digests(self.items)
+
+
+def split_digests(data: bytes) -> list[tuple[int, int, bytes]]:
     return [_FRAME_DIGEST.unpack_from(data, i) for i in range(0, len(data), _FRAME_DIGEST.size)]
 
 
@@ -362,26 +401,33 @@ def _typed(name: str, value, default):
 
 # ------------------------------------------------------------- writing
 class Recorder:
-    """Writes records to ``path``; stops cleanly at ``limit`` bytes (0: none)."""
+    """Writes records to ``path``; stops cleanly at ``limit`` bytes (0: none)
+    or at a write error (``stopped`` says why; the loop carries on)."""
 
     def __init__(self, path: str, header: dict, limit: int = 0) -> None:
         self.path = path
         self.limit = limit
         self.records = 0
         self.stopped: str | None = None  # why no more records are kept
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         head = json.dumps(header, separators=(",", ":")).encode()
-        self._file.write(MAGIC + _U16.pack(FORMAT_VERSION) + _U32.pack(len(head)) + head)
-        self.written = len(MAGIC) + 6 + len(head)
+        self.written = 0
         self._pending: list = []
+        self._lazy: list[int] = []  # where LazyDigests are in _pending
+        self._held = 0  # bytes of frames those hold
         self._pending_size = 0
         self._flushed_at: float | None = None
         self._now = 0.0
+        self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None  # set by the writer thread
+        self._write([MAGIC + _U16.pack(FORMAT_VERSION) + _U32.pack(len(head)) + head])
         if limit and self.written + END_RESERVE > limit:
             self.stopped = "limit"
 
-    def record(self, method: int, now, parts: list) -> None:
-        """One record: ``parts`` is its encoded body after the head."""
+    def record(self, method: int, now, parts: list, lazy: LazyDigests | None = None) -> None:
+        """One record: ``parts`` is its encoded body after the head, and
+        ``lazy`` one of them, if any, that the writer thread turns to bytes."""
         if self.stopped is not None:
             return
         if now is None:
@@ -395,10 +441,13 @@ class Recorder:
                 self._finish("limit")
                 return
         self._pending.append(_RECORD_HEAD.pack(size, method, now))
+        if lazy is not None:
+            self._lazy.append(len(self._pending) + parts.index(lazy))
+            self._held += lazy.held
         self._pending += parts
         self._pending_size += size + 4
         self.records += 1
-        if self._pending_size >= BLOCK_SIZE:
+        if self._pending_size + self._held >= BLOCK_SIZE:
             self._write_block()
         elif self._flushed_at is None:
             self._flushed_at = now
@@ -412,22 +461,75 @@ class Recorder:
         return end > self.limit
 
     def _write_block(self) -> None:
-        if not self._pending:
+        pending = self._pending
+        if not pending or self.stopped not in (None, "closed", "limit"):
             return
-        data = b"".join(self._pending)
+        size = self._pending_size
+        lazy = self._lazy
         self._pending = []
         self._pending_size = 0
+        self._lazy = []
+        self._held = 0
         self._flushed_at = self._now
-        method = STORED
-        middle = len(data) // 2
-        sample = data[middle : middle + SAMPLE_SIZE]
-        if len(zlib.compress(sample, 1)) < len(sample) * 0.9:
+        # Compress only what compresses, judged by a sample of the largest
+        # part (a frame or host bytes): zlib on random bytes runs at tens of
+        # MB/s, slower than the stack.
+        largest = max(pending, key=len)
+        if len(largest) >= SAMPLE_SIZE:
+            middle = (len(largest) - SAMPLE_SIZE) // 2
+            sample = bytes(largest[middle : middle + SAMPLE_SIZE])
+            compress = len(set(sample)) < SAMPLE_DISTINCT
+        else:  # small records: headers and numbers, unless frame digests
+            compress = not lazy
+        if compress:
+            for i in lazy:
+                pending[i] = bytes(pending[i])
+            lazy = []
+            data = b"".join(pending)
             packed = zlib.compress(data, 1)
-            if len(packed) < len(data):
-                data, method = packed, ZLIB
-        self._file.write(_BLOCK_HEAD.pack(len(data), method))
-        self._file.write(data)
-        self.written += _BLOCK_HEAD.size + len(data)
+            if len(packed) < size:
+                self._write([_BLOCK_HEAD.pack(len(packed), ZLIB), packed])
+                return
+        pending.insert(0, _BLOCK_HEAD.pack(size, STORED))
+        self._write(pending, [i + 1 for i in lazy])
+
+    def _write(self, parts: list, lazy: list | None = None) -> None:
+        """Hand ``parts`` to the writer thread (written there with writev,
+        without a copy, while the loop carries on: the kernel's copy into
+        the page cache is most of a recording's cost), or stop recording
+        after a write error."""
+        if self._error is not None:
+            self.stopped = f"write error: {self._error}"
+            log.warning("recording %s stopped: %s", self.path, self._error)
+            return
+        self.written += sum(map(len, parts))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer, name="record", daemon=True)
+            self._thread.start()
+        self._queue.put((parts, lazy))  # waits while WRITE_QUEUE blocks do: back-pressure
+
+    def _writer(self) -> None:
+        fd = self._fd
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drained, not written: the recording has stopped
+            parts, lazy = item
+            try:
+                for i in lazy or ():
+                    parts[i] = bytes(parts[i])
+                for start in range(0, len(parts), _IOV_MAX):
+                    chunk = parts[start : start + _IOV_MAX]
+                    done = os.writev(fd, chunk)
+                    want = sum(map(len, chunk))
+                    if done < want:  # a short write (a full disk, a signal): the rest
+                        rest = memoryview(b"".join(chunk))[done:]
+                        while rest:
+                            rest = rest[os.write(fd, rest) :]
+            except OSError as exc:
+                self._error = exc.strerror or str(exc)
 
     def _finish(self, reason: str) -> None:
         self.stopped = reason
@@ -438,14 +540,17 @@ class Recorder:
         self._pending.append(_RECORD_HEAD.pack(9 + len(body), END, self._now) + body)
         self._pending_size += 13 + len(body)
         self._write_block()
-        self._file.flush()
 
     def close(self) -> None:
-        if self._file.closed:
+        if self._fd < 0:
             return
         if self.stopped is None:
             self._finish("closed")
-        self._file.close()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+        os.close(self._fd)
+        self._fd = -1
 
 
 class _Proxy:
@@ -477,8 +582,11 @@ def _wrap(proxy, target, full_name: str, recorder: Recorder, events) -> None:
         parts: list = []
         encode(args, parts)
         encode(kwargs, parts)
+        lazy = None
         if output:
-            encode(frame_digests(result), parts)
+            lazy = LazyDigests(result)
+            parts.append(b"b" + _U32.pack(len(lazy)))
+            parts.append(lazy)
         else:
             encode(result, parts)
         after = len(events)
@@ -486,7 +594,7 @@ def _wrap(proxy, target, full_name: str, recorder: Recorder, events) -> None:
             encode([events[i] for i in range(before, after)], parts)
         else:
             parts.append(b"l\x00\x00\x00\x00")
-        record(index, now, parts)
+        record(index, now, parts, lazy)
         return result
 
     call.__name__ = name
