@@ -226,7 +226,7 @@ def is_tcp(frame):
 def recorded_session(path, **config):
     """An in-process network recorded to ``path``: a guest TCP connection to
     an echo server on loopback (data both ways, FIN), a UDP datagram to it,
-    and a SYN to a closed port."""
+    and a SYN to a closed port. Returns the (closed) Recorder."""
     echo = socket.create_server(("127.0.0.1", 0))
     port = echo.getsockname()[1]
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -235,6 +235,7 @@ def recorded_session(path, **config):
     closed.bind(("127.0.0.1", 0))  # bound, not listening: connect is refused
     try:
         with InProcessNetwork(record_path=str(path), **config) as net:
+            recorder = net.loop.stack.recorder
             net.send(guest_syn("10.0.2.2", port))
             synack = Ether(net.receive(timeout=5, predicate=is_tcp))[TCP]
             assert str(synack.flags) == "SA"
@@ -279,6 +280,7 @@ def recorded_session(path, **config):
         echo.close()
         udp.close()
         closed.close()
+    return recorder
 
 
 def test_in_process_session_replays_without_divergence(tmp):
@@ -557,3 +559,21 @@ def test_run_mode_session_replays_without_divergence(tmp_path):
     assert changed.returncode == 1, changed.stdout + changed.stderr
     line = [x for x in changed.stdout.splitlines() if "first divergence" in x]
     assert line and "to the guest" in line[0] and "[SA]" in line[0] and "win=30000" in line[0]
+
+
+def test_record_limit_stops_cleanly_and_the_part_replays(tmp):
+    path = tmp / "small.rec"
+    recorded_session(path, record_limit=2500)
+    assert os.path.getsize(path) <= 2500
+    recording = record.Recording(str(path))
+    records = list(recording)
+    assert recording.end == "limit" and 0 < len(records) == recording.end_count
+    status, out, err = run_replay(str(path))
+    assert (status, err) == (0, ""), out
+    assert "stopped at its size limit (--record-limit)" in out and "no divergence" in out
+
+
+def test_a_write_error_stops_the_recording_not_the_network():
+    # /dev/full: every write fails with ENOSPC; the session must still work.
+    recorder = recorded_session(pathlib.Path("/dev/full"))
+    assert recorder.stopped == "write error: No space left on device"
