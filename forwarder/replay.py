@@ -48,7 +48,7 @@ from pyslirp.stack.config import StackConfig, TcpConfig
 from pyslirp.stack.interface import Stack
 from pyslirp.trace import open_tracer
 
-PROG = "pyslirp replay"
+USAGE_NAME = "pyslirp replay"
 
 
 class _Usage(Exception):
@@ -61,7 +61,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Play a recording (--record) through a fresh stack.")
+    p = _Parser(prog=USAGE_NAME, description="Play a recording (--record) through a fresh stack.")
     p.add_argument("file")
     p.add_argument("--until", help="stop after frame N, or at time Ts from the start")
     p.add_argument(
@@ -381,7 +381,7 @@ def run(argv: list[str], out=None) -> int:
         else:
             tracer = None
         for line in _differences(recording, unknown, missing, settings):
-            out.write(f"{PROG}: {line}\n")
+            out.write(f"{USAGE_NAME}: {line}\n")
         status = _play(replay, recording, args, until_frame, until_time, out)
         if tracer is not None:
             tracer.close()
@@ -414,7 +414,7 @@ def _play(replay: Replay, recording: Recording, args, until_frame, until_time, o
             except Divergence as exc:
                 _summary(replay, out)
                 out.write(
-                    f"{PROG}: first divergence at record {record.index} "
+                    f"{USAGE_NAME}: first divergence at record {record.index} "
                     f"(t=+{record.now - replay.start:.6f} s, {record.method}): {exc}\n"
                 )
                 out.flush()
@@ -425,11 +425,11 @@ def _play(replay: Replay, recording: Recording, args, until_frame, until_time, o
         return 1
     _summary(replay, out)
     if stopped is not None:
-        out.write(f"{PROG}: stopped {stopped}; no divergence until there\n")
+        out.write(f"{USAGE_NAME}: stopped {stopped}; no divergence until there\n")
     else:
         if recording.end == "limit":
-            out.write(f"{PROG}: the recording stopped at its size limit (--record-limit)\n")
-        out.write(f"{PROG}: no divergence\n")
+            out.write(f"{USAGE_NAME}: the recording stopped at its size limit (--record-limit)\n")
+        out.write(f"{USAGE_NAME}: no divergence\n")
     return 0
 
 
@@ -440,7 +440,7 @@ def _breakpoint(replay: Replay, record) -> None:
     stack = replay.stack  # noqa: F841 - for the pdb session
     frame_index = replay.frame_index + 1  # noqa: F841 - the frame about to come
     sys.stdout.write(
-        f"{PROG}: before frame {frame_index}, record {record.index} ({record.method}); "
+        f"{USAGE_NAME}: before frame {frame_index}, record {record.index} ({record.method}); "
         "'c' continues\n"
     )
     sys.stdout.flush()
@@ -451,7 +451,7 @@ def _breakpoint(replay: Replay, record) -> None:
 def _summary(replay: Replay, out) -> None:
     c = replay.counts
     out.write(
-        f"{PROG}: {c['records']} records, {c['frames-in']} frames from the guest, "
+        f"{USAGE_NAME}: {c['records']} records, {c['frames-in']} frames from the guest, "
         f"{c['frames-out']} to it, {c['events']} events\n"
     )
 
@@ -460,7 +460,7 @@ def main(argv: list[str]) -> int:
     try:
         return run(argv)
     except _Usage as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
+        sys.stderr.write(f"{USAGE_NAME}: {exc}\n")
         return 1
     except RecordingError as exc:
         path = argv[0] if argv and not argv[0].startswith("-") else "recording"
@@ -471,5 +471,5 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"pyslirp: {path}: {exc}\n")
         return 1
     except OSError as exc:
-        sys.stderr.write(f"{PROG}: {exc.filename or ''}: {exc.strerror}\n")
+        sys.stderr.write(f"{USAGE_NAME}: {exc.filename or ''}: {exc.strerror}\n")
         return 1
