@@ -57,6 +57,7 @@ from dataclasses import fields, is_dataclass
 
 import pyslirp
 from pyslirp.stack.config import StackConfig
+from pyslirp.stack.tcp_connection import TcpConnection
 
 log = logging.getLogger("pyslirp")
 
@@ -150,6 +151,9 @@ _IOV_MAX = 1024  # writev's limit on Linux
 STORED, ZLIB = 0, 1
 
 
+_EVENT_FIELDS: dict = {}  # event class -> its field names (fields() is slow)
+
+
 class RecordingError(Exception):
     """A file that is not a recording, or is damaged: the message is one line."""
 
@@ -191,10 +195,12 @@ def encode(value, out: list) -> None:
         for key, item in value.items():
             encode(key, out)
             encode(item, out)
-    elif hasattr(value, "serial") and hasattr(value, "remote_port"):  # a TcpConnection
+    elif kind is TcpConnection:
         out.append(b"c" + _I64.pack(value.serial))
-    elif is_dataclass(value):
-        names = [f.name for f in fields(value)]
+    elif kind in _EVENT_FIELDS or is_dataclass(value):
+        names = _EVENT_FIELDS.get(kind)
+        if names is None:
+            names = _EVENT_FIELDS[kind] = tuple(f.name for f in fields(value))
         out.append(b"e" + _U32.pack(len(names)))
         encode(kind.__name__, out)
         for name in names:
