@@ -72,7 +72,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="change a stack setting"
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="print only a divergence")
     return p
 
 
