@@ -133,8 +133,13 @@ WRITE_QUEUE = 16
 # A block is compressed unless a sample of its largest part looks random:
 # 512 random bytes hold about 221 distinct values, text and headers far
 # fewer (zlib itself costs ~50 us per sample here, a set ~5 us).
+COMPRESS = True  # False stores every block (tests that damage records do)
 SAMPLE_SIZE = 512
 SAMPLE_DISTINCT = 180
+# The largest block a reader accepts, before and after inflating (a block
+# is BLOCK_SIZE plus at most one record, and a record at most a 64 KiB frame
+# or a tcp.send of a send buffer): a hostile file cannot make us hold more.
+MAX_BLOCK = 64 * 1024 * 1024
 # Room kept under record_limit for the last block's framing and END.
 END_RESERVE = 64
 
@@ -487,7 +492,7 @@ class Recorder:
             compress = len(set(sample)) < SAMPLE_DISTINCT
         else:  # small records: headers and numbers, unless frame digests
             compress = not lazy
-        if compress:
+        if compress and COMPRESS:
             for i in lazy:
                 pending[i] = bytes(pending[i])
             lazy = []
@@ -727,14 +732,19 @@ class Recording:
             if len(head) < _BLOCK_HEAD.size:
                 raise RecordingError(f"truncated at record {count + 1}")
             size, method = _BLOCK_HEAD.unpack(head)
+            if size > MAX_BLOCK:
+                raise RecordingError(f"damaged block at record {count + 1}")
             data = read(size)
             if len(data) < size:
                 raise RecordingError(f"truncated at record {count + 1}")
             if method == ZLIB:
+                inflate = zlib.decompressobj()
                 try:
-                    data = zlib.decompress(data)
+                    data = inflate.decompress(data, MAX_BLOCK)
                 except zlib.error:
                     raise RecordingError(f"damaged block at record {count + 1}") from None
+                if inflate.unconsumed_tail or not inflate.eof:
+                    raise RecordingError(f"damaged block at record {count + 1}")
             elif method != STORED:
                 raise RecordingError(f"damaged block at record {count + 1}")
             pos = 0
@@ -758,7 +768,17 @@ class Recording:
                     events, pos = decode(data, pos)
                 except RecordingError as exc:
                     raise RecordingError(f"damaged record {count}: {exc}") from None
-                if pos != body_end:
+                if (
+                    pos != body_end
+                    or not isinstance(args, list)
+                    or not isinstance(kwargs, dict)
+                    or not all(isinstance(k, str) for k in kwargs)
+                    or not isinstance(events, list)
+                    or (
+                        index in OUTPUTS
+                        and not (isinstance(result, bytes) and len(result) % FRAME_DIGEST_SIZE == 0)
+                    )
+                ):
                     raise RecordingError(f"damaged record {count}")
                 yield Record(count, METHODS[index], now, args, kwargs, result, events)
         raise RecordingError(f"truncated at record {count + 1}")
