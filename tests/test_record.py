@@ -327,6 +327,11 @@ def test_until_and_break(tmp):
     recorded_session(path)
     status, out, _err = run_replay(str(path), "--until", "3")
     assert status == 0 and "stopped after frame 3 (--until)" in out
+    assert " 2 frames from the guest, 1 to it" in out  # SYN, SYN-ACK, ACK
+    status, out, _err = run_replay(str(path), "--until", "0s")
+    assert status == 0 and "stopped at 0 s (--until)" in out
+    # the SYN and what came at the same `now`; the guest's ACK came later
+    assert " 1 frames from the guest, " in out
     code = (
         "import sys; from forwarder import replay; "
         f"sys.exit(replay.main([{str(path)!r}, '--break', '3']))"
