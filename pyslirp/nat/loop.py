@@ -98,7 +98,12 @@ class Loop:
         self.tap_fd = tap_fd
         self.stop_fd = stop_fd
         self.capture = capture
-        self.stack = Stack(config.stack_config(), config.random)
+        if config.record_path:  # --record: a proxy that records (pyslirp/record.py)
+            from pyslirp.record import recording_stack
+
+            self.stack = recording_stack(config)
+        else:
+            self.stack = Stack(config.stack_config(), config.random)
         # config.offload: the TAP was opened with IFF_VNET_HDR and offloads,
         # so every frame read and written starts with a virtio_net_hdr.
         self.vnet = config.offload
@@ -515,6 +520,8 @@ class Loop:
                 close()
         self.epoll.close()
         self._tap_poll.close()
+        if self.config.record_path:
+            self.stack.close_recording()
 
 
 class _Timers:

@@ -1,0 +1,784 @@
+"""--record: everything that crosses the stack's boundary, for replay.
+
+The boundary is the Stack object the loop holds (``loop.stack``). With
+``NetworkConfig.record_path`` set, the loop holds a ``RecordingStack``
+instead: a proxy that passes every call on to a real Stack and writes one
+record per call that changes it (the names in ``RECORDED``) with its
+arguments, what it returned and the events it appended to ``stack.events``.
+Reads (``QUERIES``, and attributes such as ``stack.out`` or ``tcp.dirty``)
+pass through unrecorded: they change nothing, so a replay that makes the
+same calls reads the same values. With recording off the loop holds the
+Stack itself, and nothing here is imported.
+
+What is kept, and what only a digest of:
+- frames from the guest (``receive_frame``): whole, they are the input;
+- the NAT's commands (``tcp.send`` with the host's bytes, ``send_udp`` with
+  a DNS answer or a datagram, ``send_icmp_error``, ``send_echo_reply`` for
+  ICMP from a ping socket, ``tcp.accept``/``refuse`` after a connect, the
+  memory budget's ``charge``/``release`` for DNS queries): whole;
+- frames for the guest (``frames_to_send``): their length, CRC-32 and a
+  blake2b-128 of their headers each (``frame_digests``), since they are
+  outputs and their payload is already in the commands that queued it;
+- events: whole (their ``conn`` as the connection's serial number, which
+  TcpLayer gives from a counter and so is the same in a replay).
+
+Randomness: the stack gets its own ``random.Random`` seeded from
+os.urandom(8), and the seed is in the header with the whole StackConfig
+(JSON, bytes as hex; never pickle: a recording attached to a bug report is
+untrusted input), the pyslirp and Python versions.
+
+The file: ``MAGIC``, a u16 format version, a u32 length and the header
+(JSON); then blocks, each a u32 length, a u8 method (0 stored, 1 zlib) and
+that many bytes; a block holds whole records, each a u32 length and its
+body: u8 method index (in ``METHODS``), f64 ``now`` (the last one seen for
+calls without one), then the arguments, keywords, result and events in a
+small tagged encoding (``encode``/``decode``). The last record is ``END``
+with the reason ("closed" or "limit") and the count of records; a file
+without it was cut short (a crash, a kill -9) and replays up to its last
+whole block. Blocks are compressed with zlib level 1 only when a sample
+does not look random (host bytes are often compressed already, and zlib
+on incompressible data costs more than the stack).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import platform
+import queue
+import random as _random
+import struct
+import threading
+import zlib
+from dataclasses import fields, is_dataclass
+
+import pyslirp
+from pyslirp.stack.config import StackConfig
+from pyslirp.stack.tcp_connection import TcpConnection
+
+log = logging.getLogger("pyslirp")
+
+MAGIC = b"PYSLREC\x00"
+FORMAT_VERSION = 1
+
+# The stack's methods that the NAT side calls and that change it: each call
+# is one record. The index in this tuple is the record's method byte, so
+# add new names at the end (a replay of an older file then still reads).
+# "tcp." names are on stack.tcp (TcpLayer), "budget." on stack.budget.
+METHODS = (
+    "END",
+    "receive_frame",
+    "receive_vnet_frame",
+    "frames_to_send",
+    "vnet_frames_to_send",
+    "handle_timer",
+    "send_udp",
+    "send_icmp_error",
+    "send_echo_reply",
+    "learn_neighbor",
+    "udp_quote",
+    "tcp.accept",
+    "tcp.refuse",
+    "tcp.send",
+    "tcp.send_space",
+    "tcp.consume",
+    "tcp.close",
+    "tcp.abort",
+    "tcp.connect",
+    "tcp.release_received",
+    "budget.charge",
+    "budget.release",
+)
+RECORDED = frozenset(METHODS[1:])
+INDEX = {name: i for i, name in enumerate(METHODS)}
+END = 0
+# Methods of the Stack, TcpLayer and MemoryBudget that only read (or, as
+# next_event, hand over events already recorded with the call that made
+# them): not recorded. tests/test_record.py fails if the NAT side calls a
+# public method of theirs that is in neither set.
+QUERIES = frozenset(
+    {
+        "get_timer",
+        "next_wake",
+        "next_event",
+        "drain_events",
+        "neighbour_mac",
+        "guest_address6",
+        "memory_held",
+        "held_bytes",
+        "queue_lengths",
+        "set_tracer",
+        "mac_for",
+        "in_network",
+        "in_prefix6",
+        "free",
+        "window_room",
+        "next_ip_ident",
+    }
+)
+OUTPUTS = frozenset({INDEX["frames_to_send"], INDEX["vnet_frames_to_send"]})
+INPUTS = frozenset({INDEX["receive_frame"], INDEX["receive_vnet_frame"]})
+
+# Buffered records are written as one block at this size (or a second of
+# `now` after the last write): large enough that zlib and write() are paid
+# per 256 KiB rather than per frame, small enough that a crash loses little.
+BLOCK_SIZE = 256 * 1024
+FLUSH_INTERVAL = 1.0  # seconds of `now`
+# Blocks handed to the writer thread and not yet written: 16 x 256 KiB
+# bounds the memory a slow disk can make us hold; past it the loop waits.
+WRITE_QUEUE = 16
+# A block is compressed unless a sample of its largest part looks random:
+# 512 random bytes hold about 221 distinct values, text and headers far
+# fewer (zlib itself costs ~50 us per sample here, a set ~5 us).
+COMPRESS = True  # False stores every block (tests that damage records do)
+SAMPLE_SIZE = 512
+SAMPLE_DISTINCT = 180
+# The largest block a reader accepts, before and after inflating (a block
+# is BLOCK_SIZE plus at most one record, and a record at most a 64 KiB frame
+# or a tcp.send of a send buffer): a hostile file cannot make us hold more.
+MAX_BLOCK = 64 * 1024 * 1024
+# Room kept under record_limit for the last block's framing and END.
+END_RESERVE = 64
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
+_F64 = struct.Struct("<d")
+_RECORD_HEAD = struct.Struct("<IBd")  # length (of what follows it), method, now
+_BLOCK_HEAD = struct.Struct("<IB")
+_FRAME_DIGEST = struct.Struct("<II16s")  # length, CRC-32, blake2b-128 of the head
+HEAD_DIGESTED = 128  # bytes under the blake2b: every header, IPv6 and TCP options too
+FRAME_DIGEST_SIZE = _FRAME_DIGEST.size
+_IOV_MAX = 1024  # writev's limit on Linux
+STORED, ZLIB = 0, 1
+
+
+_EVENT_FIELDS: dict = {}  # event class -> its field names (fields() is slow)
+
+
+class RecordingError(Exception):
+    """A file that is not a recording, or is damaged: the message is one line."""
+
+
+# ------------------------------------------------------------- encoding
+def encode(value, out: list) -> None:
+    """Append the tagged encoding of ``value`` to ``out`` (a list of bytes).
+    A TcpConnection is its serial number; a dataclass (an event) its class
+    name and fields; anything else unknown its repr, marked so."""
+    kind = value.__class__
+    if value is None:
+        out.append(b"N")
+    elif kind is bool:
+        out.append(b"T" if value else b"F")
+    elif kind is int:
+        if -(1 << 63) <= value < (1 << 63):
+            out.append(b"i" + _I64.pack(value))
+        else:
+            text = str(value).encode()
+            out.append(b"I" + _U32.pack(len(text)) + text)
+    elif kind is float:
+        out.append(b"d" + _F64.pack(value))
+    elif kind is bytes:
+        out.append(b"b" + _U32.pack(len(value)))
+        out.append(value)
+    elif kind is bytearray or kind is memoryview:  # the caller may reuse it: a copy
+        value = bytes(value)
+        out.append(b"b" + _U32.pack(len(value)))
+        out.append(value)
+    elif kind is str:
+        text = value.encode("utf-8", "surrogateescape")
+        out.append(b"s" + _U32.pack(len(text)) + text)
+    elif kind is tuple or kind is list:
+        out.append(b"l" + _U32.pack(len(value)))
+        for item in value:
+            encode(item, out)
+    elif kind is dict:
+        out.append(b"m" + _U32.pack(len(value)))
+        for key, item in value.items():
+            encode(key, out)
+            encode(item, out)
+    elif kind is TcpConnection:
+        out.append(b"c" + _I64.pack(value.serial))
+    elif kind in _EVENT_FIELDS or is_dataclass(value):
+        names = _EVENT_FIELDS.get(kind)
+        if names is None:
+            names = _EVENT_FIELDS[kind] = tuple(f.name for f in fields(value))
+        out.append(b"e" + _U32.pack(len(names)))
+        encode(kind.__name__, out)
+        for name in names:
+            encode(getattr(value, name), out)
+    else:
+        text = repr(value).encode("utf-8", "replace")
+        out.append(b"r" + _U32.pack(len(text)) + text)
+
+
+class ConnRef(int):
+    """A connection in a decoded record: its serial number."""
+
+    def __repr__(self) -> str:
+        return f"conn#{int(self)}"
+
+
+class EventRecord(tuple):
+    """A decoded event: (class name, field values...)."""
+
+    def __repr__(self) -> str:
+        return f"{self[0]}({', '.join(short(v) for v in self[1:])})"
+
+
+class Opaque(str):
+    """A value recorded by its repr."""
+
+
+def decode(data, pos: int):
+    """The value encoded at ``pos`` and the position after it; damage raises
+    RecordingError."""
+    try:
+        tag = data[pos]
+        pos += 1
+        if tag == 0x4E:  # N
+            return None, pos
+        if tag == 0x54:  # T
+            return True, pos
+        if tag == 0x46:  # F
+            return False, pos
+        if tag == 0x69:  # i
+            return _I64.unpack_from(data, pos)[0], pos + 8
+        if tag == 0x64:  # d
+            return _F64.unpack_from(data, pos)[0], pos + 8
+        if tag == 0x63:  # c
+            return ConnRef(_I64.unpack_from(data, pos)[0]), pos + 8
+        if tag in (0x62, 0x73, 0x49, 0x72):  # b s I r
+            (size,) = _U32.unpack_from(data, pos)
+            pos += 4
+            raw = bytes(data[pos : pos + size])
+            if len(raw) != size:
+                raise RecordingError("value runs past its record")
+            pos += size
+            if tag == 0x62:
+                return raw, pos
+            text = raw.decode("utf-8", "surrogateescape")
+            if tag == 0x49:
+                return int(text), pos
+            return (text if tag == 0x73 else Opaque(text)), pos
+        if tag in (0x6C, 0x65, 0x6D):  # l e m
+            (count,) = _U32.unpack_from(data, pos)
+            pos += 4
+            if count > len(data) - pos:
+                raise RecordingError("list longer than its record")
+            if tag == 0x6D:
+                result = {}
+                for _ in range(count):
+                    key, pos = decode(data, pos)
+                    result[key], pos = decode(data, pos)
+                return result, pos
+            items = []
+            for _ in range(count + (tag == 0x65)):
+                item, pos = decode(data, pos)
+                items.append(item)
+            return (EventRecord(items) if tag == 0x65 else items), pos
+    except (struct.error, IndexError, ValueError) as exc:
+        raise RecordingError(f"damaged value ({exc})") from None
+    raise RecordingError(f"unknown value tag {tag:#x}")
+
+
+def short(value, limit: int = 24) -> str:
+    """A value for a one-line report."""
+    if isinstance(value, bytes):
+        if len(value) in (4, 16) and limit:
+            return value.hex()
+        text = value[:limit].hex()
+        return f"{len(value)} bytes {text}{'...' if len(value) > limit else ''}"
+    if isinstance(value, list):
+        return "[" + ", ".join(short(v, limit) for v in value) + "]"
+    return repr(value)
+
+
+def frame_digests(items) -> bytes:
+    """Each frame of a frames_to_send result (a vnet pair's header and
+    frame together) as its length, the CRC-32 of all of it and a
+    blake2b-128 of its first HEAD_DIGESTED bytes (the headers, where a
+    change of behaviour shows: sequence numbers, windows, flags). blake2b
+    over whole 64 KiB frames cost more than the stack's own work for them;
+    a CRC-32 still catches any change of a payload a replay makes."""
+    parts = []
+    blake2b = hashlib.blake2b
+    crc32 = zlib.crc32
+    pack = _FRAME_DIGEST.pack
+    for item in items:
+        if item.__class__ is tuple:
+            header, frame = item
+            crc = crc32(frame, crc32(header))
+            head = bytes(header) + bytes(frame[:HEAD_DIGESTED])
+            size = len(header) + len(frame)
+        else:
+            crc = crc32(item)
+            head = item[:HEAD_DIGESTED]
+            size = len(item)
+        parts.append(pack(size, crc, blake2b(head, digest_size=16).digest()))
+    return b"".join(parts)
+
+
+class LazyDigests:
+    """frame_digests(items), computed later by the writer thread (zlib.crc32
+    lets go of the GIL, so the loop does not wait for it): a part of a
+    record whose length is known now. ``held`` is what it keeps alive."""
+
+    __slots__ = ("items", "held")
+
+    def __init__(self, items) -> None:
+        self.items = items  # bytes and (header, frame) pairs: immutable
+        self.held = sum(len(i[1]) if i.__class__ is tuple else len(i) for i in items)
+
+    def __len__(self) -> int:
+        return len(self.items) * _FRAME_DIGEST.size
+
+    def __bytes__(self) -> bytes:
+        return frame_digests(self.items)
+
+
+def split_digests(data: bytes) -> list[tuple[int, int, bytes]]:
+    return [_FRAME_DIGEST.unpack_from(data, i) for i in range(0, len(data), _FRAME_DIGEST.size)]
+
+
+# ------------------------------------------------------------- configuration
+def config_to_json(config) -> dict:
+    """A StackConfig (or TcpConfig) as JSON values: bytes as hex, tuples as lists."""
+    result = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            value = config_to_json(value)
+        elif isinstance(value, bytes):
+            value = value.hex()
+        elif isinstance(value, tuple):
+            value = list(value)
+        result[f.name] = value
+    return result
+
+
+def config_from_json(data: dict, kind=StackConfig):
+    """The config a recording describes, and its differences from this
+    version's fields: (config, unknown fields ignored, fields missing here
+    that keep this version's default)."""
+    defaults = kind()
+    known = {f.name for f in fields(kind)}
+    values = {}
+    unknown: list[str] = []
+    missing = sorted(known - set(data))
+    for name, value in data.items():
+        if name not in known:
+            unknown.append(name)
+            continue
+        default = getattr(defaults, name)
+        if is_dataclass(default):
+            if not isinstance(value, dict):
+                raise RecordingError(f"config field {name} is not an object")
+            value, sub_unknown, sub_missing = config_from_json(value, type(default))
+            unknown += [f"{name}.{n}" for n in sub_unknown]
+            missing += [f"{name}.{n}" for n in sub_missing]
+        else:
+            value = _typed(name, value, default)
+        values[name] = value
+    return kind(**values), unknown, missing
+
+
+def _typed(name: str, value, default):
+    """A JSON value as the type of the field's default, or RecordingError."""
+    try:
+        if isinstance(default, bytes):
+            return bytes.fromhex(value)
+        if isinstance(default, tuple):
+            return tuple(value)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError
+            return value
+        if isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError):
+        raise RecordingError(f"config field {name} has a bad value {value!r}") from None
+    return value
+
+
+# ------------------------------------------------------------- writing
+class Recorder:
+    """Writes records to ``path``; stops cleanly at ``limit`` bytes (0: none)
+    or at a write error (``stopped`` says why; the loop carries on)."""
+
+    def __init__(self, path: str, header: dict, limit: int = 0) -> None:
+        self.path = path
+        self.limit = limit
+        self.records = 0
+        self.stopped: str | None = None  # why no more records are kept
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        head = json.dumps(header, separators=(",", ":")).encode()
+        self.written = 0
+        self._pending: list = []
+        self._lazy: list[int] = []  # where LazyDigests are in _pending
+        self._held = 0  # bytes of frames those hold
+        self._pending_size = 0
+        self._flushed_at: float | None = None
+        self._now = 0.0
+        self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None  # set by the writer thread
+        self._write([MAGIC + _U16.pack(FORMAT_VERSION) + _U32.pack(len(head)) + head])
+        if limit and self.written + END_RESERVE > limit:
+            self.stopped = "limit"
+
+    def record(self, method: int, now, parts: list, lazy: LazyDigests | None = None) -> None:
+        """One record: ``parts`` is its encoded body after the head, and
+        ``lazy`` one of them, if any, that the writer thread turns to bytes."""
+        if self.stopped is not None:
+            return
+        if now is None:
+            now = self._now
+        else:
+            self._now = now
+        size = 9 + sum(map(len, parts))
+        if self.limit and self._over_limit(size):
+            self._write_block()  # compressed, the pending records may fit after all
+            if self._over_limit(size):
+                self._finish("limit")
+                return
+        self._pending.append(_RECORD_HEAD.pack(size, method, now))
+        if lazy is not None:
+            self._lazy.append(len(self._pending) + parts.index(lazy))
+            self._held += lazy.held
+        self._pending += parts
+        self._pending_size += size + 4
+        self.records += 1
+        if self._pending_size + self._held >= BLOCK_SIZE:
+            self._write_block()
+        elif self._flushed_at is None:
+            self._flushed_at = now
+        elif now - self._flushed_at >= FLUSH_INTERVAL:
+            self._write_block()
+
+    def _over_limit(self, size: int) -> bool:
+        """Whether a record of ``size`` might take the file past the limit
+        (pending records counted uncompressed, so it never does)."""
+        end = self.written + self._pending_size + size + 4 + 2 * _BLOCK_HEAD.size + END_RESERVE
+        return end > self.limit
+
+    def _write_block(self) -> None:
+        pending = self._pending
+        if not pending or self.stopped not in (None, "closed", "limit"):
+            return
+        size = self._pending_size
+        lazy = self._lazy
+        self._pending = []
+        self._pending_size = 0
+        self._lazy = []
+        self._held = 0
+        self._flushed_at = self._now
+        # Compress only what compresses, judged by a sample of the largest
+        # part (a frame or host bytes): zlib on random bytes runs at tens of
+        # MB/s, slower than the stack.
+        largest = max(pending, key=len)
+        if len(largest) >= SAMPLE_SIZE:
+            middle = (len(largest) - SAMPLE_SIZE) // 2
+            sample = bytes(largest[middle : middle + SAMPLE_SIZE])
+            compress = len(set(sample)) < SAMPLE_DISTINCT
+        else:  # small records: headers and numbers, unless frame digests
+            compress = not lazy
+        if compress and COMPRESS:
+            for i in lazy:
+                pending[i] = bytes(pending[i])
+            lazy = []
+            data = b"".join(pending)
+            packed = zlib.compress(data, 1)
+            if len(packed) < size:
+                self._write([_BLOCK_HEAD.pack(len(packed), ZLIB), packed])
+                return
+        pending.insert(0, _BLOCK_HEAD.pack(size, STORED))
+        self._write(pending, [i + 1 for i in lazy])
+
+    def _write(self, parts: list, lazy: list | None = None) -> None:
+        """Hand ``parts`` to the writer thread (written there with writev,
+        without a copy, while the loop carries on: the kernel's copy into
+        the page cache is most of a recording's cost), or stop recording
+        after a write error."""
+        if self._error is not None:
+            self.stopped = f"write error: {self._error}"
+            log.warning("recording %s stopped: %s", self.path, self._error)
+            return
+        self.written += sum(map(len, parts))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer, name="record", daemon=True)
+            self._thread.start()
+        self._queue.put((parts, lazy))  # waits while WRITE_QUEUE blocks do: back-pressure
+
+    def _writer(self) -> None:
+        fd = self._fd
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drained, not written: the recording has stopped
+            parts, lazy = item
+            try:
+                for i in lazy or ():
+                    parts[i] = bytes(parts[i])
+                for start in range(0, len(parts), _IOV_MAX):
+                    chunk = parts[start : start + _IOV_MAX]
+                    done = os.writev(fd, chunk)
+                    want = sum(map(len, chunk))
+                    if done < want:  # a short write (a full disk, a signal): the rest
+                        rest = memoryview(b"".join(chunk))[done:]
+                        while rest:
+                            rest = rest[os.write(fd, rest) :]
+            except OSError as exc:
+                self._error = exc.strerror or str(exc)
+
+    def _finish(self, reason: str) -> None:
+        self.stopped = reason
+        parts: list = []
+        encode(reason, parts)
+        encode(self.records, parts)
+        body = b"".join(parts)
+        self._pending.append(_RECORD_HEAD.pack(9 + len(body), END, self._now) + body)
+        self._pending_size += 13 + len(body)
+        self._write_block()
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        if self.stopped is None:
+            self._finish("closed")
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+        os.close(self._fd)
+        self._fd = -1
+
+
+class _Proxy:
+    """Passes attributes on to ``_target``; recorded methods are set on the
+    instance by ``_wrap``."""
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+
+def _wrap(proxy, target, full_name: str, recorder: Recorder, events) -> None:
+    name = full_name.rsplit(".", 1)[-1]
+    method = getattr(target, name)
+    index = INDEX[full_name]
+    try:
+        parameters = list(inspect.signature(method).parameters)
+        now_at = parameters.index("now")
+    except ValueError:
+        now_at = -1
+    output = index in OUTPUTS
+    record = recorder.record
+
+    def call(*args, **kwargs):
+        before = len(events)
+        result = method(*args, **kwargs)
+        if recorder.stopped is not None:
+            return result
+        now = args[now_at] if 0 <= now_at < len(args) else kwargs.get("now")
+        parts: list = []
+        encode(args, parts)
+        encode(kwargs, parts)
+        lazy = None
+        if output:
+            lazy = LazyDigests(result)
+            parts.append(b"b" + _U32.pack(len(lazy)))
+            parts.append(lazy)
+        else:
+            encode(result, parts)
+        after = len(events)
+        if after > before:
+            encode([events[i] for i in range(before, after)], parts)
+        else:
+            parts.append(b"l\x00\x00\x00\x00")
+        record(index, now, parts, lazy)
+        return result
+
+    call.__name__ = name
+    object.__setattr__(proxy, name, call)
+
+
+class _RecordingPart(_Proxy):
+    def __init__(self, target, prefix: str, recorder: Recorder, events) -> None:
+        self._target = target
+        self._prefix = prefix
+        for name in METHODS:
+            if name.startswith(prefix + "."):
+                _wrap(self, target, name, recorder, events)
+
+
+class RecordingStack(_Proxy):
+    """A Stack that records the calls which change it (see the module's
+    docstring). ``stack.out`` and ``stack.events`` are the real ones."""
+
+    def __init__(self, stack, recorder: Recorder) -> None:
+        self._target = stack
+        self.recorder = recorder
+        self.events = stack.events
+        self.tcp = _RecordingPart(stack.tcp, "tcp", recorder, stack.events)
+        self.budget = _RecordingPart(stack.budget, "budget", recorder, stack.events)
+        for name in METHODS:
+            if name in RECORDED and "." not in name:
+                _wrap(self, stack, name, recorder, stack.events)
+
+    @property
+    def out(self):
+        return self._target.out
+
+    def close_recording(self) -> None:
+        self.recorder.close()
+
+
+def header_for(stack_config: StackConfig, seed: int, vnet: bool) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "pyslirp": pyslirp.__version__,
+        "python": platform.python_version(),
+        "seed": seed,
+        "vnet": vnet,
+        "stack": config_to_json(stack_config),
+    }
+
+
+def recording_stack(config) -> RecordingStack:
+    """The stack for a loop with ``config.record_path`` (a NetworkConfig):
+    its own random source, seeded from os.urandom and recorded."""
+    from pyslirp.stack.interface import Stack
+
+    stack_config = config.stack_config()
+    seed = int.from_bytes(os.urandom(8), "big")
+    stack = Stack(stack_config, _random.Random(seed))
+    header = header_for(stack_config, seed, bool(config.offload))
+    return RecordingStack(stack, Recorder(config.record_path, header, config.record_limit))
+
+
+# ------------------------------------------------------------- reading
+class Record:
+    __slots__ = ("index", "method", "now", "args", "kwargs", "result", "events")
+
+    def __init__(self, index, method, now, args, kwargs, result, events) -> None:
+        self.index = index  # 1-based, in the file
+        self.method = method  # a name from METHODS
+        self.now = now
+        self.args = args
+        self.kwargs = kwargs
+        self.result = result
+        self.events = events
+
+
+class Recording:
+    """A recording's header and its records, read as they are iterated.
+
+    ``end`` is the END record's reason once it has been read ("closed",
+    "limit"); iterating a file without one raises RecordingError
+    ("truncated at record N") after its last whole record."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise RecordingError(exc.strerror or str(exc)) from None
+        start = self._file.read(len(MAGIC) + 6)
+        if len(start) < len(MAGIC) + 6 or not start.startswith(MAGIC):
+            self.close()
+            raise RecordingError("not a pyslirp recording")
+        (self.format,) = _U16.unpack_from(start, len(MAGIC))
+        if self.format != FORMAT_VERSION:
+            self.close()
+            raise RecordingError(
+                f"recording format {self.format}; this pyslirp reads format {FORMAT_VERSION}"
+            )
+        (size,) = _U32.unpack_from(start, len(MAGIC) + 2)
+        head = self._file.read(size)
+        try:
+            self.header = json.loads(head)
+            if not isinstance(self.header, dict) or not isinstance(self.header.get("stack"), dict):
+                raise ValueError("no stack configuration")
+        except ValueError:
+            self.close()
+            raise RecordingError("damaged header") from None
+        self.end: str | None = None
+        self.end_count: int | None = None
+
+    def close(self) -> None:
+        self._file.close()
+
+    def stack_config(self):
+        """(StackConfig, unknown fields, missing fields) from the header."""
+        return config_from_json(self.header["stack"])
+
+    def __iter__(self):
+        count = 0
+        read = self._file.read
+        while True:
+            head = read(_BLOCK_HEAD.size)
+            if not head:
+                break
+            if len(head) < _BLOCK_HEAD.size:
+                raise RecordingError(f"truncated at record {count + 1}")
+            size, method = _BLOCK_HEAD.unpack(head)
+            if size > MAX_BLOCK:
+                raise RecordingError(f"damaged block at record {count + 1}")
+            data = read(size)
+            if len(data) < size:
+                raise RecordingError(f"truncated at record {count + 1}")
+            if method == ZLIB:
+                inflate = zlib.decompressobj()
+                try:
+                    data = inflate.decompress(data, MAX_BLOCK)
+                except zlib.error:
+                    raise RecordingError(f"damaged block at record {count + 1}") from None
+                if inflate.unconsumed_tail or not inflate.eof:
+                    raise RecordingError(f"damaged block at record {count + 1}")
+            elif method != STORED:
+                raise RecordingError(f"damaged block at record {count + 1}")
+            pos = 0
+            while pos < len(data):
+                count += 1
+                if pos + _RECORD_HEAD.size > len(data):
+                    raise RecordingError(f"damaged record {count}")
+                length, index, now = _RECORD_HEAD.unpack_from(data, pos)
+                body_end = pos + 4 + length
+                if index >= len(METHODS) or body_end > len(data) or length < 9:
+                    raise RecordingError(f"damaged record {count}")
+                pos += _RECORD_HEAD.size
+                if index == END:
+                    self.end, pos = decode(data, pos)
+                    self.end_count, pos = decode(data, pos)
+                    return
+                try:
+                    args, pos = decode(data, pos)
+                    kwargs, pos = decode(data, pos)
+                    result, pos = decode(data, pos)
+                    events, pos = decode(data, pos)
+                except RecordingError as exc:
+                    raise RecordingError(f"damaged record {count}: {exc}") from None
+                if (
+                    pos != body_end
+                    or not isinstance(args, list)
+                    or not isinstance(kwargs, dict)
+                    or not all(isinstance(k, str) for k in kwargs)
+                    or not isinstance(events, list)
+                    or (
+                        index in OUTPUTS
+                        and not (isinstance(result, bytes) and len(result) % FRAME_DIGEST_SIZE == 0)
+                    )
+                ):
+                    raise RecordingError(f"damaged record {count}")
+                yield Record(count, METHODS[index], now, args, kwargs, result, events)
+        raise RecordingError(f"truncated at record {count + 1}")
