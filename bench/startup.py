@@ -384,7 +384,7 @@ def main() -> int:
     return 0
 
 
-def import_profile(program: list[str], top: int = 25) -> str:
+def import_profile(program: list[str], top: int = 40) -> str:
     """The ``top`` imports by cumulative time in one start (``-X importtime``)."""
     err_path = f"/tmp/pyslirp-importtime-{os.getpid()}.log"
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
