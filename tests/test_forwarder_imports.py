@@ -183,6 +183,9 @@ NOT_IN_THE_PLAIN_MODE = {
     "forwarder.top",
     "forwarder.metrics",
     "pyslirp.trace",
+    "pyslirp.stack.ipv6_layer",  # -6 only
+    "pyslirp.stack.ndp",
+    "pyslirp.nat.dhcpv6",
     "pyslirp.libslirp",
     "cffi",
 }
