@@ -369,7 +369,7 @@ def main() -> int:
     parser.add_argument("--tests", nargs="+", default=[*run.TESTS, "mem", "startup"])
     parser.add_argument(
         "--forwarder",
-        nargs="+",
+        type=str.split,  # one argument: "/venv/bin/python3 -m forwarder"
         default=None,
         help="the python backend's start-ups with this command, say a pip-installed"
         " pyslirp-forwarder (default: python3 -m forwarder from this checkout)",

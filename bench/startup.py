@@ -353,7 +353,7 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=20)
     parser.add_argument(
         "--forwarder",
-        nargs="+",
+        type=str.split,  # one argument: "/venv/bin/python3 -m forwarder"
         default=None,
         help="the forwarder's command (default: this python -m forwarder, from the repository)",
     )
