@@ -134,7 +134,12 @@ class _Parser:
         self._defaults: dict[str, object] = {}
         self._positional: str | None = None
 
-    def add_argument(self, *flags: str, action: str | None = None, default=None, nargs=None):
+    def add_argument(
+        self, *flags: str, action: str | None = None, default=None, nargs=None, help=None
+    ):
+        if action not in (None, "store_true", "append") or nargs not in (None, "*"):
+            # Values are checked by Options's steps, with slirp4netns's words.
+            raise NotImplementedError(f"{flags[0]}: action={action!r}, nargs={nargs!r}")
         if not flags[0].startswith("-"):  # the positional list (nargs="*")
             self._positional = flags[0]
             self._defaults[flags[0]] = []
