@@ -149,6 +149,7 @@ def started(program: list[str], target_pid: int, env=None, stderr=subprocess.DEV
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd,
+        cwd=REPO,  # python -m forwarder: this checkout's
         stdout=subprocess.DEVNULL,
         stderr=stderr,
         start_new_session=True,
