@@ -3,11 +3,14 @@
 Usage (as root, from the repository):
     python3 bench/speed.py [--time 3] [--mtu 1500 65520] [--runs 2] [--out bench/results]
         [--backend python python-no-offload python-distro pypy libslirp slirp4netns pasta]
+        [--forwarder /venv/bin/pyslirp-forwarder]
 
 The rates come from bench/run.py's measurements (iperf3 both ways, 1-byte
 request/response, connect/close, CPU seconds of the forwarder); beside them,
-for our forwarder and slirp4netns: start-up to the ready fd, resident memory
-idle, and resident memory with 1,000 open connections (the python backends).
+for our forwarder and slirp4netns (bench/startup.py): the median and p90 of
+20 starts, ``--configure --ready-fd=N PID tap0`` from exec to the ready fd,
+with each interpreter's floors (``-c pass``, ``-S -c pass``) in the
+header; and RSS, PSS and USS idle and with 1,000 open connections.
 ``pasta`` runs Debian's passt build (as root it needs ``--runas 0``); a
 backend whose program is missing is left out with a note.
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402  (bench/run.py: the measurements)
+import startup  # noqa: E402  (bench/startup.py: start-up times, RSS/PSS/USS)
 
 REPO = run.REPO
 SLIRP_BACKENDS = {
@@ -50,10 +54,17 @@ COST_METRICS = [
     ("request/response CPU", "us/tx"),
     ("connect/close CPU", "us/conn"),
 ]
+STARTUP_STARTS = 20  # starts per backend for the start-up percentiles
 STARTUP_METRICS = [
-    ("start-up to ready fd", "ms"),
-    ("memory idle", "MB"),
-    ("memory, 1000 connections", "MB"),
+    ("start-up to ready fd, median of 20", "ms"),
+    ("start-up to ready fd, p90 of 20", "ms"),
+    ("start-up on a CPU, median of 20", "ms"),
+    ("memory idle, RSS", "MB"),
+    ("memory idle, PSS", "MB"),
+    ("memory idle, USS", "MB"),
+    ("memory, 1000 connections, RSS", "MB"),
+    ("memory, 1000 connections, PSS", "MB"),
+    ("memory, 1000 connections, USS", "MB"),
 ]
 
 # Run inside the namespace: open N connections, say so, hold them until stdin closes.
@@ -104,11 +115,37 @@ def command(backend: str, mtu: int, ns_path: str, ready_fd: int | None) -> list[
     return run.our_command(backend, mtu, ns_path, [*ready, *SLIRP_BACKENDS[backend]])
 
 
-def vm_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def startup_program(backend: str, mtu: int, forwarder: list[str] | None) -> list[str] | None:
+    """The command that bench/startup.py completes with ``--configure
+    --ready-fd=N PID tap0``; None for pasta (no ready fd). ``forwarder``
+    (--forwarder) stands for ``python -m forwarder`` in the python backend."""
+    if backend == "pasta":
+        return None
+    if backend == "slirp4netns":
+        return ["slirp4netns", f"--mtu={mtu}"]
+    extra = [f"--mtu={mtu}", *SLIRP_BACKENDS[backend]]
+    if forwarder and backend == "python":
+        return [*forwarder, *extra]
+    return [run.INTERPRETERS.get(backend, sys.executable), "-m", "forwarder", *extra]
+
+
+def startup_times(backend: str, mtu: int, forwarder: list[str] | None) -> dict:
+    """Median and p90 of STARTUP_STARTS starts, exec to the ready fd (and on a CPU)."""
+    program = startup_program(backend, mtu, forwarder)
+    if program is None:
+        return {}
+    cpu: list[float] = []
+    wall = startup.summary(startup.start_times(program, STARTUP_STARTS, cpu))
+    return {
+        "start-up to ready fd, median of 20": wall["median"],
+        "start-up to ready fd, p90 of 20": wall["p90"],
+        "start-up on a CPU, median of 20": startup.summary(cpu)["median"],
+    }
+
+
+def memory_fields(prefix: str, pid: int) -> dict:
+    """RSS, PSS and USS of ``pid`` (bench/startup.py's smaps) as table rows."""
+    return {f"{prefix}, {kind}": mb for kind, mb in startup.smaps(pid).items()}
 
 
 @contextlib.contextmanager
@@ -164,7 +201,7 @@ class HoldServer(run.AcceptCloseServer):
         self.release()
 
 
-def memory_with_connections(ns_name: str, pid: int, port: int, count: int) -> float:
+def memory_with_connections(ns_name: str, pid: int, port: int, count: int) -> dict:
     client = subprocess.Popen(
         ["ip", "netns", "exec", ns_name, sys.executable, "-c", HOLD_CLIENT, str(port), str(count)],
         stdin=subprocess.PIPE,
@@ -176,7 +213,7 @@ def memory_with_connections(ns_name: str, pid: int, port: int, count: int) -> fl
         if line.strip() != str(count):
             raise RuntimeError(f"could not open {count} connections")
         time.sleep(0.5)
-        return vm_rss_mb(pid)
+        return memory_fields(f"memory, {count} connections", pid)
     finally:
         client.stdin.close()
         try:
@@ -186,15 +223,15 @@ def memory_with_connections(ns_name: str, pid: int, port: int, count: int) -> fl
             client.wait(timeout=5)
 
 
-def measure(backend, mtu, duration, tests, ports, hold) -> dict:
+def measure(backend, mtu, duration, tests, ports, hold, forwarder=None) -> dict:
     name = f"pyslirp-speed-{os.getpid()}-{backend}-{mtu}"
     results = {}
-    with run.namespace(name) as ns_path, started(backend, mtu, name, ns_path) as (proc, ms):
-        if ms is not None:
-            results["start-up to ready fd"] = ms
-        time.sleep(0.3)
+    if "startup" in tests:
+        results.update(startup_times(backend, mtu, forwarder))
+    with run.namespace(name) as ns_path, started(backend, mtu, name, ns_path) as (proc, _ms):
+        time.sleep(1.0)
         if backend != "pasta":
-            results["memory idle"] = vm_rss_mb(proc.pid)
+            results.update(memory_fields("memory idle", proc.pid))
         run.in_ns(name, ["ip", "link", "set", "lo", "up"], timeout=10)
         pid = proc.pid
         if "up" in tests:
@@ -211,9 +248,7 @@ def measure(backend, mtu, duration, tests, ports, hold) -> dict:
             results["connect/close"], results["connect/close CPU"] = rate, cpu
         if "mem" in tests and backend != "pasta":
             try:
-                results["memory, 1000 connections"] = memory_with_connections(
-                    name, pid, hold.port, 1000
-                )
+                results.update(memory_with_connections(name, pid, hold.port, 1000))
             finally:
                 hold.release()
     return results
@@ -306,13 +341,39 @@ def interpreter(backend: str) -> str:
     return f"{backend}: {out or 'unknown'} ({shutil.which(program) or program})"
 
 
+def floors(backends: list[str], forwarder: list[str] | None) -> list[str]:
+    """The start-up floors beside the start-ups: each interpreter's
+    ``-c pass`` and ``-S -c pass``, median and p90 of STARTUP_STARTS."""
+    pythons = [sys.executable] + [run.INTERPRETERS[b] for b in backends if b in run.INTERPRETERS]
+    if forwarder:
+        pythons.append(startup.interpreter_of(forwarder))
+        lines = [f"Start-ups of the python backend: {' '.join(forwarder)}"]
+    else:
+        lines = [f"Start-ups of the python backend: {sys.executable} -m forwarder"]
+    for python in dict.fromkeys(pythons):
+        for flags in ([], ["-S"]):
+            got = startup.summary(startup.floor_times(python, flags, STARTUP_STARTS))
+            lines.append(
+                f"Floor: {' '.join([python, *flags])} -c pass: median {got['median']:.1f} ms,"
+                f" p90 {got['p90']:.1f} ms"
+            )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--mtu", type=int, nargs="+", default=[1500, 65520])
     parser.add_argument("--backend", nargs="+", default=ALL, choices=ALL)
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--tests", nargs="+", default=[*run.TESTS, "mem"])
+    parser.add_argument("--tests", nargs="+", default=[*run.TESTS, "mem", "startup"])
+    parser.add_argument(
+        "--forwarder",
+        type=str.split,  # one argument: "/venv/bin/python3 -m forwarder"
+        default=None,
+        help="the python backend's start-ups with this command, say a pip-installed"
+        " pyslirp-forwarder (default: python3 -m forwarder from this checkout)",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -347,6 +408,8 @@ def main() -> int:
     ports = {"iperf": iperf_port, "echo": echo.port, "close": closer.port}
     report = [f"Machine: {machine()}"]
     report += [f"Interpreter of {interpreter(b)}" for b in backends if b in run.INTERPRETERS]
+    if "startup" in args.tests:
+        report += floors(backends, args.forwarder)
     report.append("")
     try:
         time.sleep(0.3)
@@ -357,20 +420,23 @@ def main() -> int:
                     print(f"run {n}: {backend}, MTU {mtu} ...", file=sys.stderr)
                     try:
                         results[(backend, mtu)] = measure(
-                            backend, mtu, args.time, args.tests, ports, hold
+                            backend, mtu, args.time, args.tests, ports, hold, args.forwarder
                         )
                     except (RuntimeError, subprocess.TimeoutExpired) as exc:
                         print(f"  {backend} failed: {exc}", file=sys.stderr)
             text = table(results, backends, args.mtu)
             report += [f"### Run {n} ({args.time:g} s per measurement)", "", text, ""]
             print(report[-3] + "\n\n" + text + "\n", flush=True)
-            chart(
-                results,
-                backends,
-                args.mtu,
-                out / f"speed-run{n}.png",
-                f"Rates as multiples of slirp4netns, run {n} ({machine()})",
-            )
+            try:
+                chart(
+                    results,
+                    backends,
+                    args.mtu,
+                    out / f"speed-run{n}.png",
+                    f"Rates as multiples of slirp4netns, run {n} ({machine()})",
+                )
+            except ImportError:  # the bench extra (matplotlib) is not installed
+                print("no matplotlib: no chart (pip install '.[bench]')", file=sys.stderr)
     finally:
         iperf_server.terminate()
         iperf_server.wait(timeout=5)

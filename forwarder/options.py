@@ -15,7 +15,6 @@ file, the NetworkConfig, and last the target (PATH, PID TAPNAME or COMMAND).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fcntl
 import ipaddress
@@ -24,6 +23,7 @@ import re
 import socket
 import struct
 import sys
+from types import SimpleNamespace
 
 from pyslirp.nat.compat import if_nametoindex
 
@@ -120,13 +120,93 @@ CAP_NET_BIND_SERVICE if running as the root)
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and exit 2
+class _Parser:
+    """The part of argparse that the command line uses, in the same words:
+    ``add_argument`` with a store (the default), ``store_true`` or
+    ``append`` action, one positional list, and ``parse_intermixed_args``.
+    Long options take ``--opt=VALUE`` or ``--opt VALUE``; short ones
+    ``-r VALUE``, ``-rVALUE`` or ``-r=VALUE``, and flags combine (``-c6``).
+    argparse itself, its gettext look-ups and the shutil that its help
+    formatter imports cost 5 to 15 ms of every start (bench/startup.py)."""
+
+    def __init__(self) -> None:
+        self._actions: dict[str, tuple[str, str, str]] = {}  # flag: (dest, action, all its flags)
+        self._defaults: dict[str, object] = {}
+        self._positional: str | None = None
+
+    def add_argument(
+        self, *flags: str, action: str | None = None, default=None, nargs=None, help=None
+    ):
+        if action not in (None, "store_true", "append") or nargs not in (None, "*"):
+            # Values are checked by Options's steps, with slirp4netns's words.
+            raise NotImplementedError(f"{flags[0]}: action={action!r}, nargs={nargs!r}")
+        if not flags[0].startswith("-"):  # the positional list (nargs="*")
+            self._positional = flags[0]
+            self._defaults[flags[0]] = []
+            return
+        dest = next((f for f in flags if f.startswith("--")), flags[0]).lstrip("-")
+        dest = dest.replace("-", "_")
+        self._defaults[dest] = False if action == "store_true" else default
+        for flag in flags:
+            self._actions[flag] = (dest, action or "store", "/".join(flags))
+
+    def error(self, message: str):
         raise UsageError(f"{message} (see --help)")
 
+    def parse_intermixed_args(self, argv: list[str]):
+        values = {
+            dest: list(default) if isinstance(default, list) else default
+            for dest, default in self._defaults.items()
+        }
+        unknown: list[str] = []
+        args = iter(argv)
+        for arg in args:
+            if arg.startswith("--") and len(arg) > 2:
+                flag, equals, value = arg.partition("=")
+                found = self._actions.get(flag)
+                if found is None:
+                    unknown.append(arg)
+                    continue
+                self._take(values, found, value if equals else None, args)
+            elif arg.startswith("-") and len(arg) > 1:
+                for at in range(1, len(arg)):  # -c6, -r3, -r=3
+                    found = self._actions.get("-" + arg[at])
+                    if found is None:
+                        unknown.append(arg)
+                        break
+                    if found[1] != "store_true":
+                        rest = arg[at + 1 :]
+                        rest = rest[1:] if rest.startswith("=") else rest
+                        self._take(values, found, rest or None, args)
+                        break
+                    values[found[0]] = True
+            elif self._positional is not None:
+                values[self._positional].append(arg)
+            else:
+                unknown.append(arg)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return SimpleNamespace(**values)
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, add_help=False, allow_abbrev=False)
+    def _take(self, values: dict, found: tuple, value: str | None, args) -> None:
+        dest, action, names = found
+        if action == "store_true":
+            if value is not None:
+                self.error(f"argument {names}: ignored explicit argument '{value}'")
+            values[dest] = True
+            return
+        if value is None:
+            value = next(args, None)
+            if value is None or (value.startswith("-") and value != "-"):
+                self.error(f"argument {names}: expected one argument")
+        if action == "append":
+            values[dest].append(value)
+        else:
+            values[dest] = value
+
+
+def _parser() -> _Parser:
+    p = _Parser()
     p.add_argument("-c", "--configure", action="store_true")
     p.add_argument("-e", "--exit-fd", default=None)
     p.add_argument("-r", "--ready-fd", default=None)
@@ -495,7 +575,7 @@ class Options:
         self._make_config(ns, network)
         self._resolve_target(ns)
 
-    # Each step reads a group of options from ``ns`` (argparse's namespace),
+    # Each step reads a group of options from ``ns`` (_Parser's namespace),
     # raises UsageError for the first bad one, and sets fields of ``self``
     # or returns NetworkConfig's arguments.
     def _read_modes(self, ns) -> None:

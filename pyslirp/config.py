@@ -12,7 +12,8 @@ import ipaddress
 import os
 import random as _random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms at start-up)
 
 if TYPE_CHECKING:
     from pyslirp.stack.config import StackConfig, TcpConfig

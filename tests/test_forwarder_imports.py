@@ -163,3 +163,84 @@ def test_each_constant_has_one_home():
         for match in re.finditer(r"^([A-Z][A-Z0-9_]*) *=", path.read_text(), re.MULTILINE):
             homes.setdefault(match.group(1), []).append(path.name)
     assert {name: where for name, where in homes.items() if len(where) > 1} == {}
+
+
+# What the plain mode (``--configure --ready-fd=N PID tap0``) must not have
+# imported by the time it says ready: each costs start-up time or memory and
+# belongs to a mode or option that was not asked for.
+NOT_IN_THE_PLAIN_MODE = {
+    "argparse",  # forwarder.options parses by itself
+    "json",  # the API (-a), the trace and the record
+    "typing",
+    "secrets",  # and hmac, hashlib: the DNS ids come from os.urandom
+    "hashlib",  # its import loads OpenSSL; blake2b comes from _blake2
+    "shutil",
+    "tempfile",
+    "forwarder.api",
+    "forwarder.sandbox",
+    "forwarder.runmode",
+    "forwarder.slaac",
+    "forwarder.top",
+    "forwarder.metrics",
+    "pyslirp.trace",
+    "pyslirp.stack.ipv6_layer",  # -6 only
+    "pyslirp.stack.ndp",
+    "pyslirp.nat.dhcpv6",
+    "pyslirp.libslirp",
+    "cffi",
+}
+READY_TIMEOUT = 30.0  # seconds: two CPUs shared with other test runs
+
+
+@pytest.mark.e2e
+def test_the_plain_mode_imports_only_what_it_needs():
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    target = subprocess.Popen(["unshare", "--net", "--", "sleep", "120"])
+    ready_r, ready_w = os.pipe()
+    forwarder = None
+    try:
+        # Wait (bounded) until unshare has made the namespace.
+        own = os.stat("/proc/self/ns/net").st_ino
+        for _ in range(1000):
+            if os.stat(f"/proc/{target.pid}/ns/net").st_ino != own:
+                break
+            select.select([], [], [], 0.01)
+        forwarder = subprocess.Popen(
+            # -S: what site and the .pth files of site-packages import is not ours.
+            [sys.executable, "-S", "-m", "forwarder", "--configure", f"--ready-fd={ready_w}"]
+            + [str(target.pid), "tap0"],
+            cwd=PACKAGE.parent,
+            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=(ready_w,),
+        )
+        os.close(ready_w)
+        ready_w = -1
+        assert select.select([ready_r], [], [], READY_TIMEOUT)[0], "not ready in time"
+        assert os.read(ready_r, 1) == b"1"
+        forwarder.send_signal(signal.SIGTERM)
+        _, err = forwarder.communicate(timeout=READY_TIMEOUT)
+        assert forwarder.returncode == 0, err[-2000:]
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+        for proc in (forwarder, target):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    imported = {
+        line.split("|")[2].strip()
+        for line in err.splitlines()
+        if line.startswith("import time:") and "cumulative" not in line
+    }
+    # The listing was read: the modes' own modules are in it.
+    assert {"forwarder.serve", "forwarder.namespace", "pyslirp.nat.loop"} <= imported
+    assert sorted(imported & NOT_IN_THE_PLAIN_MODE) == []

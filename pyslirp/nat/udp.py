@@ -27,8 +27,6 @@ from pyslirp.stack import icmpv4, ipv6
 
 from .addressing import AddressMap, endpoint, to_text
 from .descriptors import EXHAUSTED
-from .dhcpv6 import CLIENT_PORT as DHCPV6_CLIENT_PORT
-from .dhcpv6 import SERVER_PORT as DHCPV6_SERVER_PORT
 
 log = logging.getLogger("pyslirp.udp")
 
@@ -139,10 +137,11 @@ class UdpNat:
         # Other readers of the guest's datagrams, asked first (add_consumer).
         self.consumers: list = []
         self.dhcpv6 = None
-        if loop.config.enable_ipv6:
-            from .dhcpv6 import Dhcpv6Server
+        if loop.config.enable_ipv6:  # imported only with -6 (it and ndp: 1 ms of a start)
+            from .dhcpv6 import CLIENT_PORT, SERVER_PORT, Dhcpv6Server
 
             self.dhcpv6 = Dhcpv6Server(loop.config)
+            self.dhcpv6_ports = (SERVER_PORT, CLIENT_PORT)
             stack_config = loop.stack.config
             self.dhcpv6_addresses = (
                 ipv6.ALL_DHCP_AGENTS,
@@ -186,8 +185,8 @@ class UdpNat:
                 stack.learn_neighbor(lease.address, lease.mac)
             return
         if (
-            dport == DHCPV6_SERVER_PORT
-            and self.dhcpv6 is not None
+            self.dhcpv6 is not None
+            and dport == self.dhcpv6_ports[0]
             and len(dst) == 16
             and dst in self.dhcpv6_addresses
         ):
@@ -239,9 +238,8 @@ class UdpNat:
             return
         # RFC 8415 18.3.10: from our link-local address unless asked at another.
         src = event.dst if event.dst[0] != 0xFF else self.dhcpv6_addresses[1]
-        self.stack.send_udp(
-            src, DHCPV6_SERVER_PORT, event.src, event.src_port or DHCPV6_CLIENT_PORT, reply, now
-        )
+        server_port, client_port = self.dhcpv6_ports
+        self.stack.send_udp(src, server_port, event.src, event.src_port or client_port, reply, now)
 
     def _open(self, event, now: float):
         limit = self.config.max_udp_flows

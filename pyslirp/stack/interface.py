@@ -33,7 +33,6 @@ from .budget import MemoryBudget
 from .config import StackConfig
 from .errors import MalformedFrame
 from .events import IcmpEchoRequested, MemoryPressureChanged, UdpDatagramReceived
-from .ipv6_layer import Ipv6Layer
 from .reassembly import Reassembler
 from .tcp_layer import TcpLayer
 
@@ -95,7 +94,11 @@ class Stack:
         self.rx_checksum_trusted = False
         self.rx_gso = False
         # IPv6 (config.ipv6): ingress, neighbour discovery, RAs, egress.
-        self.ipv6 = Ipv6Layer(self) if config.ipv6 else None
+        self.ipv6 = None
+        if config.ipv6:  # imported only then: it and ndp cost 1 ms of a start without -6
+            from .ipv6_layer import Ipv6Layer
+
+            self.ipv6 = Ipv6Layer(self)
         # TCP (config.tcp): connections, their timers, the NAT side's commands.
         self.tcp = TcpLayer(self)
 

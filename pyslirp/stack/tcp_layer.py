@@ -12,10 +12,16 @@ bytes of ``conn.rx``), ``close`` (our FIN after the buffered data), ``abort``
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import struct
 from collections import Counter, deque
+
+try:
+    # What hashlib.blake2b is in CPython, without hashlib's load of OpenSSL
+    # (_hashlib: 2 to 6 ms of every start, for no digest we use).
+    from _blake2 import blake2b
+except ImportError:  # another interpreter
+    from hashlib import blake2b
 
 from . import checksum, ethernet, icmpv4, ipv4, tcp, virtio
 from .budget import held_size
@@ -442,7 +448,7 @@ class TcpLayer:
         tuple_bytes = b"".join(
             (local, local_port.to_bytes(2, "big"), remote, remote_port.to_bytes(2, "big"))
         )
-        digest = hashlib.blake2b(tuple_bytes, digest_size=4, key=self.isn_key).digest()
+        digest = blake2b(tuple_bytes, digest_size=4, key=self.isn_key).digest()
         return (int(now * 250_000) + int.from_bytes(digest, "big")) & MASK
 
     def _initial_sequence(self, conn: TcpConnection, now: float) -> None:
