@@ -32,6 +32,7 @@ from pyslirp.stack.events import (
     TcpSendSpaceOpened,
     UdpDatagramReceived,
 )
+from pyslirp.trace import open_tracer
 
 from .dhcp import DhcpServer
 from .dns import DnsProxy
@@ -101,6 +102,7 @@ class PythonBackend(Backend):
         self._extra: dict[int, tuple] = {}
         self._forwards: dict[int, tuple] = {}
         self._guest_left = False
+        self._tracer = None  # --trace: a JsonTracer, closed with the backend
 
     def start(self, tap_fd: int, stop_fd: int) -> None:
         if self.loop is not None:
@@ -110,6 +112,18 @@ class PythonBackend(Backend):
         if self.link is not None:
             self.link.on_disconnect = self._on_guest_left
         self.loop = build_loop(self.config, tap_fd, stop_fd, self._capture, self.link)
+        if self.config.trace_path:
+            self._tracer = open_tracer(self.config.trace_path, self._frame_index())
+            self.loop.set_tracer(self._tracer)
+
+    def _frame_index(self):
+        """With --pcap, a drop in the trace names its guest frame by pcap
+        index: the loop writes each guest frame to the capture just before
+        the stack handles it, so the count written is that frame's index."""
+        capture = self._capture
+        if capture is None:
+            return None
+        return lambda: capture.frames
 
     def run(self, tap_fd: int, stop_fd: int) -> None:
         self.start(tap_fd, stop_fd)
@@ -134,6 +148,8 @@ class PythonBackend(Backend):
         old, self.loop = self.loop, None
         old.close()
         self.loop = loop = build_loop(self.config, -1, self._stop_fd, self._capture, self.link)
+        if self._tracer is not None:
+            loop.set_tracer(self._tracer)
         for fd, (events, handler) in self._extra.items():
             loop.register(fd, events, handler)
         forwards, self._forwards = self._forwards, {}
@@ -150,6 +166,9 @@ class PythonBackend(Backend):
         capture, self._capture = self._capture, None
         if capture is not None:
             capture.close()
+        tracer, self._tracer = self._tracer, None
+        if tracer is not None:
+            tracer.close()
 
     def _started(self) -> Loop:
         if self.loop is None:
