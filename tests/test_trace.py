@@ -1,0 +1,313 @@
+"""The decision trace (--trace, docs/trace.md).
+
+In process: a Stack played frame by frame with a plain float clock (the
+Script of test_tcp_stack), a recording tracer, and exact event sequences.
+End to end: the real forwarder with --trace and --pcap, a namespace, udhcpc,
+dig and a TCP client as the guest; the trace is read back as JSON lines.
+"""
+
+import io
+import json
+import re
+import struct
+from collections import Counter
+from pathlib import Path
+
+from pyslirp.stack import tracing
+from pyslirp.stack.interface import Stack
+from pyslirp.stack.tcp_connection import TcpConnection, TcpState
+from pyslirp.stack.tcp_layer import TcpLayer
+from pyslirp.trace import JsonTracer
+from tests.test_tcp_stack import GISN, GUEST_MAC, GW_MAC, ISS, Script, ip4
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = (REPO / "docs" / "trace.md").read_text()
+FLOW = "tcp 10.0.2.100:40000>198.51.100.7:80"
+
+
+class Recorder:
+    """A tracer that keeps what it is told: (t, event, flow, msg, fields)."""
+
+    def __init__(self, frame_index=None) -> None:
+        self.frame_index = frame_index
+        self.records: list = []
+
+    def __call__(self, now, event, flow, msg, **fields) -> None:
+        assert isinstance(msg, str) and msg
+        self.records.append((now, event, flow, msg, fields))
+
+    def events(self, name=None) -> list:
+        return [r for r in self.records if name is None or r[1] == name]
+
+    def states(self) -> list:
+        return [(r[0], r[4]["old"], r[4]["new"], r[4]["cause"]) for r in self.events("tcp.state")]
+
+
+def traced(**config) -> tuple[Script, Recorder]:
+    s = Script(**config)
+    recorder = Recorder()
+    s.stack.set_tracer(recorder)
+    return s, recorder
+
+
+def documented_events() -> set:
+    """The event names docs/trace.md lists: its '### `name`' headings."""
+    return set(re.findall(r"^### `([a-z0-9.-]+)`", DOC, re.M))
+
+
+# ------------------------------------------------------------ on and off
+def test_tracing_off_runs_the_plain_classes_and_on_and_off_again_switches_them():
+    s = Script()
+    conn = s.handshake()
+    assert type(s.stack) is Stack and type(s.tcp) is TcpLayer
+    assert type(conn) is TcpConnection and type(s.stack.drops) is Counter
+    recorder = Recorder()
+    s.stack.set_tracer(recorder)
+    assert type(s.stack) is tracing.TracedStack
+    assert type(conn) is tracing.TracedTcpConnection
+    assert type(s.stack.drops) is tracing.TracingCounter
+    s.stack.drops["x"] += 2  # counts survive the switch both ways
+    s.stack.set_tracer(None)
+    assert type(s.stack) is Stack and type(s.tcp) is TcpLayer and type(conn) is TcpConnection
+    assert s.stack.drops == Counter({"x": 2}) and type(s.stack.drops) is Counter
+    s.stack.receive_frame(b"\0" * 10, 5.0)
+    assert [r[1] for r in recorder.records] == ["drop"]  # only the one while on
+
+
+# ------------------------------------------------------------ TCP
+def test_handshake_and_teardown_transitions_in_order_with_their_causes():
+    s, rec = traced()
+    conn = s.handshake(now=1.0)
+    s.feed(1.2, "FA", GISN + 1, ISS + 1, ts=(102, s.ts(1.0)))
+    s.stack.frames_to_send(1.2)
+    s.tcp.close(conn, 1.3)
+    s.stack.frames_to_send(1.3)
+    s.feed(1.4, "A", GISN + 2, ISS + 2, ts=(103, s.ts(1.3)))
+    assert conn.state is TcpState.CLOSED
+    assert rec.states() == [
+        (1.0, "CLOSED", "LISTEN", f"segment S seq={GISN} ack=0 len=0"),
+        (1.0, "LISTEN", "SYN-RECEIVED", "host connected (accept)"),
+        (1.01, "SYN-RECEIVED", "ESTABLISHED", f"segment A seq={GISN + 1} ack={ISS + 1} len=0"),
+        (1.2, "ESTABLISHED", "CLOSE-WAIT", f"segment FA seq={GISN + 1} ack={ISS + 1} len=0"),
+        (1.3, "CLOSE-WAIT", "LAST-ACK", "output: our FIN sent"),
+        (1.4, "LAST-ACK", "CLOSED", f"segment A seq={GISN + 2} ack={ISS + 2} len=0"),
+    ]
+    steps = [r[4]["rfc"] for r in rec.events("tcp.state")]
+    assert steps[2] == "RFC 9293 3.10.7.4 (fifth: ACK of our SYN)"
+    assert steps[3] == "RFC 9293 3.10.7.4 (eighth: FIN)"
+    assert steps[5] == "RFC 9293 3.10.7.4 (fifth: ACK of our FIN)"
+    assert {r[2] for r in rec.events("tcp.state")} == {FLOW} == {conn.describe()}
+
+
+def test_active_close_reaches_time_wait_and_its_timer_closes():
+    s, rec = traced(time_wait_timeout=60.0)
+    conn = s.handshake(now=1.0)
+    s.tcp.close(conn, 1.1)
+    s.stack.frames_to_send(1.1)
+    s.feed(1.2, "A", GISN + 1, ISS + 2, ts=(102, s.ts(1.1)))
+    s.feed(1.3, "FA", GISN + 1, ISS + 2, ts=(103, s.ts(1.1)))
+    s.tick(61.4)
+    assert [(old, new, cause) for _t, old, new, cause in rec.states()[3:]] == [
+        ("ESTABLISHED", "FIN-WAIT-1", "output: our FIN sent"),
+        ("FIN-WAIT-1", "FIN-WAIT-2", f"segment A seq={GISN + 1} ack={ISS + 2} len=0"),
+        ("FIN-WAIT-2", "TIME-WAIT", f"segment FA seq={GISN + 1} ack={ISS + 2} len=0"),
+        ("TIME-WAIT", "CLOSED", "timer time-wait"),
+    ]
+    assert rec.events("tcp.state")[-1][4]["rfc"] == "RFC 9293 3.10.8 (time-wait timeout)"
+
+
+def test_guest_reset_and_refused_connection_name_their_cause():
+    s, rec = traced()
+    conn = s.handshake(now=1.0)
+    s.feed(2.0, "R", GISN + 1, 0)
+    assert rec.states()[-1] == (
+        2.0,
+        "ESTABLISHED",
+        "CLOSED",
+        f"segment R seq={GISN + 1} ack=0 len=0",
+    )
+    assert rec.events("tcp.state")[-1][4]["rfc"] == "RFC 9293 3.10.7.4 (second: RST)"
+    s.feed(3.0, "S", GISN + 500, sport=40001)
+    (event,) = [e for e in s.events() if hasattr(e, "conn") and e.conn is not conn]
+    s.tcp.refuse(event.conn, 3.1)
+    assert rec.states()[-1] == (3.1, "LISTEN", "CLOSED", "host connection failed (refuse: RST)")
+
+
+def test_rto_retransmission_names_its_reason_and_the_congestion_response():
+    s, rec = traced()
+    conn = s.handshake()
+    s.tcp.send(conn, b"data", 1.1)
+    s.stack.frames_to_send(1.1)
+    rto = conn.rto
+    s.tick(1.1 + rto)
+    (retransmit,) = rec.events("tcp.retransmit")
+    assert retransmit[0] == 1.1 + rto and retransmit[2] == FLOW
+    assert retransmit[4] == {"reason": "rto", "seq": ISS + 1, "retries": 1, "rto": 2 * rto}
+    (congestion,) = rec.events("tcp.congestion")
+    assert congestion[4] == {"what": "timeout", "cwnd": conn.mss, "ssthresh": 2 * conn.mss}
+
+
+def test_syn_ack_resent_on_timeout_is_a_syn_retransmission():
+    s, rec = traced()
+    s.feed(1.0, "S", GISN, window=64240)
+    (event,) = s.events()
+    s.tcp.accept(event.conn, 1.0)
+    s.stack.frames_to_send(1.0)
+    s.tick(1.0 + event.conn.rto)
+    assert [r[4]["reason"] for r in rec.events("tcp.retransmit")] == ["syn"]
+    assert "SYN-ACK resent" in rec.events("tcp.retransmit")[0][3]
+
+
+def test_fast_retransmit_and_recovery_are_traced_in_order():
+    s, rec = traced()
+    conn = s.handshake()
+    s.tcp.send(conn, bytes(1448 * 5), 1.1)
+    s.stack.frames_to_send(1.1)
+    s.feed(1.11, "A", GISN + 1, ISS + 1449, ts=(102, s.ts(1.1)))
+    for i in range(3):
+        s.feed(1.111 + i / 1000, "A", GISN + 1, ISS + 1449, ts=(103 + i, s.ts(1.1)))
+    s.stack.frames_to_send(1.114)
+    s.feed(1.12, "A", GISN + 1, ISS + 1 + 1448 * 3, ts=(106, s.ts(1.114)))
+    s.stack.frames_to_send(1.12)
+    s.feed(1.13, "A", GISN + 1, ISS + 1 + 1448 * 5, ts=(107, s.ts(1.12)))
+    got = [
+        (r[0], r[1], r[4].get("reason") or r[4].get("what"))
+        for r in rec.records
+        if r[1] in ("tcp.retransmit", "tcp.congestion")
+    ]
+    assert got == [
+        (1.113, "tcp.retransmit", "fast-retransmit"),
+        (1.113, "tcp.congestion", "recovery-entered"),
+        (1.12, "tcp.retransmit", "partial-ack"),
+        (1.13, "tcp.congestion", "recovery-left"),
+    ]
+    entered = rec.events("tcp.congestion")[0][4]
+    assert entered["recover"] == ISS + 1 + 1448 * 5
+    assert entered["cwnd"] == entered["ssthresh"] + 3 * conn.mss
+    assert rec.events("tcp.retransmit")[0][4]["seq"] == ISS + 1449
+
+
+def test_guest_zero_window_closes_is_probed_and_opens():
+    s, rec = traced()
+    conn = s.handshake()
+    s.feed(1.1, "A", GISN + 1, ISS + 1, window=0, ts=(102, s.ts(1.0)))
+    s.tcp.send(conn, b"abc", 1.1)
+    s.stack.frames_to_send(1.1)
+    probe_at = 1.1 + conn.rto
+    s.tick(probe_at)
+    s.feed(2.5, "A", GISN + 1, ISS + 1, window=100, ts=(103, s.ts(1.1)))
+    got = [
+        (r[0], r[1], r[4].get("side"), r[4].get("zero"), r[4].get("reason"))
+        for r in rec.records
+        if r[1] != "tcp.state"
+    ]
+    assert got == [
+        (1.1, "tcp.window", "guest", True, None),
+        (probe_at, "tcp.retransmit", None, None, "probe"),
+        (2.5, "tcp.window", "guest", False, None),
+    ]
+    assert rec.records[-1][4]["window"] == 100 << 7
+
+
+def test_our_zero_window_closes_when_the_buffer_fills_and_opens_when_read():
+    s, rec = traced(receive_buffer=4096, window_scaling=False)
+    conn = s.handshake(options=[("MSS", 1460), ("Timestamp", (100, 0))])
+    for i in range(4):
+        s.feed(1.1 + i / 100, "A", GISN + 1 + 1024 * i, ISS + 1, payload=bytes(1024), ts=(102, 0))
+    s.stack.frames_to_send(1.2)
+    s.tcp.consume(conn, 4096, 1.3)
+    s.stack.frames_to_send(1.3)
+    windows = [(r[0], r[4]["side"], r[4]["zero"], r[4]["window"]) for r in rec.events("tcp.window")]
+    # Closed when the flush after the fourth segment advertises it.
+    assert windows == [(1.2, "ours", True, 0), (1.3, "ours", False, 4096)]
+
+
+# ------------------------------------------------------------ drops, ARP
+def test_a_malformed_frame_is_a_drop_with_its_reason_and_pcap_index():
+    index = [0]
+    s = Script()
+    rec = Recorder(frame_index=lambda: index[0])
+    s.stack.set_tracer(rec)
+    index[0] = 7
+    macs = bytes.fromhex(GW_MAC.replace(":", "") + GUEST_MAC.replace(":", ""))
+    s.stack.receive_frame(macs + b"\x08\x00\x45", 3.0)  # an IPv4 header of 1 byte
+    index[0] = 8
+    s.stack.send_ip(ip4("10.0.2.2"), ip4("10.0.2.100"), 17, b"x" * 70000, 3.5)
+    assert [(r[0], r[1], r[2], r[4]) for r in rec.records] == [
+        (3.0, "drop", None, {"reason": "ipv4-truncated", "count": 1, "frame": 7}),
+        # Not while a guest frame is handled: no frame index.
+        (3.5, "drop", None, {"reason": "ipv4-too-long-out", "count": 1, "frame": None}),
+    ]
+    assert s.stack.drops == Counter({"ipv4-truncated": 1, "ipv4-too-long-out": 1})
+
+
+def test_arp_resolution_is_traced_and_so_is_giving_up():
+    s, rec = traced()
+    guest2, guest3 = ip4("10.0.2.101"), ip4("10.0.2.102")
+    s.stack.send_udp(ip4("10.0.2.2"), 53, guest2, 5353, b"hello", 1.0)
+    s.stack.send_udp(ip4("10.0.2.2"), 53, guest3, 5353, b"lost", 1.0)
+    s.stack.frames_to_send(1.0)
+    reply = (
+        bytes.fromhex(GW_MAC.replace(":", ""))
+        + bytes.fromhex("020000000065")
+        + b"\x08\x06"
+        + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2)
+        + bytes.fromhex("020000000065")
+        + guest2
+        + bytes.fromhex(GW_MAC.replace(":", ""))
+        + ip4("10.0.2.2")
+    )
+    s.stack.receive_frame(reply, 1.1)
+    for _ in range(10):
+        at = s.stack.get_timer()
+        if at is None:
+            break
+        s.tick(at)
+    got = [(r[1], r[4]) for r in rec.records if r[1].startswith("arp.")]
+    attempts = s.stack.config.arp_attempts
+    assert got == [
+        ("arp.request", {"addr": "10.0.2.101"}),
+        ("arp.request", {"addr": "10.0.2.102"}),
+        ("arp.resolved", {"addr": "10.0.2.101", "mac": "02:00:00:00:00:65", "queued": 1}),
+        ("arp.unresolved", {"addr": "10.0.2.102", "attempts": attempts, "dropped": 1}),
+    ]
+    assert [r[4]["reason"] for r in rec.events("drop")] == ["arp-unresolved"]
+
+
+# ------------------------------------------------------------ the format
+def test_json_lines_have_the_common_keys_and_documented_event_names():
+    stream = io.StringIO()
+    s = Script()
+    s.stack.set_tracer(JsonTracer(stream))
+    conn = s.handshake()
+    s.tcp.send(conn, b"data", 1.1)
+    s.stack.frames_to_send(1.1)
+    s.tick(1.1 + conn.rto)
+    s.stack.receive_frame(b"\0" * 5, 3.0)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) >= 6
+    for line in lines:
+        assert list(line)[:4] == ["t", "event", "flow", "msg"]
+        assert line["event"] in documented_events(), line
+    assert lines[0] == {
+        "t": 1.0,
+        "event": "tcp.state",
+        "flow": FLOW,
+        "msg": f"CLOSED -> LISTEN on segment S seq={GISN} ack=0 len=0",
+        "old": "CLOSED",
+        "new": "LISTEN",
+        "cause": f"segment S seq={GISN} ack=0 len=0",
+        "rfc": "RFC 9293 3.10.7.2 (SYN in LISTEN)",
+    }
+
+
+def test_every_event_name_in_the_source_is_documented():
+    """The names are literals at the calls (the schema is stable): each
+    one in pyslirp/ must have its section in docs/trace.md, and back."""
+    names = set()
+    for path in (REPO / "pyslirp").rglob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r'"((?:tcp|udp|icmp|dns|dhcp|arp|nd|memory)\.[a-z-]+)"', text))
+    names.add("drop")
+    assert names - documented_events() == set()
+    assert documented_events() - names == set()
