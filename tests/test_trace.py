@@ -9,9 +9,13 @@ dig and a TCP client as the guest; the trace is read back as JSON lines.
 import io
 import json
 import re
+import socket
 import struct
+import threading
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 from pyslirp.stack import tracing
 from pyslirp.stack.interface import Stack
@@ -311,3 +315,145 @@ def test_every_event_name_in_the_source_is_documented():
     names.add("drop")
     assert names - documented_events() == set()
     assert documented_events() - names == set()
+
+
+# ------------------------------------------------------------ end to end
+GUEST_CLIENT = """
+import socket, sys
+s = socket.create_connection(("10.0.2.2", int(sys.argv[1])), timeout=20)
+print(s.getsockname()[1], flush=True)
+data = b""
+while True:
+    chunk = s.recv(100)
+    if not chunk:
+        break
+    data += chunk
+s.close()
+assert data == b"hello from the host", data
+"""
+
+# An IPv4 header cut after 12 bytes (the stack drops it: ipv4-truncated),
+# marked so that the pcap frame can be recognised.
+RAW_SENDER = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("tap0", 0))
+mac = s.getsockname()[4]  # (ifname, proto, pkttype, hatype, addr)
+head = bytes.fromhex("52550a000202") + mac + b"\\x08\\x00"
+frame = head + bytes.fromhex(sys.argv[1])
+s.send(frame)
+print(frame.hex())
+"""
+TRUNCATED_IPV4 = "4500" + b"trace-test".hex()
+
+
+def _host_server():
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)
+
+    def serve() -> None:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.sendall(b"hello from the host")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.mark.e2e
+def test_forwarder_trace_names_flows_as_the_log_and_drops_by_pcap_frame(tmp_path):
+    import sys
+
+    from scapy.utils import rdpcap
+
+    from tests import harness
+    from tests.dnsserver import DnsServer
+    from tests.test_dns import dead_port
+
+    trace, pcap = tmp_path / "trace.jsonl", tmp_path / "frames.pcap"
+    server, thread = _host_server()
+    port = server.getsockname()[1]
+    try:
+        with (
+            DnsServer(records={"hello.test.": "192.0.2.9"}) as upstream,
+            harness.forwarder(
+                "--log-level=info",  # the connection's log line
+                "--trace",
+                str(trace),
+                "--pcap",
+                str(pcap),
+                dns_upstreams=[f"127.0.0.1:{dead_port()}", upstream.address],
+            ) as fwd,
+        ):
+            dhcp = fwd.run(
+                ["udhcpc", "-i", "tap0", "-f", "-q", "-n", "-t", "5", "-T", "1", "-s", "/bin/true"],
+                timeout=30,
+            )
+            assert dhcp.returncode == 0, dhcp.stderr
+            dig = fwd.run(["dig", "@10.0.2.3", "+tries=1", "+time=5", "hello.test"], timeout=20)
+            assert "status: NOERROR" in dig.stdout, dig.stdout + dig.stderr
+            client = fwd.run([sys.executable, "-c", GUEST_CLIENT, str(port)], timeout=30)
+            assert client.returncode == 0, client.stderr
+            guest_port = int(client.stdout.split()[0])
+            raw = fwd.run([sys.executable, "-c", RAW_SENDER, TRUNCATED_IPV4], timeout=30)
+            assert raw.returncode == 0, raw.stderr
+            sent = bytes.fromhex(raw.stdout.strip())
+            # The guest's kernel ends the connection in TIME-WAIT or after
+            # our FIN's ACK; give the forwarder a moment to read the last frames.
+            fwd.run(["ping", "-c", "1", "-W", "5", "10.0.2.2"], timeout=10)
+            log = fwd.log()
+    finally:
+        server.close()
+        thread.join(timeout=5)
+
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    for line in lines:
+        assert list(line)[:4] == ["t", "event", "flow", "msg"], line
+        assert isinstance(line["t"], float | int) and isinstance(line["msg"], str)
+        assert line["event"] in documented_events(), line
+    times = [line["t"] for line in lines]
+    assert times == sorted(times)
+
+    # The TCP connection: the same name as in the log, transitions in order.
+    flow = f"tcp 10.0.2.100:{guest_port}>10.0.2.2:{port}"
+    assert flow in log, log
+    mine = [line for line in lines if line["flow"] == flow]
+    states = [(line["old"], line["new"]) for line in mine if line["event"] == "tcp.state"]
+    assert states[:3] == [
+        ("CLOSED", "LISTEN"),
+        ("LISTEN", "SYN-RECEIVED"),
+        ("SYN-RECEIVED", "ESTABLISHED"),
+    ], states
+    assert all(a[1] == b[0] for a, b in zip(states, states[1:], strict=False)), states
+    assert ("ESTABLISHED", "FIN-WAIT-1") in states  # the host closed first
+    assert states[-1][1] in ("TIME-WAIT", "CLOSED"), states
+    connects = [line for line in mine if line["event"] == "tcp.host-connect"]
+    assert [(c["result"], c["host"]) for c in connects] == [("connected", f"127.0.0.1:{port}")]
+
+    # DHCP and DNS decisions.
+    events = [line["event"] for line in lines]
+    offer = next(line for line in lines if line["event"] == "dhcp.offer")
+    ack = next(line for line in lines if line["event"] == "dhcp.ack")
+    assert offer["address"] == ack["address"] == "10.0.2.15"
+    assert events.index("dhcp.offer") < events.index("dhcp.ack")
+    dns = [line for line in lines if line["event"].startswith("dns.")]
+    assert [(d["event"], d.get("attempt"), d.get("reason")) for d in dns] == [
+        ("dns.upstream", 1, None),
+        ("dns.failover", None, "upstream-unreachable"),
+        ("dns.upstream", 2, None),
+        ("dns.answer", None, None),
+    ], dns
+    assert {d["question"] for d in dns} == {"hello.test. A"}
+    assert dns[-1]["upstream"] == upstream.address and dns[-1]["rcode"] == 0
+
+    # The drop names the frame's index in the pcap (1-based).
+    (drop,) = [
+        line for line in lines if line["event"] == "drop" and line["reason"] == "ipv4-truncated"
+    ]
+    frames = rdpcap(str(pcap))
+    assert isinstance(drop["frame"], int) and 1 <= drop["frame"] <= len(frames)
+    assert bytes(frames[drop["frame"] - 1]) == sent
