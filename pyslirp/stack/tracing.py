@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections import Counter
 
 from . import ipv4
-from .interface import Stack
 from .names import address_text
 from .tcp import ACK, FIN, PSH, RST, SYN, URG
 from .tcp_connection import (
@@ -156,7 +155,8 @@ class TracedTcpConnection(TcpConnection):
 
     state = property(_get_state, _set_state)
 
-    def _trace(self, event: str, msg: str, **fields) -> None:
+    def trace_event(self, event: str, msg: str, **fields) -> None:
+        """Report ``event`` about this connection (the tracer's call, with its flow)."""
         stack = self.layer.stack
         tracer = stack.tracer
         if tracer is not None:
@@ -225,11 +225,11 @@ class TracedTcpConnection(TcpConnection):
         else:
             reason = "rto"
             msg = f"retransmission timeout: resending from {seq}, RTO now {self.rto:g}s"
-        self._trace(
+        self.trace_event(
             "tcp.retransmit", msg, reason=reason, seq=seq, retries=self.retries, rto=self.rto
         )
         if reason == "rto":
-            self._trace(
+            self.trace_event(
                 "tcp.congestion",
                 f"timeout: cwnd {self.cwnd}, ssthresh {self.ssthresh}",
                 what="timeout",
@@ -242,7 +242,7 @@ class TracedTcpConnection(TcpConnection):
         before = self.in_recovery
         super()._duplicate_ack(now)
         if self.in_recovery and not before:
-            self._trace(
+            self.trace_event(
                 "tcp.retransmit",
                 f"fast retransmit from {self.snd_una} after {self.dupacks} duplicate ACKs",
                 reason="fast-retransmit",
@@ -250,7 +250,7 @@ class TracedTcpConnection(TcpConnection):
                 retries=self.retries,
                 rto=self.rto,
             )
-            self._trace(
+            self.trace_event(
                 "tcp.congestion",
                 f"fast recovery entered: cwnd {self.cwnd}, ssthresh {self.ssthresh}",
                 what="recovery-entered",
@@ -265,7 +265,7 @@ class TracedTcpConnection(TcpConnection):
         if not before:
             return
         if self.in_recovery:
-            self._trace(
+            self.trace_event(
                 "tcp.retransmit",
                 f"partial ACK {ack}: resending from it (NewReno)",
                 reason="partial-ack",
@@ -274,7 +274,7 @@ class TracedTcpConnection(TcpConnection):
                 rto=self.rto,
             )
         else:
-            self._trace(
+            self.trace_event(
                 "tcp.congestion",
                 f"fast recovery left at {ack}: cwnd {self.cwnd}",
                 what="recovery-left",
@@ -293,7 +293,7 @@ class TracedTcpConnection(TcpConnection):
                 msg = f"guest's window opened: {after}"
             else:
                 msg = "guest's window closed (zero window)"
-            self._trace(
+            self.trace_event(
                 "tcp.window",
                 msg,
                 side="guest",
@@ -307,7 +307,7 @@ class TracedTcpConnection(TcpConnection):
         if not field:
             if self not in zeros:
                 zeros.add(self)
-                self._trace(
+                self.trace_event(
                     "tcp.window",
                     f"our window closed (zero window), {self.rx_bytes} bytes unread",
                     side="ours",
@@ -317,7 +317,7 @@ class TracedTcpConnection(TcpConnection):
         elif self in zeros:
             zeros.discard(self)
             window = field << self.rcv_wscale
-            self._trace(
+            self.trace_event(
                 "tcp.window", f"our window opened: {window}", side="ours", window=window, zero=False
             )
         return field
@@ -412,7 +412,7 @@ class TracedTcpLayer(TcpLayer):
         probes = conn.keepalive_probes
         super().keepalive_due(conn, now)
         if conn.keepalive_probes > probes:
-            conn._trace(
+            conn.trace_event(
                 "tcp.keepalive",
                 f"keep-alive probe {conn.keepalive_probes}",
                 probes=conn.keepalive_probes,
@@ -424,8 +424,8 @@ def switch_on(stack) -> None:
     stack.trace_now = 0.0  # the time of what the stack handles now
     stack.trace_frame = None  # the pcap index of the guest frame it handles
     stack.trace_flow = None  # the flow a drop concerns, where known
-    if type(stack) is Stack:
-        stack.__class__ = TracedStack
+    if not isinstance(stack, StackTracing):
+        stack.__class__ = _traced_stack_class(type(stack))
     layer = stack.tcp
     if type(layer) is TcpLayer:
         layer.__class__ = TracedTcpLayer
@@ -440,8 +440,8 @@ def switch_on(stack) -> None:
 
 def switch_off(stack) -> None:
     """Back to the plain classes (Stack.set_tracer(None))."""
-    if type(stack) is TracedStack:
-        stack.__class__ = Stack
+    if isinstance(stack, StackTracing):
+        stack.__class__ = _PLAIN[type(stack)]
     layer = stack.tcp
     if type(layer) is TracedTcpLayer:
         layer.__class__ = TcpLayer
@@ -453,10 +453,26 @@ def switch_off(stack) -> None:
 
 
 # ---------------------------------------------------------------- the Stack
-class TracedStack(Stack):
-    """The Stack while tracing: it remembers ``now`` and the pcap index
-    of the frame it handles (for drops), and reports ARP resolution and
-    memory pressure."""
+# The traced class of each Stack class, and back (interface.py imports this
+# module, so the Stack is a base given at run time, not imported here).
+_TRACED: dict = {}
+_PLAIN: dict = {}
+
+
+def _traced_stack_class(plain: type) -> type:
+    traced = _TRACED.get(plain)
+    if traced is None:
+        traced = _TRACED[plain] = type("TracedStack", (StackTracing, plain), {})
+        _PLAIN[traced] = plain
+    return traced
+
+
+class StackTracing:
+    """Mixed into the Stack while tracing (TracedStack): it remembers
+    ``now`` and the pcap index of the frame it handles (for drops), and
+    reports ARP resolution and memory pressure. (No __slots__: with an
+    empty one the mixed class's layout differs from the Stack's, and a live
+    stack could not switch class.)"""
 
     def _frame_index(self):
         index = self.tracer.frame_index if self.tracer is not None else None
