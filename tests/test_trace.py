@@ -278,6 +278,85 @@ def test_arp_resolution_is_traced_and_so_is_giving_up():
     assert [r[4]["reason"] for r in rec.events("drop")] == ["arp-unresolved"]
 
 
+def test_neighbour_discovery_resolution_and_giving_up_are_traced():
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
+    from scapy.layers.l2 import Ether
+
+    from tests.test_ipv6_stack import GUEST, GW, a6, new_stack
+
+    stack = new_stack()
+    rec = Recorder()
+    stack.set_tracer(rec)
+    other = "fd00::ff:fe00:99"
+    stack.send_udp(a6("fd00::3"), 53, a6(GUEST), 4000, b"answer", 1.0)
+    stack.send_udp(a6("fd00::3"), 53, a6(other), 4000, b"lost", 1.0)
+    stack.frames_to_send(1.0)
+    na = (
+        IPv6(src=GUEST, dst=GW, hlim=255)
+        / ICMPv6ND_NA(tgt=GUEST, S=1, O=1)
+        / ICMPv6NDOptDstLLAddr(lladdr="02:00:00:00:00:64")
+    )
+    stack.receive_frame(bytes(Ether(src="02:00:00:00:00:64", dst="52:56:00:00:00:02") / na), 1.5)
+    for now in (2.0, 3.0, 4.0):
+        stack.handle_timer(now)
+    got = [(r[0], r[1], r[4]) for r in rec.records if r[1].startswith("nd.")]
+    assert got == [
+        (1.0, "nd.request", {"addr": GUEST}),
+        (1.0, "nd.request", {"addr": other}),
+        (1.5, "nd.resolved", {"addr": GUEST, "mac": "02:00:00:00:00:64", "queued": 1}),
+        (4.0, "nd.unresolved", {"addr": other, "attempts": 3, "dropped": 1}),
+    ]
+
+
+def test_hostile_frames_with_tracing_on_never_escape_and_every_line_is_json():
+    """Random and mutated frames into a traced stack: nothing escapes
+    receive_frame, every drop is a line, and a tracer whose stream fails
+    (a full disk) does not stop the stack."""
+    import random
+
+    stream = io.StringIO()
+    s = Script()
+    s.strict = False
+    tracer = JsonTracer(stream, frame_index=lambda: 1)
+    s.stack.set_tracer(tracer)
+    s.handshake()
+    rng = random.Random(15)
+    base = s.ours("PA", GISN + 1, ISS + 1, payload=b"x" * 40)  # any valid TCP frame
+    now = 2.0
+    for i in range(3000):
+        if i % 3 == 0:
+            frame = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 120)))
+        else:
+            frame = bytearray(base)
+            for _ in range(rng.randrange(1, 6)):
+                frame[rng.randrange(len(frame))] = rng.getrandbits(8)
+            frame = bytes(frame[: rng.randrange(14, len(frame) + 1)])
+        now += 0.001
+        s.stack.receive_frame(frame, now)
+        s.stack.frames_to_send(now)
+        if i == 2000:
+            stream.close()  # from here on every write fails
+    assert s.stack.drops.total() > 1000 and "internal-error" not in s.stack.drops
+    assert tracer.lines > 1000 and tracer.errors > 0  # lines went, then failed quietly
+
+
+def test_json_lines_of_a_fuzzed_stack_parse():
+    import random
+
+    stream = io.StringIO()
+    s = Script()
+    s.strict = False
+    s.stack.set_tracer(JsonTracer(stream))
+    rng = random.Random(16)
+    for i in range(500):
+        frame = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 80)))
+        s.stack.receive_frame(frame, 1.0 + i / 1000)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == s.stack.drops.total() == 500
+    assert {line["event"] for line in lines} == {"drop"}
+    assert all(line["frame"] is None and line["count"] == 1 for line in lines)
+
+
 # ------------------------------------------------------------ the format
 def test_json_lines_have_the_common_keys_and_documented_event_names():
     stream = io.StringIO()

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import Counter
 
 from . import ipv4
+from .ipv6_layer import Ipv6Layer
 from .names import address_text
 from .tcp import ACK, FIN, PSH, RST, SYN, URG
 from .tcp_connection import (
@@ -419,6 +420,41 @@ class TracedTcpLayer(TcpLayer):
             )
 
 
+class TracedIpv6Layer(Ipv6Layer):
+    """The Ipv6Layer while tracing: neighbour discovery's requests and
+    answers (their giving up is seen by the traced Stack's timer)."""
+
+    def _solicit(self, target: bytes, now: float) -> None:
+        super()._solicit(target, now)
+        tracer = self.stack.tracer
+        pending = self.pending.get(target)
+        # The first solicitation for a waiting packet (not a retry, an RA's, a probe's).
+        if tracer is not None and pending is not None and pending.attempts == 1:
+            tracer(
+                now,
+                "nd.request",
+                None,
+                f"who has {address_text(target)}? (a packet waits for its MAC)",
+                addr=address_text(target),
+            )
+
+    def _learn(self, addr: bytes, mac: bytes, now: float) -> None:
+        pending = self.pending.get(addr)
+        queued = len(pending.packets) if pending is not None else 0
+        super()._learn(addr, mac, now)
+        stack = self.stack
+        if pending is not None and addr not in self.pending and stack.tracer is not None:
+            stack.tracer(
+                stack.trace_now,
+                "nd.resolved",
+                None,
+                f"{address_text(addr)} is at {_mac_text(mac)}, {queued} packets sent",
+                addr=address_text(addr),
+                mac=_mac_text(mac),
+                queued=queued,
+            )
+
+
 def switch_on(stack) -> None:
     """Install the traced classes on ``stack`` (Stack.set_tracer)."""
     stack.trace_now = 0.0  # the time of what the stack handles now
@@ -434,6 +470,8 @@ def switch_on(stack) -> None:
     for conn in layer.connections.values():
         if type(conn) is TcpConnection:
             conn.__class__ = TracedTcpConnection
+    if type(stack.ipv6) is Ipv6Layer:
+        stack.ipv6.__class__ = TracedIpv6Layer
     if type(stack.drops) is not TracingCounter:
         stack.drops = TracingCounter(stack, stack.drops)
 
@@ -448,6 +486,8 @@ def switch_off(stack) -> None:
     for conn in (*layer.connections.values(), *layer.unread):
         if type(conn) is TracedTcpConnection:
             conn.__class__ = TcpConnection
+    if type(stack.ipv6) is TracedIpv6Layer:
+        stack.ipv6.__class__ = Ipv6Layer
     if type(stack.drops) is TracingCounter:
         stack.drops = Counter(stack.drops)
 
