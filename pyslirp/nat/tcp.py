@@ -355,7 +355,7 @@ class TcpNat:
         self.counters["connections-opened"] += 1
         if log.isEnabledFor(logging.INFO):  # describe() is not free: once per connection
             log.info("%s opened (host %s:%d)", conn.describe(), *flow.host)
-        tracer = self.loop.tracer
+        tracer = self.stack.tracer  # loop.tracer without the property's call: once a connection
         if tracer is not None:
             tracer(
                 now,
