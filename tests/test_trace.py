@@ -8,6 +8,7 @@ dig and a TCP client as the guest; the trace is read back as JSON lines.
 
 import io
 import json
+import random
 import re
 import socket
 import struct
@@ -355,6 +356,67 @@ def test_json_lines_of_a_fuzzed_stack_parse():
     assert len(lines) == s.stack.drops.total() == 500
     assert {line["event"] for line in lines} == {"drop"}
     assert all(line["frame"] is None and line["count"] == 1 for line in lines)
+
+
+def test_memory_pressure_entered_and_left_are_traced():
+    from pyslirp.stack.config import StackConfig
+
+    stack = Stack(StackConfig(memory_budget=1 << 20), random.Random(1))
+    rec = Recorder()
+    stack.set_tracer(rec)
+    budget = stack.budget
+    budget.held = budget.pressure  # as if the holders had charged that much
+    stack.frames_to_send(1.0)
+    budget.held = budget.relief - 1
+    stack.frames_to_send(2.0)
+    assert [(r[0], r[1], r[4]) for r in rec.records] == [
+        (1.0, "memory.pressure", {"entered": True, "held": budget.pressure, "limit": 1 << 20}),
+        (2.0, "memory.pressure", {"entered": False, "held": budget.relief - 1, "limit": 1 << 20}),
+    ]
+
+
+# ------------------------------------------------------------ DHCP
+def test_dhcp_offer_ack_nak_decline_release_and_ignored_with_their_reasons():
+    from tests.test_dhcp import MAC_A, MAC_B, SERVER, client, lease, server
+
+    srv = server()
+    rec = Recorder()
+    srv.tracer = rec  # Loop.set_tracer does this
+    lease(srv, MAC_A, now=1.0)
+    srv.handle(
+        client(MAC_B, "request", options=[("server_id", SERVER), ("requested_addr", "10.0.2.15")]),
+        MAC_B,
+        2.0,
+    )
+    srv.handle(
+        client(MAC_B, "request", options=[("server_id", SERVER), ("requested_addr", "10.9.9.9")]),
+        MAC_B,
+        2.5,
+    )
+    srv.handle(client(MAC_B, "request", options=[("server_id", "10.0.2.99")]), MAC_B, 3.0)
+    decline = [("server_id", SERVER), ("requested_addr", "10.0.2.15")]
+    srv.handle(client(MAC_A, "decline", options=decline), MAC_A, 4.0)
+    lease(srv, MAC_A, now=5.0)
+    srv.handle(
+        client(MAC_A, "release", ciaddr="10.0.2.16", options=[("server_id", SERVER)]), MAC_A, 6.0
+    )
+    srv.handle(b"\x01" * 10, MAC_A, 7.0)
+    a, b = MAC_A.hex(":"), MAC_B.hex(":")
+    assert [(r[0], r[1], r[4].get("address"), r[4].get("reason")) for r in rec.records] == [
+        (1.0, "dhcp.offer", "10.0.2.15", None),
+        (1.0, "dhcp.ack", "10.0.2.15", None),
+        (2.0, "dhcp.nak", "10.0.2.15", "is leased to another client"),
+        (2.5, "dhcp.nak", "10.9.9.9", "is not in the pool"),
+        (3.0, "dhcp.ignored", None, "dhcp-other-server"),
+        (4.0, "dhcp.decline", "10.0.2.15", None),
+        (5.0, "dhcp.offer", "10.0.2.16", None),
+        (5.0, "dhcp.ack", "10.0.2.16", None),
+        (6.0, "dhcp.release", "10.0.2.16", None),
+        (7.0, "dhcp.ignored", None, "dhcp-truncated"),
+    ]
+    assert [r[4].get("mac") for r in rec.records[:4]] == [a, a, b, b]
+    assert rec.records[1][4]["lease_time"] == 86400
+    assert rec.records[2][3] == f"NAK to {b}: 10.0.2.15 is leased to another client"
 
 
 # ------------------------------------------------------------ the format
