@@ -261,12 +261,7 @@ class IcmpRelay:
         self.flows[(event.src, event.ident)] = flow
         self.loop.register(sock, 1, flow.on_ready, on_error=flow.fail)
         self.counters["sockets-opened"] += 1
-        log.info(
-            "ping %s id %d opened (host id %d)",
-            to_text(event.src),
-            event.ident,
-            flow.host_ident,
-        )
+        log.info("%s opened (host id %d)", flow.name, flow.host_ident)
         tracer = self.loop.tracer
         if tracer is not None:
             tracer(
@@ -427,7 +422,7 @@ class IcmpRelay:
         self.loop.unregister(flow.sock)
         flow.sock.close()
         self.descriptors.release()
-        log.info("ping %s id %d closed", to_text(flow.guest), flow.guest_ident)
+        log.info("%s closed", flow.name)  # the name the trace gives it
 
     def close(self) -> None:
         for key in list(self.flows):

@@ -292,12 +292,7 @@ class UdpNat:
         self.flows[flow.key] = flow
         self.loop.register(sock, 1, flow.on_ready, on_error=flow.fail)
         self.counters["flows-opened"] += 1
-        log.info(
-            "udp flow %s:%d opened (host port %d)",
-            to_text(event.src),
-            event.src_port,
-            sock.getsockname()[1],
-        )
+        log.info("%s opened (host port %d)", flow.name, sock.getsockname()[1])
         if self._sweep_at is None:
             self._sweep_at = now + 1.0
         tracer = self.loop.tracer
@@ -458,7 +453,7 @@ class UdpNat:
         self.loop.unregister(flow.sock)
         flow.sock.close()
         self.descriptors.release()
-        log.info("udp flow %s:%d closed", to_text(flow.guest), flow.guest_port)
+        log.info("%s closed", flow.name)  # the name the trace and the API give it
 
     def close(self) -> None:
         for key, flow in list(self.flows.items()):
