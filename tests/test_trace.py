@@ -375,6 +375,38 @@ def test_memory_pressure_entered_and_left_are_traced():
     ]
 
 
+# ------------------------------------------------------------ the NAT side
+def test_udp_flow_created_and_expired_through_the_real_loop(echo_server):
+    import time
+
+    from tests.inprocess import InProcessNetwork
+    from tests.test_udp_nat import guest_udp
+
+    port = echo_server.getsockname()[1]
+    rec = Recorder()
+    net = InProcessNetwork(udp_idle_timeout=0.2)
+    net.loop.set_tracer(rec)
+    assert net.loop.tracer is rec
+    with net:
+        net.send(guest_udp("10.0.2.2", port, b"hello"))
+        _data, peer = echo_server.recvfrom(100)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not rec.events("udp.flow-expired"):
+            time.sleep(0.05)
+    flow = "udp 10.0.2.100:40000>*"
+    got = [(r[1], r[2], r[4]) for r in rec.records if r[1].startswith("udp.")]
+    assert got == [
+        ("udp.flow-created", flow, {"host_port": peer[1], "idle_timeout": 0.2}),
+        (
+            "udp.flow-expired",
+            flow,
+            {"idle_timeout": 0.2, "bytes_from_guest": 5, "bytes_to_guest": 0},
+        ),
+    ]
+    created, expired = (r[0] for r in rec.records if r[1].startswith("udp."))
+    assert expired - created >= 0.2
+
+
 # ------------------------------------------------------------ DHCP
 def test_dhcp_offer_ack_nak_decline_release_and_ignored_with_their_reasons():
     from tests.test_dhcp import MAC_A, MAC_B, SERVER, client, lease, server
