@@ -73,9 +73,19 @@ def flags_text(flags: int) -> str:
     return "".join(letter for bit, letter in _FLAG_LETTERS if flags & bit) or "none"
 
 
-def segment_cause(flags: int, seq: int, ack: int, length: int) -> str:
-    """A guest segment, as a transition's cause: 'segment FA seq=.. ack=.. len=..'."""
-    return f"segment {flags_text(flags)} seq={seq} ack={ack} len={length}"
+def segment_cause(flags: int, seq: int, ack: int, length: int) -> tuple:
+    """A guest segment, as a transition's cause: kept as numbers, made text
+    (cause_text) only if the segment changes the state."""
+    return (flags, seq, ack, length)
+
+
+def cause_text(cause) -> str:
+    """A cause as the trace writes it: a segment as 'segment FA seq=..
+    ack=.. len=..', anything else as it is ('command' if there is none)."""
+    if cause.__class__ is tuple:
+        flags, seq, ack, length = cause
+        return f"segment {flags_text(flags)} seq={seq} ack={ack} len={length}"
+    return cause or "command"
 
 
 def _rfc_step(old, new, cause: str) -> str:
@@ -135,7 +145,7 @@ def _set_state(conn, new) -> None:
     tracer = stack.tracer
     if tracer is None:
         return
-    cause = layer.trace_cause or "command"
+    cause = cause_text(layer.trace_cause)
     tracer(
         stack.trace_now,
         "tcp.state",
@@ -163,7 +173,7 @@ class TracedTcpConnection(TcpConnection):
         if tracer is not None:
             tracer(stack.trace_now, event, self.describe(), msg, **fields)
 
-    def _with_cause(self, cause: str, call, *args):
+    def _with_cause(self, cause, call, *args):
         layer = self.layer
         outer = layer.trace_cause
         layer.trace_cause = cause
@@ -332,7 +342,8 @@ class TracedTcpLayer(TcpLayer):
     """The TcpLayer while tracing: the NAT side's commands and the timers
     name themselves as causes; new connections are TracedTcpConnections."""
 
-    # Set by Stack.set_tracer on the instance: trace_cause (str or None)
+    # Set by Stack.set_tracer on the instance: trace_cause (None, a str or a
+    # segment_cause tuple)
     # and trace_zero_windows (the connections whose window we shut).
 
     def _new_connection(self, key, local, local_port, remote, remote_port, now):
@@ -340,7 +351,7 @@ class TracedTcpLayer(TcpLayer):
         conn.__class__ = TracedTcpConnection
         return conn
 
-    def _command(self, cause: str, call, *args):
+    def _command(self, cause, call, *args):
         outer = self.trace_cause
         self.trace_cause = cause
         try:
@@ -370,7 +381,7 @@ class TracedTcpLayer(TcpLayer):
         self._now(now)
         cause = self.trace_cause
         if reason is not None:
-            cause = f"{cause or 'abort'}: {reason}"
+            cause = f"{cause_text(cause) if cause else 'abort'}: {reason}"
         self._command(cause or "host reset (abort)", super().abort, conn, now, reason)
 
     def connect(self, local, local_port, remote, remote_port, now: float):
