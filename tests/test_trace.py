@@ -407,6 +407,41 @@ def test_udp_flow_created_and_expired_through_the_real_loop(echo_server):
     assert expired - created >= 0.2
 
 
+def test_a_refused_host_connection_is_traced_with_its_errno_and_the_guest_rst():
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    from tests.inprocess import InProcessNetwork
+    from tests.test_udp_nat import GUEST_MAC
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nobody listens there: ECONNREFUSED
+    rec = Recorder()
+    net = InProcessNetwork()
+    net.loop.set_tracer(rec)
+    with net:
+        syn = (
+            Ether(src=GUEST_MAC, dst=GW_MAC)
+            / IP(src="10.0.2.100", dst="10.0.2.2")
+            / TCP(sport=41000, dport=port, flags="S", seq=7)
+        )
+        net.send(bytes(syn))
+        rst = net.receive(timeout=10, predicate=lambda f: TCP in Ether(f))
+        assert rst is not None and Ether(rst)[TCP].flags == "RA"
+    flow = f"tcp 10.0.2.100:41000>10.0.2.2:{port}"
+    got = [(r[1], r[2], r[4].get("result"), r[4].get("new")) for r in rec.records]
+    assert got == [
+        ("tcp.state", flow, None, "LISTEN"),
+        ("tcp.host-connect", flow, "refused", None),
+        ("tcp.state", flow, None, "CLOSED"),
+    ]
+    connect = rec.records[1][4]
+    assert connect == {"result": "refused", "host": f"127.0.0.1:{port}", "errno": "ECONNREFUSED"}
+    assert rec.records[2][4]["cause"] == "host connection failed (refuse: RST)"
+
+
 # ------------------------------------------------------------ DHCP
 def test_dhcp_offer_ack_nak_decline_release_and_ignored_with_their_reasons():
     from tests.test_dhcp import MAC_A, MAC_B, SERVER, client, lease, server
