@@ -17,6 +17,9 @@ class PcapWriter:
         self._file = open(path, "wb")  # noqa: SIM115 - lives as long as the writer
         self._file.write(_GLOBAL.pack(MAGIC, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
         self._file.flush()
+        # Frames written so far: the last one's index, 1-based as Wireshark
+        # numbers them (the trace names a dropped guest frame by it).
+        self.frames = 0
 
     def write(self, frame) -> None:
         now = time.time()
@@ -25,6 +28,7 @@ class PcapWriter:
         captured = frame[:SNAPLEN]
         self._file.write(_RECORD.pack(seconds, micros, len(captured), len(frame)))
         self._file.write(captured)
+        self.frames += 1
 
     def flush(self) -> None:
         self._file.flush()

@@ -26,20 +26,28 @@ class JsonTracer:
         self.stream = stream
         self.frame_index = frame_index
         self.lines = 0
+        self.errors = 0  # lines that could not be written
         self._close = close
         self._encode = json.JSONEncoder(separators=(",", ":"), default=_default).encode
 
     def __call__(self, now: float, event: str, flow, msg: str, **fields) -> None:
         record = {"t": round(now, 6), "event": event, "flow": flow, "msg": msg}
         record.update(fields)
-        self.stream.write(self._encode(record) + "\n")
+        try:
+            self.stream.write(self._encode(record) + "\n")
+        except (OSError, ValueError):  # a full disk, a closed stream: the network goes on
+            self.errors += 1
+            return
         self.lines += 1
 
     def flush(self) -> None:
-        self.stream.flush()
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.errors += 1
 
     def close(self) -> None:
-        self.stream.flush()
+        self.flush()
         if self._close:
             self.stream.close()
 

@@ -44,6 +44,7 @@ class FakeLoop:
         self.config = NetworkConfig(**config_kw)
         self.stack = FakeStack()
         self.selector = selectors.DefaultSelector()
+        self.tracer = None  # Loop.tracer: tracing off
 
     def register(self, fileobj, events, handler, on_error=None):
         self.selector.register(fileobj, events, handler)

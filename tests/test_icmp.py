@@ -102,6 +102,7 @@ class MiniLoop:
         self.config = NetworkConfig(**config)
         self.stack = Stack(self.config.stack_config(), FixedRandom())
         self.descriptors = DescriptorBudget.for_process(self.config)
+        self.tracer = None  # Loop.tracer: tracing off
         self.selector = selectors.DefaultSelector()
 
     def register(self, sock, events, handler, on_error=None) -> None:

@@ -102,6 +102,7 @@ class PythonBackend(Backend):
         self._forwards: dict[int, tuple] = {}
         self._guest_left = False
         self._started_at = 0.0
+        self._tracer = None  # --trace: a JsonTracer, closed with the backend
 
     def start(self, tap_fd: int, stop_fd: int) -> None:
         if self.loop is not None:
@@ -112,6 +113,20 @@ class PythonBackend(Backend):
             self.link.on_disconnect = self._on_guest_left
         self.loop = build_loop(self.config, tap_fd, stop_fd, self._capture, self.link)
         self._started_at = self.loop.now()  # for stats' uptime
+        if self.config.trace_path:
+            from pyslirp.trace import open_tracer  # json: only when tracing
+
+            self._tracer = open_tracer(self.config.trace_path, self._frame_index())
+            self.loop.set_tracer(self._tracer)
+
+    def _frame_index(self):
+        """With --pcap, a drop in the trace names its guest frame by pcap
+        index: the loop writes each guest frame to the capture just before
+        the stack handles it, so the count written is that frame's index."""
+        capture = self._capture
+        if capture is None:
+            return None
+        return lambda: capture.frames
 
     def run(self, tap_fd: int, stop_fd: int) -> None:
         self.start(tap_fd, stop_fd)
@@ -136,6 +151,8 @@ class PythonBackend(Backend):
         old, self.loop = self.loop, None
         old.close()
         self.loop = loop = build_loop(self.config, -1, self._stop_fd, self._capture, self.link)
+        if self._tracer is not None:
+            loop.set_tracer(self._tracer)
         for fd, (events, handler) in self._extra.items():
             loop.register(fd, events, handler)
         forwards, self._forwards = self._forwards, {}
@@ -152,6 +169,9 @@ class PythonBackend(Backend):
         capture, self._capture = self._capture, None
         if capture is not None:
             capture.close()
+        tracer, self._tracer = self._tracer, None
+        if tracer is not None:
+            tracer.close()
 
     def _started(self) -> Loop:
         if self.loop is None:

@@ -189,6 +189,9 @@ class DhcpServer:
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
         self._events: deque = deque()
+        # The decision trace (pyslirp/trace.py), or None: the loop's, set by
+        # Loop.set_tracer (this server has no loop of its own).
+        self.tracer = None
 
     # ---------------------------------------------------------------- verbs
     def handle(self, payload: bytes, src_mac: bytes, now: float) -> list:
@@ -204,13 +207,32 @@ class DhcpServer:
                     "dhcp-no-message-type" if kind is None else "dhcp-bad-message-type"
                 )
             self.counters[f"dhcp-in-{kind}"] += 1
-            return handler(self, message, now)
+            if self.tracer is None:
+                return handler(self, message, now)
+            before = dict(self.drops)  # tracing: which reason the handler counts
+            replies = handler(self, message, now)
+            for reason, count in self.drops.items():
+                if before.get(reason, 0) != count:
+                    self._trace(
+                        now,
+                        "dhcp.ignored",
+                        f"message type {kind} from {message.chaddr.hex(':')} ignored: {reason}",
+                        reason=reason,
+                        mac=message.chaddr.hex(":"),
+                        message_type=kind,
+                    )
+            return replies
         except MalformedDhcp as exc:
             self.drops[exc.reason] += 1
+            if self.tracer is not None:
+                self._trace(now, "dhcp.ignored", f"ignored: {exc.reason}", reason=exc.reason)
         except Exception as exc:  # a bug: count it, never let the guest stop us
             self.drops["dhcp-internal-error"] += 1
             log.warning("DHCP internal error: %s: %s", type(exc).__name__, exc)
         return []
+
+    def _trace(self, now: float, event: str, msg: str, **fields) -> None:
+        self.tracer(now, event, None, msg, **fields)
 
     def next_event(self):
         """The next DhcpLeaseGranted, or None."""
@@ -235,6 +257,14 @@ class DhcpServer:
         lease = self.leases.get(msg.chaddr)
         if lease is None or lease.address != address or not lease.active(now):
             self._assign(msg.chaddr, address, False, now + self.config.dhcp_offer_timeout)
+        if self.tracer is not None:
+            self._trace(
+                now,
+                "dhcp.offer",
+                f"offer {_ip(address)} to {msg.chaddr.hex(':')}",
+                address=_ip(address),
+                mac=msg.chaddr.hex(":"),
+            )
         return [self._reply(msg, OFFER, address)]
 
     def _request(self, msg: DhcpMessage, now: float) -> list:
@@ -265,10 +295,37 @@ class DhcpServer:
             self._assign(msg.chaddr, address, True, now + lease_time)
             self._events.append(DhcpLeaseGranted(address, msg.chaddr, lease_time))
             log.info("DHCP lease %s to %s", _ip(address), msg.chaddr.hex(":"))
+            if self.tracer is not None:
+                self._trace(
+                    now,
+                    "dhcp.ack",
+                    f"lease {_ip(address)} to {msg.chaddr.hex(':')} for {lease_time}s",
+                    address=_ip(address),
+                    mac=msg.chaddr.hex(":"),
+                    lease_time=lease_time,
+                )
             return [self._reply(msg, ACK, address)]
         self.counters["dhcp-nak"] += 1
         log.info("DHCP NAK: %s may not use %s", msg.chaddr.hex(":"), _ip(address))
+        if self.tracer is not None:
+            reason = self._refusal(msg.chaddr, address, now)
+            self._trace(
+                now,
+                "dhcp.nak",
+                f"NAK to {msg.chaddr.hex(':')}: {_ip(address)} {reason}",
+                address=_ip(address),
+                mac=msg.chaddr.hex(":"),
+                reason=reason,
+            )
         return [self._nak(msg, "requested address not available")]
+
+    def _refusal(self, mac: bytes, address: bytes, now: float) -> str:
+        """Why ``mac`` may not have ``address`` (for the trace)."""
+        if address not in self._pool_set:
+            return "is not in the pool"
+        if self.declined.get(address, now) > now:
+            return "was declined (in quarantine)"
+        return "is leased to another client"
 
     def _decline(self, msg: DhcpMessage, now: float) -> list:
         # RFC 2131 4.3.3: the address is in use by someone else; keep it out
@@ -284,6 +341,15 @@ class DhcpServer:
         self._forget(msg.chaddr)
         self.declined[address] = now + self.config.dhcp_decline_timeout
         log.warning("DHCP client %s declined %s", msg.chaddr.hex(":"), _ip(address))
+        if self.tracer is not None:
+            self._trace(
+                now,
+                "dhcp.decline",
+                f"{msg.chaddr.hex(':')} declined {_ip(address)}: out of the pool for "
+                f"{self.config.dhcp_decline_timeout}s",
+                address=_ip(address),
+                mac=msg.chaddr.hex(":"),
+            )
         return []
 
     def _release(self, msg: DhcpMessage, now: float) -> list:
@@ -298,6 +364,14 @@ class DhcpServer:
             return []
         lease.expires_at = min(lease.expires_at, now)
         log.info("DHCP lease %s released by %s", _ip(lease.address), msg.chaddr.hex(":"))
+        if self.tracer is not None:
+            self._trace(
+                now,
+                "dhcp.release",
+                f"{msg.chaddr.hex(':')} released {_ip(lease.address)}",
+                address=_ip(lease.address),
+                mac=msg.chaddr.hex(":"),
+            )
         return []
 
     def _inform(self, msg: DhcpMessage, now: float) -> list:

@@ -100,6 +100,24 @@ def question_of(message) -> bytes | None:
     return bytes(message[HEADER_LEN : i + 4])
 
 
+def question_text(question: bytes | None) -> str:
+    """A question (question_of's bytes) as text for the trace and logs:
+    'example.com. A' ('type 65' for types without a name here)."""
+    if not question:
+        return "(no question)"
+    labels = []
+    i = 0
+    while question[i]:
+        length = question[i]
+        labels.append(question[i + 1 : i + 1 + length].decode("ascii", "backslashreplace"))
+        i += 1 + length
+    qtype = int.from_bytes(question[i + 1 : i + 3], "big")
+    return ".".join(labels) + ". " + _TYPE_NAMES.get(qtype, f"type {qtype}")
+
+
+_TYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA"}
+
+
 def servfail(query: bytes) -> bytes:
     """RFC 1035 rcode 2 for ``query``: its id, opcode, RD and question."""
     guest_id, flags = struct.unpack_from("!HH", query, 0)
@@ -238,16 +256,20 @@ class DnsProxy:
         self.counters["dns-queries"] += 1
         if not self.upstreams:
             self.counters["dns-servfail-no-upstream"] += 1
+            self._trace_query(now, query, "dns.servfail", "no-upstream")
             self._finish(query, servfail(payload), now)
         elif query.question is None or payload[4:6] != b"\0\1":
             # RFC 5452 9: an answer is checked against the one question asked.
             self.counters["dns-servfail-no-question"] += 1
+            self._trace_query(now, query, "dns.servfail", "no-question")
             self._finish(query, servfail(payload), now)
         elif len(self._waiting) + len(self._queued) >= self.config.dns_max_pending:
             self.counters["dns-servfail-pending-full"] += 1
+            self._trace_query(now, query, "dns.servfail", "pending-full")
             self._finish(query, servfail(payload), now)
         elif not self.budget.charge(len(payload)):
             self.counters["dns-servfail-memory"] += 1
+            self._trace_query(now, query, "dns.servfail", "memory")
             self._finish(query, servfail(payload), now)
         else:
             query.charged = len(payload)
@@ -279,6 +301,10 @@ class DnsProxy:
             if self._send(query, upstream, now):
                 return
         self.counters["dns-all-upstreams-failed"] += 1
+        if query.fallback:
+            self._trace_query(now, query, "dns.gave-up", "the last error answer passed on")
+        else:
+            self._trace_query(now, query, "dns.gave-up", "SERVFAIL")
         self._finish(query, query.fallback or servfail(query.payload), now)
 
     def _send(self, query: DnsQuery, upstream: Upstream, now: float) -> bool:
@@ -299,6 +325,18 @@ class DnsProxy:
             return False
         query.deadline_at = now + self.config.dns_upstream_timeout
         self._waiting[query] = None
+        tracer = self.loop.tracer
+        if tracer is not None:
+            tracer(
+                now,
+                "dns.upstream",
+                None,
+                f"{question_text(query.question)} asked of {upstream!r} "
+                f"(upstream {query.tried} of {len(self.upstreams)})",
+                question=question_text(query.question),
+                upstream=repr(upstream),
+                attempt=query.tried,
+            )
         self.loop.timers_changed()  # a query over TCP comes through a quiet handler
         return True
 
@@ -353,6 +391,18 @@ class DnsProxy:
         upstream = query.upstream
         self.counters[reason] += 1
         log.info("DNS upstream %r: %s, trying the next", upstream, reason)
+        tracer = self.loop.tracer
+        if tracer is not None:
+            tracer(
+                now,
+                "dns.failover",
+                None,
+                f"{question_text(query.question)}: upstream {upstream!r} {reason[4:]}, "
+                "trying the next",
+                question=question_text(query.question),
+                upstream=repr(upstream),
+                reason=reason[4:],
+            )
         self._unlink(query)
         self._ask_next(query, now)
 
@@ -363,6 +413,28 @@ class DnsProxy:
         if query.queued:
             query.queued = False
             self._queued.remove(query)
+
+    def _trace_query(self, now: float, query: DnsQuery, event: str, reason: str) -> None:
+        tracer = self.loop.tracer
+        if tracer is not None:
+            text = question_text(query.question)
+            tracer(now, event, None, f"{text}: {reason}", question=text, reason=reason)
+
+    def _reject(self, query: DnsQuery, reason: str, now: float) -> None:
+        """A datagram on a query's socket that is not its answer: dropped."""
+        self.drops[reason] += 1
+        tracer = self.loop.tracer
+        if tracer is not None:
+            text = question_text(query.question)
+            tracer(
+                now,
+                "dns.rejected",
+                None,
+                f"{text}: datagram from {query.upstream!r} rejected: {reason[4:]}",
+                question=text,
+                upstream=repr(query.upstream),
+                reason=reason[4:],
+            )
 
     def _release(self, query: DnsQuery) -> None:
         """Give the query's bytes back to the budget, once."""
@@ -411,7 +483,7 @@ class DnsProxy:
                 self._drain_errors(query, now, everything=True)
                 return
             if addr[:2] != upstream.sockaddr:
-                self.drops["dns-answer-wrong-source"] += 1
+                self._reject(query, "dns-answer-wrong-source", now)
                 continue
             if self._on_answer(query, data, now):
                 return  # the query is over and its socket closed
@@ -423,20 +495,20 @@ class DnsProxy:
         """One datagram from the upstream asked: True if it ended the query
         (here or on the next upstream), False if it was dropped."""
         if len(data) < HEADER_LEN:
-            self.drops["dns-answer-truncated"] += 1
+            self._reject(query, "dns-answer-truncated", now)
             return False
         upstream_id, flags = struct.unpack_from("!HH", data, 0)
         if not flags & FLAG_QR:
-            self.drops["dns-answer-not-response"] += 1
+            self._reject(query, "dns-answer-not-response", now)
             return False
         if upstream_id != query.upstream_id:
-            self.drops["dns-answer-wrong-id"] += 1
+            self._reject(query, "dns-answer-wrong-id", now)
             return False
         if data[4:6] != b"\0\1":
-            self.drops["dns-answer-qdcount"] += 1
+            self._reject(query, "dns-answer-qdcount", now)
             return False
         if not _same_question(query.question, question_of(data)):
-            self.drops["dns-answer-question"] += 1
+            self._reject(query, "dns-answer-question", now)
             return False
         response = query.guest_id + data[2:]
         upstream = query.upstream
@@ -446,6 +518,18 @@ class DnsProxy:
             return True
         self.preferred = upstream.index
         self.counters["dns-answers"] += 1
+        tracer = self.loop.tracer
+        if tracer is not None:
+            text = question_text(query.question)
+            tracer(
+                now,
+                "dns.answer",
+                None,
+                f"{text}: answer from {upstream!r} accepted (rcode {flags & RCODE_MASK})",
+                question=text,
+                upstream=repr(upstream),
+                rcode=flags & RCODE_MASK,
+            )
         self._finish(query, response, now)
         return True
 

@@ -52,6 +52,7 @@ import struct
 from collections import Counter
 
 from pyslirp.stack import icmpv4, icmpv6, ipv4, ipv6
+from pyslirp.stack.names import address_text
 
 from .addressing import AddressMap, to_text
 from .udp import ICMPV6_AS_V4, IPV6_RECVERR, SO_EE_ORIGIN_ICMP6
@@ -140,6 +141,12 @@ class PingFlow:
         self.ttl = 0  # the IP_TTL last set on the socket; 0: the host's default
         self.quotes: dict[int, bytes] = {}  # sequence -> the guest's request, to quote
 
+    @property
+    def name(self) -> str:
+        """``icmp guest>* id N``: one host socket for the guest's identifier,
+        whatever it pings, so the peer is a wildcard (as UdpFlow.name)."""
+        return f"icmp {address_text(self.guest)}>* id {self.guest_ident}"
+
     def on_ready(self, mask: int, now: float) -> None:
         self.relay.read_flow(self, now)
 
@@ -212,11 +219,13 @@ class IcmpRelay:
             self.expire(now)
         if len(self.flows) >= self.config.max_ping_sockets:
             oldest = min(self.flows, key=lambda key: self.flows[key].last_active)
+            self._trace(now, "icmp.flow-evicted", self.flows[oldest], "the table is full")
             self._close(oldest)
             self.counters["sockets-evicted"] += 1
         descriptors = self.descriptors
         if not descriptors.acquire():
             self.counters["sockets-refused"] += 1
+            self._trace_refused(now, event, "no descriptor for it")
             self.stack.send_icmp_error(
                 icmpv4.DEST_UNREACHABLE, icmpv4.ADMIN_PROHIBITED, event.packet, now
             )
@@ -230,6 +239,7 @@ class IcmpRelay:
         except OSError as exc:
             self.counters["sockets-refused"] += 1
             descriptors.release()
+            self._trace_refused(now, event, f"cannot open a ping socket: {exc}")
             if exc.errno in (errno.EACCES, errno.EPERM):
                 if not self._warned_not_permitted:
                     self._warned_not_permitted = True
@@ -251,13 +261,34 @@ class IcmpRelay:
         self.flows[(event.src, event.ident)] = flow
         self.loop.register(sock, 1, flow.on_ready, on_error=flow.fail)
         self.counters["sockets-opened"] += 1
-        log.info(
-            "ping %s id %d opened (host id %d)",
-            to_text(event.src),
-            event.ident,
-            flow.host_ident,
-        )
+        log.info("%s opened (host id %d)", flow.name, flow.host_ident)
+        tracer = self.loop.tracer
+        if tracer is not None:
+            tracer(
+                now,
+                "icmp.flow-created",
+                flow.name,
+                f"ping socket opened (host id {flow.host_ident}) for {to_text(event.dst)}",
+                host_ident=flow.host_ident,
+                peer=to_text(event.dst),
+            )
         return flow
+
+    def _trace(self, now: float, event: str, flow: PingFlow, why: str) -> None:
+        tracer = self.loop.tracer
+        if tracer is not None:
+            tracer(now, event, flow.name, f"ping socket closed: {why}", reason=why)
+
+    def _trace_refused(self, now: float, event, why: str) -> None:
+        tracer = self.loop.tracer
+        if tracer is not None:
+            tracer(
+                now,
+                "icmp.flow-refused",
+                f"icmp {address_text(event.src)}>* id {event.ident}",
+                f"echo refused: {why}; ICMP prohibited sent",
+                reason=why,
+            )
 
     # ------------------------------------------------------------ host -> guest
     def read_flow(self, flow: PingFlow, now: float) -> None:
@@ -382,6 +413,7 @@ class IcmpRelay:
     def expire(self, now: float) -> None:
         timeout = self.config.ping_idle_timeout
         for key in [k for k, f in self.flows.items() if now - f.last_active >= timeout]:
+            self._trace(now, "icmp.flow-expired", self.flows[key], f"idle {timeout:g}s")
             self._close(key)
             self.counters["sockets-expired"] += 1
 
@@ -390,7 +422,7 @@ class IcmpRelay:
         self.loop.unregister(flow.sock)
         flow.sock.close()
         self.descriptors.release()
-        log.info("ping %s id %d closed", to_text(flow.guest), flow.guest_ident)
+        log.info("%s closed", flow.name)  # the name the trace gives it
 
     def close(self) -> None:
         for key in list(self.flows):

@@ -239,6 +239,23 @@ class Loop:
     def now() -> float:
         return time.monotonic()
 
+    # -------------------------------------------------------------- tracing
+    @property
+    def tracer(self):
+        """The decision trace (pyslirp/trace.py), the stack's: None, or
+        ``tracer(now, event, flow, msg, **fields)``. The services read it
+        here, where they take a decision, and test it against None."""
+        return self.stack.tracer
+
+    def set_tracer(self, tracer) -> None:
+        """Trace the stack's decisions and the services' to ``tracer`` (None:
+        stop). The stack changes class while tracing, so the frame reader is
+        bound again."""
+        self.stack.set_tracer(tracer)
+        if self.dhcp is not None:
+            self.dhcp.tracer = tracer  # a server without a loop: told here
+        self._receive = self.stack.receive_vnet_frame if self.vnet else self.stack.receive_frame
+
     # -------------------------------------------------------- the barrier
     def internal_error(self, where: str, exc: BaseException, now: float) -> None:
         """Count and log (rate-limited) an exception a handler raised."""

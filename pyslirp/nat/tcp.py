@@ -228,16 +228,19 @@ class TcpNat:
                 self.counters["dns-sessions"] += 1
                 tcp.accept(conn, now)
             else:
+                self._trace_refused(conn, now, "no service on that port of the DNS address")
                 tcp.refuse(conn, now)
             return
         host = self.addresses.to_host(dst)
         if isinstance(host, int):
             self.counters["connections-unreachable"] += 1
+            self._trace_refused(conn, now, f"address not reachable (ICMP code {host})")
             tcp.refuse(conn, now, icmp_code=host)
             return
         if len(self.flows) >= self.config.tcp_max_connections:
             self.counters["connections-limited"] += 1
             log.warning("%s refused: %d connections open", conn.describe(), len(self.flows))
+            self._trace_refused(conn, now, f"{len(self.flows)} connections open (the limit)")
             tcp.refuse(conn, now)
             return
         descriptors = self.descriptors
@@ -270,6 +273,7 @@ class TcpNat:
                 sock.bind((outbound, 0))
             except OSError as exc:
                 log.warning("%s refused: cannot bind %s: %s", conn.describe(), outbound, exc)
+                self._trace_refused(conn, now, f"cannot bind {outbound}: {exc}")
                 sock.close()
                 descriptors.release()
                 tcp.refuse(conn, now)
@@ -321,7 +325,20 @@ class TcpNat:
             why,
             len(self.flows),
         )
+        self._trace_refused(conn, now, why)
         self.tcp.refuse(conn, now)
+
+    def _trace_refused(self, conn, now: float, why: str) -> None:
+        tracer = self.loop.tracer
+        if tracer is not None:
+            tracer(
+                now,
+                "tcp.host-refused",
+                conn.describe(),
+                f"not connected on the host: {why}",
+                reason=why,
+                flows=len(self.flows),
+            )
 
     def connect_finished(self, flow: TcpFlow, now: float) -> None:
         err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -340,6 +357,17 @@ class TcpNat:
         self.counters["connections-opened"] += 1
         if log.isEnabledFor(logging.INFO):  # describe() is not free: once per connection
             log.info("%s opened (host %s:%d)", conn.describe(), *flow.host)
+        tracer = self.stack.tracer  # loop.tracer without the property's call: once a connection
+        if tracer is not None:
+            tracer(
+                now,
+                "tcp.host-connect",
+                conn.describe(),
+                f"host {_host_text(flow.host)} connected",
+                result="connected",
+                host=_host_text(flow.host),
+                errno=None,
+            )
         self.tcp.accept(conn, now)
         self._set_mask(flow, READ)
 
@@ -353,6 +381,26 @@ class TcpNat:
         else:
             self.counters["connections-unreachable"] += 1
         log.info("%s failed: host %s:%d: %s", conn.describe(), *flow.host, os_strerror(err))
+        tracer = self.loop.tracer
+        if tracer is not None:
+            result = (
+                "timed-out"
+                if err == errno.ETIMEDOUT
+                else "refused"
+                if code is None
+                else "unreachable"
+            )
+            answer = "RST" if code is None else f"ICMP unreachable code {code}"
+            tracer(
+                now,
+                "tcp.host-connect",
+                conn.describe(),
+                f"host {_host_text(flow.host)} {result} ({os_strerror(err)}): "
+                f"{answer} to the guest",
+                result=result,
+                host=_host_text(flow.host),
+                errno=os_strerror(err),
+            )
         self._release(flow)
         self.tcp.refuse(conn, now, icmp_code=code)
         conn.user = None  # both ends are done (see _release)
@@ -595,6 +643,12 @@ class TcpNat:
     def close(self) -> None:
         for flow in list(self.flows):
             self._release(flow, reset=True)
+
+
+def _host_text(host: tuple) -> str:
+    """(address text, port) as address:port, an IPv6 address in brackets."""
+    address, port = host[0], host[1]
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def os_strerror(err) -> str:

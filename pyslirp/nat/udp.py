@@ -290,18 +290,34 @@ class UdpNat:
         self.flows[flow.key] = flow
         self.loop.register(sock, 1, flow.on_ready, on_error=flow.fail)
         self.counters["flows-opened"] += 1
-        log.info(
-            "udp flow %s:%d opened (host port %d)",
-            to_text(event.src),
-            event.src_port,
-            sock.getsockname()[1],
-        )
+        log.info("%s opened (host port %d)", flow.name, sock.getsockname()[1])
         if self._sweep_at is None:
             self._sweep_at = now + 1.0
+        tracer = self.loop.tracer
+        if tracer is not None:
+            port = sock.getsockname()[1]
+            tracer(
+                now,
+                "udp.flow-created",
+                flow.name,
+                f"flow opened on host port {port}, idle timeout {timeout:g}s",
+                host_port=port,
+                idle_timeout=timeout,
+            )
         return flow
 
     def _refuse(self, event, now: float, why: str) -> None:
         self.counters["flows-refused"] += 1
+        tracer = self.loop.tracer
+        if tracer is not None:
+            tracer(
+                now,
+                "udp.flow-refused",
+                f"udp {endpoint(event.src, event.src_port)}>*",
+                f"flow refused: {why} ({len(self.flows)} open); ICMP prohibited sent",
+                reason=why,
+                flows=len(self.flows),
+            )
         self.loop.limiter.log(
             logging.WARNING,
             "udp-refused",
@@ -325,6 +341,16 @@ class UdpNat:
         key, flow = next(iter(self.flows.items()))
         self._close(key, flow)
         self.counters["flows-evicted"] += 1
+        tracer = self.loop.tracer
+        if tracer is not None:
+            now = self.loop.now()
+            tracer(
+                now,
+                "udp.flow-evicted",
+                flow.name,
+                f"flow closed for its descriptor (idle {now - flow.last_active:.1f}s, the oldest)",
+                idle=round(now - flow.last_active, 3),
+            )
         return True
 
     def close_flow(self, flow: UdpFlow, now: float) -> None:
@@ -401,6 +427,17 @@ class UdpNat:
                 self._expiring = flow
                 self._close(key, flow)
                 self.counters["flows-expired"] += 1
+                tracer = self.loop.tracer
+                if tracer is not None:
+                    tracer(
+                        now,
+                        "udp.flow-expired",
+                        flow.name,
+                        f"flow expired after {flow.idle_timeout:g}s idle",
+                        idle_timeout=flow.idle_timeout,
+                        bytes_from_guest=flow.bytes_from_guest,
+                        bytes_to_guest=flow.bytes_to_guest,
+                    )
         self._expiring = None
 
     def timer_failed(self, exc: Exception, now: float) -> None:
@@ -414,7 +451,7 @@ class UdpNat:
         self.loop.unregister(flow.sock)
         flow.sock.close()
         self.descriptors.release()
-        log.info("udp flow %s:%d closed", to_text(flow.guest), flow.guest_port)
+        log.info("%s closed", flow.name)  # the name the trace and the API give it
 
     def close(self) -> None:
         for key, flow in list(self.flows.items()):

@@ -203,8 +203,16 @@ class Stack:
         return held
 
     def set_tracer(self, tracer) -> None:
-        """Trace every decision to ``tracer`` (None: stop tracing)."""
+        """Trace every decision to ``tracer`` (None: stop tracing). Tracing
+        switches the stack, its TCP layer and connections to the traced
+        subclasses of tracing.py: off, the plain classes pay nothing."""
+        from . import tracing  # it subclasses Stack: imported once both exist
+
         self.tracer = tracer
+        if tracer is None:
+            tracing.switch_off(self)
+        else:
+            tracing.switch_on(self)
 
     def next_event(self):
         return self.events.popleft() if self.events else None
