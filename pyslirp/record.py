@@ -200,7 +200,7 @@ def encode(value, out: list) -> None:
         for key, item in value.items():
             encode(key, out)
             encode(item, out)
-    elif kind is TcpConnection:
+    elif isinstance(value, TcpConnection):  # its traced subclass too (--trace)
         out.append(b"c" + _I64.pack(value.serial))
     elif kind in _EVENT_FIELDS or is_dataclass(value):
         names = _EVENT_FIELDS.get(kind)

@@ -518,6 +518,8 @@ def test_every_event_name_in_the_source_is_documented():
     one in pyslirp/ must have its section in docs/trace.md, and back."""
     names = set()
     for path in (REPO / "pyslirp").rglob("*.py"):
+        if path.name == "record.py":  # its "tcp.send"... name recorded calls, not events
+            continue
         text = path.read_text()
         names |= set(re.findall(r'"((?:tcp|udp|icmp|dns|dhcp|arp|nd|memory)\.[a-z-]+)"', text))
     names.add("drop")
