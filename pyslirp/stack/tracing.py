@@ -526,7 +526,8 @@ class StackTracing:
     stack could not switch class.)"""
 
     def _frame_index(self):
-        index = self.tracer.frame_index if self.tracer is not None else None
+        # A plain function is a tracer too: only JsonTracer knows frames.
+        index = getattr(self.tracer, "frame_index", None)
         return index() if index is not None else None
 
     def receive_frame(self, frame, now: float) -> None:
