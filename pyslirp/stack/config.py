@@ -46,8 +46,6 @@ class TcpConfig:
     dupack_burst: int = 4
     # RFC 1122 4.2.3.2 allows 500 ms; a guest that writes small pieces with
     # Nagle on waits this long for each ACK, so it stays short. 0: off.
-    # The ACK of a guest's bare FIN waits as long, for the host's close to
-    # carry it (TcpConnection._fin_received).
     delayed_ack_timeout: float = 0.002
     # TIME-WAIT: 2*MSL would be 4 minutes (RFC 9293); Linux uses 60 s.
     time_wait_timeout: float = 60.0
