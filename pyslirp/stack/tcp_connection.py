@@ -685,14 +685,13 @@ class TcpConnection:
 
         # Eighth: FIN.
         if flags & FIN:
+            self.ack_pending = True
+            self.mark()
             fin_at = (seq + plen) & MASK
             if fin_at == self.rcv_nxt:
-                self._fin_received(now, bare=not plen)
-            else:
-                self.ack_pending = True
-                self.mark()
-                if seq_lt(self.rcv_nxt, fin_at):
-                    self.ooo_fin = fin_at
+                self._fin_received(now)
+            elif seq_lt(self.rcv_nxt, fin_at):
+                self.ooo_fin = fin_at
         layer.arm(self)
 
     def predicted(self, seq: int, ack: int, window: int, ts, payload, now, fin=0) -> bool:
@@ -734,11 +733,11 @@ class TcpConnection:
         self._update_window(seq, ack, window)
         if ts is not None:
             self.ts_recent = ts[0]
-        if fin:  # in order after the text: _fin_received ACKs it
+        if fin:  # in order after the text: ACK it now (_fin_received does)
             if plen and not self._deliver(payload):
                 self.memory_refused()  # the FIN too: it follows the text
             else:
-                self._fin_received(now, bare=not plen)
+                self._fin_received(now)
         elif plen:
             if not self._deliver(payload):
                 self.memory_refused()
@@ -1027,32 +1026,14 @@ class TcpConnection:
             self.ooo.clear()
         self.ooo_bytes = 0
 
-    def _fin_received(self, now: float, bare: bool = False) -> None:
-        """The guest's FIN, in order (``bare``: a segment with no text).
-
-        A bare FIN in ESTABLISHED is acknowledged after the delayed-ACK
-        timeout unless something goes sooner, as Linux's "pingpong" mode
-        does: the host peer's answer (its close, most often, a moment
-        later) carries the ACK, one segment instead of two. Anything else
-        is acknowledged at once."""
+    def _fin_received(self, now: float) -> None:
         self.rcv_nxt = (self.rcv_nxt + 1) & MASK
         self.drop_out_of_order()
         self.guest_fin = True
-        state = self.state
-        layer = self.layer
-        if (
-            bare
-            and state is ESTABLISHED
-            and not self.ack_pending
-            and layer.config.delayed_ack_timeout
-        ):
-            self.state = CLOSE_WAIT
-            layer.delay_ack(self, now)
-            self.notify_readable()
-            return
         self.ack_pending = True
         self.mark()
         self.notify_readable()
+        state = self.state
         if state is ESTABLISHED or state is SYN_RECEIVED:
             self.state = CLOSE_WAIT
         elif state is FIN_WAIT_1:
