@@ -297,3 +297,41 @@ def test_tcp_settings_have_one_set_of_defaults_and_reach_the_layer():
     with InProcessNetwork(**settings) as net:
         layer = net.loop.stack.tcp.config
         assert [getattr(layer, name[4:]) for name in settings] == list(settings.values())
+
+
+def test_a_lingering_flow_sets_its_deadline_though_its_event_is_quiet():
+    """TcpConnectionClosed (like TcpConnectRequested) is a quiet event, so
+    the loop does not ask every service for its deadline per connection; a
+    flow that lingers (the host has not taken the guest's last bytes) must
+    then say itself that the TCP NAT has a deadline, else the loop could
+    sleep past it (the connect timeout's test covers the other one)."""
+    import random
+    import types
+
+    from pyslirp.config import NetworkConfig
+    from pyslirp.nat.backend import build_loop
+    from pyslirp.nat.tcp import TcpFlow
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener = socket.create_server(("127.0.0.1", 0))
+    host = socket.create_connection(listener.getsockname())
+    config = NetworkConfig(random=random.Random(1), tcp_time_wait_timeout=7.0)
+    loop = build_loop(config, ours.fileno())
+    try:
+        nat = loop.tcp
+        conn = types.SimpleNamespace(user=None, state=None)
+        flow = TcpFlow(nat, conn, host, ("127.0.0.1", 1))
+        flow.connecting = False
+        conn.user = flow
+        nat.flows.add(flow)
+        told = []
+        loop.timers_changed = lambda: told.append(True)
+        nat.on_closed(types.SimpleNamespace(conn=conn), now=100.0)
+        assert not flow.closed  # the host end is still open: it lingers
+        assert told and nat.next_deadline() == 107.0
+    finally:
+        loop.close()
+        host.close()
+        listener.close()
+        ours.close()
+        theirs.close()

@@ -255,6 +255,31 @@ def test_syn_ack_answers_each_option_combination(guest_options, ours):
     assert conn.state is TcpState.SYN_RECEIVED
 
 
+def test_syn_options_common_case_equals_the_general_builder():
+    """syn_options packs timestamps with window scaling in one go: the same
+    bytes and sum as tcp.build_options and checksum.partial_sum, for shifts,
+    MSS limits (IPv4 and IPv6 MTUs) and timestamps up to 2**32 - 1."""
+    from pyslirp.stack import checksum, tcp
+
+    rng = random.Random(7)
+    for mtu in (576, 1500, 9000, 65520):
+        s = Script(mtu=mtu)
+        s.feed(1.0, "S", GISN, window=64240, options=LINUX_SYN)
+        (event,) = s.events()
+        conn = event.conn
+        for _ in range(200):
+            conn.rcv_wscale = rng.randrange(15)
+            conn.ts_offset = rng.getrandbits(32)
+            conn.ts_recent = rng.choice((0, MASK, rng.getrandbits(32)))
+            now = rng.uniform(0, 5e6)
+            reference = tcp.build_options(
+                mss=mtu - 40,  # IPv4 and TCP headers
+                window_scale=conn.rcv_wscale,
+                timestamp=(conn.ts_value(now), conn.ts_recent),
+            )
+            assert s.tcp.syn_options(conn, now) == (reference, checksum.partial_sum(reference))
+
+
 @pytest.mark.parametrize(
     "options, guest_mss, payload_size",
     [

@@ -62,13 +62,18 @@ def build_loop(
 
     loop.on_event(UdpDatagramReceived, udp.on_datagram, on_error=udp.on_error)
     loop.on_event(IcmpEchoRequested, icmp.on_echo, on_error=icmp.on_error)
-    loop.on_event(TcpConnectRequested, tcp.on_connect_requested, on_error=tcp.on_error)
-    # Quiet: these only move data (a DNS query over TCP calls timers_changed
-    # through the proxy).
+    # Quiet: these only move data or open and end flows; the TCP NAT calls
+    # timers_changed itself when it sets a deadline (a host connect that
+    # waits, a host socket lingering after the close), as the proxy does for
+    # a DNS query over TCP. A connection's open and close then cost no pass
+    # over every service's next_deadline.
+    loop.on_event(
+        TcpConnectRequested, tcp.on_connect_requested, quiet=True, on_error=tcp.on_error
+    )
     loop.on_event(TcpDataReceived, tcp.on_data, quiet=True, on_error=tcp.on_error)
     loop.on_event(TcpSendSpaceOpened, tcp.on_send_space, quiet=True, on_error=tcp.on_error)
-    loop.on_event(TcpConnectionReset, tcp.on_reset, on_error=tcp.on_error)
-    loop.on_event(TcpConnectionClosed, tcp.on_closed, on_error=tcp.on_error)
+    loop.on_event(TcpConnectionReset, tcp.on_reset, quiet=True, on_error=tcp.on_error)
+    loop.on_event(TcpConnectionClosed, tcp.on_closed, quiet=True, on_error=tcp.on_error)
     loop.on_event(TcpConnected, forwards.on_tcp_connected, on_error=tcp.on_error)
     # Their timers (next_deadline, handle_timer), after the loop's own call_at.
     loop.services.extend([udp, dns, icmp, tcp, forwards])

@@ -295,6 +295,7 @@ class TcpNat:
         if err in (errno.EINPROGRESS, errno.EAGAIN, 0):
             flow.connect_at = now + self.config.tcp_connect_timeout
             self._connecting[flow] = None
+            self.loop.timers_changed()  # our event is quiet (build_loop)
             self._set_mask(flow, WRITE)
         else:
             self._connect_failed(flow, err, now)
@@ -520,6 +521,7 @@ class TcpNat:
                 self._maybe_finished(user, now)
             if not user.closed:
                 self._lingering[user] = now + self.config.tcp_time_wait_timeout
+                self.loop.timers_changed()  # our event is quiet (build_loop)
             else:
                 event.conn.user = None  # both ends are done (see _release)
         elif user is not None:

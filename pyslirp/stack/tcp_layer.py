@@ -73,6 +73,11 @@ _TS_BLOCK = struct.Struct("!III")  # NOP NOP kind length, TSval, TSecr
 # window, checksum) with the timestamps option. TcpLayer.emit's common case.
 _FRAME4_TS = struct.Struct("!14sBxHHHBBH8sHHIIBBHHxxIII")
 _TS_WORD = 0x0101080A
+# Our SYN-ACK's options with timestamps and window scaling (syn_options):
+# MSS (kind 2, length 4), NOP NOP TS (kind 8, length 10), NOP WS (kind 3, length 3).
+_SYN_TS_WS = struct.Struct("!HHIIII")
+_MSS_HEAD = 0x0204
+_WS_WORD = 0x01030300  # NOP, kind 3, length 3, then the shift
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
 
 
@@ -104,6 +109,7 @@ class TcpLayer:
         self.config = stack.config.tcp
         self.random = stack.random
         self.isn_key = stack.config.isn_key  # RFC 6528's secret (StackConfig)
+        self._isn_hash = blake2b(digest_size=4, key=self.isn_key)  # fed nothing yet
         self.connections: dict[tuple, TcpConnection] = {}
         self.events = stack.events
         # Every byte a connection holds (rx, the out-of-order queue, snd_buf)
@@ -448,7 +454,9 @@ class TcpLayer:
         tuple_bytes = b"".join(
             (local, local_port.to_bytes(2, "big"), remote, remote_port.to_bytes(2, "big"))
         )
-        digest = blake2b(tuple_bytes, digest_size=4, key=self.isn_key).digest()
+        keyed = self._isn_hash.copy()  # a copy skips hashing the key block again
+        keyed.update(tuple_bytes)
+        digest = keyed.digest()
         return (int(now * 250_000) + int.from_bytes(digest, "big")) & MASK
 
     def _initial_sequence(self, conn: TcpConnection, now: float) -> None:
@@ -915,7 +923,19 @@ class TcpLayer:
         self.stack.ipv6.send_offload_segment(conn.local, conn.remote, mac, vnet, parts, tcp_len)
 
     def syn_options(self, conn: TcpConnection, now: float):
-        """Our SYN's (or SYN-ACK's) options and the sum of their 16-bit words."""
+        """Our SYN's (or SYN-ACK's) options and the sum of their 16-bit words
+        (modulo 0xFFFF, as checksum.partial_sum gives it)."""
+        if conn.ts_enabled and conn.ws_enabled:
+            # The common case (a Linux guest's SYN): tcp.build_options' layout
+            # in one pack, its sum from the fields (2**16 = 1 modulo 0xFFFF,
+            # so a 32-bit field adds as itself). The general path below is
+            # the reference (tests/test_tcp_stack.py compares the two).
+            mss = self._mss_limit(conn)
+            ts_val = conn.ts_value(now)
+            ts_ecr = conn.ts_recent
+            ws_word = _WS_WORD | conn.rcv_wscale
+            options = _SYN_TS_WS.pack(_MSS_HEAD, mss, _TS_WORD, ts_val, ts_ecr, ws_word)
+            return options, (_MSS_HEAD + mss + _TS_SUM + ts_val + ts_ecr + ws_word) % 0xFFFF
         options = tcp.build_options(
             mss=self._mss_limit(conn),
             window_scale=conn.rcv_wscale if conn.ws_enabled else -1,
