@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import select
 import signal
 import sys
 
 from pyslirp.backend import READ
+from pyslirp.log import get_logger
 
 from .errors import PROG, SetupError, fail
 from .options import Options, VmSocket
 
-log = logging.getLogger("pyslirp")
+log = get_logger("pyslirp")
 
 
 # ---------------------------------------------------------------- banner

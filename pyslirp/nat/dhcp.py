@@ -29,14 +29,14 @@ cannot occur on this link and are dropped.
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 
 from pyslirp._compat import SLOTS
+from pyslirp.log import get_logger
 
-log = logging.getLogger("pyslirp.dhcp")
+log = get_logger("pyslirp.dhcp")
 
 # RFC 2131 section 2: the fixed part, then the magic cookie (RFC 2131 3).
 HEADER = struct.Struct("!BBBBIHH4s4s4s4s16s64s128sI")

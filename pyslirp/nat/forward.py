@@ -44,17 +44,17 @@ from __future__ import annotations
 
 import errno
 import itertools
-import logging
 import socket
 from dataclasses import dataclass
 
 from pyslirp._compat import SLOTS
+from pyslirp.log import get_logger
 
 from .addressing import endpoint
 from .descriptors import AcceptGuard
 from .tcp import TCP_NODELAY
 
-log = logging.getLogger("pyslirp.forward")
+log = get_logger("pyslirp.forward")
 
 READ = 1  # selectors.EVENT_READ
 PROTOCOLS = ("tcp", "udp")

@@ -1,0 +1,132 @@
+"""pyslirp.settings (configs and records without dataclasses) and
+pyslirp.log (loggers that import logging only for a record that is due)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pyslirp.settings import Record, Settings, factory, fields, is_dataclass, replace
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Limits(Settings):
+    # A comment, as config classes have.
+    burst: int = 5
+    names: list = factory(list)
+    interval: float = 10.0
+
+
+class Checked(Limits):
+    def __post_init__(self) -> None:
+        if self.burst < 0:
+            raise ValueError("burst < 0")
+
+
+class Point(Record):
+    __slots__ = ("x", "y")
+
+    def __init__(self, x: int, y: int) -> None:
+        self.x = x
+        self.y = y
+
+
+def test_settings_defaults_keywords_positions_and_fresh_factories():
+    a, b = Limits(), Limits(burst=7)
+    assert (a.burst, a.names, a.interval) == (5, [], 10.0)
+    assert b.burst == 7 and Limits(1, [2]).names == [2]
+    a.names.append(1)
+    assert Limits().names == []  # each instance its own list
+    assert a != Limits() and Limits(burst=7) == b and Limits() != Checked()
+    assert repr(b) == "Limits(burst=7, names=[], interval=10.0)"
+    assert [f.name for f in fields(Limits)] == ["burst", "names", "interval"]
+    assert [f.name for f in fields(b)] == ["burst", "names", "interval"]
+
+
+def test_settings_refuse_unknown_names_and_run_post_init():
+    with pytest.raises(TypeError, match="unexpected argument 'brust'"):
+        Limits(brust=3)
+    with pytest.raises(TypeError, match="two values"):
+        Limits(1, burst=2)
+    with pytest.raises(ValueError, match="burst < 0"):
+        Checked(burst=-1)
+    with pytest.raises(ValueError, match="burst < 0"):
+        replace(Checked(), burst=-1)
+    changed = replace(Checked(burst=2), interval=1.0)
+    assert (type(changed), changed.burst, changed.interval) == (Checked, 2, 1.0)
+    with pytest.raises(TypeError):
+        hash(Limits())
+
+
+def test_records_compare_and_show_their_slots():
+    assert Point(1, 2) == Point(1, 2) and Point(1, 2) != Point(2, 1)
+    assert repr(Point(1, 2)) == "Point(x=1, y=2)"
+    assert [f.name for f in fields(Point)] == ["x", "y"]
+    assert replace(Point(1, 2), y=5) == Point(1, 5)
+    assert is_dataclass(Point) and is_dataclass(Limits()) and not is_dataclass(object())
+
+
+def run_isolated(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (-S: no site imports) from the checkout."""
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def test_logging_imported_only_for_a_record_at_the_level():
+    out = run_isolated(
+        """
+        import sys
+        from pyslirp import log
+        calls = []
+        log.configure("WARNING", lambda: calls.append("setup"))
+        logger = log.get_logger("pyslirp.test")
+        logger.info("not shown %d", 1)
+        logger.debug("not shown")
+        assert not logger.isEnabledFor(log.INFO)
+        assert "logging" not in sys.modules and calls == []
+        import logging
+        logging.basicConfig(format="%(levelname)s %(name)s %(funcName)s: %(message)s")
+        logger.warning("shown %d", 2)
+        logger.error("shown %d", 3)
+        assert calls == ["setup"], calls
+        """
+    )
+    assert out == (
+        "WARNING pyslirp.test <module>: shown 2\nERROR pyslirp.test <module>: shown 3\n"
+    )
+
+
+def test_the_forwarder_console_format_and_rate_limit_without_logging_at_start():
+    out = run_isolated(
+        """
+        import sys
+        from forwarder.ratelimit import installed, log_to_stderr
+        from pyslirp.log import get_logger
+        limiter = log_to_stderr("WARNING")
+        assert installed() is limiter and "logging" not in sys.modules
+        logger = get_logger("pyslirp.dhcp")
+        for i in range(8):
+            logger.warning("pool exhausted: %d", i)
+        assert "logging" in sys.modules and limiter.suppressed_total == 3
+        limiter.flush(limiter.clock() + 3600)
+        """
+    )
+    lines = out.splitlines()
+    assert len(lines) == 6, out
+    assert lines[0].endswith(" WARNING pyslirp.dhcp: pool exhausted: 0")
+    assert lines[4].endswith(" WARNING pyslirp.dhcp: pool exhausted: 4")
+    assert lines[5].endswith(
+        " WARNING pyslirp.dhcp: suppressed 3 similar messages: pool exhausted: %d"
+    )
