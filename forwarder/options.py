@@ -15,7 +15,6 @@ file, the NetworkConfig, and last the target (PATH, PID TAPNAME or COMMAND).
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import ipaddress
 import os
@@ -26,6 +25,7 @@ import sys
 from types import SimpleNamespace
 
 from pyslirp.nat.compat import if_nametoindex
+from pyslirp.settings import Settings
 
 from .errors import PROG, UsageError
 
@@ -542,8 +542,7 @@ def parse_publish(text: str, ipv6: bool = False) -> tuple[str, str, int, int]:
 
 
 # --------------------------------------------------------------- options
-@dataclasses.dataclass
-class VmSocket:
+class VmSocket(Settings):
     """--socket: serve one VM at a time on a UNIX socket (pyslirp/link.py)."""
 
     path: str

@@ -52,10 +52,10 @@ import random as _random
 import struct
 import threading
 import zlib
-from dataclasses import fields, is_dataclass
 
 import pyslirp
 from pyslirp.log import get_logger
+from pyslirp.settings import fields, is_dataclass
 from pyslirp.stack.config import StackConfig
 from pyslirp.stack.tcp_connection import TcpConnection
 

@@ -173,6 +173,8 @@ NOT_IN_THE_PLAIN_MODE = {
     "json",  # the API (-a), the trace and the record
     "typing",
     "logging",  # pyslirp.log imports it for the first line at the level
+    "dataclasses",  # pyslirp.settings: Settings and Record
+    "inspect",
     "secrets",  # and hmac, hashlib: the DNS ids come from os.urandom
     "hashlib",  # its import loads OpenSSL; blake2b comes from _blake2
     "shutil",

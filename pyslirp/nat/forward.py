@@ -45,10 +45,9 @@ from __future__ import annotations
 import errno
 import itertools
 import socket
-from dataclasses import dataclass
 
-from pyslirp._compat import SLOTS
 from pyslirp.log import get_logger
+from pyslirp.settings import Settings
 
 from .addressing import endpoint
 from .descriptors import AcceptGuard
@@ -69,8 +68,7 @@ SWEEP_INTERVAL = 1.0
 AUTO_GUEST6 = bytes(16)  # "::": the guest's learned IPv6 address
 
 
-@dataclass(**SLOTS)
-class Forward:
+class Forward(Settings):
     id: int
     proto: str
     host_addr: str
