@@ -1,5 +1,6 @@
-"""pyslirp.settings (configs and records without dataclasses) and
-pyslirp.log (loggers that import logging only for a record that is due)."""
+"""What replaced standard modules on the start path: pyslirp.settings
+(configs and records without dataclasses), pyslirp.log (loggers that import
+logging only for a record that is due) and the option parsers without re."""
 
 from __future__ import annotations
 
@@ -130,3 +131,43 @@ def test_the_forwarder_console_format_and_rate_limit_without_logging_at_start():
     assert lines[5].endswith(
         " WARNING pyslirp.dhcp: suppressed 3 similar messages: pool exhausted: %d"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10.0.2.0/24", "10.0.2.0/24"),
+        ("192.168.0.0/16", "192.168.0.0/16"),
+        ("10.0.2/24", "invalid CIDR: 10.0.2/24"),
+        ("10.0.2.0/", "invalid CIDR: 10.0.2.0/"),
+        ("10.0.2.0/024", "invalid CIDR: 10.0.2.0/024"),
+        ("10.0.2.0 /24", "invalid CIDR: 10.0.2.0 /24"),
+        ("1.2.3.4444/24", "invalid CIDR: 1.2.3.4444/24"),
+        ("10.0.2.256/24", "invalid network address: 10.0.2.256"),
+        ("10.0.2.0/26", "prefix length needs to be 1-25"),
+    ],
+)
+def test_cidr_parsed_without_re(text, expected):
+    from forwarder.errors import UsageError
+    from forwarder.options import parse_cidr
+
+    try:
+        assert str(parse_cidr(text)) == expected
+    except UsageError as exc:
+        assert str(exc) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1M", 1 << 20), (" 2g", 2 << 30), ("4096", 4096), ("K", None), ("1.5M", None),
+     ("", None), ("\u0661\u0662", None), ("1" * 16, None)],
+)  # fmt: skip
+def test_sizes_parsed_without_re(text, expected):
+    from forwarder.errors import UsageError
+    from forwarder.options import parse_size
+
+    if expected is None:
+        with pytest.raises(UsageError, match=f"--x must be a size .*, not {text!r}"):
+            parse_size(text, "--x", 0)
+    else:
+        assert parse_size(text, "--x", 0) == expected
