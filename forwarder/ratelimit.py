@@ -24,12 +24,12 @@ even if the flood has stopped.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
-from pyslirp.settings import Settings
-
 from pyslirp import log
+from pyslirp.settings import Settings
 
 from .timerfd import TimerFd
 
@@ -159,8 +159,14 @@ def log_to_stderr(level: str) -> RateLimitFilter:
     serve its timer. Returns the filter."""
     global _console
     limiter = _console = RateLimitFilter()
+    # The first line may well come when the descriptors have run out (a
+    # guest opening flows past the limit), and importing logging opens its
+    # files: one descriptor is kept for that, and given up just before.
+    spare = [os.open("/dev/null", os.O_RDONLY)]
 
     def setup() -> None:
+        if spare:
+            os.close(spare.pop())
         import logging
 
         handler = logging.StreamHandler(sys.stderr)

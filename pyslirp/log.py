@@ -45,13 +45,17 @@ def configure(level: str | int, setup=None) -> None:
 
 
 def _standard(name: str):
-    """The ``logging.Logger`` called ``name``, after the pending setup."""
+    """The ``logging.Logger`` called ``name``, after the pending setup; None
+    if ``logging`` cannot be imported now (no descriptor left to read its
+    files: the record is dropped, the next one tries again)."""
     global _setup
-    setup, _setup = _setup, None
-    if setup is not None:
-        setup()
-    import logging
-
+    try:
+        if _setup is not None:
+            _setup()
+            _setup = None
+        import logging
+    except (ImportError, OSError):
+        return None
     return logging.getLogger(name)
 
 
@@ -65,45 +69,50 @@ class Logger:
         self._standard = None
 
     def standard(self):
-        """The ``logging.Logger`` behind this one (imports ``logging``)."""
+        """The ``logging.Logger`` behind this one (imports ``logging``), or
+        None while it cannot be imported."""
         if self._standard is None:
             self._standard = _standard(self.name)
         return self._standard
 
     def isEnabledFor(self, level: int) -> bool:  # noqa: N802 (logging's name)
-        return level >= _threshold and self.standard().isEnabledFor(level)
+        if level < _threshold:
+            return False
+        standard = self.standard()
+        return standard is not None and standard.isEnabledFor(level)
 
     def log(self, level: int, msg, *args, **kw) -> None:
         if level >= _threshold:
-            # stacklevel: the record names our caller, not this method.
-            kw["stacklevel"] = kw.get("stacklevel", 1) + 1
-            self.standard().log(level, msg, *args, **kw)
+            self._emit(level, msg, args, kw)
 
     def debug(self, msg, *args, **kw) -> None:
         if _threshold <= DEBUG:
-            kw["stacklevel"] = kw.get("stacklevel", 1) + 1
-            self.standard().log(DEBUG, msg, *args, **kw)
+            self._emit(DEBUG, msg, args, kw)
 
     def info(self, msg, *args, **kw) -> None:
         if _threshold <= INFO:
-            kw["stacklevel"] = kw.get("stacklevel", 1) + 1
-            self.standard().log(INFO, msg, *args, **kw)
+            self._emit(INFO, msg, args, kw)
 
     def warning(self, msg, *args, **kw) -> None:
         if _threshold <= WARNING:
-            kw["stacklevel"] = kw.get("stacklevel", 1) + 1
-            self.standard().log(WARNING, msg, *args, **kw)
+            self._emit(WARNING, msg, args, kw)
 
     def error(self, msg, *args, **kw) -> None:
         if _threshold <= ERROR:
-            kw["stacklevel"] = kw.get("stacklevel", 1) + 1
-            self.standard().log(ERROR, msg, *args, **kw)
+            self._emit(ERROR, msg, args, kw)
 
     def exception(self, msg, *args, exc_info=True, **kw) -> None:
         """An error with the exception being handled (its traceback)."""
         if _threshold <= ERROR:
-            kw["stacklevel"] = kw.get("stacklevel", 1) + 1
-            self.standard().log(ERROR, msg, *args, exc_info=exc_info, **kw)
+            kw["exc_info"] = exc_info
+            self._emit(ERROR, msg, args, kw)
+
+    def _emit(self, level: int, msg, args: tuple, kw: dict) -> None:
+        standard = self.standard()
+        if standard is not None:
+            # stacklevel: the record names our caller, two frames up.
+            kw["stacklevel"] = kw.get("stacklevel", 1) + 2
+            standard.log(level, msg, *args, **kw)
 
 
 def get_logger(name: str) -> Logger:

@@ -171,3 +171,50 @@ def test_sizes_parsed_without_re(text, expected):
             parse_size(text, "--x", 0)
     else:
         assert parse_size(text, "--x", 0) == expected
+
+
+def test_the_first_line_comes_even_with_no_descriptor_left():
+    """Importing logging reads files: the console keeps a descriptor for it,
+    since a guest's flood may exhaust them before anything was logged."""
+    out = run_isolated(
+        """
+        import os, resource, sys
+        from forwarder.ratelimit import log_to_stderr
+        from pyslirp.log import get_logger
+        log_to_stderr("WARNING")
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        held = []
+        try:
+            for _ in range(64):  # bounded: the soft limit is 64
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as exc:
+            assert exc.errno == 24, exc  # EMFILE
+        assert "logging" not in sys.modules
+        get_logger("pyslirp.udp").warning("cannot open a UDP socket: %s", "EMFILE")
+        assert "logging" in sys.modules
+        """
+    )
+    assert out.endswith(" WARNING pyslirp.udp: cannot open a UDP socket: EMFILE\n"), out
+
+
+def test_a_record_that_cannot_reach_logging_is_dropped_not_raised():
+    out = run_isolated(
+        """
+        import sys
+        from pyslirp import log
+        attempts = []
+        def setup():
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise OSError(24, "Too many open files")
+            import logging
+            logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        log.configure("WARNING", setup)
+        logger = log.get_logger("pyslirp.test")
+        logger.warning("dropped")
+        assert not logger.isEnabledFor(log.WARNING) or len(attempts) == 2
+        logger.warning("shown")
+        """
+    )
+    assert out == "WARNING pyslirp.test: shown\n"
