@@ -470,6 +470,9 @@ def _preload(backend) -> None:
     Python library is out of reach."""
     import pyslirp.nat.forward  # noqa: F401
     import pyslirp.pcap  # noqa: F401
+    from pyslirp import log
+
+    log.load()  # logging and the console handler (pyslirp.log imports them at the first line)
 
     if backend.name == "libslirp":
         import pyslirp.libslirp  # noqa: F401

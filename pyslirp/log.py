@@ -44,6 +44,13 @@ def configure(level: str | int, setup=None) -> None:
     _setup = setup
 
 
+def load() -> bool:
+    """Import ``logging`` and run the pending setup now, not at the first
+    record: before a sandbox puts the Python library out of reach. True
+    if ``logging`` is ready."""
+    return _standard("pyslirp") is not None
+
+
 def _standard(name: str):
     """The ``logging.Logger`` called ``name``, after the pending setup; None
     if ``logging`` cannot be imported now (no descriptor left to read its

@@ -218,3 +218,22 @@ def test_a_record_that_cannot_reach_logging_is_dropped_not_raised():
         """
     )
     assert out == "WARNING pyslirp.test: shown\n"
+
+
+def test_load_sets_logging_up_before_a_sandbox_would_hide_it():
+    out = run_isolated(
+        """
+        import sys
+        from forwarder.ratelimit import log_to_stderr
+        from pyslirp import log
+        log_to_stderr("ERROR")
+        assert "logging" not in sys.modules
+        assert log.load()
+        import logging
+        assert "logging" in sys.modules and len(logging.getLogger().handlers) == 1
+        sys.path.clear()  # as after pivot_root: no file left to import
+        sys.path_importer_cache.clear()
+        log.get_logger("pyslirp.api").error("still %s", "written")
+        """
+    )
+    assert out.endswith(" ERROR pyslirp.api: still written\n"), out
