@@ -50,17 +50,17 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
-import logging
 import os
 import socket
 import stat
 import time
 
 from pyslirp.backend import READ
+from pyslirp.log import get_logger
 
 from .timerfd import TimerFd
 
-log = logging.getLogger("pyslirp.api")
+log = get_logger("pyslirp.api")
 
 MAX_MESSAGE = 4096  # slirp4netns's buffer: a read that fills it is "too large"
 MAX_CLIENTS = 16  # connections waiting for their request at once; oldest dropped

@@ -8,7 +8,6 @@ Every error is one line on stderr and exit status 1 (forwarder.errors).
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from .errors import UsageError, fail
@@ -25,15 +24,11 @@ def run(argv: list[str]) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
         return 0
-    from .ratelimit import install
+    from .ratelimit import log_to_stderr
 
-    handler = logging.StreamHandler(sys.stderr)
-    install(handler)  # guest-triggered warnings: a few per kind per interval
-    logging.basicConfig(
-        level=options.log_level,
-        handlers=[handler],
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Guest-triggered warnings: a few per kind per interval. ``logging`` is
+    # imported when the first line at the level is written (pyslirp.log).
+    log_to_stderr(options.log_level)
     if options.command is not None:
         from .runmode import run_command
 

@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import logging
 import socket
 import time
 
 from pyslirp.backend import READ
+from pyslirp.log import get_logger
 
 from .timerfd import TimerFd
 
-log = logging.getLogger("pyslirp.metrics")
+log = get_logger("pyslirp.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

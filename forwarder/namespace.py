@@ -21,9 +21,9 @@ import socket
 import stat
 import struct
 import sys
-from dataclasses import dataclass
 
 from pyslirp.nat.compat import if_nametoindex
+from pyslirp.settings import Settings
 
 from .libc import CLONE_NEWNET, CLONE_NEWUSER, MNT_DETACH, MS_BIND, UMOUNT_NOFOLLOW, libc
 
@@ -175,8 +175,7 @@ def open_tap(name: str, extra_flags: int = 0) -> int:
 
 
 # ------------------------------------------------------------------ links
-@dataclass
-class LinkSetup:
+class LinkSetup(Settings):
     """What to do to the links inside the namespace (rtnetlink.py)."""
 
     loopback_up: bool = False
@@ -243,15 +242,13 @@ def _write_sysctl(path: str, value: str) -> None:
 
 
 # ------------------------------------------------------------ the targets
-@dataclass
-class NewNamespace:
+class NewNamespace(Settings):
     """Create a network namespace and bind-mount it on ``path``."""
 
     path: str
 
 
-@dataclass
-class ExistingNamespace:
+class ExistingNamespace(Settings):
     """Join the network namespace at ``netns_path`` (and the user namespace
     at ``userns_path`` first, where it differs from ours)."""
 
@@ -259,8 +256,7 @@ class ExistingNamespace:
     userns_path: str | None = None
 
 
-@dataclass
-class Attachment:
+class Attachment(Settings):
     """A TAP obtained from a namespace; ``close`` undoes what the front end made."""
 
     tap_fd: int

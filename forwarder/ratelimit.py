@@ -24,17 +24,19 @@ even if the flood has stopped.
 
 from __future__ import annotations
 
-import logging
+import os
+import sys
 import time
-from dataclasses import dataclass
+
+from pyslirp import log
+from pyslirp.settings import Settings
 
 from .timerfd import TimerFd
 
 SUMMARY = "suppressed %d similar messages: %s"
 
 
-@dataclass
-class WarningLimits:
+class WarningLimits(Settings):
     # Lines of one kind per interval: a few show what happens and to whom,
     # more only repeat it (a guest can send thousands of frames a second).
     burst: int = 5
@@ -45,7 +47,7 @@ class WarningLimits:
     # oldest interval is closed early (its summary written).
     max_kinds: int = 256
     # Records below this level pass untouched.
-    level: int = logging.WARNING
+    level: int = log.WARNING
 
 
 class _Window:
@@ -59,13 +61,13 @@ class _Window:
         self.template = template
 
 
-class RateLimitFilter(logging.Filter):
-    """A logging.Filter for a handler. ``emit(record)`` writes a summary
-    record (the handler's ``handle``); ``wake(deadline)`` asks the loop to
-    call ``flush`` at ``deadline`` (on ``clock``'s scale)."""
+class RateLimitFilter:
+    """A filter for a logging handler (``logging`` takes any object with a
+    ``filter`` method: this module need not import it). ``emit(record)``
+    writes a summary record (the handler's ``handle``); ``wake(deadline)``
+    asks the loop to call ``flush`` at ``deadline`` (on ``clock``'s scale)."""
 
     def __init__(self, limits: WarningLimits | None = None, clock=time.monotonic) -> None:
-        super().__init__()
         self.limits = limits or WarningLimits()
         self.clock = clock
         self.emit = None
@@ -79,7 +81,7 @@ class RateLimitFilter(logging.Filter):
         ``limits.max_kinds``)."""
         return len(self._windows)
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def filter(self, record) -> bool:
         if record.levelno < self.limits.level or getattr(record, "rate_limit_summary", False):
             return True
         now = self.clock()
@@ -120,6 +122,8 @@ class RateLimitFilter(logging.Filter):
     def _close(self, key: tuple, window: _Window) -> None:
         del self._windows[key]
         if window.suppressed and self.emit is not None:
+            import logging  # records are being handled: it is imported
+
             record = logging.LogRecord(
                 window.name, logging.WARNING, "", 0, SUMMARY,
                 (window.suppressed, window.template), None,
@@ -128,11 +132,48 @@ class RateLimitFilter(logging.Filter):
             self.emit(record)
 
 
-def install(handler: logging.Handler, limits: WarningLimits | None = None) -> RateLimitFilter:
-    """Put a RateLimitFilter on ``handler``; returns it (the loop arms its timer)."""
+def install(handler, limits: WarningLimits | None = None) -> RateLimitFilter:
+    """Put a RateLimitFilter on ``handler`` (a logging.Handler); returns it
+    (the loop arms its timer)."""
     limiter = RateLimitFilter(limits)
+    _attach(limiter, handler)
+    return limiter
+
+
+def _attach(limiter: RateLimitFilter, handler) -> None:
     limiter.emit = handler.handle
     handler.addFilter(limiter)
+
+
+# The console's filter (log_to_stderr), there before ``logging`` is set up.
+_console: RateLimitFilter | None = None
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_to_stderr(level: str) -> RateLimitFilter:
+    """The forwarder's logging: records at ``level`` and above on stderr
+    in FORMAT, guest-triggered warnings a few per kind per interval. The
+    handler is made, and ``logging`` imported, when the first such record
+    comes (pyslirp.log); the filter exists at once, so that the loop can
+    serve its timer. Returns the filter."""
+    global _console
+    limiter = _console = RateLimitFilter()
+    # The first line may well come when the descriptors have run out (a
+    # guest opening flows past the limit), and importing logging opens its
+    # files: one descriptor is kept for that, and given up just before.
+    spare = [os.open("/dev/null", os.O_RDONLY)]
+
+    def setup() -> None:
+        if spare:
+            os.close(spare.pop())
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        _attach(limiter, handler)
+        logging.basicConfig(level=level, handlers=[handler], format=FORMAT)
+
+    log.configure(level, setup)
     return limiter
 
 
@@ -170,7 +211,13 @@ def serve(limiter: RateLimitFilter, backend) -> object:
 
 
 def installed() -> RateLimitFilter | None:
-    """The filter that ``install`` put on a handler of the root logger, if any."""
+    """The console's filter (log_to_stderr), else the one that ``install``
+    put on a handler of the root logger, if any."""
+    if _console is not None:
+        return _console
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return None  # not imported: no handler has a filter
     for handler in logging.getLogger().handlers:
         for candidate in handler.filters:
             if isinstance(candidate, RateLimitFilter):

@@ -25,7 +25,6 @@ import ipaddress
 import random
 import struct
 import sys
-from dataclasses import fields, is_dataclass
 
 import pyslirp
 from pyslirp.pcap import PcapWriter
@@ -43,6 +42,7 @@ from pyslirp.record import (
     short,
     split_digests,
 )
+from pyslirp.settings import fields, is_dataclass
 from pyslirp.stack import virtio
 from pyslirp.stack.config import StackConfig, TcpConfig
 from pyslirp.stack.interface import Stack

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import select
 import signal
 import sys
 
 from pyslirp.backend import READ
+from pyslirp.log import get_logger
 
 from .errors import PROG, SetupError, fail
 from .options import Options, VmSocket
 
-log = logging.getLogger("pyslirp")
+log = get_logger("pyslirp")
 
 
 # ---------------------------------------------------------------- banner
@@ -470,6 +470,9 @@ def _preload(backend) -> None:
     Python library is out of reach."""
     import pyslirp.nat.forward  # noqa: F401
     import pyslirp.pcap  # noqa: F401
+    from pyslirp import log
+
+    log.load()  # logging and the console handler (pyslirp.log imports them at the first line)
 
     if backend.name == "libslirp":
         import pyslirp.libslirp  # noqa: F401

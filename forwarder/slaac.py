@@ -19,11 +19,11 @@ The time limit is a timerfd served by the same loop, not a timer thread
 from __future__ import annotations
 
 import ipaddress
-import logging
 import socket
 import struct
 
 from pyslirp.backend import READ
+from pyslirp.log import get_logger
 
 from .rtnetlink import (
     IFA_ADDRESS,
@@ -47,7 +47,7 @@ from .rtnetlink import (
 )
 from .timerfd import TimerFd
 
-log = logging.getLogger("pyslirp")
+log = get_logger("pyslirp")
 
 GROUPS = RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
 WAIT_TIMEOUT = 10.0  # seconds before the ready fd is written anyway

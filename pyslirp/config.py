@@ -11,7 +11,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import random as _random
-from dataclasses import dataclass, field
+
+from pyslirp.settings import Settings, factory
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms at start-up)
 
@@ -24,19 +25,16 @@ DEFAULT_IPV6_PREFIX = "fd00::/64"  # slirp4netns's and libslirp's
 MAX_MTU = 65520  # slirp4netns's upper bound (libslirp IF_MTU_MAX)
 
 
-@dataclass
-class NetworkConfig:
-    cidr: ipaddress.IPv4Network = field(
-        default_factory=lambda: ipaddress.IPv4Network("10.0.2.0/24")
-    )
+class NetworkConfig(Settings):
+    cidr: ipaddress.IPv4Network = factory(lambda: ipaddress.IPv4Network("10.0.2.0/24"))
     mtu: int = 1500
     disable_host_loopback: bool = False
     # (address, port) pairs; empty means "read /etc/resolv.conf" at start-up.
-    dns_upstreams: list = field(default_factory=list)
-    random: _random.Random = field(default_factory=_random.Random)
+    dns_upstreams: list = factory(list)
+    random: _random.Random = factory(_random.Random)
     # RFC 6528: the secret key of TCP initial sequence numbers, drawn once
     # per process (not from ``random``, whose outputs the guest can see).
-    isn_key: bytes = field(default_factory=lambda: os.urandom(16))
+    isn_key: bytes = factory(lambda: os.urandom(16))
     pcap_path: str | None = None
     # The study tools (python backend): --trace (a JSON line per decision,
     # "-" for stderr), --record (everything crossing the stack's boundary)
@@ -146,15 +144,15 @@ class NetworkConfig:
     # SLAAC (RFC 4862 5.5.3); the gateway is prefix::2 (and fe80::2), the DNS
     # proxy prefix::3.
     enable_ipv6: bool = False
-    ipv6_prefix: ipaddress.IPv6Network = field(
-        default_factory=lambda: ipaddress.IPv6Network(DEFAULT_IPV6_PREFIX)
+    ipv6_prefix: ipaddress.IPv6Network = factory(
+        lambda: ipaddress.IPv6Network(DEFAULT_IPV6_PREFIX)
     )
     # slirp4netns's --outbound-addr6: host sockets toward the outside over
     # IPv6 are bound to this address (None: the kernel chooses).
     outbound_addr6: str | None = None
     # Domain search list for the guest (RA DNSSL, DHCPv6 domain list);
     # empty means "the search line of /etc/resolv.conf", read by the front end.
-    dns_search: list = field(default_factory=list)
+    dns_search: list = factory(list)
     # Stateless DHCPv6 (RFC 8415 18.3.6): how often the guest should ask
     # again (INFORMATION_REFRESH_TIME; RFC 8415 21.23's default is 1 day).
     dhcpv6_refresh_time: int = 86400

@@ -37,7 +37,6 @@ import errno
 import heapq
 import ipaddress
 import itertools
-import logging
 import os
 import re
 import resource
@@ -51,9 +50,10 @@ from concurrent.futures import Future
 
 from pyslirp.backend import Backend
 from pyslirp.config import NetworkConfig, read_resolv_conf
+from pyslirp.log import get_logger
 from pyslirp.tap import MAX_FRAME, write_tap
 
-log = logging.getLogger("pyslirp.libslirp")
+log = get_logger("pyslirp.libslirp")
 
 LIBRARY = "libslirp.so.0"
 GLIB = "libglib-2.0.so.0"  # libslirp's own dependency, for g_free

@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import logging
 import os
 import select
 import socket
 import struct
 
+from pyslirp.log import get_logger
 from pyslirp.tap import MAX_FRAME
 
-log = logging.getLogger("pyslirp")
+log = get_logger("pyslirp")
 
 _LENGTH = struct.Struct("!I")
 HEADER_LEN = _LENGTH.size

@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import logging
 import os
 import platform
 import queue
@@ -53,13 +52,14 @@ import random as _random
 import struct
 import threading
 import zlib
-from dataclasses import fields, is_dataclass
 
 import pyslirp
+from pyslirp.log import get_logger
+from pyslirp.settings import fields, is_dataclass
 from pyslirp.stack.config import StackConfig
 from pyslirp.stack.tcp_connection import TcpConnection
 
-log = logging.getLogger("pyslirp")
+log = get_logger("pyslirp")
 
 MAGIC = b"PYSLREC\x00"
 FORMAT_VERSION = 1

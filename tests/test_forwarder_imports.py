@@ -172,6 +172,10 @@ NOT_IN_THE_PLAIN_MODE = {
     "argparse",  # forwarder.options parses by itself
     "json",  # the API (-a), the trace and the record
     "typing",
+    "logging",  # pyslirp.log imports it for the first line at the level
+    "dataclasses",  # pyslirp.settings: Settings and Record
+    "inspect",
+    "re",  # forwarder.options parses --cidr and sizes by hand; -p imports it
     "secrets",  # and hmac, hashlib: the DNS ids come from os.urandom
     "hashlib",  # its import loads OpenSSL; blake2b comes from _blake2
     "shutil",

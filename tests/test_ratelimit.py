@@ -167,7 +167,10 @@ print("sent", count)
 
 
 @pytest.mark.e2e
-def test_a_guest_flooding_dhcp_discovers_gets_five_lines_and_one_summary():
+# --enable-sandbox: the first warning comes after pivot_root, when logging
+# could no longer be imported (pyslirp.log.load sets it up before).
+@pytest.mark.parametrize("flags", [[], ["--enable-sandbox"]], ids=["plain", "sandbox"])
+def test_a_guest_flooding_dhcp_discovers_gets_five_lines_and_one_summary(flags):
     """Each DISCOVER from a new hardware address past the pool (16) warns;
     the forwarder's log has five of them and then one summary line."""
     import sys
@@ -175,7 +178,7 @@ def test_a_guest_flooding_dhcp_discovers_gets_five_lines_and_one_summary():
     from tests import harness
 
     sent, pool = 200, 16
-    with harness.forwarder() as fwd:
+    with harness.forwarder(*flags) as fwd:
         result = fwd.run([sys.executable, "-c", GUEST_FLOOD, str(sent)], timeout=60)
         assert result.stdout.strip() == f"sent {sent}", result.stderr
         deadline = time.monotonic() + 30  # the interval is 10 s

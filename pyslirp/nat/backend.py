@@ -17,10 +17,9 @@ flow the event is about when it raises):
 
 from __future__ import annotations
 
-import logging
-
 from pyslirp.backend import Backend
 from pyslirp.config import NetworkConfig
+from pyslirp.log import get_logger
 from pyslirp.pcap import PcapWriter
 from pyslirp.stack.events import (
     IcmpEchoRequested,
@@ -41,7 +40,7 @@ from .loop import Loop
 from .tcp import TcpNat
 from .udp import UdpNat
 
-log = logging.getLogger("pyslirp")
+log = get_logger("pyslirp")
 
 
 def build_loop(

@@ -27,13 +27,14 @@ paused for ``accept_pause`` seconds.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import resource
 import socket
 import struct
 
-log = logging.getLogger("pyslirp.descriptors")
+from pyslirp.log import WARNING, Logger, get_logger
+
+log = get_logger("pyslirp.descriptors")
 
 # Descriptor exhaustion, as socket() and accept() report it.
 EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE))
@@ -124,7 +125,7 @@ class LogLimiter:
     """At most one log line per ``interval`` seconds for each kind; the
     next line says how many were left out."""
 
-    def __init__(self, logger: logging.Logger, interval: float) -> None:
+    def __init__(self, logger: Logger, interval: float) -> None:
         self.logger = logger
         self.interval = interval
         self._next_at: dict[str, float] = {}
@@ -159,10 +160,10 @@ class AcceptGuard:
         taken off: the next wake-up would fail the same way)."""
         if exc.errno not in EXHAUSTED:
             what = self.what
-            self.limiter.log(logging.WARNING, what, now, "%s: accept failed: %s", what, exc)
+            self.limiter.log(WARNING, what, now, "%s: accept failed: %s", what, exc)
             return exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR)
         self.limiter.log(
-            logging.WARNING,
+            WARNING,
             self.what,
             now,
             "%s: no descriptor left (%s): clients are reset until one is free",

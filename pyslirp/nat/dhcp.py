@@ -29,14 +29,13 @@ cannot occur on this link and are dropped.
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections import Counter, deque
-from dataclasses import dataclass
 
-from pyslirp._compat import SLOTS
+from pyslirp.log import get_logger
+from pyslirp.settings import Settings
 
-log = logging.getLogger("pyslirp.dhcp")
+log = get_logger("pyslirp.dhcp")
 
 # RFC 2131 section 2: the fixed part, then the magic cookie (RFC 2131 3).
 HEADER = struct.Struct("!BBBBIHH4s4s4s4s16s64s128sI")
@@ -89,8 +88,7 @@ class MalformedDhcp(Exception):
         self.reason = reason
 
 
-@dataclass(**SLOTS)
-class DhcpMessage:
+class DhcpMessage(Settings):
     """The fields of a client message the server looks at."""
 
     xid: int
@@ -110,15 +108,13 @@ class DhcpMessage:
         return value if value is not None and len(value) == 4 else None
 
 
-@dataclass(**SLOTS)
-class DhcpLeaseGranted:
+class DhcpLeaseGranted(Settings):
     address: bytes
     mac: bytes
     lease_time: int
 
 
-@dataclass(**SLOTS)
-class Lease:
+class Lease(Settings):
     address: bytes
     bound: bool  # False: offered and waiting for the REQUEST
     expires_at: float  # the offer's or the lease's end

@@ -47,14 +47,15 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import logging
 import os
 import selectors
 import socket
 import struct
 from collections import Counter, deque
 
-log = logging.getLogger("pyslirp.dns")
+from pyslirp.log import get_logger
+
+log = get_logger("pyslirp.dns")
 
 HEADER = struct.Struct("!HHHHHH")  # id, flags, qdcount, ancount, nscount, arcount
 HEADER_LEN = 12

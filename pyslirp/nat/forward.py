@@ -44,17 +44,16 @@ from __future__ import annotations
 
 import errno
 import itertools
-import logging
 import socket
-from dataclasses import dataclass
 
-from pyslirp._compat import SLOTS
+from pyslirp.log import get_logger
+from pyslirp.settings import Settings
 
 from .addressing import endpoint
 from .descriptors import AcceptGuard
 from .tcp import TCP_NODELAY
 
-log = logging.getLogger("pyslirp.forward")
+log = get_logger("pyslirp.forward")
 
 READ = 1  # selectors.EVENT_READ
 PROTOCOLS = ("tcp", "udp")
@@ -69,8 +68,7 @@ SWEEP_INTERVAL = 1.0
 AUTO_GUEST6 = bytes(16)  # "::": the guest's learned IPv6 address
 
 
-@dataclass(**SLOTS)
-class Forward:
+class Forward(Settings):
     id: int
     proto: str
     host_addr: str

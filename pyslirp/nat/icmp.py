@@ -45,19 +45,19 @@ network then; pings to the gateway and DNS addresses still work.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import socket
 import struct
 from collections import Counter
 
+from pyslirp.log import get_logger
 from pyslirp.stack import icmpv4, icmpv6, ipv4, ipv6
 from pyslirp.stack.names import address_text
 
 from .addressing import AddressMap, to_text
 from .udp import ICMPV6_AS_V4, IPV6_RECVERR, SO_EE_ORIGIN_ICMP6
 
-log = logging.getLogger("pyslirp.icmp")
+log = get_logger("pyslirp.icmp")
 
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 # struct sock_extended_err: errno, origin, type, code, pad, info, data

@@ -25,13 +25,13 @@ from __future__ import annotations
 import errno
 import heapq
 import itertools
-import logging
 import os
 import select
 import selectors
 import time
 
 from pyslirp.config import NetworkConfig
+from pyslirp.log import ERROR, get_logger
 from pyslirp.stack import virtio
 from pyslirp.stack.events import MemoryPressureChanged
 from pyslirp.stack.interface import Stack
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .tcp import TcpNat
     from .udp import UdpNat
 
-log = logging.getLogger("pyslirp")
+log = get_logger("pyslirp")
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
@@ -263,7 +263,7 @@ class Loop:
         self.counters["internal-error"] += 1
         self.last_internal_error = text
         self.limiter.log(
-            logging.ERROR,
+            ERROR,
             "internal-error " + where.split(" ", 1)[0],
             now,
             "internal error in %s; its flow is closed, the others carry on",

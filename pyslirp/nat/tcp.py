@@ -32,17 +32,17 @@ from __future__ import annotations
 import _socket
 import errno
 import itertools
-import logging
 import socket
 import struct
 
+from pyslirp.log import INFO, WARNING, get_logger
 from pyslirp.stack import icmpv4
 from pyslirp.stack.tcp_connection import CLOSED
 
 from .addressing import AddressMap, family_of
 from .descriptors import EXHAUSTED
 
-log = logging.getLogger("pyslirp.tcp")
+log = get_logger("pyslirp.tcp")
 
 READ = 1  # selectors.EVENT_READ
 WRITE = 2  # selectors.EVENT_WRITE
@@ -318,7 +318,7 @@ class TcpNat:
     def _limited(self, conn, now: float, why: str) -> None:
         self.counters["connections-limited"] += 1
         self.loop.limiter.log(
-            logging.WARNING,
+            WARNING,
             "tcp-limited",
             now,
             "%s refused: %s (%d connections open)",
@@ -356,7 +356,7 @@ class TcpNat:
         flow.connecting = False
         conn = flow.conn
         self.counters["connections-opened"] += 1
-        if log.isEnabledFor(logging.INFO):  # describe() is not free: once per connection
+        if log.isEnabledFor(INFO):  # describe() is not free: once per connection
             log.info("%s opened (host %s:%d)", conn.describe(), *flow.host)
         tracer = self.stack.tracer  # loop.tracer without the property's call: once a connection
         if tracer is not None:
@@ -535,7 +535,7 @@ class TcpNat:
 
     def _log_end(self, flow: TcpFlow, how: str) -> None:
         conn = flow.conn
-        if not log.isEnabledFor(logging.INFO):
+        if not log.isEnabledFor(INFO):
             return
         log.info(
             "%s %s: %d bytes from the guest, %d bytes to the guest",

@@ -18,17 +18,17 @@ or no descriptor can be had at all.
 from __future__ import annotations
 
 import errno
-import logging
 import socket
 import struct
 from collections import OrderedDict
 
+from pyslirp.log import WARNING, get_logger
 from pyslirp.stack import icmpv4, ipv6
 
 from .addressing import AddressMap, endpoint, to_text
 from .descriptors import EXHAUSTED
 
-log = logging.getLogger("pyslirp.udp")
+log = get_logger("pyslirp.udp")
 
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
@@ -319,7 +319,7 @@ class UdpNat:
                 flows=len(self.flows),
             )
         self.loop.limiter.log(
-            logging.WARNING,
+            WARNING,
             "udp-refused",
             now,
             "udp flow %s:%d refused: %s (%d flows open)",

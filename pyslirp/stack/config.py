@@ -6,13 +6,10 @@ Every bound the stack enforces lives here, with its reason. Addresses are raw
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from pyslirp._compat import SLOTS
+from pyslirp.settings import Settings, factory
 
 
-@dataclass(**SLOTS)
-class TcpConfig:
+class TcpConfig(Settings):
     """The TCP layer's settings (StackConfig.tcp)."""
 
     # Connections in the table, TIME-WAIT included (those are reclaimed
@@ -62,8 +59,7 @@ class TcpConfig:
     verify_checksum: bool = True
 
 
-@dataclass(**SLOTS)
-class StackConfig:
+class StackConfig(Settings):
     network: bytes = bytes([10, 0, 2, 0])
     prefix_len: int = 24
     gateway: bytes = bytes([10, 0, 2, 2])
@@ -83,7 +79,7 @@ class StackConfig:
     # (NetworkConfig.isn_key); this fixed default is for tests only.
     isn_key: bytes = bytes(16)
     # TCP (the Stack's own layer, stack.tcp): its bounds and timers.
-    tcp: TcpConfig = field(default_factory=TcpConfig)
+    tcp: TcpConfig = factory(TcpConfig)
 
     # ARP (RFC 1122 2.3.2.2 asks to queue at least one packet per address).
     arp_queue_per_address: int = 32

@@ -7,9 +7,8 @@ requirements for the header), RFC 815 (reassembly), RFC 6864 (the ID field).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
-from pyslirp._compat import SLOTS
+from pyslirp.settings import Record
 
 from . import checksum
 from .errors import MalformedFrame
@@ -28,19 +27,46 @@ MAX_PACKET = 65535
 DEFAULT_TTL = 64
 
 
-@dataclass(**SLOTS)
-class Ipv4Header:
-    header_len: int
-    tos: int
-    total_len: int
-    ident: int
-    dont_fragment: bool
-    more_fragments: bool
-    fragment_offset: int  # in bytes
-    ttl: int
-    protocol: int
-    src: bytes
-    dst: bytes
+class Ipv4Header(Record):
+    __slots__ = (
+        "header_len",
+        "tos",
+        "total_len",
+        "ident",
+        "dont_fragment",
+        "more_fragments",
+        "fragment_offset",
+        "ttl",
+        "protocol",
+        "src",
+        "dst",
+    )
+
+    def __init__(
+        self,
+        header_len: int,
+        tos: int,
+        total_len: int,
+        ident: int,
+        dont_fragment: bool,
+        more_fragments: bool,
+        fragment_offset: int,
+        ttl: int,
+        protocol: int,
+        src: bytes,
+        dst: bytes,
+    ) -> None:
+        self.header_len = header_len
+        self.tos = tos
+        self.total_len = total_len
+        self.ident = ident
+        self.dont_fragment = dont_fragment
+        self.more_fragments = more_fragments
+        self.fragment_offset = fragment_offset  # in bytes
+        self.ttl = ttl
+        self.protocol = protocol
+        self.src = src
+        self.dst = dst
 
     @property
     def is_fragment(self) -> bool:

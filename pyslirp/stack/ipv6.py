@@ -16,9 +16,8 @@ count the drop and tell the guest.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
-from pyslirp._compat import SLOTS
+from pyslirp.settings import Record
 
 from .errors import MalformedFrame
 
@@ -77,20 +76,51 @@ class ParameterProblem(MalformedFrame):
         self.unless_multicast = unless_multicast
 
 
-@dataclass(**SLOTS)
-class Ipv6Header:
-    header_len: int  # where the upper-layer header starts (after extension headers)
-    total_len: int  # 40 + payload length
-    traffic_class: int
-    hop_limit: int
-    protocol: int  # the upper-layer protocol (or the fragment's next header)
-    src: bytes
-    dst: bytes
-    next_header_at: int  # offset of the next-header field naming ``protocol``
-    fragment_offset: int = 0  # in bytes
-    more_fragments: bool = False
-    fragment_id: int = -1  # -1: no fragment header
-    fragment_at: int = 0  # offset of the fragment header
+class Ipv6Header(Record):
+    __slots__ = (
+        "header_len",
+        "total_len",
+        "traffic_class",
+        "hop_limit",
+        "protocol",
+        "src",
+        "dst",
+        "next_header_at",
+        "fragment_offset",
+        "more_fragments",
+        "fragment_id",
+        "fragment_at",
+    )
+
+    def __init__(
+        self,
+        header_len: int,
+        total_len: int,
+        traffic_class: int,
+        hop_limit: int,
+        protocol: int,
+        src: bytes,
+        dst: bytes,
+        next_header_at: int,
+        fragment_offset: int = 0,
+        more_fragments: bool = False,
+        fragment_id: int = -1,
+        fragment_at: int = 0,
+    ) -> None:
+        self.header_len = (
+            header_len  # where the upper-layer header starts (after extension headers)
+        )
+        self.total_len = total_len  # 40 + payload length
+        self.traffic_class = traffic_class
+        self.hop_limit = hop_limit
+        self.protocol = protocol  # the upper-layer protocol (or the fragment's next header)
+        self.src = src
+        self.dst = dst
+        self.next_header_at = next_header_at  # offset of the next-header field naming ``protocol``
+        self.fragment_offset = fragment_offset  # in bytes
+        self.more_fragments = more_fragments
+        self.fragment_id = fragment_id  # -1: no fragment header
+        self.fragment_at = fragment_at  # offset of the fragment header
 
     @property
     def is_fragment(self) -> bool:

@@ -16,9 +16,7 @@ since 2018. That way no byte the guest sent can be replaced by another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from pyslirp._compat import SLOTS
+from pyslirp.settings import Record
 
 from . import checksum
 from .budget import MemoryBudget
@@ -27,13 +25,22 @@ from .errors import MalformedFrame
 MAX_PACKET = 65535
 
 
-@dataclass(**SLOTS)
-class _Datagram:
-    expires_at: float
-    first_header: bytes = b""  # header of the offset-0 fragment, once seen
-    pieces: dict = field(default_factory=dict)  # offset -> bytes
-    received: int = 0
-    total: int = -1  # payload length, once the last fragment is seen
+class _Datagram(Record):
+    __slots__ = ("expires_at", "first_header", "pieces", "received", "total")
+
+    def __init__(
+        self,
+        expires_at: float,
+        first_header: bytes = b"",
+        pieces: dict | None = None,
+        received: int = 0,
+        total: int = -1,
+    ) -> None:
+        self.expires_at = expires_at
+        self.first_header = first_header  # header of the offset-0 fragment, once seen
+        self.pieces = {} if pieces is None else pieces  # offset -> bytes
+        self.received = received
+        self.total = total  # payload length, once the last fragment is seen
 
 
 def finish_ipv4(first_header: bytes, payload_len: int) -> bytes:

@@ -9,9 +9,8 @@ emits.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
-from pyslirp._compat import SLOTS
+from pyslirp.settings import Record
 
 from . import checksum
 from .errors import MalformedFrame
@@ -50,20 +49,49 @@ _TWO = struct.Struct("!II")
 _FLAG_NAMES = "FSRPAUEC"
 
 
-@dataclass(**SLOTS)
-class TcpSegment:
-    src_port: int
-    dst_port: int
-    seq: int
-    ack: int
-    flags: int
-    window: int  # as sent, not yet scaled
-    urgent: int
-    payload: memoryview
-    mss: int = 0  # 0: option absent
-    window_scale: int = -1  # -1: option absent
-    sack_permitted: bool = False
-    timestamp: tuple[int, int] | None = None  # (TSval, TSecr)
+class TcpSegment(Record):
+    __slots__ = (
+        "src_port",
+        "dst_port",
+        "seq",
+        "ack",
+        "flags",
+        "window",
+        "urgent",
+        "payload",
+        "mss",
+        "window_scale",
+        "sack_permitted",
+        "timestamp",
+    )
+
+    def __init__(
+        self,
+        src_port: int,
+        dst_port: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        urgent: int,
+        payload: memoryview,
+        mss: int = 0,
+        window_scale: int = -1,
+        sack_permitted: bool = False,
+        timestamp: tuple[int, int] | None = None,
+    ) -> None:
+        self.src_port = src_port
+        self.dst_port = dst_port
+        self.seq = seq
+        self.ack = ack
+        self.flags = flags
+        self.window = window  # as sent, not yet scaled
+        self.urgent = urgent
+        self.payload = payload
+        self.mss = mss  # 0: option absent
+        self.window_scale = window_scale  # -1: option absent
+        self.sack_permitted = sack_permitted
+        self.timestamp = timestamp  # (TSval, TSecr)
 
     @property
     def length(self) -> int:
