@@ -42,7 +42,6 @@ on incompressible data costs more than the stack).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -62,7 +61,7 @@ from pyslirp.stack.tcp_connection import TcpConnection
 log = logging.getLogger("pyslirp")
 
 MAGIC = b"PYSLREC\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: frame digests are length and two CRC-32s (1 had a blake2b)
 
 # The stack's methods that the NAT side calls and that change it: each call
 # is one record. The index in this tuple is the record's method byte, so
@@ -149,8 +148,16 @@ _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
 _RECORD_HEAD = struct.Struct("<IBd")  # length (of what follows it), method, now
 _BLOCK_HEAD = struct.Struct("<IB")
-_FRAME_DIGEST = struct.Struct("<II16s")  # length, CRC-32, blake2b-128 of the head
-HEAD_DIGESTED = 128  # bytes under the blake2b: every header, IPv6 and TCP options too
+_FRAME_DIGEST = struct.Struct("<III")  # length, CRC-32 of the head, CRC-32 of the tail
+# A frame for the guest is checked by its length, a CRC-32 of its first
+# HEAD_DIGESTED bytes (every header: addresses, ports, sequence numbers,
+# window, flags, IPv6 and TCP options) and a CRC-32 of its last TAIL_DIGESTED
+# bytes (a payload taken from the wrong place in the send buffer shows
+# there). Not the whole payload: it came from a recorded tcp.send, and a
+# CRC-32 over every 64 KiB frame cost 0.35 s per GB here (a third of the
+# stack's own cost host->guest).
+HEAD_DIGESTED = 128
+TAIL_DIGESTED = 64
 FRAME_DIGEST_SIZE = _FRAME_DIGEST.size
 _IOV_MAX = 1024  # writev's limit on Linux
 STORED, ZLIB = 0, 1
@@ -299,45 +306,25 @@ def short(value, limit: int = 24) -> str:
 
 def frame_digests(items) -> bytes:
     """Each frame of a frames_to_send result (a vnet pair's header and
-    frame together) as its length, the CRC-32 of all of it and a
-    blake2b-128 of its first HEAD_DIGESTED bytes (the headers, where a
-    change of behaviour shows: sequence numbers, windows, flags). blake2b
-    over whole 64 KiB frames cost more than the stack's own work for them;
-    a CRC-32 still catches any change of a payload a replay makes."""
+    frame together) as its length, the CRC-32 of its first HEAD_DIGESTED
+    bytes (a vnet header and the frame's start) and the CRC-32 of its last
+    TAIL_DIGESTED bytes after those (0 if none)."""
     parts = []
-    blake2b = hashlib.blake2b
     crc32 = zlib.crc32
     pack = _FRAME_DIGEST.pack
     for item in items:
         if item.__class__ is tuple:
             header, frame = item
-            crc = crc32(frame, crc32(header))
-            head = bytes(header) + bytes(frame[:HEAD_DIGESTED])
+            head = crc32(frame[:HEAD_DIGESTED], crc32(header))
             size = len(header) + len(frame)
         else:
-            crc = crc32(item)
-            head = item[:HEAD_DIGESTED]
-            size = len(item)
-        parts.append(pack(size, crc, blake2b(head, digest_size=16).digest()))
+            frame = item
+            head = crc32(frame[:HEAD_DIGESTED])
+            size = len(frame)
+        tail = len(frame) - HEAD_DIGESTED
+        tail = crc32(frame[-min(tail, TAIL_DIGESTED) :]) if tail > 0 else 0
+        parts.append(pack(size, head, tail))
     return b"".join(parts)
-
-
-class LazyDigests:
-    """frame_digests(items), computed later by the writer thread (zlib.crc32
-    lets go of the GIL, so the loop does not wait for it): a part of a
-    record whose length is known now. ``held`` is what it keeps alive."""
-
-    __slots__ = ("items", "held")
-
-    def __init__(self, items) -> None:
-        self.items = items  # bytes and (header, frame) pairs: immutable
-        self.held = sum(len(i[1]) if i.__class__ is tuple else len(i) for i in items)
-
-    def __len__(self) -> int:
-        return len(self.items) * _FRAME_DIGEST.size
-
-    def __bytes__(self) -> bytes:
-        return frame_digests(self.items)
 
 
 def split_digests(data: bytes) -> list[tuple[int, int, bytes]]:
@@ -420,15 +407,13 @@ class Recorder:
         self.limit = limit
         self.records = 0
         self.stopped: str | None = None  # why no more records are kept
+        self.now = 0.0  # the last `now` seen, for calls without one
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         head = json.dumps(header, separators=(",", ":")).encode()
         self.written = 0
         self._pending: list = []
-        self._lazy: list[int] = []  # where LazyDigests are in _pending
-        self._held = 0  # bytes of frames those hold
         self._pending_size = 0
         self._flushed_at: float | None = None
-        self._now = 0.0
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
         self._thread: threading.Thread | None = None
         self._error: str | None = None  # set by the writer thread
@@ -436,29 +421,21 @@ class Recorder:
         if limit and self.written + END_RESERVE > limit:
             self.stopped = "limit"
 
-    def record(self, method: int, now, parts: list, lazy: LazyDigests | None = None) -> None:
-        """One record: ``parts`` is its encoded body after the head, and
-        ``lazy`` one of them, if any, that the writer thread turns to bytes."""
+    def add(self, parts: list, size: int, now: float) -> None:
+        """One whole record: ``parts`` (bytes-like, its head first) of
+        ``size`` bytes in all."""
         if self.stopped is not None:
             return
-        if now is None:
-            now = self._now
-        else:
-            self._now = now
-        size = 9 + sum(map(len, parts))
+        self.now = now
         if self.limit and self._over_limit(size):
             self._write_block()  # compressed, the pending records may fit after all
             if self._over_limit(size):
                 self._finish("limit")
                 return
-        self._pending.append(_RECORD_HEAD.pack(size, method, now))
-        if lazy is not None:
-            self._lazy.append(len(self._pending) + parts.index(lazy))
-            self._held += lazy.held
         self._pending += parts
-        self._pending_size += size + 4
+        self._pending_size += size
         self.records += 1
-        if self._pending_size + self._held >= BLOCK_SIZE:
+        if self._pending_size >= BLOCK_SIZE:
             self._write_block()
         elif self._flushed_at is None:
             self._flushed_at = now
@@ -468,7 +445,7 @@ class Recorder:
     def _over_limit(self, size: int) -> bool:
         """Whether a record of ``size`` might take the file past the limit
         (pending records counted uncompressed, so it never does)."""
-        end = self.written + self._pending_size + size + 4 + 2 * _BLOCK_HEAD.size + END_RESERVE
+        end = self.written + self._pending_size + size + 2 * _BLOCK_HEAD.size + END_RESERVE
         return end > self.limit
 
     def _write_block(self) -> None:
@@ -476,12 +453,9 @@ class Recorder:
         if not pending or self.stopped not in (None, "closed", "limit"):
             return
         size = self._pending_size
-        lazy = self._lazy
         self._pending = []
         self._pending_size = 0
-        self._lazy = []
-        self._held = 0
-        self._flushed_at = self._now
+        self._flushed_at = self.now
         # Compress only what compresses, judged by a sample of the largest
         # part (a frame or host bytes): zlib on random bytes runs at tens of
         # MB/s, slower than the stack.
@@ -490,21 +464,17 @@ class Recorder:
             middle = (len(largest) - SAMPLE_SIZE) // 2
             sample = bytes(largest[middle : middle + SAMPLE_SIZE])
             compress = len(set(sample)) < SAMPLE_DISTINCT
-        else:  # small records: headers and numbers, unless frame digests
-            compress = not lazy
+        else:  # small records: heads, numbers and frame digests
+            compress = True
         if compress and COMPRESS:
-            for i in lazy:
-                pending[i] = bytes(pending[i])
-            lazy = []
-            data = b"".join(pending)
-            packed = zlib.compress(data, 1)
+            packed = zlib.compress(b"".join(pending), 1)
             if len(packed) < size:
                 self._write([_BLOCK_HEAD.pack(len(packed), ZLIB), packed])
                 return
         pending.insert(0, _BLOCK_HEAD.pack(size, STORED))
-        self._write(pending, [i + 1 for i in lazy])
+        self._write(pending)
 
-    def _write(self, parts: list, lazy: list | None = None) -> None:
+    def _write(self, parts: list) -> None:
         """Hand ``parts`` to the writer thread (written there with writev,
         without a copy, while the loop carries on: the kernel's copy into
         the page cache is most of a recording's cost), or stop recording
@@ -517,20 +487,17 @@ class Recorder:
         if self._thread is None:
             self._thread = threading.Thread(target=self._writer, name="record", daemon=True)
             self._thread.start()
-        self._queue.put((parts, lazy))  # waits while WRITE_QUEUE blocks do: back-pressure
+        self._queue.put(parts)  # waits while WRITE_QUEUE blocks do: back-pressure
 
     def _writer(self) -> None:
         fd = self._fd
         while True:
-            item = self._queue.get()
-            if item is None:
+            parts = self._queue.get()
+            if parts is None:
                 return
             if self._error is not None:
                 continue  # drained, not written: the recording has stopped
-            parts, lazy = item
             try:
-                for i in lazy or ():
-                    parts[i] = bytes(parts[i])
                 for start in range(0, len(parts), _IOV_MAX):
                     chunk = parts[start : start + _IOV_MAX]
                     done = os.writev(fd, chunk)
@@ -548,7 +515,7 @@ class Recorder:
         encode(reason, parts)
         encode(self.records, parts)
         body = b"".join(parts)
-        self._pending.append(_RECORD_HEAD.pack(9 + len(body), END, self._now) + body)
+        self._pending.append(_RECORD_HEAD.pack(9 + len(body), END, self.now) + body)
         self._pending_size += 13 + len(body)
         self._write_block()
 
@@ -572,6 +539,178 @@ class _Proxy:
         return getattr(self._target, name)
 
 
+# ------------------------------------------------------------- fast encoding
+# A call's record in the tagged encoding, built with one struct pack per run
+# of fixed-size values rather than a recursive encode() per value: the
+# encoder for each shape of call (method, classes of its arguments, keyword
+# names and classes of their values, class of its result) and of event
+# (class, classes of its fields) is generated once and kept in _SHAPES. Its
+# output is byte for byte what encode() gives (tests/test_record.py checks).
+# A shape with a value of another class (a str, a list, an int past 64
+# bits) is encoded by encode().
+_FIXED = {  # class -> (struct format, the values to pack for value v)
+    type(None): ("B", "78"),
+    bool: ("B", "(84 if {v} else 70)"),
+    int: ("Bq", "105, {v}"),
+    float: ("Bd", "100, {v}"),
+    TcpConnection: ("Bq", "99, {v}.serial"),
+}
+_BLOBS = (bytes, bytearray, memoryview)  # the latter two copied: the caller reuses them
+_NO_EVENTS = b"l\x00\x00\x00\x00"
+# Shapes seen, each with its encoder (None: encode() it). The NAT side makes
+# a few dozen; a guest cannot add any (its frames are always bytes), so the
+# bound only guards against a caller passing ever new classes.
+MAX_SHAPES = 1024
+_SHAPES: dict = {}
+
+
+class _Unsupported(Exception):
+    """A value of a class that _FIXED and _BLOBS do not cover."""
+
+
+class _Builder:
+    """The source of an encoder: runs of fixed-size values, each packed by
+    one Struct, between blobs appended as they are."""
+
+    def __init__(self, head_format: str, head_items: list[str]) -> None:
+        self.lines: list[str] = []
+        self.formats: list[str] = []
+        self.fmt = [head_format]
+        self.values: list[list[str]] = [list(head_items)]
+        self.blobs: list[str] = []
+        self.scope: dict = {}
+
+    def fixed(self, code: str, items: str) -> None:
+        self.fmt.append(code)
+        self.values[-1].append(items)
+
+    def constant(self, text: str) -> None:
+        """A str known when the encoder is made (a keyword, a class name)."""
+        key = text.encode("utf-8", "surrogateescape")
+        name = f"K{len(self.scope)}"
+        self.scope[name] = key
+        self.fixed(f"BI{len(key)}s", f"115, {len(key)}, {name}")
+
+    def value(self, expr: str, kind) -> None:
+        if kind in _FIXED:
+            code, items = _FIXED[kind]
+            self.fixed(code, items.format(v=expr))
+        elif kind in _BLOBS:
+            blob = f"b{len(self.blobs)}"
+            self.lines.append(f"    {blob} = {expr if kind is bytes else f'bytes({expr})'}")
+            self.fixed("BI", f"98, len({blob})")
+            self.formats.append("".join(self.fmt))
+            self.fmt = ["<"]
+            self.values.append([])
+            self.blobs.append(blob)
+        else:
+            raise _Unsupported(kind)
+
+    def function(self, name: str, parameters: str, extra: str = "", prefix: int = 0):
+        """The encoder: returns (parts, size), size being its bytes plus
+        ``extra`` (an expression), and ``prefix`` (the head's u32) not."""
+        self.formats.append("".join(self.fmt))
+        structs = [struct.Struct(f) for f in self.formats]
+        fixed_size = sum(s.size for s in structs)
+        blob_sizes = "".join(f" + len({b})" for b in self.blobs)
+        self.lines.append(f"    size = {fixed_size}{blob_sizes}{extra}")
+        packed = []
+        for i, items in enumerate(self.values):
+            packed.append(f"S{i}.pack({', '.join(items).replace('SIZE', f'size - {prefix}')})")
+            if i < len(self.blobs):
+                packed.append(self.blobs[i])
+        tail = ", ev" if extra else ""
+        self.lines.append(f"    return [{', '.join(packed)}{tail}], size")
+        source = f"def {name}({parameters}):\n" + "\n".join(self.lines) + "\n"
+        scope = dict(self.scope, frame_digests=frame_digests)
+        scope.update({f"S{i}": s for i, s in enumerate(structs)})
+        exec(compile(source, f"<record {name}>", "exec"), scope)  # noqa: S102 - our own source
+        return scope[name]
+
+
+def _compile_call(index: int, kinds: tuple, names: tuple, result_kind, output: bool):
+    """The encoder for one shape of call: f(args, kwargs, result, now, ev)
+    -> (parts, size) of the whole record, ``ev`` its encoded events; None
+    if a value's class is not covered."""
+    build = _Builder("<IBd", ["SIZE", str(index), "now"])
+    try:
+        build.fixed("BI", f"108, {len(kinds)}")
+        for i, kind in enumerate(kinds):
+            build.value(f"a[{i}]", kind)
+        build.fixed("BI", f"109, {len(names)}")
+        for name, kind in names:
+            build.constant(name)
+            build.value(f"k[{name!r}]", kind)
+        if output:
+            build.lines.append("    r = frame_digests(r)")
+            build.value("r", bytes)
+        else:
+            build.value("r", result_kind)
+    except _Unsupported:
+        return None
+    return build.function("encode_call", "a, k, r, now, ev", " + len(ev)", prefix=4)
+
+
+def _compile_event(kind, names: tuple, value_kinds: tuple):
+    """The encoder for one shape of event: f(event) -> (parts, size)."""
+    build = _Builder("<BI", [f"101, {len(names)}"])
+    build.constant(kind.__name__)
+    try:
+        for name, value_kind in zip(names, value_kinds, strict=True):
+            build.value(f"e.{name}", value_kind)
+    except _Unsupported:
+        return None
+    return build.function("encode_event", "e")
+
+
+def encode_call(index: int, args, kwargs, result, now, ev: bytes, output: bool):
+    """(parts, size) of a call's record by encode(): any shape."""
+    parts: list = []
+    encode(args, parts)
+    encode(kwargs, parts)
+    if output:
+        digests = frame_digests(result)
+        parts.append(b"b" + _U32.pack(len(digests)))
+        parts.append(digests)
+    else:
+        encode(result, parts)
+    parts.append(ev)
+    size = 13 + sum(map(len, parts))
+    parts.insert(0, _RECORD_HEAD.pack(size - 4, index, now))
+    return parts, size
+
+
+def encode_events(events, start: int, stop: int) -> bytes:
+    """events[start:stop] as encode() gives a list of them."""
+    parts = [b"l" + _U32.pack(stop - start)]
+    shapes = _SHAPES
+    for i in range(start, stop):
+        event = events[i]
+        kind = event.__class__
+        names = _EVENT_FIELDS.get(kind)
+        if names is None:
+            if not is_dataclass(event):
+                encode(event, parts)
+                continue
+            names = _EVENT_FIELDS[kind] = tuple(f.name for f in fields(event))
+        kinds = tuple(type(getattr(event, name)) for name in names)
+        key = (kind, *kinds)
+        try:
+            encoder = shapes[key]
+        except KeyError:
+            encoder = None
+            if len(shapes) < MAX_SHAPES:
+                encoder = shapes[key] = _compile_event(kind, names, kinds)
+        if encoder is None:
+            encode(event, parts)
+            continue
+        try:
+            parts += encoder(event)[0]
+        except struct.error:  # an int past 64 bits
+            encode(event, parts)
+    return b"".join(parts)
+
+
 def _wrap(proxy, target, full_name: str, recorder: Recorder, events) -> None:
     name = full_name.rsplit(".", 1)[-1]
     method = getattr(target, name)
@@ -580,32 +719,45 @@ def _wrap(proxy, target, full_name: str, recorder: Recorder, events) -> None:
         parameters = list(inspect.signature(method).parameters)
         now_at = parameters.index("now")
     except ValueError:
-        now_at = -1
+        now_at = 1 << 30  # no `now` among its arguments
     output = index in OUTPUTS
-    record = recorder.record
+    add = recorder.add
+    shapes = _SHAPES
 
     def call(*args, **kwargs):
         before = len(events)
         result = method(*args, **kwargs)
         if recorder.stopped is not None:
             return result
-        now = args[now_at] if 0 <= now_at < len(args) else kwargs.get("now")
-        parts: list = []
-        encode(args, parts)
-        encode(kwargs, parts)
-        lazy = None
-        if output:
-            lazy = LazyDigests(result)
-            parts.append(b"b" + _U32.pack(len(lazy)))
-            parts.append(lazy)
+        if now_at < len(args):
+            now = args[now_at]
         else:
-            encode(result, parts)
+            now = kwargs.get("now")
+        if now is None:
+            now = recorder.now
         after = len(events)
-        if after > before:
-            encode([events[i] for i in range(before, after)], parts)
-        else:
-            parts.append(b"l\x00\x00\x00\x00")
-        record(index, now, parts, lazy)
+        ev = encode_events(events, before, after) if after > before else _NO_EVENTS
+        key = (index, *map(type, args))
+        if kwargs:
+            key += (*kwargs, *map(type, kwargs.values()))
+        key += (result.__class__,)
+        try:
+            encoder = shapes[key]
+        except KeyError:
+            encoder = None
+            if len(shapes) < MAX_SHAPES:
+                kinds = tuple(map(type, args))
+                names = tuple((k, type(v)) for k, v in kwargs.items())
+                encoder = shapes[key] = _compile_call(index, kinds, names, type(result), output)
+        parts = None
+        if encoder is not None:
+            try:
+                parts, size = encoder(args, kwargs, result, now, ev)
+            except struct.error:  # an int past 64 bits: the general encoding
+                pass
+        if parts is None:
+            parts, size = encode_call(index, args, kwargs, result, now, ev, output)
+        add(parts, size, now)
         return result
 
     call.__name__ = name

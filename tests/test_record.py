@@ -97,12 +97,11 @@ def write_recording(path, count, limit=0, payload=b"p" * 100):
     header = record.header_for(StackConfig(), 7, False)
     rec = record.Recorder(str(path), header, limit)
     for i in range(count):
-        parts: list = []
-        record.encode((payload, i / 1000), parts)
-        record.encode({}, parts)
-        record.encode(None, parts)
-        record.encode([], parts)
-        rec.record(record.INDEX["receive_frame"], i / 1000, parts)
+        index = record.INDEX["receive_frame"]
+        parts, size = record.encode_call(
+            index, (payload, i / 1000), {}, None, i / 1000, b"l\0\0\0\0", False
+        )
+        rec.add(parts, size, i / 1000)
     rec.close()
     return rec
 
