@@ -4,6 +4,7 @@ run-mode session with real clients)."""
 
 import ast
 import contextlib
+import dataclasses
 import http.server
 import io
 import os
@@ -22,6 +23,7 @@ from pyslirp import record
 from pyslirp.stack.budget import MemoryBudget
 from pyslirp.stack.config import StackConfig
 from pyslirp.stack.interface import Stack
+from pyslirp.stack.tcp_connection import TcpConnection
 from pyslirp.stack.tcp_layer import TcpLayer
 from tests import harness
 from tests.inprocess import InProcessNetwork
@@ -91,6 +93,90 @@ def test_damaged_values_raise_recording_error():
             record.decode(data[:cut], 0)
     with pytest.raises(record.RecordingError):
         record.decode(b"Z", 0)
+
+
+@dataclasses.dataclass
+class SomethingHappened:  # an event of the shape the stack's have
+    conn: object
+    data: bytes
+    count: int
+    flag: bool
+
+
+def test_generated_encoders_give_what_encode_gives():
+    conn = TcpConnection.__new__(TcpConnection)
+    conn.serial = 42
+    buffer = bytearray(b"reused buffer")
+    shapes = [  # (method, args, kwargs, result)
+        ("receive_frame", (b"\x00" * 60, 1.5), {}, None),
+        ("tcp.send", (conn, memoryview(buffer)[2:8], 2.0), {"at_once": True}, 6),
+        ("tcp.send", (conn, buffer, 2.0), {"at_once": False}, 0),
+        ("tcp.consume", (conn, 1 << 40, 3.0), {}, None),
+        ("tcp.consume", (conn, 1 << 70, 3.0), {}, None),  # past 64 bits: encode()
+        ("tcp.consume", (conn, -5, 3.0), {}, False),
+        ("send_udp", (b"a", 53, "not fixed", 4.0), {}, None),  # a str: encode()
+        ("tcp.send_space", (None,), {}, 7),
+        ("tcp.close", (conn, 5), {"now": 6.0}, True),
+    ]
+    events = [
+        SomethingHappened(conn, b"xyz", 3, True),
+        SomethingHappened(None, bytearray(b"q"), 1 << 80, False),
+        SomethingHappened(conn, b"", 0, False),
+    ]
+    for method, args, kwargs, result in shapes:
+        index = record.INDEX[method]
+        for start, stop in ((0, 0), (0, 1), (1, 3), (0, 3)):
+            ev = record.encode_events(events, start, stop)
+            expected: list = []
+            record.encode(events[start:stop], expected)
+            assert ev == b"".join(expected)
+            kinds = tuple(type(a) for a in args)
+            names = tuple((k, type(v)) for k, v in kwargs.items())
+            encoder = record._compile_call(index, kinds, names, type(result), False)
+            assert (encoder is None) == (method == "send_udp")
+            want, want_size = record.encode_call(index, args, kwargs, result, 9.0, ev, False)
+            if encoder is not None and 1 << 70 not in args:
+                got, size = encoder(args, kwargs, result, 9.0, ev)
+                assert b"".join(got) == b"".join(want) and size == want_size
+            assert want_size == len(b"".join(want))
+    buffer[:] = b"changed later"  # the recorded bytes were copied
+    got, _ = record._compile_call(
+        record.INDEX["tcp.send"], (TcpConnection, memoryview, float), (), int, False
+    )((conn, memoryview(buffer), 1.0), {}, 5, 1.0, b"l\0\0\0\0")
+    assert bytes(buffer) in got and all(not isinstance(p, memoryview) for p in got)
+
+
+def test_frame_digests_check_length_headers_and_the_end_of_the_payload():
+    frame = bytes(range(256)) * 256
+    digest = record.frame_digests([frame])
+    assert record.split_digests(digest)[0][0] == len(frame)
+    for changed in (
+        frame[:20] + b"\xff" + frame[21:],  # a header field
+        frame[:-3] + b"zzz",  # the payload's end
+        frame[:-1],  # the length
+    ):
+        assert record.frame_digests([changed]) != digest
+    # a vnet pair: its header counts as the start of the frame
+    pair = (b"\x01" + bytes(9), frame[:100])
+    assert record.frame_digests([pair]) != record.frame_digests([(bytes(10), frame[:100])])
+    assert record.split_digests(record.frame_digests([pair]))[0][0] == 110
+    short = frame[:128]  # all head, no tail
+    assert record.split_digests(record.frame_digests([short]))[0][2] == 0
+
+
+def test_a_recording_of_the_previous_format_gives_one_line(tmp):
+    path = tmp / "old.rec"
+    write_recording(path, 10)
+    data = bytearray(path.read_bytes())
+    older = (record.FORMAT_VERSION - 1).to_bytes(2, "little")
+    data[len(record.MAGIC) : len(record.MAGIC) + 2] = older
+    path.write_bytes(bytes(data))
+    status, out, err = run_replay(str(path))
+    assert (status, out) == (1, "")
+    assert err == (
+        f"pyslirp: {path}: recording format {record.FORMAT_VERSION - 1}; "
+        f"this pyslirp reads format {record.FORMAT_VERSION}\n"
+    )
 
 
 def write_recording(path, count, limit=0, payload=b"p" * 100):
