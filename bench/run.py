@@ -145,6 +145,12 @@ def cpu_seconds(pid: int) -> float:
     if os.environ.get("BENCH_CPU_SPLIT"):  # user and system time apart, on stderr
         user, system = int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
         print(f"  utime {user} stime {system}", file=sys.stderr)
+        for task in Path(f"/proc/{pid}/task").iterdir():  # and each thread's
+            with contextlib.suppress(OSError):
+                stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (task / "comm").read_text().strip()
+                user, system = int(stat[11]) / CLK_TCK, int(stat[12]) / CLK_TCK
+                print(f"    {name}: utime {user} stime {system}", file=sys.stderr)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -330,7 +336,7 @@ METRICS = [
 TESTS = ("up", "down", "rr", "cc")
 
 
-def measure(backend, mtu, duration, extra, tests, profile, ports) -> dict:
+def measure(backend, mtu, duration, extra, tests, profile, ports, record_dir="/tmp") -> dict:
     tag = "other" if backend.startswith("python@") else base_backend(backend)
     tag += "-rec" if recording(backend) else ""  # a namespace name has no "/" or "+"
     name = f"pyslirp-bench-{os.getpid()}-{tag}-{mtu}"
@@ -339,7 +345,7 @@ def measure(backend, mtu, duration, extra, tests, profile, ports) -> dict:
     else:
         profile = None
     results = {}
-    record_path = f"/tmp/{name}.rec"
+    record_path = os.path.join(record_dir, f"{name}.rec")
     if recording(backend):
         extra = [*extra, f"--record={record_path}"]
     moved = 0.0
@@ -422,12 +428,15 @@ def main() -> int:
         help="python, pypy, python-distro, slirp4netns, "
         "or python@DIR: the python backend of the checkout at DIR; "
         "any of ours with +record (python+record, python@DIR+record) "
-        "runs with --record into a file in /tmp, removed after each run",
+        "runs with --record into a file in --record-dir, removed after each run",
     )
     parser.add_argument(
         "--forwarder-arg", action="append", default=[], help="extra option for our forwarder"
     )
     parser.add_argument("--tests", nargs="+", default=list(TESTS), choices=TESTS)
+    parser.add_argument(
+        "--record-dir", default="/tmp", help="where +record backends write (default /tmp)"
+    )
     parser.add_argument("--profile", help="cProfile our forwarder into PROFILE.python.MTU")
     parser.add_argument(
         "--rounds",
@@ -460,7 +469,14 @@ def main() -> int:
                 for backend in args.backend:
                     print(f"{backend}, MTU {mtu}, round {round_} ...", file=sys.stderr)
                     measured = measure(
-                        backend, mtu, args.time, args.forwarder_arg, args.tests, args.profile, ports
+                        backend,
+                        mtu,
+                        args.time,
+                        args.forwarder_arg,
+                        args.tests,
+                        args.profile,
+                        ports,
+                        args.record_dir,
                     )
                     for metric, value in measured.items():
                         results.setdefault((backend, mtu), {}).setdefault(metric, []).append(value)
