@@ -130,20 +130,23 @@ INPUTS = frozenset({INDEX["receive_frame"], INDEX["receive_vnet_frame"]})
 # per 256 KiB rather than per frame, small enough that a crash loses little.
 BLOCK_SIZE = 256 * 1024
 FLUSH_INTERVAL = 1.0  # seconds of `now`
-# Blocks handed to the writer thread and not yet written: 16 x 256 KiB
-# bounds the memory a slow disk can make us hold; past it the loop waits.
+# Writes handed to the writer thread and not yet done: 16 bounds the memory
+# a slow disk can make us hold (blocks of 256 KiB for a pipe or a device);
+# past it the loop waits.
 WRITE_QUEUE = 16
 # A regular file is written with O_DIRECT: the kernel's copy of every byte
 # into the page cache (copy_folio_from_iter in perf) was a third of the
-# forwarder's CPU time when recording bulk traffic, and up to 2 CPU s per GB
-# when the page cache was busy; O_DIRECT costs 0.1-0.2. O_DIRECT wants
-# aligned buffers, offsets and sizes, so the writer thread copies blocks
-# into a page-aligned staging buffer of STAGE_SIZE and writes it whole; a
-# block flushed by time or at the end is written padded to DIRECT_ALIGN and
-# the file cut back to its length (and rewritten whole later), so that a
-# crash still loses no more than the last second. Where O_DIRECT is refused
-# (tmpfs, some FUSE) the same path writes through the page cache.
+# forwarder's CPU time when recording bulk traffic; with O_DIRECT the disk
+# reads our buffer itself. O_DIRECT wants aligned buffers, offsets and
+# sizes, so the loop copies each block into a page-aligned staging buffer of
+# STAGE_SIZE (while its bytes are still in the CPU's cache) and the writer
+# thread writes whole buffers (without the GIL, nothing else); STAGES of
+# them bound the memory held. A block flushed by time or at the end is
+# written padded to DIRECT_ALIGN and the file cut back to its length (to be
+# rewritten whole later), so that a crash loses no more than the last
+# second. Where O_DIRECT is refused the same path goes through the page cache.
 STAGE_SIZE = 1024 * 1024
+STAGES = 4
 DIRECT_ALIGN = 4096  # the largest logical block size of common devices
 # A block is compressed unless a sample of its largest part looks random:
 # 512 random bytes hold about 221 distinct values, text and headers far
@@ -430,6 +433,7 @@ class Recorder:
         self._stage: memoryview | None = None
         self._base = 0
         self._fill = 0
+        self._free: queue.Queue = queue.Queue()  # staging buffers written, to fill again
         head = json.dumps(header, separators=(",", ":")).encode()
         self.written = 0
         self._pending: list = []
@@ -440,6 +444,8 @@ class Recorder:
         self._error: str | None = None  # set by the writer thread
         if stat.S_ISREG(os.fstat(self._fd).st_mode):
             self._stage = memoryview(mmap.mmap(-1, STAGE_SIZE))
+            for _ in range(STAGES - 1):
+                self._free.put(memoryview(mmap.mmap(-1, STAGE_SIZE)))
         self._write([MAGIC + _U16.pack(FORMAT_VERSION) + _U32.pack(len(head)) + head], True)
         if limit and self.written + END_RESERVE > limit:
             self.stopped = "limit"
@@ -500,8 +506,9 @@ class Recorder:
         self._write(pending, sync)
 
     def _write(self, parts: list, sync: bool = False) -> None:
-        """Hand ``parts`` to the writer thread (which waits for the disk
-        while the loop carries on), or stop recording after a write error."""
+        """Copy ``parts`` into the staging buffer, handing it to the writer
+        thread when full (for a pipe or a device, ``parts`` as they are),
+        or stop recording after a write error."""
         if self._error is not None:
             self.stopped = f"write error: {self._error}"
             log.warning("recording %s stopped: %s", self.path, self._error)
@@ -510,38 +517,16 @@ class Recorder:
         if self._thread is None:
             self._thread = threading.Thread(target=self._writer, name="record", daemon=True)
             self._thread.start()
-        self._queue.put((parts, sync))  # waits while WRITE_QUEUE blocks do: back-pressure
-
-    def _writer(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue  # drained, not written: the recording has stopped
-            parts, sync = item
-            try:
-                if self._stage is None:
-                    self._writev(parts)
-                else:
-                    self._stage_parts(parts, sync)
-            except OSError as exc:
-                self._error = exc.strerror or str(exc)
-
-    def _stage_parts(self, parts: list, sync: bool) -> None:
-        """Copy ``parts`` into the staging buffer, writing it whenever it is
-        full; with ``sync``, what it holds too (see STAGE_SIZE)."""
+        if self._stage is None:
+            self._queue.put((parts, 0, None))  # waits while WRITE_QUEUE do: back-pressure
+            return
         stage = self._stage
         fill = self._fill
         for part in parts:
             size = len(part)
-            if fill + size <= STAGE_SIZE:  # the common case: it fits
+            if fill + size < STAGE_SIZE:  # the common case: it fits
                 stage[fill : fill + size] = part
                 fill += size
-                if fill == STAGE_SIZE:
-                    self._pwrite(stage, self._base)
-                    self._base += STAGE_SIZE
-                    fill = 0
                 continue
             view = memoryview(part)
             while view:
@@ -550,16 +535,41 @@ class Recorder:
                 view = view[take:]
                 fill += take
                 if fill == STAGE_SIZE:
-                    self._pwrite(stage, self._base)
+                    self._queue.put((stage, self._base, None))
                     self._base += STAGE_SIZE
+                    stage = self._stage = self._free.get()  # waits for the disk: back-pressure
                     fill = 0
         self._fill = fill
-        if sync and fill:
+        if sync and fill:  # a copy: the loop goes on filling this buffer
             padded = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
-            self._pwrite(stage[:padded], self._base)
-            os.ftruncate(self._fd, self._base + fill)
+            self._queue.put((bytes(stage[:padded]), self._base, self._base + fill))
 
-    def _pwrite(self, view: memoryview, offset: int) -> None:
+    def _writer(self) -> None:
+        """The writer thread: (parts, 0, None) for a pipe or a device,
+        (buffer, offset, None) for a whole staging buffer, (bytes, offset,
+        length) for a flush: write it there and cut the file to length."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            data, offset, length = item
+            try:
+                if self._error is not None:
+                    pass  # drained, not written: the recording has stopped
+                elif self._stage is None:
+                    self._writev(data)
+                else:
+                    self._pwrite(data, offset)
+                    if length is not None:
+                        os.ftruncate(self._fd, length)
+            except OSError as exc:
+                self._error = exc.strerror or str(exc)
+            finally:
+                if data.__class__ is memoryview:  # a staging buffer: free again
+                    self._free.put(data)
+
+    def _pwrite(self, view, offset: int) -> None:
+        view = memoryview(view)
         while view:
             try:
                 done = os.pwrite(self._fd, view, offset)
