@@ -540,14 +540,17 @@ class Recorder:
                     stage = self._stage = self._free.get()  # waits for the disk: back-pressure
                     fill = 0
         self._fill = fill
-        if sync and fill:  # a copy: the loop goes on filling this buffer
+        if sync and fill:  # a copy (aligned too): the loop goes on filling this buffer
             padded = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
-            self._queue.put((bytes(stage[:padded]), self._base, self._base + fill))
+            copy = mmap.mmap(-1, padded)
+            copy[:] = stage[:padded]
+            self._queue.put((copy, self._base, self._base + fill))
 
     def _writer(self) -> None:
         """The writer thread: (parts, 0, None) for a pipe or a device,
         (buffer, offset, None) for a whole staging buffer, (bytes, offset,
-        length) for a flush: write it there and cut the file to length."""
+        length) for a flush (an mmap): write it there and cut the file to
+        length."""
         while True:
             item = self._queue.get()
             if item is None:

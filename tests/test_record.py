@@ -228,6 +228,27 @@ def test_staged_writes_leave_a_whole_file_at_every_flush(tmp):
     assert os.path.getsize(path) == rec.written
     recording = record.Recording(str(path))
     assert len(list(recording)) == 201 and recording.end == "closed"
+    assert rec.direct == takes_o_direct(tmp)  # and it kept O_DIRECT to the end
+
+
+def takes_o_direct(directory) -> bool:
+    """Whether the file system under ``directory`` writes an aligned buffer
+    with O_DIRECT."""
+    import mmap
+
+    path = os.path.join(directory, "probe")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, mmap.mmap(-1, 4096), 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def test_file_round_trip(tmp):
