@@ -438,7 +438,7 @@ class Recorder:
         self.written = 0
         self._pending: list = []
         self._pending_size = 0
-        self._flushed_at: float | None = None
+        self._flushed_at = float("-inf")  # the first record goes out at once
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
         self._thread: threading.Thread | None = None
         self._error: str | None = None  # set by the writer thread
@@ -466,8 +466,6 @@ class Recorder:
         self.records += 1
         if self._pending_size >= BLOCK_SIZE:
             self._write_block()
-        elif self._flushed_at is None:
-            self._flushed_at = now
         elif now - self._flushed_at >= FLUSH_INTERVAL:
             self._write_block(sync=True)
 
@@ -664,6 +662,7 @@ _FIXED = {  # class -> (struct format, the values to pack for value v)
 }
 _BLOBS = (bytes, bytearray, memoryview)  # the latter two copied: the caller reuses them
 _NO_EVENTS = b"l\x00\x00\x00\x00"
+_MISSING = object()
 # Shapes seen, each with its encoder (None: encode() it). The NAT side makes
 # a few dozen; a guest cannot add any (its frames are always bytes), so the
 # bound only guards against a caller passing ever new classes.
@@ -828,42 +827,46 @@ def _wrap(proxy, target, full_name: str, recorder: Recorder, events) -> None:
     except ValueError:
         now_at = 1 << 30  # no `now` among its arguments
     output = index in OUTPUTS
+    # tcp.send_space changes nothing when it has room (it marks the
+    # connection as waiting only when it returns 0), and the NAT side asks
+    # it before every tcp.send: only its 0 is recorded (the send's own record
+    # holds how many bytes were offered and taken).
+    room_unrecorded = full_name == "tcp.send_space"
     add = recorder.add
     shapes = _SHAPES
+    get = shapes.get
 
     def call(*args, **kwargs):
         before = len(events)
         result = method(*args, **kwargs)
-        if recorder.stopped is not None:
+        if recorder.stopped is not None or (room_unrecorded and result):
             return result
         if now_at < len(args):
             now = args[now_at]
+        elif kwargs:
+            now = kwargs.get("now", recorder.now)
         else:
-            now = kwargs.get("now")
-        if now is None:
             now = recorder.now
         after = len(events)
         ev = encode_events(events, before, after) if after > before else _NO_EVENTS
-        key = (index, *map(type, args))
         if kwargs:
-            key += (*kwargs, *map(type, kwargs.values()))
-        key += (result.__class__,)
-        try:
-            encoder = shapes[key]
-        except KeyError:
+            key = (index, *map(type, args), *kwargs, *map(type, kwargs.values()), type(result))
+        else:
+            key = (index, *map(type, args), type(result))
+        encoder = get(key, _MISSING)
+        if encoder is _MISSING:
             encoder = None
             if len(shapes) < MAX_SHAPES:
                 kinds = tuple(map(type, args))
                 names = tuple((k, type(v)) for k, v in kwargs.items())
                 encoder = shapes[key] = _compile_call(index, kinds, names, type(result), output)
-        parts = None
-        if encoder is not None:
+        if encoder is None:
+            parts, size = encode_call(index, args, kwargs, result, now, ev, output)
+        else:
             try:
                 parts, size = encoder(args, kwargs, result, now, ev)
             except struct.error:  # an int past 64 bits: the general encoding
-                pass
-        if parts is None:
-            parts, size = encode_call(index, args, kwargs, result, now, ev, output)
+                parts, size = encode_call(index, args, kwargs, result, now, ev, output)
         add(parts, size, now)
         return result
 
