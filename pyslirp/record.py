@@ -16,9 +16,11 @@ What is kept, and what only a digest of:
   a DNS answer or a datagram, ``send_icmp_error``, ``send_echo_reply`` for
   ICMP from a ping socket, ``tcp.accept``/``refuse`` after a connect, the
   memory budget's ``charge``/``release`` for DNS queries): whole;
-- frames for the guest (``frames_to_send``): their length, CRC-32 and a
-  blake2b-128 of their headers each (``frame_digests``), since they are
-  outputs and their payload is already in the commands that queued it;
+- frames for the guest (``frames_to_send``): their length and CRC-32s of
+  their headers and of their last bytes each (``frame_digests``), since
+  they are outputs and their payload is already in the commands that
+  queued it;
+- ``tcp.send_space`` only when it returns 0 (with room it changes nothing);
 - events: whole (their ``conn`` as the connection's serial number, which
   TcpLayer gives from a counter and so is the same in a replay).
 
@@ -32,12 +34,14 @@ The file: ``MAGIC``, a u16 format version, a u32 length and the header
 that many bytes; a block holds whole records, each a u32 length and its
 body: u8 method index (in ``METHODS``), f64 ``now`` (the last one seen for
 calls without one), then the arguments, keywords, result and events in a
-small tagged encoding (``encode``/``decode``). The last record is ``END``
+small tagged encoding (``encode``/``decode``; encoders generated per shape
+of call give the same bytes faster, see "fast encoding"). The last record is ``END``
 with the reason ("closed" or "limit") and the count of records; a file
 without it was cut short (a crash, a kill -9) and replays up to its last
 whole block. Blocks are compressed with zlib level 1 only when a sample
 does not look random (host bytes are often compressed already, and zlib
-on incompressible data costs more than the stack).
+on incompressible data costs more than the stack). A regular file is
+written with O_DIRECT from aligned staging buffers (see STAGE_SIZE).
 """
 
 from __future__ import annotations
@@ -147,6 +151,14 @@ WRITE_QUEUE = 16
 # second. Where O_DIRECT is refused the same path goes through the page cache.
 STAGE_SIZE = 1024 * 1024
 STAGES = 4
+# Bytes the NAT lends (tcp.send's view of its reused receive buffer) are
+# copied once, into this arena, where they wait with the block's other
+# records until the block is copied into a staging buffer; then the arena is
+# reused. A bytes() copy instead cost a malloc of up to 256 KiB, which glibc
+# maps and unmaps (page faults were a tenth of the CPU host->guest). A block
+# ends at BLOCK_SIZE, so the arena holds a block and one more record; what
+# does not fit is copied to bytes.
+ARENA_SIZE = 1024 * 1024
 DIRECT_ALIGN = 4096  # the largest logical block size of common devices
 # A block is compressed unless a sample of its largest part looks random:
 # 512 random bytes hold about 221 distinct values, text and headers far
@@ -434,6 +446,9 @@ class Recorder:
         self._base = 0
         self._fill = 0
         self._free: queue.Queue = queue.Queue()  # staging buffers written, to fill again
+        self._arena = bytearray(ARENA_SIZE)
+        self._arena_view = memoryview(self._arena)
+        self._arena_fill = 0
         head = json.dumps(header, separators=(",", ":")).encode()
         self.written = 0
         self._pending: list = []
@@ -469,6 +484,17 @@ class Recorder:
         elif now - self._flushed_at >= FLUSH_INTERVAL:
             self._write_block(sync=True)
 
+    def keep(self, data):
+        """A copy of ``data``, a buffer its owner will reuse, that lasts
+        until the block is staged (see ARENA_SIZE)."""
+        fill = self._arena_fill
+        end = fill + (data.nbytes if data.__class__ is memoryview else len(data))
+        if self._stage is None or end > ARENA_SIZE:
+            return bytes(data)  # a pipe is written later by the writer thread
+        self._arena[fill:end] = data
+        self._arena_fill = end
+        return self._arena_view[fill:end]
+
     def _over_limit(self, size: int) -> bool:
         """Whether a record of ``size`` might take the file past the limit
         (pending records counted uncompressed, so it never does)."""
@@ -499,9 +525,11 @@ class Recorder:
             packed = zlib.compress(b"".join(pending), 1)
             if len(packed) < size:
                 self._write([_BLOCK_HEAD.pack(len(packed), ZLIB), packed], sync)
+                self._arena_fill = 0
                 return
         pending.insert(0, _BLOCK_HEAD.pack(size, STORED))
         self._write(pending, sync)
+        self._arena_fill = 0  # staged (copied): the arena's bytes are free
 
     def _write(self, parts: list, sync: bool = False) -> None:
         """Copy ``parts`` into the staging buffer, handing it to the writer
@@ -703,7 +731,7 @@ class _Builder:
             self.fixed(code, items.format(v=expr))
         elif kind in _BLOBS:
             blob = f"b{len(self.blobs)}"
-            self.lines.append(f"    {blob} = {expr if kind is bytes else f'bytes({expr})'}")
+            self.lines.append(f"    {blob} = {expr if kind is bytes else f'keep({expr})'}")
             self.fixed("BI", f"98, len({blob})")
             self.formats.append("".join(self.fmt))
             self.fmt = ["<"]
@@ -735,9 +763,10 @@ class _Builder:
 
 
 def _compile_call(index: int, kinds: tuple, names: tuple, result_kind, output: bool):
-    """The encoder for one shape of call: f(args, kwargs, result, now, ev)
-    -> (parts, size) of the whole record, ``ev`` its encoded events; None
-    if a value's class is not covered."""
+    """The encoder for one shape of call: f(args, kwargs, result, now, ev,
+    keep) -> (parts, size) of the whole record, ``ev`` its encoded events,
+    ``keep`` what copies a lent buffer (Recorder.keep); None if a value's
+    class is not covered."""
     build = _Builder("<IBd", ["SIZE", str(index), "now"])
     try:
         build.fixed("BI", f"108, {len(kinds)}")
@@ -754,7 +783,7 @@ def _compile_call(index: int, kinds: tuple, names: tuple, result_kind, output: b
             build.value("r", result_kind)
     except _Unsupported:
         return None
-    return build.function("encode_call", "a, k, r, now, ev", " + len(ev)", prefix=4)
+    return build.function("encode_call", "a, k, r, now, ev, keep", " + len(ev)", prefix=4)
 
 
 def _compile_event(kind, names: tuple, value_kinds: tuple):
@@ -766,7 +795,7 @@ def _compile_event(kind, names: tuple, value_kinds: tuple):
             build.value(f"e.{name}", value_kind)
     except _Unsupported:
         return None
-    return build.function("encode_event", "e")
+    return build.function("encode_event", "e, keep=bytes")
 
 
 def encode_call(index: int, args, kwargs, result, now, ev: bytes, output: bool):
@@ -833,6 +862,7 @@ def _wrap(proxy, target, full_name: str, recorder: Recorder, events) -> None:
     # holds how many bytes were offered and taken).
     room_unrecorded = full_name == "tcp.send_space"
     add = recorder.add
+    keep = recorder.keep
     shapes = _SHAPES
     get = shapes.get
 
@@ -864,7 +894,7 @@ def _wrap(proxy, target, full_name: str, recorder: Recorder, events) -> None:
             parts, size = encode_call(index, args, kwargs, result, now, ev, output)
         else:
             try:
-                parts, size = encoder(args, kwargs, result, now, ev)
+                parts, size = encoder(args, kwargs, result, now, ev, keep)
             except struct.error:  # an int past 64 bits: the general encoding
                 parts, size = encode_call(index, args, kwargs, result, now, ev, output)
         add(parts, size, now)

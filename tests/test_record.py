@@ -137,13 +137,13 @@ def test_generated_encoders_give_what_encode_gives():
             assert (encoder is None) == (method == "send_udp")
             want, want_size = record.encode_call(index, args, kwargs, result, 9.0, ev, False)
             if encoder is not None and 1 << 70 not in args:
-                got, size = encoder(args, kwargs, result, 9.0, ev)
+                got, size = encoder(args, kwargs, result, 9.0, ev, bytes)
                 assert b"".join(got) == b"".join(want) and size == want_size
             assert want_size == len(b"".join(want))
     buffer[:] = b"changed later"  # the recorded bytes were copied
     got, _ = record._compile_call(
         record.INDEX["tcp.send"], (TcpConnection, memoryview, float), (), int, False
-    )((conn, memoryview(buffer), 1.0), {}, 5, 1.0, b"l\0\0\0\0")
+    )((conn, memoryview(buffer), 1.0), {}, 5, 1.0, b"l\0\0\0\0", bytes)
     assert bytes(buffer) in got and all(not isinstance(p, memoryview) for p in got)
 
 
@@ -229,6 +229,35 @@ def test_staged_writes_leave_a_whole_file_at_every_flush(tmp):
     recording = record.Recording(str(path))
     assert len(list(recording)) == 201 and recording.end == "closed"
     assert rec.direct == takes_o_direct(tmp)  # and it kept O_DIRECT to the end
+
+
+def test_lent_buffers_are_copied_and_survive_their_reuse(tmp):
+    """tcp.send's data is a view of the NAT's reused buffer: the recording
+    copies it (into its arena) before the buffer changes, across blocks."""
+    path = tmp / "lent.rec"
+    rec = record.Recorder(str(path), record.header_for(StackConfig(), 7, False))
+    conn = TcpConnection.__new__(TcpConnection)
+    conn.serial = 3
+    encoder = record._compile_call(
+        record.INDEX["tcp.send"], (TcpConnection, memoryview, float), (), int, False
+    )
+    buffer = bytearray(200_000)
+    sent = []
+    kept = []
+    for i in range(40):  # about 4 MB: many blocks, the arena reused for each
+        buffer[:] = os.urandom(len(buffer))
+        size = 1000 + i * 4999
+        view = memoryview(buffer)[:size]
+        parts, total = encoder((conn, view, i / 10), {}, size, i / 10, NO_EVENTS, rec.keep)
+        kept += [type(p) for p in parts]
+        rec.add(parts, total, i / 10)
+        sent.append(bytes(view))
+    buffer[:] = bytes(len(buffer))
+    rec.close()
+    assert memoryview in kept  # the arena, not a bytes copy, held them
+    records = list(record.Recording(str(path)))
+    assert [r.args[1] for r in records] == sent
+    assert [r.result for r in records] == [len(s) for s in sent]
 
 
 def takes_o_direct(directory) -> bool:
