@@ -593,6 +593,8 @@ class Recorder:
                         os.ftruncate(self._fd, length)
             except OSError as exc:
                 self._error = exc.strerror or str(exc)
+            except Exception as exc:  # noqa: BLE001 - the thread must live: the loop waits on it
+                self._error = f"{type(exc).__name__}: {exc}"
             finally:
                 if data.__class__ is memoryview:  # a staging buffer: free again
                     self._free.put(data)
