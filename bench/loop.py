@@ -9,6 +9,7 @@ with --opcodes, the Python bytecodes run per transaction by function (a
 count that does not depend on the machine's noise).
 
     python3 bench/loop.py [--test rr|cc] [--count 20000] [--opcodes] [--busy-poll USEC]
+                          [--record FILE]
 
 rr: 1-byte request/response over one connection (the guest acknowledges
 each answer with its next request, as a kernel with delayed ACK does).
@@ -166,6 +167,9 @@ def main() -> int:
         default=0,
         help="the loop's busy polling in microseconds (default 0: the work alone, no spinning)",
     )
+    parser.add_argument(
+        "--record", metavar="FILE", help="run with --record=FILE, to measure a recording's cost"
+    )
     args = parser.parse_args()
     count = min(args.count, 3000) if args.opcodes else args.count
     listener = socket.create_server(("127.0.0.1", 0))
@@ -195,6 +199,7 @@ def main() -> int:
             random=random.Random(1),
             dns_upstreams=[("127.0.0.1", 9)],
             busy_poll=args.busy_poll / 1e6,
+            record_path=args.record,
         )
         loop = build_loop(config, ours.fileno(), stop_r)
         guest_status = []

@@ -145,6 +145,12 @@ def cpu_seconds(pid: int) -> float:
     if os.environ.get("BENCH_CPU_SPLIT"):  # user and system time apart, on stderr
         user, system = int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
         print(f"  utime {user} stime {system}", file=sys.stderr)
+        for task in Path(f"/proc/{pid}/task").iterdir():  # and each thread's
+            with contextlib.suppress(OSError):
+                stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (task / "comm").read_text().strip()
+                user, system = int(stat[11]) / CLK_TCK, int(stat[12]) / CLK_TCK
+                print(f"    {name}: utime {user} stime {system}", file=sys.stderr)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -181,10 +187,25 @@ def wait_configured(ns_name: str, proc, backend: str, interval: float = 0.05) ->
     raise RuntimeError(f"{backend} did not configure tap0 within 10 s")
 
 
+RECORD_SUFFIX = "+record"
+
+
+def recording(backend: str) -> bool:
+    """"python+record" (or "python@DIR+record", ...) is that backend run with
+    ``--record`` into a file of its own, so that a recording's cost is
+    measured beside the same backend without it in one run."""
+    return backend.endswith(RECORD_SUFFIX)
+
+
+def base_backend(backend: str) -> str:
+    return backend[: -len(RECORD_SUFFIX)] if recording(backend) else backend
+
+
 def checkout(backend: str) -> Path:
     """Where the backend's forwarder runs from: "python@DIR" is the python
     backend of another checkout (a worktree of an older commit, say), so
     that a change and its parent are measured side by side in one run."""
+    backend = base_backend(backend)
     if backend.startswith("python@"):
         return Path(backend.split("@", 1)[1])
     return REPO
@@ -194,7 +215,7 @@ def our_command(backend: str, mtu: int, ns_path: str, extra=(), wrap=()) -> list
     """Our forwarder on ``ns_path``'s tap0, run by this interpreter unless
     the backend names another (INTERPRETERS)."""
     return [
-        INTERPRETERS.get(backend, sys.executable),
+        INTERPRETERS.get(base_backend(backend), sys.executable),
         *wrap,
         "-m",
         "forwarder",
@@ -257,7 +278,7 @@ def free_port() -> int:
 
 
 def iperf(ns_name: str, port: int, pid: int, duration: float, reverse: bool):
-    """(Gbit/s, forwarder CPU seconds per GB)."""
+    """(Gbit/s, forwarder CPU seconds per GB, GB moved)."""
     cmd = ["iperf3", "-c", "10.0.2.2", "-p", str(port), "-t", str(duration), "-J"]
     if reverse:
         cmd.append("-R")
@@ -267,7 +288,8 @@ def iperf(ns_name: str, port: int, pid: int, duration: float, reverse: bool):
     report = json.loads(out)
     end = report["end"]["sum_received"]
     gigabytes = end["bytes"] / 1e9
-    return end["bits_per_second"] / 1e9, (cpu / gigabytes if gigabytes else float("nan"))
+    cost = cpu / gigabytes if gigabytes else float("nan")
+    return end["bits_per_second"] / 1e9, cost, gigabytes
 
 
 def request_response(ns_name: str, port: int, pid: int, duration: float):
@@ -307,32 +329,58 @@ METRICS = [
     ("request/response CPU", "us/tx"),
     ("connect/close", "conn/s"),
     ("connect/close CPU", "us/conn"),
+    ("recording size", "MB per GB moved"),
 ]
 
 
 TESTS = ("up", "down", "rr", "cc")
 
 
-def measure(backend, mtu, duration, extra, tests, profile, ports) -> dict:
-    tag = "other" if backend.startswith("python@") else backend  # a namespace name has no "/"
+def measure(backend, mtu, duration, extra, tests, profile, ports, record_dir="/tmp") -> dict:
+    tag = "other" if backend.startswith("python@") else base_backend(backend)
+    tag += "-rec" if recording(backend) else ""  # a namespace name has no "/" or "+"
     name = f"pyslirp-bench-{os.getpid()}-{tag}-{mtu}"
-    profile = f"{profile}.{backend}.{mtu}" if profile and backend == "python" else None
+    if profile and base_backend(backend) == "python":
+        profile = f"{profile}.{backend}.{mtu}"
+    else:
+        profile = None
     results = {}
-    with namespace(name) as ns_path, forwarder(backend, mtu, name, ns_path, extra, profile) as p:
-        in_ns(name, ["ip", "link", "set", "lo", "up"], timeout=10)
-        if "up" in tests:
-            rate, cpu = iperf(name, ports["iperf"], p.pid, duration, reverse=False)
-            results["guest->host"], results["guest->host CPU"] = rate, cpu
-        if "down" in tests:
-            rate, cpu = iperf(name, ports["iperf"], p.pid, duration, reverse=True)
-            results["host->guest"], results["host->guest CPU"] = rate, cpu
-        if "rr" in tests:
-            rate, cpu = request_response(name, ports["echo"], p.pid, duration)
-            results["1-byte request/response"], results["request/response CPU"] = rate, cpu
-        if "cc" in tests:
-            rate, cpu = connect_close(name, ports["close"], p.pid, duration)
-            results["connect/close"], results["connect/close CPU"] = rate, cpu
+    record_path = os.path.join(record_dir, f"{name}.rec")
+    if recording(backend):
+        extra = [*extra, f"--record={record_path}"]
+    moved = 0.0
+    try:
+        with namespace(name) as ns_path, forwarder(
+            backend, mtu, name, ns_path, extra, profile
+        ) as p:
+            in_ns(name, ["ip", "link", "set", "lo", "up"], timeout=10)
+            moved = _run_tests(name, p.pid, duration, tests, ports, results)
+        if recording(backend) and moved:
+            results["recording size"] = os.path.getsize(record_path) / 1e6 / moved
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(record_path)
     return results
+
+
+def _run_tests(name, pid, duration, tests, ports, results) -> float:
+    """The tests against the forwarder ``pid``; the GB the iperf3 runs moved."""
+    moved = 0.0
+    if "up" in tests:
+        rate, cpu, gigabytes = iperf(name, ports["iperf"], pid, duration, reverse=False)
+        results["guest->host"], results["guest->host CPU"] = rate, cpu
+        moved += gigabytes
+    if "down" in tests:
+        rate, cpu, gigabytes = iperf(name, ports["iperf"], pid, duration, reverse=True)
+        results["host->guest"], results["host->guest CPU"] = rate, cpu
+        moved += gigabytes
+    if "rr" in tests:
+        rate, cpu = request_response(name, ports["echo"], pid, duration)
+        results["1-byte request/response"], results["request/response CPU"] = rate, cpu
+    if "cc" in tests:
+        rate, cpu = connect_close(name, ports["close"], pid, duration)
+        results["connect/close"], results["connect/close CPU"] = rate, cpu
+    return moved
 
 
 def table(results: dict, backends: list[str], mtus: list[int]) -> str:
@@ -378,12 +426,17 @@ def main() -> int:
         nargs="+",
         default=["python", "slirp4netns"],
         help="python, pypy, python-distro, slirp4netns, "
-        "or python@DIR: the python backend of the checkout at DIR",
+        "or python@DIR: the python backend of the checkout at DIR; "
+        "any of ours with +record (python+record, python@DIR+record) "
+        "runs with --record into a file in --record-dir, removed after each run",
     )
     parser.add_argument(
         "--forwarder-arg", action="append", default=[], help="extra option for our forwarder"
     )
     parser.add_argument("--tests", nargs="+", default=list(TESTS), choices=TESTS)
+    parser.add_argument(
+        "--record-dir", default="/tmp", help="where +record backends write (default /tmp)"
+    )
     parser.add_argument("--profile", help="cProfile our forwarder into PROFILE.python.MTU")
     parser.add_argument(
         "--rounds",
@@ -416,7 +469,14 @@ def main() -> int:
                 for backend in args.backend:
                     print(f"{backend}, MTU {mtu}, round {round_} ...", file=sys.stderr)
                     measured = measure(
-                        backend, mtu, args.time, args.forwarder_arg, args.tests, args.profile, ports
+                        backend,
+                        mtu,
+                        args.time,
+                        args.forwarder_arg,
+                        args.tests,
+                        args.profile,
+                        ports,
+                        args.record_dir,
                     )
                     for metric, value in measured.items():
                         results.setdefault((backend, mtu), {}).setdefault(metric, []).append(value)

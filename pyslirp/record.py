@@ -16,9 +16,11 @@ What is kept, and what only a digest of:
   a DNS answer or a datagram, ``send_icmp_error``, ``send_echo_reply`` for
   ICMP from a ping socket, ``tcp.accept``/``refuse`` after a connect, the
   memory budget's ``charge``/``release`` for DNS queries): whole;
-- frames for the guest (``frames_to_send``): their length, CRC-32 and a
-  blake2b-128 of their headers each (``frame_digests``), since they are
-  outputs and their payload is already in the commands that queued it;
+- frames for the guest (``frames_to_send``): their length and CRC-32s of
+  their headers and of their last bytes each (``frame_digests``), since
+  they are outputs and their payload is already in the commands that
+  queued it;
+- ``tcp.send_space`` only when it returns 0 (with room it changes nothing);
 - events: whole (their ``conn`` as the connection's serial number, which
   TcpLayer gives from a counter and so is the same in a replay).
 
@@ -32,23 +34,28 @@ The file: ``MAGIC``, a u16 format version, a u32 length and the header
 that many bytes; a block holds whole records, each a u32 length and its
 body: u8 method index (in ``METHODS``), f64 ``now`` (the last one seen for
 calls without one), then the arguments, keywords, result and events in a
-small tagged encoding (``encode``/``decode``). The last record is ``END``
+small tagged encoding (``encode``/``decode``; encoders generated per shape
+of call give the same bytes faster, see "fast encoding"). The last record is ``END``
 with the reason ("closed" or "limit") and the count of records; a file
 without it was cut short (a crash, a kill -9) and replays up to its last
 whole block. Blocks are compressed with zlib level 1 only when a sample
 does not look random (host bytes are often compressed already, and zlib
-on incompressible data costs more than the stack).
+on incompressible data costs more than the stack). A regular file is
+written with O_DIRECT from aligned staging buffers (see STAGE_SIZE).
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
+import fcntl
 import inspect
 import json
+import mmap
 import os
 import platform
 import queue
 import random as _random
+import stat
 import struct
 import threading
 import zlib
@@ -62,7 +69,7 @@ from pyslirp.stack.tcp_connection import TcpConnection
 log = get_logger("pyslirp")
 
 MAGIC = b"PYSLREC\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: frame digests are length and two CRC-32s (1 had a blake2b)
 
 # The stack's methods that the NAT side calls and that change it: each call
 # is one record. The index in this tuple is the record's method byte, so
@@ -127,9 +134,32 @@ INPUTS = frozenset({INDEX["receive_frame"], INDEX["receive_vnet_frame"]})
 # per 256 KiB rather than per frame, small enough that a crash loses little.
 BLOCK_SIZE = 256 * 1024
 FLUSH_INTERVAL = 1.0  # seconds of `now`
-# Blocks handed to the writer thread and not yet written: 16 x 256 KiB
-# bounds the memory a slow disk can make us hold; past it the loop waits.
+# Writes handed to the writer thread and not yet done: 16 bounds the memory
+# a slow disk can make us hold (blocks of 256 KiB for a pipe or a device);
+# past it the loop waits.
 WRITE_QUEUE = 16
+# A regular file is written with O_DIRECT: the kernel's copy of every byte
+# into the page cache (copy_folio_from_iter in perf) was a third of the
+# forwarder's CPU time when recording bulk traffic; with O_DIRECT the disk
+# reads our buffer itself. O_DIRECT wants aligned buffers, offsets and
+# sizes, so the loop copies each block into a page-aligned staging buffer of
+# STAGE_SIZE (while its bytes are still in the CPU's cache) and the writer
+# thread writes whole buffers (without the GIL, nothing else); STAGES of
+# them bound the memory held. A block flushed by time or at the end is
+# written padded to DIRECT_ALIGN and the file cut back to its length (to be
+# rewritten whole later), so that a crash loses no more than the last
+# second. Where O_DIRECT is refused the same path goes through the page cache.
+STAGE_SIZE = 1024 * 1024
+STAGES = 4
+# Bytes the NAT lends (tcp.send's view of its reused receive buffer) are
+# copied once, into this arena, where they wait with the block's other
+# records until the block is copied into a staging buffer; then the arena is
+# reused. A bytes() copy instead cost a malloc of up to 256 KiB, which glibc
+# maps and unmaps (page faults were a tenth of the CPU host->guest). A block
+# ends at BLOCK_SIZE, so the arena holds a block and one more record; what
+# does not fit is copied to bytes.
+ARENA_SIZE = 1024 * 1024
+DIRECT_ALIGN = 4096  # the largest logical block size of common devices
 # A block is compressed unless a sample of its largest part looks random:
 # 512 random bytes hold about 221 distinct values, text and headers far
 # fewer (zlib itself costs ~50 us per sample here, a set ~5 us).
@@ -149,8 +179,16 @@ _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
 _RECORD_HEAD = struct.Struct("<IBd")  # length (of what follows it), method, now
 _BLOCK_HEAD = struct.Struct("<IB")
-_FRAME_DIGEST = struct.Struct("<II16s")  # length, CRC-32, blake2b-128 of the head
-HEAD_DIGESTED = 128  # bytes under the blake2b: every header, IPv6 and TCP options too
+_FRAME_DIGEST = struct.Struct("<III")  # length, CRC-32 of the head, CRC-32 of the tail
+# A frame for the guest is checked by its length, a CRC-32 of its first
+# HEAD_DIGESTED bytes (every header: addresses, ports, sequence numbers,
+# window, flags, IPv6 and TCP options) and a CRC-32 of its last TAIL_DIGESTED
+# bytes (a payload taken from the wrong place in the send buffer shows
+# there). Not the whole payload: it came from a recorded tcp.send, and a
+# CRC-32 over every 64 KiB frame cost 0.35 s per GB here (a third of the
+# stack's own cost host->guest).
+HEAD_DIGESTED = 128
+TAIL_DIGESTED = 64
 FRAME_DIGEST_SIZE = _FRAME_DIGEST.size
 _IOV_MAX = 1024  # writev's limit on Linux
 STORED, ZLIB = 0, 1
@@ -299,45 +337,25 @@ def short(value, limit: int = 24) -> str:
 
 def frame_digests(items) -> bytes:
     """Each frame of a frames_to_send result (a vnet pair's header and
-    frame together) as its length, the CRC-32 of all of it and a
-    blake2b-128 of its first HEAD_DIGESTED bytes (the headers, where a
-    change of behaviour shows: sequence numbers, windows, flags). blake2b
-    over whole 64 KiB frames cost more than the stack's own work for them;
-    a CRC-32 still catches any change of a payload a replay makes."""
+    frame together) as its length, the CRC-32 of its first HEAD_DIGESTED
+    bytes (a vnet header and the frame's start) and the CRC-32 of its last
+    TAIL_DIGESTED bytes after those (0 if none)."""
     parts = []
-    blake2b = hashlib.blake2b
     crc32 = zlib.crc32
     pack = _FRAME_DIGEST.pack
     for item in items:
         if item.__class__ is tuple:
             header, frame = item
-            crc = crc32(frame, crc32(header))
-            head = bytes(header) + bytes(frame[:HEAD_DIGESTED])
+            head = crc32(frame[:HEAD_DIGESTED], crc32(header))
             size = len(header) + len(frame)
         else:
-            crc = crc32(item)
-            head = item[:HEAD_DIGESTED]
-            size = len(item)
-        parts.append(pack(size, crc, blake2b(head, digest_size=16).digest()))
+            frame = item
+            head = crc32(frame[:HEAD_DIGESTED])
+            size = len(frame)
+        tail = len(frame) - HEAD_DIGESTED
+        tail = crc32(frame[-min(tail, TAIL_DIGESTED) :]) if tail > 0 else 0
+        parts.append(pack(size, head, tail))
     return b"".join(parts)
-
-
-class LazyDigests:
-    """frame_digests(items), computed later by the writer thread (zlib.crc32
-    lets go of the GIL, so the loop does not wait for it): a part of a
-    record whose length is known now. ``held`` is what it keeps alive."""
-
-    __slots__ = ("items", "held")
-
-    def __init__(self, items) -> None:
-        self.items = items  # bytes and (header, frame) pairs: immutable
-        self.held = sum(len(i[1]) if i.__class__ is tuple else len(i) for i in items)
-
-    def __len__(self) -> int:
-        return len(self.items) * _FRAME_DIGEST.size
-
-    def __bytes__(self) -> bytes:
-        return frame_digests(self.items)
 
 
 def split_digests(data: bytes) -> list[tuple[int, int, bytes]]:
@@ -420,68 +438,79 @@ class Recorder:
         self.limit = limit
         self.records = 0
         self.stopped: str | None = None  # why no more records are kept
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.now = 0.0  # the last `now` seen, for calls without one
+        self._fd, self.direct = _open_for_recording(path)
+        # The staging buffer for a regular file (None: writev, for a pipe
+        # or a device), the file offset of its start and how full it is.
+        self._stage: memoryview | None = None
+        self._base = 0
+        self._fill = 0
+        self._free: queue.Queue = queue.Queue()  # staging buffers written, to fill again
+        self._arena = bytearray(ARENA_SIZE)
+        self._arena_view = memoryview(self._arena)
+        self._arena_fill = 0
         head = json.dumps(header, separators=(",", ":")).encode()
         self.written = 0
         self._pending: list = []
-        self._lazy: list[int] = []  # where LazyDigests are in _pending
-        self._held = 0  # bytes of frames those hold
         self._pending_size = 0
-        self._flushed_at: float | None = None
-        self._now = 0.0
+        self._flushed_at = float("-inf")  # the first record goes out at once
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
         self._thread: threading.Thread | None = None
         self._error: str | None = None  # set by the writer thread
-        self._write([MAGIC + _U16.pack(FORMAT_VERSION) + _U32.pack(len(head)) + head])
+        if stat.S_ISREG(os.fstat(self._fd).st_mode):
+            self._stage = memoryview(mmap.mmap(-1, STAGE_SIZE))
+            for _ in range(STAGES - 1):
+                self._free.put(memoryview(mmap.mmap(-1, STAGE_SIZE)))
+        self._write([MAGIC + _U16.pack(FORMAT_VERSION) + _U32.pack(len(head)) + head], True)
         if limit and self.written + END_RESERVE > limit:
             self.stopped = "limit"
 
-    def record(self, method: int, now, parts: list, lazy: LazyDigests | None = None) -> None:
-        """One record: ``parts`` is its encoded body after the head, and
-        ``lazy`` one of them, if any, that the writer thread turns to bytes."""
+    def add(self, parts: list, size: int, now: float) -> None:
+        """One whole record: ``parts`` (bytes-like, its head first) of
+        ``size`` bytes in all."""
         if self.stopped is not None:
             return
-        if now is None:
-            now = self._now
-        else:
-            self._now = now
-        size = 9 + sum(map(len, parts))
+        self.now = now
         if self.limit and self._over_limit(size):
             self._write_block()  # compressed, the pending records may fit after all
             if self._over_limit(size):
                 self._finish("limit")
                 return
-        self._pending.append(_RECORD_HEAD.pack(size, method, now))
-        if lazy is not None:
-            self._lazy.append(len(self._pending) + parts.index(lazy))
-            self._held += lazy.held
         self._pending += parts
-        self._pending_size += size + 4
+        self._pending_size += size
         self.records += 1
-        if self._pending_size + self._held >= BLOCK_SIZE:
+        if self._pending_size >= BLOCK_SIZE:
             self._write_block()
-        elif self._flushed_at is None:
-            self._flushed_at = now
         elif now - self._flushed_at >= FLUSH_INTERVAL:
-            self._write_block()
+            self._write_block(sync=True)
+
+    def keep(self, data):
+        """A copy of ``data``, a buffer its owner will reuse, that lasts
+        until the block is staged (see ARENA_SIZE)."""
+        fill = self._arena_fill
+        end = fill + (data.nbytes if data.__class__ is memoryview else len(data))
+        if self._stage is None or end > ARENA_SIZE:
+            return bytes(data)  # a pipe is written later by the writer thread
+        self._arena[fill:end] = data
+        self._arena_fill = end
+        return self._arena_view[fill:end]
 
     def _over_limit(self, size: int) -> bool:
         """Whether a record of ``size`` might take the file past the limit
         (pending records counted uncompressed, so it never does)."""
-        end = self.written + self._pending_size + size + 4 + 2 * _BLOCK_HEAD.size + END_RESERVE
+        end = self.written + self._pending_size + size + 2 * _BLOCK_HEAD.size + END_RESERVE
         return end > self.limit
 
-    def _write_block(self) -> None:
+    def _write_block(self, sync: bool = False) -> None:
+        """The pending records as one block; ``sync``: on disk now (a flush
+        by time or the end), else when the staging buffer is full."""
         pending = self._pending
         if not pending or self.stopped not in (None, "closed", "limit"):
             return
         size = self._pending_size
-        lazy = self._lazy
         self._pending = []
         self._pending_size = 0
-        self._lazy = []
-        self._held = 0
-        self._flushed_at = self._now
+        self._flushed_at = self.now
         # Compress only what compresses, judged by a sample of the largest
         # part (a frame or host bytes): zlib on random bytes runs at tens of
         # MB/s, slower than the stack.
@@ -490,25 +519,22 @@ class Recorder:
             middle = (len(largest) - SAMPLE_SIZE) // 2
             sample = bytes(largest[middle : middle + SAMPLE_SIZE])
             compress = len(set(sample)) < SAMPLE_DISTINCT
-        else:  # small records: headers and numbers, unless frame digests
-            compress = not lazy
+        else:  # small records: heads, numbers and frame digests
+            compress = True
         if compress and COMPRESS:
-            for i in lazy:
-                pending[i] = bytes(pending[i])
-            lazy = []
-            data = b"".join(pending)
-            packed = zlib.compress(data, 1)
+            packed = zlib.compress(b"".join(pending), 1)
             if len(packed) < size:
-                self._write([_BLOCK_HEAD.pack(len(packed), ZLIB), packed])
+                self._write([_BLOCK_HEAD.pack(len(packed), ZLIB), packed], sync)
+                self._arena_fill = 0
                 return
         pending.insert(0, _BLOCK_HEAD.pack(size, STORED))
-        self._write(pending, [i + 1 for i in lazy])
+        self._write(pending, sync)
+        self._arena_fill = 0  # staged (copied): the arena's bytes are free
 
-    def _write(self, parts: list, lazy: list | None = None) -> None:
-        """Hand ``parts`` to the writer thread (written there with writev,
-        without a copy, while the loop carries on: the kernel's copy into
-        the page cache is most of a recording's cost), or stop recording
-        after a write error."""
+    def _write(self, parts: list, sync: bool = False) -> None:
+        """Copy ``parts`` into the staging buffer, handing it to the writer
+        thread when full (for a pipe or a device, ``parts`` as they are),
+        or stop recording after a write error."""
         if self._error is not None:
             self.stopped = f"write error: {self._error}"
             log.warning("recording %s stopped: %s", self.path, self._error)
@@ -517,30 +543,91 @@ class Recorder:
         if self._thread is None:
             self._thread = threading.Thread(target=self._writer, name="record", daemon=True)
             self._thread.start()
-        self._queue.put((parts, lazy))  # waits while WRITE_QUEUE blocks do: back-pressure
+        if self._stage is None:
+            self._queue.put((parts, 0, None))  # waits while WRITE_QUEUE do: back-pressure
+            return
+        stage = self._stage
+        fill = self._fill
+        for part in parts:
+            size = len(part)
+            if fill + size < STAGE_SIZE:  # the common case: it fits
+                stage[fill : fill + size] = part
+                fill += size
+                continue
+            view = memoryview(part)
+            while view:
+                take = min(len(view), STAGE_SIZE - fill)
+                stage[fill : fill + take] = view[:take]
+                view = view[take:]
+                fill += take
+                if fill == STAGE_SIZE:
+                    self._queue.put((stage, self._base, None))
+                    self._base += STAGE_SIZE
+                    stage = self._stage = self._free.get()  # waits for the disk: back-pressure
+                    fill = 0
+        self._fill = fill
+        if sync and fill:  # a copy (aligned too): the loop goes on filling this buffer
+            padded = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
+            copy = mmap.mmap(-1, padded)
+            copy[:] = stage[:padded]
+            self._queue.put((copy, self._base, self._base + fill))
 
     def _writer(self) -> None:
-        fd = self._fd
+        """The writer thread: (parts, 0, None) for a pipe or a device,
+        (buffer, offset, None) for a whole staging buffer, (bytes, offset,
+        length) for a flush (an mmap): write it there and cut the file to
+        length."""
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # drained, not written: the recording has stopped
-            parts, lazy = item
+            data, offset, length = item
             try:
-                for i in lazy or ():
-                    parts[i] = bytes(parts[i])
-                for start in range(0, len(parts), _IOV_MAX):
-                    chunk = parts[start : start + _IOV_MAX]
-                    done = os.writev(fd, chunk)
-                    want = sum(map(len, chunk))
-                    if done < want:  # a short write (a full disk, a signal): the rest
-                        rest = memoryview(b"".join(chunk))[done:]
-                        while rest:
-                            rest = rest[os.write(fd, rest) :]
+                if self._error is not None:
+                    pass  # drained, not written: the recording has stopped
+                elif self._stage is None:
+                    self._writev(data)
+                else:
+                    self._pwrite(data, offset)
+                    if length is not None:
+                        os.ftruncate(self._fd, length)
             except OSError as exc:
                 self._error = exc.strerror or str(exc)
+            except Exception as exc:  # noqa: BLE001 - the thread must live: the loop waits on it
+                self._error = f"{type(exc).__name__}: {exc}"
+            finally:
+                if data.__class__ is memoryview:  # a staging buffer: free again
+                    self._free.put(data)
+
+    def _pwrite(self, view, offset: int) -> None:
+        view = memoryview(view)
+        while view:
+            try:
+                done = os.pwrite(self._fd, view, offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                # O_DIRECT taken at open but refused on writing: the page cache
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                self.direct = False
+                continue
+            if done <= 0:
+                raise OSError(errno.EIO, "short write")
+            view = view[done:]
+            offset += done
+
+    def _writev(self, parts: list) -> None:
+        """``parts`` written in order, as they are (a pipe or a device)."""
+        fd = self._fd
+        for start in range(0, len(parts), _IOV_MAX):
+            chunk = parts[start : start + _IOV_MAX]
+            done = os.writev(fd, chunk)
+            want = sum(map(len, chunk))
+            if done < want:  # a short write (a full disk, a signal): the rest
+                rest = memoryview(b"".join(chunk))[done:]
+                while rest:
+                    rest = rest[os.write(fd, rest) :]
 
     def _finish(self, reason: str) -> None:
         self.stopped = reason
@@ -548,9 +635,9 @@ class Recorder:
         encode(reason, parts)
         encode(self.records, parts)
         body = b"".join(parts)
-        self._pending.append(_RECORD_HEAD.pack(9 + len(body), END, self._now) + body)
+        self._pending.append(_RECORD_HEAD.pack(9 + len(body), END, self.now) + body)
         self._pending_size += 13 + len(body)
-        self._write_block()
+        self._write_block(sync=True)
 
     def close(self) -> None:
         if self._fd < 0:
@@ -564,6 +651,21 @@ class Recorder:
         self._fd = -1
 
 
+def _open_for_recording(path: str) -> tuple[int, bool]:
+    """The file descriptor for a recording, and whether it has O_DIRECT."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_DIRECT, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return os.open(path, flags, 0o600), False
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device or a pipe: as it is
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        return fd, False
+    return fd, True
+
+
 class _Proxy:
     """Passes attributes on to ``_target``; recorded methods are set on the
     instance by ``_wrap``."""
@@ -571,41 +673,245 @@ class _Proxy:
     def __getattr__(self, name):
         return getattr(self._target, name)
 
+    def rebind(self) -> None:
+        """Call the target's methods as its class has them now."""
+        for cell, target, name in self.__dict__.get("_cells", ()):
+            cell[0] = getattr(target, name)
+
+
+# ------------------------------------------------------------- fast encoding
+# A call's record in the tagged encoding, built with one struct pack per run
+# of fixed-size values rather than a recursive encode() per value: the
+# encoder for each shape of call (method, classes of its arguments, keyword
+# names and classes of their values, class of its result) and of event
+# (class, classes of its fields) is generated once and kept in _SHAPES. Its
+# output is byte for byte what encode() gives (tests/test_record.py checks).
+# A shape with a value of another class (a str, a list, an int past 64
+# bits) is encoded by encode().
+_FIXED = {  # class -> (struct format, the values to pack for value v)
+    type(None): ("B", "78"),
+    bool: ("B", "(84 if {v} else 70)"),
+    int: ("Bq", "105, {v}"),
+    float: ("Bd", "100, {v}"),
+    TcpConnection: ("Bq", "99, {v}.serial"),
+}
+_BLOBS = (bytes, bytearray, memoryview)  # the latter two copied: the caller reuses them
+_NO_EVENTS = b"l\x00\x00\x00\x00"
+_MISSING = object()
+# Shapes seen, each with its encoder (None: encode() it). The NAT side makes
+# a few dozen; a guest cannot add any (its frames are always bytes), so the
+# bound only guards against a caller passing ever new classes.
+MAX_SHAPES = 1024
+_SHAPES: dict = {}
+
+
+class _Unsupported(Exception):
+    """A value of a class that _FIXED and _BLOBS do not cover."""
+
+
+class _Builder:
+    """The source of an encoder: runs of fixed-size values, each packed by
+    one Struct, between blobs appended as they are."""
+
+    def __init__(self, head_format: str, head_items: list[str]) -> None:
+        self.lines: list[str] = []
+        self.formats: list[str] = []
+        self.fmt = [head_format]
+        self.values: list[list[str]] = [list(head_items)]
+        self.blobs: list[str] = []
+        self.scope: dict = {}
+
+    def fixed(self, code: str, items: str) -> None:
+        self.fmt.append(code)
+        self.values[-1].append(items)
+
+    def constant(self, text: str) -> None:
+        """A str known when the encoder is made (a keyword, a class name)."""
+        key = text.encode("utf-8", "surrogateescape")
+        name = f"K{len(self.scope)}"
+        self.scope[name] = key
+        self.fixed(f"BI{len(key)}s", f"115, {len(key)}, {name}")
+
+    def value(self, expr: str, kind) -> None:
+        if kind not in _FIXED and issubclass(kind, TcpConnection):
+            kind = TcpConnection  # the traced subclass (--trace) is encoded the same
+        if kind in _FIXED:
+            code, items = _FIXED[kind]
+            self.fixed(code, items.format(v=expr))
+        elif kind in _BLOBS:
+            blob = f"b{len(self.blobs)}"
+            self.lines.append(f"    {blob} = {expr if kind is bytes else f'keep({expr})'}")
+            self.fixed("BI", f"98, len({blob})")
+            self.formats.append("".join(self.fmt))
+            self.fmt = ["<"]
+            self.values.append([])
+            self.blobs.append(blob)
+        else:
+            raise _Unsupported(kind)
+
+    def function(self, name: str, parameters: str, extra: str = "", prefix: int = 0):
+        """The encoder: returns (parts, size), size being its bytes plus
+        ``extra`` (an expression), and ``prefix`` (the head's u32) not."""
+        self.formats.append("".join(self.fmt))
+        structs = [struct.Struct(f) for f in self.formats]
+        fixed_size = sum(s.size for s in structs)
+        blob_sizes = "".join(f" + len({b})" for b in self.blobs)
+        self.lines.append(f"    size = {fixed_size}{blob_sizes}{extra}")
+        packed = []
+        for i, items in enumerate(self.values):
+            packed.append(f"S{i}.pack({', '.join(items).replace('SIZE', f'size - {prefix}')})")
+            if i < len(self.blobs):
+                packed.append(self.blobs[i])
+        tail = ", ev" if extra else ""
+        self.lines.append(f"    return [{', '.join(packed)}{tail}], size")
+        source = f"def {name}({parameters}):\n" + "\n".join(self.lines) + "\n"
+        scope = dict(self.scope, frame_digests=frame_digests)
+        scope.update({f"S{i}": s for i, s in enumerate(structs)})
+        exec(compile(source, f"<record {name}>", "exec"), scope)  # noqa: S102 - our own source
+        return scope[name]
+
+
+def _compile_call(index: int, kinds: tuple, names: tuple, result_kind, output: bool):
+    """The encoder for one shape of call: f(args, kwargs, result, now, ev,
+    keep) -> (parts, size) of the whole record, ``ev`` its encoded events,
+    ``keep`` what copies a lent buffer (Recorder.keep); None if a value's
+    class is not covered."""
+    build = _Builder("<IBd", ["SIZE", str(index), "now"])
+    try:
+        build.fixed("BI", f"108, {len(kinds)}")
+        for i, kind in enumerate(kinds):
+            build.value(f"a[{i}]", kind)
+        build.fixed("BI", f"109, {len(names)}")
+        for name, kind in names:
+            build.constant(name)
+            build.value(f"k[{name!r}]", kind)
+        if output:
+            build.lines.append("    r = frame_digests(r)")
+            build.value("r", bytes)
+        else:
+            build.value("r", result_kind)
+    except _Unsupported:
+        return None
+    return build.function("encode_call", "a, k, r, now, ev, keep", " + len(ev)", prefix=4)
+
+
+def _compile_event(kind, names: tuple, value_kinds: tuple):
+    """The encoder for one shape of event: f(event) -> (parts, size)."""
+    build = _Builder("<BI", [f"101, {len(names)}"])
+    build.constant(kind.__name__)
+    try:
+        for name, value_kind in zip(names, value_kinds, strict=True):
+            build.value(f"e.{name}", value_kind)
+    except _Unsupported:
+        return None
+    return build.function("encode_event", "e, keep=bytes")
+
+
+def encode_call(index: int, args, kwargs, result, now, ev: bytes, output: bool):
+    """(parts, size) of a call's record by encode(): any shape."""
+    parts: list = []
+    encode(args, parts)
+    encode(kwargs, parts)
+    if output:
+        digests = frame_digests(result)
+        parts.append(b"b" + _U32.pack(len(digests)))
+        parts.append(digests)
+    else:
+        encode(result, parts)
+    parts.append(ev)
+    size = 13 + sum(map(len, parts))
+    parts.insert(0, _RECORD_HEAD.pack(size - 4, index, now))
+    return parts, size
+
+
+def encode_events(events, start: int, stop: int) -> bytes:
+    """events[start:stop] as encode() gives a list of them."""
+    parts = [b"l" + _U32.pack(stop - start)]
+    shapes = _SHAPES
+    for i in range(start, stop):
+        event = events[i]
+        kind = event.__class__
+        names = _EVENT_FIELDS.get(kind)
+        if names is None:
+            if not is_dataclass(event):
+                encode(event, parts)
+                continue
+            names = _EVENT_FIELDS[kind] = tuple(f.name for f in fields(event))
+        kinds = tuple(type(getattr(event, name)) for name in names)
+        key = (kind, *kinds)
+        try:
+            encoder = shapes[key]
+        except KeyError:
+            encoder = None
+            if len(shapes) < MAX_SHAPES:
+                encoder = shapes[key] = _compile_event(kind, names, kinds)
+        if encoder is None:
+            encode(event, parts)
+            continue
+        try:
+            parts += encoder(event)[0]
+        except struct.error:  # an int past 64 bits
+            encode(event, parts)
+    return b"".join(parts)
+
 
 def _wrap(proxy, target, full_name: str, recorder: Recorder, events) -> None:
     name = full_name.rsplit(".", 1)[-1]
     method = getattr(target, name)
+    # The method called, in a cell that _Proxy.rebind fills again: tracing
+    # switches the stack's classes (stack/tracing.py), and the NAT side may
+    # hold this wrapper.
+    cell = [method]
+    proxy.__dict__.setdefault("_cells", []).append((cell, target, name))
     index = INDEX[full_name]
     try:
         parameters = list(inspect.signature(method).parameters)
         now_at = parameters.index("now")
     except ValueError:
-        now_at = -1
+        now_at = 1 << 30  # no `now` among its arguments
     output = index in OUTPUTS
-    record = recorder.record
+    # tcp.send_space changes nothing when it has room (it marks the
+    # connection as waiting only when it returns 0), and the NAT side asks
+    # it before every tcp.send: only its 0 is recorded (the send's own record
+    # holds how many bytes were offered and taken).
+    room_unrecorded = full_name == "tcp.send_space"
+    add = recorder.add
+    keep = recorder.keep
+    shapes = _SHAPES
+    get = shapes.get
 
     def call(*args, **kwargs):
         before = len(events)
-        result = method(*args, **kwargs)
-        if recorder.stopped is not None:
+        result = cell[0](*args, **kwargs)
+        if recorder.stopped is not None or (room_unrecorded and result):
             return result
-        now = args[now_at] if 0 <= now_at < len(args) else kwargs.get("now")
-        parts: list = []
-        encode(args, parts)
-        encode(kwargs, parts)
-        lazy = None
-        if output:
-            lazy = LazyDigests(result)
-            parts.append(b"b" + _U32.pack(len(lazy)))
-            parts.append(lazy)
+        if now_at < len(args):
+            now = args[now_at]
+        elif kwargs:
+            now = kwargs.get("now", recorder.now)
         else:
-            encode(result, parts)
+            now = recorder.now
         after = len(events)
-        if after > before:
-            encode([events[i] for i in range(before, after)], parts)
+        ev = encode_events(events, before, after) if after > before else _NO_EVENTS
+        if kwargs:
+            key = (index, *map(type, args), *kwargs, *map(type, kwargs.values()), type(result))
         else:
-            parts.append(b"l\x00\x00\x00\x00")
-        record(index, now, parts, lazy)
+            key = (index, *map(type, args), type(result))
+        encoder = get(key, _MISSING)
+        if encoder is _MISSING:
+            encoder = None
+            if len(shapes) < MAX_SHAPES:
+                kinds = tuple(map(type, args))
+                names = tuple((k, type(v)) for k, v in kwargs.items())
+                encoder = shapes[key] = _compile_call(index, kinds, names, type(result), output)
+        if encoder is None:
+            parts, size = encode_call(index, args, kwargs, result, now, ev, output)
+        else:
+            try:
+                parts, size = encoder(args, kwargs, result, now, ev, keep)
+            except struct.error:  # an int past 64 bits: the general encoding
+                parts, size = encode_call(index, args, kwargs, result, now, ev, output)
+        add(parts, size, now)
         return result
 
     call.__name__ = name
@@ -638,6 +944,13 @@ class RecordingStack(_Proxy):
     @property
     def out(self):
         return self._target.out
+
+    def set_tracer(self, tracer) -> None:
+        """Stack.set_tracer, then the recorded calls go to the traced
+        methods (the stack, its TCP layer and its budget change class)."""
+        self._target.set_tracer(tracer)
+        for part in (self, self.tcp, self.budget):
+            part.rebind()
 
     def close_recording(self) -> None:
         self.recorder.close()

@@ -4,6 +4,7 @@ run-mode session with real clients)."""
 
 import ast
 import contextlib
+import dataclasses
 import http.server
 import io
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -22,6 +24,7 @@ from pyslirp import record
 from pyslirp.stack.budget import MemoryBudget
 from pyslirp.stack.config import StackConfig
 from pyslirp.stack.interface import Stack
+from pyslirp.stack.tcp_connection import TcpConnection
 from pyslirp.stack.tcp_layer import TcpLayer
 from tests import harness
 from tests.inprocess import InProcessNetwork
@@ -93,18 +96,188 @@ def test_damaged_values_raise_recording_error():
         record.decode(b"Z", 0)
 
 
+@dataclasses.dataclass
+class SomethingHappened:  # an event of the shape the stack's have
+    conn: object
+    data: bytes
+    count: int
+    flag: bool
+
+
+def test_generated_encoders_give_what_encode_gives():
+    conn = TcpConnection.__new__(TcpConnection)
+    conn.serial = 42
+    buffer = bytearray(b"reused buffer")
+    shapes = [  # (method, args, kwargs, result)
+        ("receive_frame", (b"\x00" * 60, 1.5), {}, None),
+        ("tcp.send", (conn, memoryview(buffer)[2:8], 2.0), {"at_once": True}, 6),
+        ("tcp.send", (conn, buffer, 2.0), {"at_once": False}, 0),
+        ("tcp.consume", (conn, 1 << 40, 3.0), {}, None),
+        ("tcp.consume", (conn, 1 << 70, 3.0), {}, None),  # past 64 bits: encode()
+        ("tcp.consume", (conn, -5, 3.0), {}, False),
+        ("send_udp", (b"a", 53, "not fixed", 4.0), {}, None),  # a str: encode()
+        ("tcp.send_space", (None,), {}, 7),
+        ("tcp.close", (conn, 5), {"now": 6.0}, True),
+    ]
+    events = [
+        SomethingHappened(conn, b"xyz", 3, True),
+        SomethingHappened(None, bytearray(b"q"), 1 << 80, False),
+        SomethingHappened(conn, b"", 0, False),
+    ]
+    for method, args, kwargs, result in shapes:
+        index = record.INDEX[method]
+        for start, stop in ((0, 0), (0, 1), (1, 3), (0, 3)):
+            ev = record.encode_events(events, start, stop)
+            expected: list = []
+            record.encode(events[start:stop], expected)
+            assert ev == b"".join(expected)
+            kinds = tuple(type(a) for a in args)
+            names = tuple((k, type(v)) for k, v in kwargs.items())
+            encoder = record._compile_call(index, kinds, names, type(result), False)
+            assert (encoder is None) == (method == "send_udp")
+            want, want_size = record.encode_call(index, args, kwargs, result, 9.0, ev, False)
+            if encoder is not None and 1 << 70 not in args:
+                got, size = encoder(args, kwargs, result, 9.0, ev, bytes)
+                assert b"".join(got) == b"".join(want) and size == want_size
+            assert want_size == len(b"".join(want))
+    buffer[:] = b"changed later"  # the recorded bytes were copied
+    got, _ = record._compile_call(
+        record.INDEX["tcp.send"], (TcpConnection, memoryview, float), (), int, False
+    )((conn, memoryview(buffer), 1.0), {}, 5, 1.0, b"l\0\0\0\0", bytes)
+    assert bytes(buffer) in got and all(not isinstance(p, memoryview) for p in got)
+
+
+def test_frame_digests_check_length_headers_and_the_end_of_the_payload():
+    frame = bytes(range(256)) * 256
+    digest = record.frame_digests([frame])
+    assert record.split_digests(digest)[0][0] == len(frame)
+    for changed in (
+        frame[:20] + b"\xff" + frame[21:],  # a header field
+        frame[:-3] + b"zzz",  # the payload's end
+        frame[:-1],  # the length
+    ):
+        assert record.frame_digests([changed]) != digest
+    # a vnet pair: its header counts as the start of the frame
+    pair = (b"\x01" + bytes(9), frame[:100])
+    assert record.frame_digests([pair]) != record.frame_digests([(bytes(10), frame[:100])])
+    assert record.split_digests(record.frame_digests([pair]))[0][0] == 110
+    short = frame[:128]  # all head, no tail
+    assert record.split_digests(record.frame_digests([short]))[0][2] == 0
+
+
+def test_a_recording_of_the_previous_format_gives_one_line(tmp):
+    path = tmp / "old.rec"
+    write_recording(path, 10)
+    data = bytearray(path.read_bytes())
+    older = (record.FORMAT_VERSION - 1).to_bytes(2, "little")
+    data[len(record.MAGIC) : len(record.MAGIC) + 2] = older
+    path.write_bytes(bytes(data))
+    status, out, err = run_replay(str(path))
+    assert (status, out) == (1, "")
+    assert err == (
+        f"pyslirp: {path}: recording format {record.FORMAT_VERSION - 1}; "
+        f"this pyslirp reads format {record.FORMAT_VERSION}\n"
+    )
+
+
 def write_recording(path, count, limit=0, payload=b"p" * 100):
     header = record.header_for(StackConfig(), 7, False)
     rec = record.Recorder(str(path), header, limit)
     for i in range(count):
-        parts: list = []
-        record.encode((payload, i / 1000), parts)
-        record.encode({}, parts)
-        record.encode(None, parts)
-        record.encode([], parts)
-        rec.record(record.INDEX["receive_frame"], i / 1000, parts)
+        index = record.INDEX["receive_frame"]
+        parts, size = record.encode_call(
+            index, (payload, i / 1000), {}, None, i / 1000, b"l\0\0\0\0", False
+        )
+        rec.add(parts, size, i / 1000)
     rec.close()
     return rec
+
+
+NO_EVENTS = b"l\0\0\0\0"
+
+
+def test_staged_writes_leave_a_whole_file_at_every_flush(tmp):
+    """Records through the staging buffer (O_DIRECT on a file system that
+    takes it, /tmp's here): blocks straddle its end; a flush by time leaves a
+    file of exactly the records so far (a crash loses nothing before it);
+    close leaves exactly the bytes written."""
+    path = tmp / "staged.rec"
+    header = record.header_for(StackConfig(), 7, False)
+    rec = record.Recorder(str(path), header)
+    payload = os.urandom(30000)  # stored, not compressed: sizes add up
+    index = record.INDEX["receive_frame"]
+    now = 0.0
+    for i in range(200):  # about 6 MB: several stage buffers, blocks across their ends
+        now = i / 1000
+        parts, size = record.encode_call(index, (payload, now), {}, None, now, NO_EVENTS, False)
+        rec.add(parts, size, now)
+    now = 5.0  # more than FLUSH_INTERVAL later: this record's block goes out with sync
+    parts, size = record.encode_call(index, (b"last", now), {}, None, now, NO_EVENTS, False)
+    rec.add(parts, size, now)
+    deadline = time.monotonic() + 30
+    while os.path.getsize(path) != rec.written and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.path.getsize(path) == rec.written
+    with pytest.raises(record.RecordingError, match="truncated at record 202"):
+        records = []
+        for r in record.Recording(str(path)):
+            records.append(r)
+    assert len(records) == 201 and records[200].args == [b"last", 5.0]
+    assert all(r.args[0] == payload for r in records[:200])
+    rec.close()
+    assert os.path.getsize(path) == rec.written
+    recording = record.Recording(str(path))
+    assert len(list(recording)) == 201 and recording.end == "closed"
+    assert rec.direct == takes_o_direct(tmp)  # and it kept O_DIRECT to the end
+
+
+def test_lent_buffers_are_copied_and_survive_their_reuse(tmp):
+    """tcp.send's data is a view of the NAT's reused buffer: the recording
+    copies it (into its arena) before the buffer changes, across blocks."""
+    path = tmp / "lent.rec"
+    rec = record.Recorder(str(path), record.header_for(StackConfig(), 7, False))
+    conn = TcpConnection.__new__(TcpConnection)
+    conn.serial = 3
+    encoder = record._compile_call(
+        record.INDEX["tcp.send"], (TcpConnection, memoryview, float), (), int, False
+    )
+    buffer = bytearray(200_000)
+    sent = []
+    kept = []
+    for i in range(40):  # about 4 MB: many blocks, the arena reused for each
+        buffer[:] = os.urandom(len(buffer))
+        size = 1000 + i * 4999
+        view = memoryview(buffer)[:size]
+        parts, total = encoder((conn, view, i / 10), {}, size, i / 10, NO_EVENTS, rec.keep)
+        kept += [type(p) for p in parts]
+        rec.add(parts, total, i / 10)
+        sent.append(bytes(view))
+    buffer[:] = bytes(len(buffer))
+    rec.close()
+    assert memoryview in kept  # the arena, not a bytes copy, held them
+    records = list(record.Recording(str(path)))
+    assert [r.args[1] for r in records] == sent
+    assert [r.result for r in records] == [len(s) for s in sent]
+
+
+def takes_o_direct(directory) -> bool:
+    """Whether the file system under ``directory`` writes an aligned buffer
+    with O_DIRECT."""
+    import mmap
+
+    path = os.path.join(directory, "probe")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, mmap.mmap(-1, 4096), 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def test_file_round_trip(tmp):
