@@ -110,6 +110,8 @@ def test_one_session_traced_recorded_and_replayed(tmp_path):
         ("dns.upstream", second),
         ("dns.answer", second),
     ], dns_events
+    asked = {x["flow"] for x in lines if x["event"].startswith("dns.")}
+    assert len(asked) == 1 and asked.pop().endswith(">10.0.2.3:53"), asked
 
     # The recording replays exactly, and the replayed stack decides as the live one did.
     replayed_trace = tmp_path / "replayed.jsonl"

@@ -54,6 +54,7 @@ import struct
 from collections import Counter, deque
 
 from pyslirp.log import get_logger
+from pyslirp.stack.names import flow_name
 
 log = get_logger("pyslirp.dns")
 
@@ -146,6 +147,7 @@ class DnsQuery:
         "done",
         "fallback",
         "first",
+        "flow",
         "guest_id",
         "payload",
         "question",
@@ -156,8 +158,9 @@ class DnsQuery:
         "upstream_id",
     )
 
-    def __init__(self, proxy, payload: bytes, callback) -> None:
+    def __init__(self, proxy, payload: bytes, callback, flow: str | None = None) -> None:
         self._proxy = proxy
+        self.flow = flow  # the guest's flow that asked (names.flow_name), for the trace
         self.payload = payload
         self.callback = callback
         self.guest_id = payload[:2]
@@ -235,9 +238,12 @@ class DnsProxy:
         def answer(response: bytes, now: float) -> None:
             self.loop.stack.send_udp(source, DNS_PORT, guest, guest_port, response, now)
 
-        self.resolve(payload, now, answer)
+        flow = None
+        if self.loop.tracer is not None:
+            flow = flow_name("udp", guest, guest_port, source, DNS_PORT)
+        self.resolve(payload, now, answer, flow)
 
-    def resolve(self, payload, now: float, callback) -> DnsQuery | None:
+    def resolve(self, payload, now: float, callback, flow: str | None = None) -> DnsQuery | None:
         """Start resolving the DNS message ``payload``.
 
         Returns None if it is not a query (shorter than a header, or QR set):
@@ -253,7 +259,7 @@ class DnsProxy:
         if payload[2] & (FLAG_QR >> 8):
             self.drops["dns-query-is-response"] += 1
             return None
-        query = DnsQuery(self, payload, callback)
+        query = DnsQuery(self, payload, callback, flow)
         self.counters["dns-queries"] += 1
         if not self.upstreams:
             self.counters["dns-servfail-no-upstream"] += 1
@@ -331,7 +337,7 @@ class DnsProxy:
             tracer(
                 now,
                 "dns.upstream",
-                None,
+                query.flow,
                 f"{question_text(query.question)} asked of {upstream!r} "
                 f"(upstream {query.tried} of {len(self.upstreams)})",
                 question=question_text(query.question),
@@ -397,7 +403,7 @@ class DnsProxy:
             tracer(
                 now,
                 "dns.failover",
-                None,
+                query.flow,
                 f"{question_text(query.question)}: upstream {upstream!r} {reason[4:]}, "
                 "trying the next",
                 question=question_text(query.question),
@@ -419,7 +425,7 @@ class DnsProxy:
         tracer = self.loop.tracer
         if tracer is not None:
             text = question_text(query.question)
-            tracer(now, event, None, f"{text}: {reason}", question=text, reason=reason)
+            tracer(now, event, query.flow, f"{text}: {reason}", question=text, reason=reason)
 
     def _reject(self, query: DnsQuery, reason: str, now: float) -> None:
         """A datagram on a query's socket that is not its answer: dropped."""
@@ -430,7 +436,7 @@ class DnsProxy:
             tracer(
                 now,
                 "dns.rejected",
-                None,
+                query.flow,
                 f"{text}: datagram from {query.upstream!r} rejected: {reason[4:]}",
                 question=text,
                 upstream=repr(query.upstream),
@@ -525,7 +531,7 @@ class DnsProxy:
             tracer(
                 now,
                 "dns.answer",
-                None,
+                query.flow,
                 f"{text}: answer from {upstream!r} accepted (rcode {flags & RCODE_MASK})",
                 question=text,
                 upstream=repr(upstream),

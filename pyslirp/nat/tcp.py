@@ -159,7 +159,10 @@ class DnsTcpSession:
             message = bytes(buffer[2 : 2 + size])
             del buffer[: 2 + size]
             holder = []
-            query = self.nat.dns.resolve(message, now, lambda r, t, h=holder: self._answer(h, r, t))
+            flow = self.conn.describe() if self.nat.loop.tracer is not None else None
+            query = self.nat.dns.resolve(
+                message, now, lambda r, t, h=holder: self._answer(h, r, t), flow
+            )
             if query is not None and not query.done:
                 holder.append(query)
                 self.pending.append(query)
