@@ -188,6 +188,7 @@ def wait_configured(ns_name: str, proc, backend: str, interval: float = 0.05) ->
 
 
 RECORD_SUFFIX = "+record"
+TRACE_SUFFIX = "+trace"
 
 
 def recording(backend: str) -> bool:
@@ -197,8 +198,16 @@ def recording(backend: str) -> bool:
     return backend.endswith(RECORD_SUFFIX)
 
 
+def tracing(backend: str) -> bool:
+    """"python+trace": the same with ``--trace`` into a file of its own."""
+    return backend.endswith(TRACE_SUFFIX)
+
+
 def base_backend(backend: str) -> str:
-    return backend[: -len(RECORD_SUFFIX)] if recording(backend) else backend
+    for suffix in (RECORD_SUFFIX, TRACE_SUFFIX):
+        if backend.endswith(suffix):
+            return backend[: -len(suffix)]
+    return backend
 
 
 def checkout(backend: str) -> Path:
@@ -330,6 +339,7 @@ METRICS = [
     ("connect/close", "conn/s"),
     ("connect/close CPU", "us/conn"),
     ("recording size", "MB per GB moved"),
+    ("trace size", "MB per GB moved"),
 ]
 
 
@@ -339,6 +349,7 @@ TESTS = ("up", "down", "rr", "cc")
 def measure(backend, mtu, duration, extra, tests, profile, ports, record_dir="/tmp") -> dict:
     tag = "other" if backend.startswith("python@") else base_backend(backend)
     tag += "-rec" if recording(backend) else ""  # a namespace name has no "/" or "+"
+    tag += "-trace" if tracing(backend) else ""
     name = f"pyslirp-bench-{os.getpid()}-{tag}-{mtu}"
     if profile and base_backend(backend) == "python":
         profile = f"{profile}.{backend}.{mtu}"
@@ -346,8 +357,11 @@ def measure(backend, mtu, duration, extra, tests, profile, ports, record_dir="/t
         profile = None
     results = {}
     record_path = os.path.join(record_dir, f"{name}.rec")
+    trace_path = os.path.join(record_dir, f"{name}.jsonl")
     if recording(backend):
         extra = [*extra, f"--record={record_path}"]
+    if tracing(backend):
+        extra = [*extra, f"--trace={trace_path}"]
     moved = 0.0
     try:
         with namespace(name) as ns_path, forwarder(
@@ -357,9 +371,12 @@ def measure(backend, mtu, duration, extra, tests, profile, ports, record_dir="/t
             moved = _run_tests(name, p.pid, duration, tests, ports, results)
         if recording(backend) and moved:
             results["recording size"] = os.path.getsize(record_path) / 1e6 / moved
+        if tracing(backend) and moved:
+            results["trace size"] = os.path.getsize(trace_path) / 1e6 / moved
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(record_path)
+        for path in (record_path, trace_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     return results
 
 
@@ -428,7 +445,8 @@ def main() -> int:
         help="python, pypy, python-distro, slirp4netns, "
         "or python@DIR: the python backend of the checkout at DIR; "
         "any of ours with +record (python+record, python@DIR+record) "
-        "runs with --record into a file in --record-dir, removed after each run",
+        "runs with --record into a file in --record-dir, removed after each run; "
+        "with +trace, with --trace likewise",
     )
     parser.add_argument(
         "--forwarder-arg", action="append", default=[], help="extra option for our forwarder"
