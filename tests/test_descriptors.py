@@ -305,10 +305,16 @@ def test_a_failing_timer_closes_the_flow_it_was_on(echo_server):
             unregister(sock)
 
         net.loop.unregister = unregister_once_broken
-        assert wait_until(lambda: failures and flow.sock.fileno() == -1, timeout=5)
+        # (the loop runs in its own thread: wait for the whole of its clean-up)
+        assert wait_until(
+            lambda: failures
+            and flow.sock.fileno() == -1
+            and not udp.flows
+            and net.loop.descriptors.open == 0,
+            timeout=5,
+        ), (failures, udp.flows, net.loop.descriptors.open)
         assert net.loop.counters["internal-error"] == 1
         assert "timer of UdpNat" in net.loop.last_internal_error
-        assert not udp.flows and net.loop.descriptors.open == 0
         # And the loop goes on: a new flow works.
         net.send(guest_udp("10.0.2.2", port, b"after", sport=47001))
         assert echo_server.recvfrom(10)[0] == b"after"

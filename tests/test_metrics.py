@@ -60,6 +60,17 @@ def with_metrics(*extra):
     port = free_port()
     with our_api(f"--metrics=127.0.0.1:{port}", *extra) as fwd:
         fwd.metrics_port = port
+        # our_api returns once the API socket listens, which serve() sets
+        # up just before the metrics endpoint: wait for that too.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         yield fwd
 
 
