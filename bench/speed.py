@@ -235,10 +235,10 @@ def measure(backend, mtu, duration, tests, ports, hold, forwarder=None) -> dict:
         run.in_ns(name, ["ip", "link", "set", "lo", "up"], timeout=10)
         pid = proc.pid
         if "up" in tests:
-            rate, cpu = run.iperf(name, ports["iperf"], pid, duration, reverse=False)
+            rate, cpu, _moved = run.iperf(name, ports["iperf"], pid, duration, reverse=False)
             results["guest->host"], results["guest->host CPU"] = rate, cpu
         if "down" in tests:
-            rate, cpu = run.iperf(name, ports["iperf"], pid, duration, reverse=True)
+            rate, cpu, _moved = run.iperf(name, ports["iperf"], pid, duration, reverse=True)
             results["host->guest"], results["host->guest CPU"] = rate, cpu
         if "rr" in tests:
             rate, cpu = run.request_response(name, ports["echo"], pid, duration)
