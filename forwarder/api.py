@@ -58,7 +58,7 @@ import time
 from pyslirp.backend import READ
 from pyslirp.log import get_logger
 
-from .timerfd import TimerFd
+from .timerfd import Deadline
 
 log = get_logger("pyslirp.api")
 
@@ -308,8 +308,7 @@ class ApiServer:
         self._pause = getattr(config, "accept_pause", 1.0)
         self._guard = AcceptGuard("api", LogLimiter(log, getattr(config, "log_interval", 10.0)))
         self._pending_bytes = 0  # of replies not yet taken by their clients
-        self._timer = None  # a TimerFd: drops clients past CLIENT_TIMEOUT
-        self._timer_at: float | None = None
+        self._deadline: Deadline | None = None  # drops clients past CLIENT_TIMEOUT (attach)
         self._resume_at: float | None = None  # when a resting listener is polled again
 
     @property
@@ -349,6 +348,7 @@ class ApiServer:
     def attach(self, backend) -> None:
         """Serve the socket in the backend's loop."""
         self._backend = backend
+        self._deadline = Deadline(backend, self._on_timer)
         backend.register(self.sock.fileno(), READ, self._on_listen)
 
     # ------------------------------------------------------------ serving
@@ -481,21 +481,9 @@ class ApiServer:
 
     def _schedule(self, deadline: float) -> None:
         """Have the timer fire by ``deadline`` (monotonic seconds)."""
-        if self._timer is None:
-            timer = TimerFd()
-            try:
-                self._backend.register(timer.fileno(), READ, self._on_timer)
-            except Exception:  # noqa: BLE001 - then only new clients evict old ones
-                timer.close()
-                return
-            self._timer = timer
-        if self._timer_at is None or deadline < self._timer_at:
-            self._timer_at = deadline
-            self._timer.arm(deadline - time.monotonic())
+        self._deadline.by(deadline)
 
-    def _on_timer(self, mask: int, now: float) -> None:
-        self._timer.clear()
-        self._timer_at = None
+    def _on_timer(self, now: float) -> None:
         now = time.monotonic()
         for client in list(self._clients.values()):
             if now - client.since >= CLIENT_TIMEOUT:
@@ -529,13 +517,8 @@ class ApiServer:
     def close(self) -> None:
         for client in list(self._clients.values()):
             self._drop(client)
-        if self._timer is not None:
-            try:
-                self._backend.unregister(self._timer.fileno())
-            except Exception:  # noqa: BLE001 - the loop may be gone at exit
-                pass
-            self._timer.close()
-            self._timer = None
+        if self._deadline is not None:
+            self._deadline.close()
         if self.sock is not None:
             if self._backend is not None:
                 try:

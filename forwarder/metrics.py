@@ -29,7 +29,7 @@ import time
 from pyslirp.backend import READ
 from pyslirp.log import get_logger
 
-from .timerfd import TimerFd
+from .timerfd import Deadline
 
 log = get_logger("pyslirp.metrics")
 
@@ -193,8 +193,7 @@ class MetricsServer:
         self.sock: socket.socket | None = None
         self._backend = None
         self._clients: dict[int, _Client] = {}
-        self._timer: TimerFd | None = None
-        self._timer_at: float | None = None  # when the timer fires, if armed
+        self._deadline: Deadline | None = None  # drops silent clients (attach)
         self.served = 0  # responses written whole (for tests and logs)
 
     def listen(self) -> None:
@@ -213,6 +212,7 @@ class MetricsServer:
 
     def attach(self, backend) -> None:
         self._backend = backend
+        self._deadline = Deadline(backend, self._on_timer)
         backend.register(self.sock.fileno(), READ, self._on_listen)
 
     def _on_listen(self, mask: int, now: float) -> None:
@@ -305,21 +305,9 @@ class MetricsServer:
 
     def _arm(self, deadline: float) -> None:
         """Have the timer fire by ``deadline`` (monotonic seconds)."""
-        if self._timer is None:
-            timer = TimerFd()
-            try:
-                self._backend.register(timer.fileno(), READ, self._on_timer)
-            except Exception:  # noqa: BLE001 - then only new clients evict old ones
-                timer.close()
-                return
-            self._timer = timer
-        if self._timer_at is None or deadline < self._timer_at:
-            self._timer_at = deadline
-            self._timer.arm(max(0.001, deadline - time.monotonic()))
+        self._deadline.by(deadline)
 
-    def _on_timer(self, mask: int, now: float) -> None:
-        self._timer.clear()
-        self._timer_at = None
+    def _on_timer(self, now: float) -> None:
         now = time.monotonic()
         timeout = self.limits.client_timeout
         for client in list(self._clients.values()):
@@ -342,13 +330,13 @@ class MetricsServer:
     def close(self) -> None:
         for client in list(self._clients.values()):
             self._drop(client)
-        for owner in (self._timer, self.sock):
-            if owner is None:
-                continue
+        if self._deadline is not None:
+            self._deadline.close()
+        if self.sock is not None:
             if self._backend is not None:
                 try:
-                    self._backend.unregister(owner.fileno())
+                    self._backend.unregister(self.sock.fileno())
                 except Exception:  # noqa: BLE001 - the loop may be gone at exit
                     pass
-            owner.close()
-        self._timer = self.sock = None
+            self.sock.close()
+        self.sock = None

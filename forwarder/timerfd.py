@@ -12,6 +12,9 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import time
+
+from pyslirp.backend import READ
 
 from .libc import libc
 
@@ -65,3 +68,44 @@ class TimerFd:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class Deadline:
+    """The earliest of the deadlines asked for (``by``), kept by one TimerFd
+    that is registered in a backend's loop on first use; when it expires,
+    ``callback(now)`` runs, the deadline forgotten first (the callback asks
+    for the next one). The API's and the metrics endpoint's slow clients."""
+
+    def __init__(self, backend, callback) -> None:
+        self._backend = backend
+        self._callback = callback
+        self._timer: TimerFd | None = None
+        self.at: float | None = None  # when it fires, if armed
+
+    def by(self, deadline: float) -> None:
+        """Fire no later than ``deadline`` (monotonic seconds)."""
+        if self._timer is None:
+            timer = TimerFd()
+            try:
+                self._backend.register(timer.fileno(), READ, self._fired)
+            except Exception:  # noqa: BLE001 - then only new clients evict old ones
+                timer.close()
+                return
+            self._timer = timer
+        if self.at is None or deadline < self.at:
+            self.at = deadline
+            self._timer.arm(max(0.001, deadline - time.monotonic()))
+
+    def _fired(self, mask: int, now: float) -> None:
+        self._timer.clear()
+        self.at = None
+        self._callback(now)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            try:
+                self._backend.unregister(self._timer.fileno())
+            except Exception:  # noqa: BLE001 - the loop may be gone at exit
+                pass
+            self._timer.close()
+            self._timer = None
