@@ -10,7 +10,6 @@ a mode that makes none of these calls does not pay for it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 # <sched.h>
@@ -32,15 +31,17 @@ MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 
-_loaded: ctypes.CDLL | None = None
+_loaded = None  # ctypes.CDLL, once loaded
 
 
-def libc() -> ctypes.CDLL:
+def libc():
     """The C library, with the argument types of the calls made here set
     (mount, umount2, unshare, setns, prctl; syscall returns a long). Calls
     set errno for ``ctypes.get_errno()``."""
     global _loaded
     if _loaded is None:
+        import ctypes  # here: a process that never calls libc (the server) never loads ctypes
+
         lib = ctypes.CDLL(None, use_errno=True)
         lib.mount.argtypes = [
             ctypes.c_char_p,  # source
@@ -58,6 +59,13 @@ def libc() -> ctypes.CDLL:
     return _loaded
 
 
+def get_errno() -> int:
+    """The errno that the last call through ``libc()`` left."""
+    import ctypes
+
+    return ctypes.get_errno()
+
+
 def errno_text() -> str:
     """strerror of the errno that the last call through ``libc()`` left."""
-    return os.strerror(ctypes.get_errno())
+    return os.strerror(get_errno())

@@ -13,7 +13,6 @@ Everything here raises ``StartupError`` with one line fit for the user.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -25,7 +24,15 @@ import sys
 from pyslirp.nat.compat import if_nametoindex
 from pyslirp.settings import Settings
 
-from .libc import CLONE_NEWNET, CLONE_NEWUSER, MNT_DETACH, MS_BIND, UMOUNT_NOFOLLOW, libc
+from .libc import (
+    CLONE_NEWNET,
+    CLONE_NEWUSER,
+    MNT_DETACH,
+    MS_BIND,
+    UMOUNT_NOFOLLOW,
+    get_errno,
+    libc,
+)
 
 # <fcntl.h>, <linux/if_tun.h>
 O_PATH = getattr(os, "O_PATH", 0o10000000)
@@ -56,7 +63,7 @@ def _errno_text(err: int) -> str:
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        err = ctypes.get_errno()
+        err = get_errno()
         raise StartupError(f"{what}: {_errno_text(err)}")
 
 
@@ -67,7 +74,7 @@ def unshare_net() -> None:
 def unmount(target: str) -> int:
     """Lazily unmount ``target`` (a symbolic link is not followed); the errno, or 0."""
     if libc().umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
-        return ctypes.get_errno()
+        return get_errno()
     return 0
 
 
@@ -94,7 +101,7 @@ def bind_mount_at(source: str, fd: int, path: str) -> None:
     at = f"/proc/self/fd/{fd}".encode()
     result = libc().mount(os.fsencode(source), at, b"none", MS_BIND, None)
     if result != 0:
-        err = ctypes.get_errno()
+        err = get_errno()
         raise StartupError(f"cannot bind-mount the namespace on {path}: {_errno_text(err)}")
 
 

@@ -31,7 +31,7 @@ import time
 from pyslirp import log
 from pyslirp.settings import Settings
 
-from .timerfd import TimerFd
+from .timerfd import Deadline
 
 SUMMARY = "suppressed %d similar messages: %s"
 
@@ -179,34 +179,21 @@ def log_to_stderr(level: str) -> RateLimitFilter:
 
 def serve(limiter: RateLimitFilter, backend) -> object:
     """Have ``backend``'s loop call ``limiter.flush`` when an interval with
-    suppressed lines ends (a timerfd, no thread). Returns the timer."""
-    from pyslirp.backend import READ
+    suppressed lines ends (a timerfd, no thread, made when a line is first
+    suppressed: a forwarder that never suppresses one loads no ctypes).
+    Returns the timer (its ``close`` ends it)."""
 
-    timer = TimerFd()
-    armed = [None]  # the deadline the timer is set for
-
-    def arm(deadline: float) -> None:
-        if armed[0] is None or deadline < armed[0]:
-            armed[0] = deadline
-            timer.arm(deadline - limiter.clock())
-
-    def expired(mask: int, now: float) -> None:
-        timer.clear()
-        armed[0] = None
+    def expired(now: float) -> None:
         limiter.flush()
         deadline = limiter.next_deadline()
         if deadline is not None:
-            arm(deadline)
+            timer.by(deadline)
 
-    try:
-        backend.register(timer.fileno(), READ, expired)
-    except BaseException:
-        timer.close()
-        raise
-    limiter.wake = arm
+    timer = Deadline(backend, expired)
+    limiter.wake = timer.by
     deadline = limiter.next_deadline()
     if deadline is not None:
-        arm(deadline)
+        timer.by(deadline)
     return timer
 
 

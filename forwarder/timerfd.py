@@ -9,14 +9,13 @@ one thread (EINVAL).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 import time
 
 from pyslirp.backend import READ
 
-from .libc import libc
+from .libc import get_errno, libc
 
 # <sys/timerfd.h>, <time.h>
 CLOCK_MONOTONIC = 1
@@ -25,7 +24,7 @@ TFD_NONBLOCK = os.O_NONBLOCK
 _ITIMERSPEC = struct.Struct("=qqqq")  # it_interval (sec, nsec), it_value (sec, nsec)
 
 def _raise(what: str):
-    err = ctypes.get_errno()
+    err = get_errno()
     raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
@@ -53,6 +52,8 @@ class TimerFd:
         self._set(0, 0)
 
     def _set(self, seconds: int, nanoseconds: int) -> None:
+        import ctypes  # loaded by libc() already
+
         spec = ctypes.create_string_buffer(_ITIMERSPEC.pack(0, 0, seconds, nanoseconds))
         if libc().timerfd_settime(self.fd, 0, spec, None) != 0:
             _raise("timerfd_settime")
@@ -85,7 +86,10 @@ class Deadline:
     def by(self, deadline: float) -> None:
         """Fire no later than ``deadline`` (monotonic seconds)."""
         if self._timer is None:
-            timer = TimerFd()
+            try:
+                timer = TimerFd()  # may come when every descriptor is taken
+            except Exception:  # noqa: BLE001 - no timer now; the next call tries again
+                return
             try:
                 self._backend.register(timer.fileno(), READ, self._fired)
             except Exception:  # noqa: BLE001 - then only new clients evict old ones

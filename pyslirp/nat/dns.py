@@ -48,11 +48,11 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import selectors
 import socket
 import struct
 from collections import Counter, deque
 
+from pyslirp.backend import READ
 from pyslirp.log import get_logger
 from pyslirp.stack.names import flow_name
 
@@ -374,7 +374,7 @@ class DnsProxy:
         self.open_sockets += 1
         self.loop.register(
             sock,
-            selectors.EVENT_READ,
+            READ,
             lambda mask, now: self._on_readable(query, now),
             on_error=lambda exc, now: self._socket_failed(query, now),
         )
