@@ -47,7 +47,6 @@ The replies waiting for their readers are bounded in total
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import json
 import os
@@ -55,10 +54,9 @@ import socket
 import stat
 import time
 
-from pyslirp.backend import READ
 from pyslirp.log import get_logger
 
-from .timerfd import Deadline
+from .oneshot import OneRequestServer
 
 log = get_logger("pyslirp.api")
 
@@ -281,41 +279,27 @@ class Api:
         return _compact({"return": stats})
 
 
-class _Client:
-    __slots__ = ("sock", "buffer", "since", "out", "replied_at")
+class ApiServer(OneRequestServer):
+    """The API socket: slirp4netns's requests, one per connection
+    (forwarder/oneshot.py serves them)."""
 
-    def __init__(self, sock, since: float) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.since = since
-        self.out: memoryview | None = None  # the rest of the reply, once there is one
-        self.replied_at = 0.0
-
-
-class ApiServer:
-    """The listening socket and its connections, served by the backend's loop."""
-
-    def __init__(self, path: str, api: Api) -> None:
-        from pyslirp.nat.descriptors import AcceptGuard, LogLimiter
-
-        self.path = path
-        self.api = api
-        self.sock: socket.socket | None = None
-        self._identity = None  # (st_dev, st_ino) of our socket file
-        self._clients: dict[int, _Client] = {}
-        self._backend = None
-        config = api.config
-        self._pause = getattr(config, "accept_pause", 1.0)
-        self._guard = AcceptGuard("api", LogLimiter(log, getattr(config, "log_interval", 10.0)))
-        self._pending_bytes = 0  # of replies not yet taken by their clients
-        self._deadline: Deadline | None = None  # drops clients past CLIENT_TIMEOUT (attach)
-        self._resume_at: float | None = None  # when a resting listener is polled again
+    name = "api"
+    max_clients = MAX_CLIENTS
+    client_timeout = CLIENT_TIMEOUT
+    max_request = MAX_MESSAGE
 
     @property
-    def pending_bytes(self) -> int:
-        """Bytes of replies that their clients have not taken yet (kept
-        near MAX_PENDING_REPLY_BYTES by dropping the oldest clients)."""
-        return self._pending_bytes
+    def max_pending_bytes(self) -> int:
+        return MAX_PENDING_REPLY_BYTES  # the module's constant, read when used
+
+    def __init__(self, path: str, api: Api) -> None:
+        config = api.config
+        super().__init__(
+            getattr(config, "accept_pause", 1.0), getattr(config, "log_interval", 10.0)
+        )
+        self.path = path
+        self.api = api
+        self._identity = None  # (st_dev, st_ino) of our socket file
 
     # ------------------------------------------------------------ set-up
     def listen(self) -> None:
@@ -345,189 +329,26 @@ class ApiServer:
         self._identity = (st.st_dev, st.st_ino)
         self.sock = sock
 
-    def attach(self, backend) -> None:
-        """Serve the socket in the backend's loop."""
-        self._backend = backend
-        self._deadline = Deadline(backend, self._on_timer)
-        backend.register(self.sock.fileno(), READ, self._on_listen)
+    # ------------------------------------------------------------ requests
+    def complete(self, buffer: bytearray) -> bool:
+        return _complete(buffer)
 
-    # ------------------------------------------------------------ serving
-    def _on_listen(self, mask: int, now: float) -> None:
-        for _ in range(MAX_CLIENTS):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # EMFILE: shed one client; never spin
-                if self._guard.accept_failed(self.sock, exc, now):
-                    self._rest(now)
-                break
-            conn.setblocking(False)
-            self._evict(now)
-            client = _Client(conn, now)
-            self._clients[conn.fileno()] = client
-            self._backend.register(conn.fileno(), READ, lambda m, t, c=client: self._read(c))
-            self._read(client)
+    def too_large(self, size: int) -> bytes | None:
+        if size < MAX_MESSAGE:
+            return None
+        log.warning("api: too large message (>= %d bytes)", MAX_MESSAGE)
+        return E_TOO_LARGE
 
-    def _rest(self, now: float) -> None:
-        """Stop polling the listener for ``accept_pause`` seconds (accept
-        keeps failing); the clients' timer brings it back, in either backend."""
-        if self.sock is None or self._resume_at is not None:
-            return
-        self._backend.unregister(self.sock.fileno())
-        self._resume_at = time.monotonic() + self._pause
-        self._schedule(self._resume_at)
+    def handle(self, data: bytes) -> bytes:
+        log.info("api: got request: %s", data.decode("utf-8", "replace").strip())
+        return self.api.handle(data)
 
-    def _evict(self, now: float) -> None:
-        """Drop clients that said nothing for too long, and the oldest ones
-        past MAX_CLIENTS (a stuck client must not take the socket away)."""
-        clients = sorted(self._clients.values(), key=lambda c: c.since)
-        excess = len(clients) - MAX_CLIENTS + 1
-        for index, client in enumerate(clients):
-            if index < excess or now - client.since > CLIENT_TIMEOUT:
-                self._drop(client)
-
-    def _read(self, client: _Client) -> None:
-        sock = client.sock
-        if sock.fileno() < 0 or client.out is not None:
-            return
-        self._schedule(client.since + CLIENT_TIMEOUT)
-        done = False
-        while True:
-            try:
-                chunk = sock.recv(MAX_MESSAGE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                done = True
-                break
-            if not chunk:
-                done = True
-                break
-            client.buffer += chunk
-            if len(client.buffer) >= MAX_MESSAGE:
-                log.warning("api: too large message (>= %d bytes)", MAX_MESSAGE)
-                self._reply(client, E_TOO_LARGE)
-                return
-        if done or _complete(client.buffer):
-            data = bytes(client.buffer)
-            log.info("api: got request: %s", data.decode("utf-8", "replace").strip())
-            try:
-                reply = self.api.handle(data)
-            except Exception:  # a bug must not stop the network
-                log.exception("api: request failed")
-                reply = _error("internal error")
-            self._reply(client, reply)
-
-    def _reply(self, client: _Client, reply: bytes) -> None:
-        """Queue the reply and write what the socket takes now; the rest
-        when it is writable (never blocking the loop)."""
-        fd = client.sock.fileno()
-        if fd < 0:
-            return
-        client.out = memoryview(reply)
-        client.replied_at = time.monotonic()
-        self._pending_bytes += len(reply)
-        try:
-            self._backend.unregister(fd)
-            self._backend.register(
-                fd, getattr(self._backend, "write_event", 2), lambda m, t, c=client: self._write(c)
-            )
-        except Exception as exc:  # noqa: BLE001 - the client goes, the loop stays
-            log.info("api: cannot wait to write a reply: %s", exc)
-            self._drop(client)
-            return
-        self._write(client)
-        if client.out is not None:
-            self._limit_pending(client)
-
-    def _write(self, client: _Client) -> None:
-        sock = client.sock
-        if sock.fileno() < 0 or client.out is None:
-            return
-        while client.out:
-            try:
-                sent = sock.send(client.out)
-            except (BlockingIOError, InterruptedError):
-                return  # the rest when the client reads
-            except OSError as exc:
-                if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                    log.info("api: reply not delivered: %s", exc)
-                self._drop(client)
-                return
-            self._pending_bytes -= sent
-            client.out = client.out[sent:]
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._drop(client)
-
-    def _limit_pending(self, newest: _Client) -> None:
-        """Past MAX_PENDING_REPLY_BYTES, drop the clients that have waited
-        longest to read (never the newest: its reply is within the bound)."""
-        waiting = sorted(
-            (c for c in self._clients.values() if c.out is not None and c is not newest),
-            key=lambda c: c.replied_at,
-        )
-        for client in waiting:
-            if self._pending_bytes <= MAX_PENDING_REPLY_BYTES:
-                break
-            log.info(
-                "api: a client that does not read its reply dropped (%d bytes of replies wait)",
-                self._pending_bytes,
-            )
-            self._drop(client)
-
-    def _schedule(self, deadline: float) -> None:
-        """Have the timer fire by ``deadline`` (monotonic seconds)."""
-        self._deadline.by(deadline)
-
-    def _on_timer(self, now: float) -> None:
-        now = time.monotonic()
-        for client in list(self._clients.values()):
-            if now - client.since >= CLIENT_TIMEOUT:
-                if client.out is not None:
-                    log.info("api: a client did not read its reply in %.0f s", CLIENT_TIMEOUT)
-                self._drop(client)
-        resume_at = self._resume_at
-        if resume_at is not None and resume_at <= now:
-            self._resume_at = resume_at = None
-            if self.sock is not None:
-                self._backend.register(self.sock.fileno(), READ, self._on_listen)
-        if self._clients:
-            self._schedule(min(c.since for c in self._clients.values()) + CLIENT_TIMEOUT)
-        if resume_at is not None:
-            self._schedule(resume_at)
-
-    def _drop(self, client: _Client) -> None:
-        if client.out is not None:
-            self._pending_bytes -= len(client.out)
-            client.out = None
-        fd = client.sock.fileno()
-        if fd >= 0:
-            self._clients.pop(fd, None)
-            try:
-                self._backend.unregister(fd)
-            except Exception:  # the loop may be gone at exit
-                pass
-        client.sock.close()
+    def internal_error(self) -> bytes:
+        return _error("internal error")
 
     # ------------------------------------------------------------ the end
     def close(self) -> None:
-        for client in list(self._clients.values()):
-            self._drop(client)
-        if self._deadline is not None:
-            self._deadline.close()
-        if self.sock is not None:
-            if self._backend is not None:
-                try:
-                    self._backend.unregister(self.sock.fileno())
-                except Exception:
-                    pass
-            self.sock.close()
-            self.sock = None
-        self._guard.close()
+        super().close()
         self.remove_file()
 
     def hand_over_file(self) -> tuple | None:

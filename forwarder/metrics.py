@@ -22,16 +22,9 @@ a few lines of text. This module is imported only when --metrics is given.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import socket
-import time
 
-from pyslirp.backend import READ
-from pyslirp.log import get_logger
-
-from .timerfd import Deadline
-
-log = get_logger("pyslirp.metrics")
+from .oneshot import OneRequestServer
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -173,28 +166,21 @@ def answer(request: bytes, backend) -> bytes:
 
 
 # ------------------------------------------------------------- the server
-class _Client:
-    __slots__ = ("sock", "since", "buffer", "out")
+class MetricsServer(OneRequestServer):
+    """The HTTP listener, served in the backend's loop by
+    forwarder/oneshot.py with ``MetricsLimits``."""
 
-    def __init__(self, sock, since: float) -> None:
-        self.sock = sock
-        self.since = since
-        self.buffer = bytearray()
-        self.out: memoryview | None = None
-
-
-class MetricsServer:
-    """The listening socket and its clients, served in the backend's loop."""
+    name = "metrics"
+    answer_at_eof = False  # HTTP: a request ends with its blank line
 
     def __init__(self, address: str, port: int, limits: MetricsLimits | None = None) -> None:
+        self.limits = limits = limits or MetricsLimits()
+        self.max_clients = limits.max_clients
+        self.max_request = limits.max_request
+        self.client_timeout = limits.client_timeout
+        super().__init__()
         self.address = address
         self.port = port
-        self.limits = limits or MetricsLimits()
-        self.sock: socket.socket | None = None
-        self._backend = None
-        self._clients: dict[int, _Client] = {}
-        self._deadline: Deadline | None = None  # drops silent clients (attach)
-        self.served = 0  # responses written whole (for tests and logs)
 
     def listen(self) -> None:
         """Bind and listen; OSError as the kernel says."""
@@ -203,140 +189,23 @@ class MetricsServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.address, self.port))
-            sock.listen(self.limits.max_clients)
+            sock.listen(self.max_clients)
         except OSError:
             sock.close()
             raise
         sock.setblocking(False)
         self.sock = sock
 
-    def attach(self, backend) -> None:
-        self._backend = backend
-        self._deadline = Deadline(backend, self._on_timer)
-        backend.register(self.sock.fileno(), READ, self._on_listen)
+    def complete(self, buffer: bytearray) -> bool:
+        return b"\r\n\r\n" in buffer or b"\n\n" in buffer
 
-    def _on_listen(self, mask: int, now: float) -> None:
-        for _ in range(self.limits.max_clients):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE: leave it in the backlog, try on the next wake-up
-                log.info("metrics: accept failed: %s", exc)
-                return
-            conn.setblocking(False)
-            while len(self._clients) >= self.limits.max_clients:
-                self._drop(min(self._clients.values(), key=lambda c: c.since))
-            client = _Client(conn, time.monotonic())
-            self._clients[conn.fileno()] = client
-            try:
-                self._backend.register(conn.fileno(), READ, lambda m, t, c=client: self._read(c))
-            except Exception as exc:  # noqa: BLE001 - the client goes, the loop stays
-                log.info("metrics: cannot serve a client: %s", exc)
-                self._drop(client)
-                continue
-            self._arm(client.since + self.limits.client_timeout)
-            self._read(client)
+    def too_large(self, size: int) -> bytes | None:
+        if size <= self.max_request:
+            return None
+        return _response("400 Bad Request", b"request too large\n")
 
-    def _read(self, client: _Client) -> None:
-        sock = client.sock
-        if sock.fileno() < 0 or client.out is not None:
-            return
-        limit = self.limits.max_request
-        while True:
-            try:
-                chunk = sock.recv(limit)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self._drop(client)
-                return
-            if not chunk:
-                self._drop(client)  # closed before a whole request
-                return
-            client.buffer += chunk
-            if len(client.buffer) > limit:
-                self._reply(client, _response("400 Bad Request", b"request too large\n"))
-                return
-        buffer = client.buffer
-        if b"\r\n\r\n" in buffer or b"\n\n" in buffer:
-            try:
-                response = answer(bytes(buffer), self._backend)
-            except Exception:  # a bug must not stop the network
-                log.exception("metrics: request failed")
-                response = _response("500 Internal Server Error", b"internal error\n")
-            self._reply(client, response)
+    def handle(self, data: bytes) -> bytes:
+        return answer(data, self._backend)
 
-    def _reply(self, client: _Client, response: bytes) -> None:
-        fd = client.sock.fileno()
-        client.out = memoryview(response)
-        self._write(client)
-        if client.out is not None and client.sock.fileno() >= 0:
-            try:  # the rest when the client reads
-                self._backend.unregister(fd)
-                self._backend.register(
-                    fd, self._backend.write_event, lambda m, t, c=client: self._write(c)
-                )
-            except Exception as exc:  # noqa: BLE001
-                log.info("metrics: cannot wait to write a reply: %s", exc)
-                self._drop(client)
-
-    def _write(self, client: _Client) -> None:
-        sock = client.sock
-        if sock.fileno() < 0 or client.out is None:
-            return
-        while client.out:
-            try:
-                sent = sock.send(client.out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                    log.info("metrics: reply not delivered: %s", exc)
-                self._drop(client)
-                return
-            client.out = client.out[sent:]
-        self.served += 1
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._drop(client)
-
-    def _arm(self, deadline: float) -> None:
-        """Have the timer fire by ``deadline`` (monotonic seconds)."""
-        self._deadline.by(deadline)
-
-    def _on_timer(self, now: float) -> None:
-        now = time.monotonic()
-        timeout = self.limits.client_timeout
-        for client in list(self._clients.values()):
-            if now - client.since >= timeout:
-                self._drop(client)
-        if self._clients:
-            self._arm(min(c.since for c in self._clients.values()) + timeout)
-
-    def _drop(self, client: _Client) -> None:
-        client.out = None
-        fd = client.sock.fileno()
-        if fd >= 0:
-            self._clients.pop(fd, None)
-            try:
-                self._backend.unregister(fd)
-            except Exception:  # noqa: BLE001 - the loop may be gone at exit
-                pass
-        client.sock.close()
-
-    def close(self) -> None:
-        for client in list(self._clients.values()):
-            self._drop(client)
-        if self._deadline is not None:
-            self._deadline.close()
-        if self.sock is not None:
-            if self._backend is not None:
-                try:
-                    self._backend.unregister(self.sock.fileno())
-                except Exception:  # noqa: BLE001 - the loop may be gone at exit
-                    pass
-            self.sock.close()
-        self.sock = None
+    def internal_error(self) -> bytes:
+        return _response("500 Internal Server Error", b"internal error\n")
