@@ -332,15 +332,12 @@ class DnsProxy:
             return False
         query.deadline_at = now + self.config.dns_upstream_timeout
         self._waiting[query] = None
-        tracer = self.loop.tracer
-        if tracer is not None:
-            tracer(
+        if self.loop.tracer is not None:
+            self._trace(
                 now,
+                query,
                 "dns.upstream",
-                query.flow,
-                f"{question_text(query.question)} asked of {upstream!r} "
-                f"(upstream {query.tried} of {len(self.upstreams)})",
-                question=question_text(query.question),
+                f" asked of {upstream!r} (upstream {query.tried} of {len(self.upstreams)})",
                 upstream=repr(upstream),
                 attempt=query.tried,
             )
@@ -398,15 +395,12 @@ class DnsProxy:
         upstream = query.upstream
         self.counters[reason] += 1
         log.info("DNS upstream %r: %s, trying the next", upstream, reason)
-        tracer = self.loop.tracer
-        if tracer is not None:
-            tracer(
+        if self.loop.tracer is not None:
+            self._trace(
                 now,
+                query,
                 "dns.failover",
-                query.flow,
-                f"{question_text(query.question)}: upstream {upstream!r} {reason[4:]}, "
-                "trying the next",
-                question=question_text(query.question),
+                f": upstream {upstream!r} {reason[4:]}, trying the next",
                 upstream=repr(upstream),
                 reason=reason[4:],
             )
@@ -421,24 +415,24 @@ class DnsProxy:
             query.queued = False
             self._queued.remove(query)
 
+    def _trace(self, now: float, query: DnsQuery, event: str, tail: str, **fields) -> None:
+        """A dns.* trace line: the query's question and guest flow, then ``tail``."""
+        text = question_text(query.question)
+        self.loop.tracer(now, event, query.flow, text + tail, question=text, **fields)
+
     def _trace_query(self, now: float, query: DnsQuery, event: str, reason: str) -> None:
-        tracer = self.loop.tracer
-        if tracer is not None:
-            text = question_text(query.question)
-            tracer(now, event, query.flow, f"{text}: {reason}", question=text, reason=reason)
+        if self.loop.tracer is not None:
+            self._trace(now, query, event, f": {reason}", reason=reason)
 
     def _reject(self, query: DnsQuery, reason: str, now: float) -> None:
         """A datagram on a query's socket that is not its answer: dropped."""
         self.drops[reason] += 1
-        tracer = self.loop.tracer
-        if tracer is not None:
-            text = question_text(query.question)
-            tracer(
+        if self.loop.tracer is not None:
+            self._trace(
                 now,
+                query,
                 "dns.rejected",
-                query.flow,
-                f"{text}: datagram from {query.upstream!r} rejected: {reason[4:]}",
-                question=text,
+                f": datagram from {query.upstream!r} rejected: {reason[4:]}",
                 upstream=repr(query.upstream),
                 reason=reason[4:],
             )
@@ -525,15 +519,12 @@ class DnsProxy:
             return True
         self.preferred = upstream.index
         self.counters["dns-answers"] += 1
-        tracer = self.loop.tracer
-        if tracer is not None:
-            text = question_text(query.question)
-            tracer(
+        if self.loop.tracer is not None:
+            self._trace(
                 now,
+                query,
                 "dns.answer",
-                query.flow,
-                f"{text}: answer from {upstream!r} accepted (rcode {flags & RCODE_MASK})",
-                question=text,
+                f": answer from {upstream!r} accepted (rcode {flags & RCODE_MASK})",
                 upstream=repr(upstream),
                 rcode=flags & RCODE_MASK,
             )
