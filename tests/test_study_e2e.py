@@ -32,12 +32,12 @@ def guest_script(web: int) -> str:
             "set -e",
             f"curl -sS --max-time 60 -o /dev/null -w 'down %{{size_download}}\\n' {get}/200000",
             "dig +short +time=8 +tries=1 @10.0.2.3 example.test",
-            # one in twenty segments toward the guest's curl is lost on its way in:
+            # one in ten segments toward the guest's curl is lost on its way in:
             # the stack sees duplicate ACKs and must resend (fast retransmit, NewReno)
             "nft add table inet lossy",
             "nft add chain inet lossy in '{ type filter hook input priority 0; }'",
-            f"nft add rule inet lossy in tcp sport {web} numgen random mod 20 0 drop",
-            f"curl -sS --max-time 120 -o /dev/null -w 'lossy %{{size_download}}\\n' {get}/3000000",
+            f"nft add rule inet lossy in tcp sport {web} numgen random mod 10 0 drop",
+            f"curl -sS --max-time 120 -o /dev/null -w 'lossy %{{size_download}}\\n' {get}/6000000",
             "nft delete table inet lossy",
         ]
     )
@@ -74,7 +74,7 @@ def test_one_session_traced_recorded_and_replayed(tmp_path):
             cwd=harness.REPO,
         )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines() == ["down 200000", "192.0.2.7", "lossy 3000000"]
+    assert result.stdout.splitlines() == ["down 200000", "192.0.2.7", "lossy 6000000"]
     lines = read_trace(trace)
     assert all(list(line)[:4] == ["t", "event", "flow", "msg"] for line in lines)
 
