@@ -80,8 +80,10 @@ def test_one_session_traced_recorded_and_replayed(tmp_path):
 
     # The lossy download: its flow's transitions in order, and resends with their cause.
     resent = [line for line in lines if line["event"] == "tcp.retransmit"]
-    assert resent, "no retransmission traced under 5% loss toward the guest"
-    assert {line["reason"] for line in resent} <= {"fast-retransmit", "partial-ack", "rto", "probe"}
+    assert resent, "no retransmission traced under 10% loss toward the guest"
+    # "syn": the rule may drop the SYN-ACK itself, which the stack then resends
+    causes = {"fast-retransmit", "partial-ack", "rto", "probe", "syn"}
+    assert {line["reason"] for line in resent} <= causes
     flow = resent[0]["flow"]
     assert flow.startswith("tcp 10.0.2.100:") and flow.endswith(f">10.0.2.2:{web}")
     states = [
