@@ -32,7 +32,7 @@ from __future__ import annotations
 import _socket
 import errno
 import itertools
-import socket
+import mmap
 import struct
 
 from pyslirp.log import INFO, WARNING, get_logger
@@ -48,12 +48,15 @@ READ = 1  # selectors.EVENT_READ
 WRITE = 2  # selectors.EVENT_WRITE
 DNS_PORT = 53
 # Bytes read from a host socket per wake-up, into one reused buffer: a
-# fresh recv(n) would make malloc map and unmap n bytes every call.
+# fresh recv(n) would make malloc map and unmap n bytes every call. The
+# buffer is an anonymous mapping, so a page costs memory only once a read
+# has reached it (a zeroed bytearray is resident from the start: 256 KiB of
+# an idle forwarder's RSS).
 RECV_MAX = 256 * 1024
 SENDMSG_MAX = 64  # chunks handed to one sendmsg (IOV_MAX is 1024)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
-TCP_NODELAY = socket.TCP_NODELAY
-_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+TCP_NODELAY = _socket.TCP_NODELAY
+_STREAM_NONBLOCK = _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK
 
 # What a failed host connect becomes for the guest: None is a RST.
 CONNECT_ERRORS = {
@@ -160,7 +163,7 @@ class DnsTcpSession:
             del buffer[: 2 + size]
             holder = []
             flow = self.conn.describe() if self.nat.loop.tracer is not None else None
-            query = self.nat.dns.resolve(
+            query = self.nat.loop.dns.resolve(
                 message, now, lambda r, t, h=holder: self._answer(h, r, t), flow
             )
             if query is not None and not query.done:
@@ -190,15 +193,16 @@ class DnsTcpSession:
 
 
 class TcpNat:
-    def __init__(self, loop, dns=None) -> None:
+    def __init__(self, loop) -> None:
         self.loop = loop
         self.stack = loop.stack
         self.config = loop.config
-        self.dns = dns
+        # --disable-dns: TCP to the DNS address is refused like any other port.
+        self.dns_enabled = not loop.config.disable_dns
         self.tcp = loop.stack.tcp  # configured by NetworkConfig.stack_config
         self.addresses = AddressMap(loop.config)
         self.flows: set[TcpFlow] = set()
-        self._recv_buffer = memoryview(bytearray(RECV_MAX))
+        self._recv_buffer = memoryview(mmap.mmap(-1, RECV_MAX))
         # Connecting flows in the order of their deadlines (all deadlines are
         # "started + tcp_connect_timeout").
         self._connecting: dict[TcpFlow, None] = {}
@@ -226,7 +230,7 @@ class TcpNat:
         tcp = self.tcp
         dst, port = conn.local, conn.local_port
         if self.addresses.is_dns(dst):
-            if port == DNS_PORT and self.dns is not None:
+            if port == DNS_PORT and self.dns_enabled:
                 conn.user = DnsTcpSession(self, conn)
                 self.counters["dns-sessions"] += 1
                 tcp.accept(conn, now)
@@ -252,7 +256,7 @@ class TcpNat:
             return
         try:
             # Non-blocking from the start (no ioctl(FIONBIO) per connection),
-            # and the C socket type: socket.socket's Python layer (makefile,
+            # and the C socket type: _socket.socket's Python layer (makefile,
             # reference-counted close) would cost three calls a connection.
             sock = _socket.socket(family_of(dst), _STREAM_NONBLOCK)
         except OSError as exc:
@@ -267,8 +271,8 @@ class TcpNat:
                 descriptors.release()
                 self._limited(conn, now, f"cannot open a socket: {exc}")
                 return
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(_socket.IPPROTO_TCP, TCP_NODELAY, 1)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
         v6 = ":" in host
         outbound = self.config.outbound_addr6 if v6 else self.config.outbound_addr
         if outbound and not host.startswith("127.") and host != "::1":
@@ -345,7 +349,7 @@ class TcpNat:
             )
 
     def connect_finished(self, flow: TcpFlow, now: float) -> None:
-        err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = flow.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
         if err == errno.EINPROGRESS:
             return
         self._connecting.pop(flow, None)
@@ -456,7 +460,7 @@ class TcpNat:
             flow.shut_wr = True
             if not flow.host_eof:  # else the close() just below sends the FIN
                 try:
-                    sock.shutdown(socket.SHUT_WR)
+                    sock.shutdown(_socket.SHUT_WR)
                 except OSError:
                     pass
             self._maybe_finished(flow, now)
@@ -560,7 +564,7 @@ class TcpNat:
             flow.mask = 0
         if reset and not flow.connecting:
             try:
-                flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                flow.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _LINGER_RESET)
             except OSError:
                 pass
         flow.sock.close()
