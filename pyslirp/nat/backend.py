@@ -32,10 +32,6 @@ from pyslirp.stack.events import (
     UdpDatagramReceived,
 )
 
-from .dhcp import DhcpServer
-from .dns import DnsProxy
-from .forward import Forwards, list_connections
-from .icmp import IcmpRelay
 from .loop import Loop
 from .tcp import TcpNat
 from .udp import UdpNat
@@ -51,16 +47,22 @@ def build_loop(
     readable; frames are written to ``capture``, a PcapWriter, if given)
     with every service wired in."""
     loop = Loop(config, tap_fd, stop_fd, capture, link)
-    loop.dhcp = dhcp = DhcpServer(config)
-    loop.dns = dns = DnsProxy(loop)
-    loop.udp = udp = UdpNat(loop, dhcp, dns)
-    loop.icmp = icmp = IcmpRelay(loop)
-    # --disable-dns: TCP to the DNS address is refused like any other port.
-    loop.tcp = tcp = TcpNat(loop, None if config.disable_dns else dns)
-    loop.forwards = forwards = Forwards(loop, tcp, udp)
+    loop.udp = udp = UdpNat(loop)
+    loop.tcp = tcp = TcpNat(loop)
+    # The others are made when first needed (Loop.on_first_use), with their
+    # module: the first DHCP request, DNS query or ping, the first published
+    # port (or a stats or list_connections request).
+    loop.on_first_use("dhcp", lambda: _dhcp_server(loop))
+    loop.on_first_use("dns", lambda: _dns_proxy(loop), timed=True)
+    loop.on_first_use("icmp", lambda: _icmp_relay(loop), timed=True)
+    loop.on_first_use("forwards", lambda: _forwards(loop), timed=True)
 
     loop.on_event(UdpDatagramReceived, udp.on_datagram, on_error=udp.on_error)
-    loop.on_event(IcmpEchoRequested, icmp.on_echo, on_error=icmp.on_error)
+    loop.on_event(
+        IcmpEchoRequested,
+        lambda event, now: loop.icmp.on_echo(event, now),
+        on_error=lambda event, exc, now: loop.icmp.on_error(event, exc, now),
+    )
     # Quiet: these only move data or open and end flows; the TCP NAT calls
     # timers_changed itself when it sets a deadline (a host connect that
     # waits, a host socket lingering after the close), as the proxy does for
@@ -73,9 +75,13 @@ def build_loop(
     loop.on_event(TcpSendSpaceOpened, tcp.on_send_space, quiet=True, on_error=tcp.on_error)
     loop.on_event(TcpConnectionReset, tcp.on_reset, quiet=True, on_error=tcp.on_error)
     loop.on_event(TcpConnectionClosed, tcp.on_closed, quiet=True, on_error=tcp.on_error)
-    loop.on_event(TcpConnected, forwards.on_tcp_connected, on_error=tcp.on_error)
+    # Only a published port opens connections toward the guest.
+    loop.on_event(
+        TcpConnected, lambda event, now: loop.forwards.on_tcp_connected(event, now),
+        on_error=tcp.on_error,
+    )
     # Their timers (next_deadline, handle_timer), after the loop's own call_at.
-    loop.services.extend([udp, dns, icmp, tcp, forwards])
+    loop.services.extend([udp, tcp])
 
     budget = loop.descriptors
     log.info(
@@ -87,9 +93,35 @@ def build_loop(
         budget.capacity,
         udp.max_flows,
         tcp.max_flows,
-        icmp.max_flows,
+        min(config.max_ping_sockets, budget.capacity),  # IcmpRelay.max_flows
     )
     return loop
+
+
+def _dhcp_server(loop: Loop):
+    from .dhcp import DhcpServer
+
+    server = DhcpServer(loop.config)
+    server.tracer = loop.tracer  # a server without a loop: told the trace here
+    return server
+
+
+def _dns_proxy(loop: Loop):
+    from .dns import DnsProxy
+
+    return DnsProxy(loop)
+
+
+def _icmp_relay(loop: Loop):
+    from .icmp import IcmpRelay
+
+    return IcmpRelay(loop)
+
+
+def _forwards(loop: Loop):
+    from .forward import Forwards
+
+    return Forwards(loop, loop.tcp, loop.udp)
 
 
 class PythonBackend(Backend):
@@ -204,6 +236,8 @@ class PythonBackend(Backend):
         return self._started().forwards.entries()
 
     def list_connections(self) -> list[dict]:
+        from .forward import list_connections
+
         loop = self._started()
         return list_connections(loop, loop.now())
 

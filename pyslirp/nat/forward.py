@@ -331,7 +331,10 @@ class Forwards:
         if not taken(addr, client_port):
             return addr, client_port
         for _ in range(PORT_ATTEMPTS):
-            port = self.random.randint(EPHEMERAL_FIRST, EPHEMERAL_LAST)
+            # getrandbits alone, the one method the stack's source must have
+            port = EPHEMERAL_FIRST + self.random.getrandbits(15)
+            if port > EPHEMERAL_LAST:
+                continue
             if not taken(addr, port):
                 return addr, port
         return None

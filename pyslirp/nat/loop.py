@@ -40,10 +40,6 @@ from .descriptors import DescriptorBudget, LogLimiter
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms at start-up)
 if TYPE_CHECKING:
-    from .dhcp import DhcpServer
-    from .dns import DnsProxy
-    from .forward import Forwards
-    from .icmp import IcmpRelay
     from .tcp import TcpNat
     from .udp import UdpNat
 
@@ -146,13 +142,16 @@ class Loop:
         if stop_fd is not None:
             self.epoll.register(stop_fd, select.EPOLLIN)
         self.on_event(MemoryPressureChanged, self._memory_pressure_changed)
-        # The services (build_loop sets them).
-        self.dhcp: DhcpServer | None = None  # DHCPv4 for the guest (its datagrams come via udp)
-        self.dns: DnsProxy | None = None  # the DNS proxy at the DNS address
+        # The services. build_loop sets these two:
         self.udp: UdpNat | None = None  # UDP NAT (and, through it, DHCP and DNS over UDP)
-        self.icmp: IcmpRelay | None = None  # echo requests through host ping sockets
         self.tcp: TcpNat | None = None  # TCP NAT (and DNS over TCP)
-        self.forwards: Forwards | None = None  # published ports (-p, add_hostfwd)
+        # and says how to make the others, which are made when first asked
+        # for (``loop.dhcp``: see on_first_use):
+        #   dhcp: DhcpServer, DHCPv4 for the guest (its datagrams come via udp)
+        #   dns: DnsProxy, the DNS proxy at the DNS address
+        #   icmp: IcmpRelay, echo requests through host ping sockets
+        #   forwards: Forwards, published ports (-p, add_hostfwd)
+        self._makers: dict[str, tuple] = {}
 
     # -------------------------------------------------------- registration
     def on_event(self, event_type: type, handler, quiet: bool = False, on_error=None) -> None:
@@ -179,6 +178,31 @@ class Loop:
             log.info(
                 "memory budget: pressure over, %d of %d bytes held", event.held, event.limit
             )
+
+    def on_first_use(self, name: str, make, timed: bool = False) -> None:
+        """Make the service ``loop.NAME`` by calling ``make()`` when it is
+        first asked for; a ``timed`` one then joins ``services`` (its
+        next_deadline and handle_timer are called from then on). A forwarder
+        whose guest never asks for DHCP, never pings and publishes no port
+        never imports those services (a third of a megabyte of its RSS)."""
+        self._makers[name] = (make, timed)
+
+    def __getattr__(self, name: str):
+        # Only for a name that is not set: a service made on first use.
+        try:
+            make, timed = self.__dict__["_makers"].pop(name)
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}") from None
+        service = make()
+        setattr(self, name, service)
+        if timed:
+            self.services.append(service)
+            self._services_stale = True
+        return service
+
+    def made(self, name: str):
+        """The service ``name`` if it has been made, else None (and not made now)."""
+        return self.__dict__.get(name)
 
     def timers_changed(self) -> None:
         """A service's next_deadline() may have become earlier."""
@@ -251,8 +275,9 @@ class Loop:
         stop). The stack changes class while tracing, so the frame reader is
         bound again."""
         self.stack.set_tracer(tracer)
-        if self.dhcp is not None:
-            self.dhcp.tracer = tracer  # a server without a loop: told here
+        dhcp = self.made("dhcp")
+        if dhcp is not None:
+            dhcp.tracer = tracer  # a server without a loop: told here
         self._receive = self.stack.receive_vnet_frame if self.vnet else self.stack.receive_frame
 
     # -------------------------------------------------------- the barrier

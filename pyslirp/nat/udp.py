@@ -17,8 +17,8 @@ or no descriptor can be had at all.
 
 from __future__ import annotations
 
+import _socket
 import errno
-import socket
 import struct
 from collections import OrderedDict
 
@@ -30,8 +30,8 @@ from .descriptors import EXHAUSTED
 
 log = get_logger("pyslirp.udp")
 
-IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
-IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+IP_RECVERR = getattr(_socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(_socket, "IPV6_RECVERR", 25)
 SO_EE_ORIGIN_ICMP6 = 3
 # ICMPv6 errors from the host's network, in the ICMP (v4) terms the stack
 # takes for both families (it turns them back into ICMPv6 for the guest).
@@ -58,10 +58,10 @@ RECV_BATCH = 64  # datagrams per socket per wake-up, for fairness
 def unreachable_error(level: int, kind: int, origin: int, icmp_type: int, code: int):
     """A destination-unreachable error from IP_RECVERR or IPV6_RECVERR, as
     ICMP (v4) (type, code); None for anything else."""
-    if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVERR and origin == SO_EE_ORIGIN_ICMP6:
+    if level == _socket.IPPROTO_IPV6 and kind == IPV6_RECVERR and origin == SO_EE_ORIGIN_ICMP6:
         error = ICMPV6_AS_V4.get((icmp_type, code))
         return error if error is not None and error[0] == icmpv4.DEST_UNREACHABLE else None
-    if (level, kind, origin) == (socket.SOL_IP, IP_RECVERR, SO_EE_ORIGIN_ICMP):
+    if (level, kind, origin) == (_socket.SOL_IP, IP_RECVERR, SO_EE_ORIGIN_ICMP):
         return (icmp_type, code) if icmp_type == icmpv4.DEST_UNREACHABLE else None
     return None
 
@@ -107,12 +107,10 @@ class UdpFlow:
 
 
 class UdpNat:
-    def __init__(self, loop, dhcp, dns) -> None:
-        self.loop = loop
+    def __init__(self, loop) -> None:
+        self.loop = loop  # its dhcp and dns serve what is sent to them
         self.stack = loop.stack
         self.config = loop.config
-        self.dhcp = dhcp
-        self.dns = dns
         self.addresses = AddressMap(loop.config)
         # (guest address, guest port) -> flow, least recently used first.
         self.flows: OrderedDict[tuple, UdpFlow] = OrderedDict()
@@ -170,7 +168,8 @@ class UdpNat:
         if dport == DHCP_SERVER_PORT and (
             dst == self.addresses.gateway or dst[0] == 255 or dst == stack.config.broadcast
         ):
-            for reply, to_ip, to_mac in self.dhcp.handle(event.payload, event.src_mac, now):
+            dhcp = self.loop.dhcp
+            for reply, to_ip, to_mac in dhcp.handle(event.payload, event.src_mac, now):
                 stack.send_udp(
                     self.addresses.gateway,
                     DHCP_SERVER_PORT,
@@ -181,7 +180,7 @@ class UdpNat:
                     dst_mac=to_mac,
                 )
             # An ACKed address needs no ARP before we send to it.
-            while (lease := self.dhcp.next_event()) is not None:
+            while (lease := dhcp.next_event()) is not None:
                 stack.learn_neighbor(lease.address, lease.mac)
             return
         if (
@@ -194,7 +193,7 @@ class UdpNat:
             return
         if self.addresses.is_dns(dst):
             if dport == DNS_PORT and self.dns_enabled:
-                self.dns.query(event.src, event.src_port, event.payload, now, dst)
+                self.loop.dns.query(event.src, event.src_port, event.payload, now, dst)
             else:
                 stack.send_icmp_error(
                     icmpv4.DEST_UNREACHABLE, icmpv4.PORT_UNREACHABLE, event.packet, now, src=dst
@@ -250,25 +249,25 @@ class UdpNat:
         if not self.descriptors.acquire():  # evicts the oldest flow first
             return self._refuse(event, now, "no descriptor for it")
         v6 = len(event.src) == 16
-        family = socket.AF_INET6 if v6 else socket.AF_INET
+        family = _socket.AF_INET6 if v6 else _socket.AF_INET
         try:
             try:
-                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock = _socket.socket(family, _socket.SOCK_DGRAM)
             except OSError as exc:
                 # EMFILE/ENFILE though the budget had room (descriptors
                 # opened elsewhere): make room once and try again.
                 if exc.errno not in EXHAUSTED or not self.descriptors.evict():
                     raise
-                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock = _socket.socket(family, _socket.SOCK_DGRAM)
         except OSError as exc:  # refuse this flow, keep the others
             self.descriptors.release()
             return self._refuse(event, now, f"cannot open a socket: {exc}")
         sock.setblocking(False)
         if v6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+            sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(_socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         else:
-            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+            sock.setsockopt(_socket.SOL_IP, IP_RECVERR, 1)
         bind_addr = self.bind_addr6 if v6 else self.bind_addr
         try:
             sock.bind(bind_addr)
@@ -396,7 +395,7 @@ class UdpNat:
     def _read_error(self, flow: UdpFlow, now: float) -> None:
         """Pass an ICMP error from the host's network on to the guest."""
         try:
-            _data, ancdata, _flags, addr = flow.sock.recvmsg(512, 512, socket.MSG_ERRQUEUE)
+            _data, ancdata, _flags, addr = flow.sock.recvmsg(512, 512, _socket.MSG_ERRQUEUE)
         except OSError:
             return
         for level, kind, cdata in ancdata:
