@@ -223,9 +223,9 @@ class Api:
     def _guest_address(self, text: str) -> bool:
         address = ipaddress.IPv4Address(text)
         config = self.config
-        return address in config.cidr and address not in (
-            config.cidr.network_address,
-            config.cidr.broadcast_address,
+        return address in ipaddress.IPv4Network(config.cidr) and str(address) not in (
+            config.network_address,
+            config.broadcast,
             config.gateway,
             config.dns,
         )
@@ -235,10 +235,11 @@ class Api:
         config = self.config
         if address == ipaddress.IPv6Address("::"):
             return True
-        return address in config.ipv6_prefix and address not in (
-            config.ipv6_prefix.network_address,
-            config.ipv6_gateway,
-            config.ipv6_dns,
+        prefix = ipaddress.IPv6Network(config.ipv6_prefix)
+        return address in prefix and address not in (
+            prefix.network_address,
+            ipaddress.IPv6Address(config.ipv6_gateway),
+            ipaddress.IPv6Address(config.ipv6_dns),
         )
 
     def list_hostfwd(self, request: dict) -> bytes:

@@ -13,10 +13,10 @@ Everything here raises ``StartupError`` with one line fit for the user.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import fcntl
 import os
-import socket
 import stat
 import struct
 import sys
@@ -320,7 +320,7 @@ def _enter(target: ExistingNamespace) -> None:
         os.close(net_fd)
 
 
-def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
+def _child(target, tap: str, setup: LinkSetup, sock: _socket.socket) -> None:
     """Runs in the forked child; reports back over ``sock`` and never returns."""
     code = 1
     try:
@@ -347,7 +347,7 @@ def _child(target, tap: str, setup: LinkSetup, sock: socket.socket) -> None:
                 bind_mount_at(OWN_NETNS, mount_fd, target.path)
                 mounted = identity
             word = (b"\1" if offload else b"\0") + _IDENTITY.pack(*identity)
-            socket.send_fds(sock, [word], fds)
+            send_fds(sock, word, fds)
             if setup.report:
                 print(f"sent tapfd={tap_fd} for {tap}", file=sys.stderr, flush=True)
             code = 0
@@ -370,10 +370,28 @@ _IDENTITY = struct.Struct("=QQ")
 _WORD_LEN = 1 + _IDENTITY.size
 
 
+def send_fds(sock, data: bytes, fds: list[int]) -> None:
+    """socket.send_fds without the socket module (its enums and selectors
+    are 0.45 MB of an idle forwarder): ``data`` and ``fds`` in one message."""
+    rights = struct.pack(f"{len(fds)}i", *fds)
+    sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+
+
+def recv_fds(sock, size: int, max_fds: int) -> tuple[bytes, list[int]]:
+    """socket.recv_fds likewise: up to ``size`` bytes and ``max_fds`` descriptors."""
+    data, ancillary, _flags, _addr = sock.recvmsg(size, _socket.CMSG_LEN(max_fds * 4))
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            count = len(payload) // 4
+            fds.extend(struct.unpack(f"{count}i", payload[: count * 4]))
+    return data, fds
+
+
 def attach(target, tap: str, setup: LinkSetup) -> Attachment:
     """Get a TAP named ``tap`` inside ``target``'s network namespace."""
     validate_tap_name(tap)
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -382,7 +400,7 @@ def attach(target, tap: str, setup: LinkSetup) -> Attachment:
         _child(target, tap, setup, child_sock)
     child_sock.close()
     try:
-        message, fds, _flags, _addr = socket.recv_fds(parent_sock, 4096, 2)
+        message, fds = recv_fds(parent_sock, 4096, 2)
         # The rest of an error's text, or of the word for success.
         while message and (message[:1] not in _DONE or len(message) < _WORD_LEN):
             chunk = parent_sock.recv(4096)

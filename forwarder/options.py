@@ -15,10 +15,9 @@ file, the NetworkConfig, and last the target (PATH, PID TAPNAME or COMMAND).
 
 from __future__ import annotations
 
+import _socket
 import fcntl
-import ipaddress
 import os
-import socket
 import struct
 import sys
 from types import SimpleNamespace
@@ -295,6 +294,8 @@ def parse_memory_budget(text: str) -> int:
 def parse_metrics(text: str) -> tuple[str, int]:
     """--metrics=[ADDR:]PORT: a host address (loopback by default; an IPv6
     one in brackets) and a TCP port."""
+    import ipaddress
+
     addr, sep, port = text.rpartition(":")
     if not sep:
         addr = "127.0.0.1"
@@ -348,31 +349,37 @@ def _digits(text: str, most: int) -> bool:
     return 0 < len(text) <= most and text.isascii() and text.isdigit()
 
 
-def parse_cidr(text: str) -> ipaddress.IPv4Network:
-    """slirp4netns's checks and messages."""
+def parse_cidr(text: str) -> str:
+    """slirp4netns's checks and messages; the network as text (without
+    ipaddress, which the default path does not import)."""
     dotted, slash, prefix_text = text.partition("/")
     parts = dotted.split(".")
     if not (slash and len(parts) == 4 and all(_digits(p, 3) for p in parts)):
         raise UsageError(f"invalid CIDR: {text}")
     if not _digits(prefix_text, 2):
         raise UsageError(f"invalid CIDR: {text}")
-    try:
-        address = ipaddress.IPv4Address(dotted)
-    except ValueError:
-        raise UsageError(f"invalid network address: {dotted}") from None
+    # as ipaddress: each part 0-255, and no leading zero (an octal reading)
+    if any(int(p) > 255 or (len(p) > 1 and p[0] == "0") for p in parts):
+        raise UsageError(f"invalid network address: {dotted}")
     prefix = int(prefix_text)
     if not NETWORK_PREFIX_MIN <= prefix <= NETWORK_PREFIX_MAX:
         raise UsageError(f"prefix length needs to be {NETWORK_PREFIX_MIN}-{NETWORK_PREFIX_MAX}")
+    network = f"{dotted}/{prefix}"
+    from pyslirp.config import parse_network
+
     try:
-        return ipaddress.IPv4Network(f"{address}/{prefix}")
+        parse_network(network, _socket.AF_INET)
     except ValueError:
         raise UsageError(
             "CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24"
         ) from None
+    return network
 
 
 def parse_upstream(text: str) -> tuple[str, int]:
     """ADDR[:PORT], with an IPv6 ADDR bare or as [ADDR]:PORT."""
+    import ipaddress
+
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]")
         if not sep or (port_text and not port_text.startswith(":")):
@@ -438,31 +445,44 @@ def interface_ipv4(name: str) -> str | None:
     """The IPv4 address of interface ``name`` in our network namespace."""
     if not name or len(name.encode()) >= 16:
         return None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            ifreq = fcntl.ioctl(sock, SIOCGIFADDR, struct.pack("16s16x", name.encode()))
-        except OSError:
-            return None
-    return socket.inet_ntoa(ifreq[20:24])
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("16s16x", name.encode()))
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return _socket.inet_ntoa(ifreq[20:24])
 
 
 def parse_outbound_addr(text: str) -> str:
+    import ipaddress
+
     try:
         address = str(ipaddress.IPv4Address(text))
     except ValueError:
         address = interface_ipv4(text)
     if address is None:
         raise UsageError("outbound-addr has to be valid ipv4 address or interface name.")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.bind((address, 0))
-        except OSError as exc:
-            raise UsageError(f"--outbound-addr {address}: {exc.strerror}") from None
+    _can_bind(_socket.AF_INET, address, "--outbound-addr")
     return address
+
+
+def _can_bind(family: int, address: str, option: str) -> None:
+    """UsageError unless a UDP socket can be bound to ``address`` now."""
+    sock = _socket.socket(family, _socket.SOCK_DGRAM)
+    try:
+        sock.bind((address, 0))
+    except OSError as exc:
+        raise UsageError(f"{option} {address}: {exc.strerror}") from None
+    finally:
+        sock.close()
 
 
 def interface_ipv6(name: str) -> str | None:
     """A global IPv6 address of interface ``name`` (from /proc/net/if_inet6)."""
+    import ipaddress
+
     try:
         with open("/proc/net/if_inet6") as f:
             for line in f:
@@ -476,6 +496,8 @@ def interface_ipv6(name: str) -> str | None:
 
 
 def parse_outbound_addr6(text: str) -> str:
+    import ipaddress
+
     try:
         address = str(ipaddress.IPv6Address(text))
     except ValueError:
@@ -490,20 +512,18 @@ def parse_outbound_addr6(text: str) -> str:
         address = interface_ipv6(text)
         if address is None:
             raise UsageError(f"--outbound-addr6 {text}: the interface has no global IPv6 address")
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-            sock.bind((address, 0))
-    except OSError as exc:
-        raise UsageError(f"--outbound-addr6 {address}: {exc.strerror}") from None
+    _can_bind(_socket.AF_INET6, address, "--outbound-addr6")
     return address
 
 
-def parse_ipv6_prefix(text: str) -> ipaddress.IPv6Network:
-    """--ipv6-prefix: a /64 (bare address or PREFIX/64), or "random"."""
+def parse_ipv6_prefix(text: str) -> str:
+    """--ipv6-prefix: a /64 (bare address or PREFIX/64), or "random"; as text."""
+    import ipaddress
+
     if text == "random":
         # RFC 4193 3.2: fd00::/8, a 40-bit random global ID, subnet 0.
         global_id = os.urandom(5)
-        return ipaddress.IPv6Network((b"\xfd" + global_id + bytes(10), 64))
+        return str(ipaddress.IPv6Network((b"\xfd" + global_id + bytes(10), 64)))
     try:
         network = ipaddress.IPv6Network(text if "/" in text else f"{text}/64")
     except ValueError as exc:
@@ -518,7 +538,7 @@ def parse_ipv6_prefix(text: str) -> ipaddress.IPv6Network:
         or (address.is_unspecified or address.ipv4_mapped is not None)
     ):
         raise UsageError(f"invalid --ipv6-prefix {text!r}: not a unicast prefix")
-    return network
+    return str(network)
 
 
 def parse_publish(text: str, ipv6: bool = False) -> tuple[str, str, int, int]:
@@ -539,9 +559,9 @@ def parse_publish(text: str, ipv6: bool = False) -> tuple[str, str, int, int]:
     if proto not in ("tcp", "udp"):
         raise UsageError(f"invalid --publish {text!r}: the protocol must be tcp or udp")
     addr = match.group("addr") or "0.0.0.0"
-    family = socket.AF_INET6 if v6 else socket.AF_INET
+    family = _socket.AF_INET6 if v6 else _socket.AF_INET
     try:
-        socket.inet_pton(family, addr)
+        _socket.inet_pton(family, addr)
     except OSError:
         kind = "IPv6" if v6 else "IPv4"
         raise UsageError(f"invalid --publish {text!r}: {addr!r} is not an {kind} address") from None
@@ -660,7 +680,9 @@ class Options:
         /etc/resolv.conf, with -6)."""
         from pyslirp.config import DEFAULT_IPV6_PREFIX, read_resolv_conf_search, valid_domain
 
-        ipv6_prefix = parse_ipv6_prefix(ns.ipv6_prefix or DEFAULT_IPV6_PREFIX)
+        ipv6_prefix = DEFAULT_IPV6_PREFIX
+        if ns.ipv6_prefix is not None:
+            ipv6_prefix = parse_ipv6_prefix(ns.ipv6_prefix)
         if ns.ipv6_prefix is not None and not self.enable_ipv6:
             raise UsageError("--ipv6-prefix needs --enable-ipv6")
         for name in ns.dns_search:

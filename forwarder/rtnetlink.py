@@ -8,9 +8,9 @@ MAC address, add an IPv4 address, add a default route. Read first: RFC 3549
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
-import socket
 import struct
 
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h> (also for forwarder.slaac)
@@ -64,7 +64,7 @@ class Rtnl:
     """One NETLINK_ROUTE socket in the current network namespace."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        self.sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, NETLINK_ROUTE)
         self.sock.bind((0, 0))
         self.seq = 0
 
@@ -106,19 +106,19 @@ class Rtnl:
         if address is not None:
             attrs += _attr(IFLA_ADDRESS, address)
         change = IFF_UP if up else 0
-        body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, change)
+        body = IFINFOMSG.pack(_socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, change)
         self._request(RTM_NEWLINK, 0, body + attrs)
 
     def addr_add(self, index: int, address: str, prefix_len: int) -> None:
-        packed = socket.inet_aton(address)
-        body = IFADDRMSG.pack(socket.AF_INET, prefix_len, 0, RT_SCOPE_UNIVERSE, index)
+        packed = _socket.inet_aton(address)
+        body = IFADDRMSG.pack(_socket.AF_INET, prefix_len, 0, RT_SCOPE_UNIVERSE, index)
         body += _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
         self._request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)
 
     def default_route_add(self, gateway: str, index: int) -> None:
         body = RTMSG.pack(
-            socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
+            _socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
         )
-        body += _attr(RTA_GATEWAY, socket.inet_aton(gateway))
+        body += _attr(RTA_GATEWAY, _socket.inet_aton(gateway))
         body += _attr(RTA_OIF, struct.pack("=I", index))
         self._request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)

@@ -268,9 +268,9 @@ def load() -> Binding:
     return _binding
 
 
-def _in_addr(address: ipaddress.IPv4Address) -> dict:
+def _in_addr(address: str) -> dict:
     # s_addr holds the address in network byte order, i.e. the packed bytes.
-    return {"s_addr": struct.unpack("=I", address.packed)[0]}
+    return {"s_addr": struct.unpack("=I", ipaddress.IPv4Address(address).packed)[0]}
 
 
 def _in6_addr(address: str) -> dict:
@@ -477,16 +477,16 @@ class LibslirpBackend(Backend):
         cfg.version = self.binding.config_version
         cfg.restricted = 0
         cfg.in_enabled = True
-        cfg.vnetwork = _in_addr(config.cidr.network_address)
-        cfg.vnetmask = _in_addr(config.cidr.netmask)
+        cfg.vnetwork = _in_addr(config.network_address)
+        cfg.vnetmask = _in_addr(config.netmask)
         cfg.vhost = _in_addr(config.gateway)
         cfg.vdhcp_start = _in_addr(config.dhcp_start)
         cfg.vnameserver = _in_addr(config.dns)
         # -6: libslirp's own IPv6 (RA, NDP, DHCPv6, ICMPv6 echo to its
         # addresses), on our prefix, gateway and DNS addresses.
         cfg.in6_enabled = bool(config.enable_ipv6)
-        cfg.vprefix_addr6 = _in6_addr(config.ipv6_prefix.network_address)
-        cfg.vprefix_len = config.ipv6_prefix.prefixlen
+        cfg.vprefix_addr6 = _in6_addr(config.ipv6_prefix.partition("/")[0])
+        cfg.vprefix_len = 64  # NetworkConfig takes /64s only
         cfg.vhost6 = _in6_addr(config.ipv6_gateway)
         cfg.vnameserver6 = _in6_addr(config.ipv6_dns)
         cfg.if_mtu = config.mtu
@@ -661,7 +661,7 @@ class LibslirpBackend(Backend):
         for port in (host_port, guest_port):
             if not 1 <= port <= 65535:
                 raise ValueError(f"port must be between 1 and 65535, got {port}")
-        if guest not in self.config.cidr:
+        if guest not in ipaddress.IPv4Network(self.config.cidr):
             raise ValueError(f"guest address {guest} is outside {self.config.cidr}")
         is_udp = int(proto == "udp")
         entry = (is_udp, host, host_port, guest, guest_port)
@@ -720,7 +720,8 @@ class LibslirpBackend(Backend):
 
     def list_connections(self) -> list[dict]:
         """Every socket libslirp holds, from slirp_connection_info."""
-        return parse_connection_info(self.connection_info(), self.config.cidr)
+        cidr = ipaddress.IPv4Network(self.config.cidr)
+        return parse_connection_info(self.connection_info(), cidr)
 
     def stats(self) -> dict:
         """What libslirp lets us count: our own counters around it (frames,

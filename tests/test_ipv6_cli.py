@@ -43,7 +43,8 @@ def test_ipv6_off_by_default(tmp_path):
 
 def test_random_prefix_is_a_unique_local_64():
     first, second = options.parse_ipv6_prefix("random"), options.parse_ipv6_prefix("random")
-    for prefix in (first, second):
+    for text in (first, second):
+        prefix = ipaddress.IPv6Network(text)
         assert prefix.prefixlen == 64
         assert prefix.network_address.packed[0] == 0xFD  # RFC 4193: fd00::/8, L = 1
         assert prefix.network_address.packed[6:8] == b"\0\0"  # subnet 0

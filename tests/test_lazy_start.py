@@ -144,6 +144,9 @@ def test_the_forwarder_console_format_and_rate_limit_without_logging_at_start():
         ("10.0.2.0 /24", "invalid CIDR: 10.0.2.0 /24"),
         ("1.2.3.4444/24", "invalid CIDR: 1.2.3.4444/24"),
         ("10.0.2.256/24", "invalid network address: 10.0.2.256"),
+        ("010.0.2.0/24", "invalid network address: 010.0.2.0"),
+        ("10.0.2.64/24", "CIDR needs to be a network address like 10.0.2.0/24, not like "
+         "10.0.2.100/24"),
         ("10.0.2.0/26", "prefix length needs to be 1-25"),
     ],
 )

@@ -9,8 +9,7 @@ host behind them; everything else is itself. Addresses are raw bytes (4 or
 
 from __future__ import annotations
 
-import ipaddress
-import socket
+import _socket
 
 from pyslirp.config import NetworkConfig
 from pyslirp.stack import icmpv4
@@ -21,12 +20,12 @@ LOOPBACK6 = "::1"
 
 
 def family_of(addr: bytes) -> int:
-    return socket.AF_INET6 if len(addr) == 16 else socket.AF_INET
+    return _socket.AF_INET6 if len(addr) == 16 else _socket.AF_INET
 
 
 def to_text(addr: bytes) -> str:
     """A raw address (4 or 16 bytes) as text, for logs and socket calls."""
-    return socket.inet_ntop(family_of(addr), addr)
+    return _socket.inet_ntop(family_of(addr), addr)
 
 
 class AddressMap:
@@ -58,7 +57,7 @@ class AddressMap:
         first = dst[0]
         if first == 0 or first == 127 or first >= 224:
             return icmpv4.NET_UNREACHABLE
-        return socket.inet_ntoa(dst)
+        return _socket.inet_ntoa(dst)
 
     def _to_host6(self, dst: bytes):
         if not self.ipv6:
@@ -67,6 +66,8 @@ class AddressMap:
             return LOOPBACK6 if self.host_loopback else icmpv4.NET_UNREACHABLE
         if self.stack_config.in_prefix6(dst) or dst[0] == 0xFE and dst[1] & 0xC0 == 0x80:
             return icmpv4.HOST_UNREACHABLE  # nobody else on the link
+        import ipaddress  # IPv6 only (a forwarder without -6 does without its 0.4 MB)
+
         address = ipaddress.IPv6Address(dst)
         # The unspecified and loopback addresses, multicast, and addresses
         # that would reach IPv4 through the host's stack (mapped, NAT64's
@@ -84,6 +85,8 @@ class AddressMap:
     def to_guest(self, host_addr: str) -> bytes:
         """The source address the guest sees for a host peer."""
         if ":" in host_addr:
+            import ipaddress  # as in _to_host6
+
             address = ipaddress.IPv6Address(host_addr.split("%")[0])
             if address.is_loopback and self.host_loopback:
                 return self.gateway6
@@ -93,4 +96,4 @@ class AddressMap:
             return address.packed
         if host_addr.startswith("127.") and self.host_loopback:
             return self.gateway
-        return socket.inet_aton(host_addr)
+        return _socket.inet_aton(host_addr)

@@ -4,9 +4,9 @@ pyslirp/_compat.py for the rest, pyslirp/tap.py for ``os.writev``)."""
 
 from __future__ import annotations
 
+import _socket
 import fcntl
 import os
-import socket
 import struct
 
 _SIOCGIFINDEX = 0x8933
@@ -15,11 +15,14 @@ _IFREQ_INDEX = struct.Struct("16si")
 
 def if_nametoindex(name: str) -> int:
     """socket.if_nametoindex, in the calling thread's network namespace."""
-    if hasattr(socket, "if_nametoindex"):
-        return socket.if_nametoindex(name)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    if hasattr(_socket, "if_nametoindex"):
+        return _socket.if_nametoindex(name)
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         request = _IFREQ_INDEX.pack(name.encode(), 0)
         return _IFREQ_INDEX.unpack(fcntl.ioctl(sock.fileno(), _SIOCGIFINDEX, request))[1]
+    finally:
+        sock.close()
 
 
 def pidfd_open(pid: int) -> int:

@@ -26,10 +26,10 @@ paused for ``accept_pause`` seconds.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import resource
-import socket
 import struct
 
 from pyslirp.log import WARNING, Logger, get_logger
@@ -153,7 +153,7 @@ class AcceptGuard:
         self.spare = _open_spare()
         self.shed = 0  # clients accepted and closed at once for want of descriptors
 
-    def accept_failed(self, listener: socket.socket, exc: OSError, now: float) -> bool:
+    def accept_failed(self, listener: _socket.socket, exc: OSError, now: float) -> bool:
         """``accept()`` on ``listener`` raised ``exc``. For EMFILE/ENFILE,
         take one waiting client off the queue with the spare descriptor and
         reset it. True if the listener must be paused (nothing could be
@@ -184,7 +184,7 @@ class AcceptGuard:
         else:
             self.shed += 1
             try:
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                client.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _LINGER_RESET)
             except OSError:
                 pass
             client.close()
@@ -203,6 +203,6 @@ def _open_spare() -> int:
     --enable-sandbox's pivot_root there is no /dev/null): an unbound unix
     datagram socket."""
     try:
-        return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).detach()
+        return _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM).detach()
     except OSError:
         return -1

@@ -29,6 +29,7 @@ cannot occur on this link and are dropped.
 
 from __future__ import annotations
 
+import _socket
 import struct
 from collections import Counter, deque
 
@@ -171,12 +172,13 @@ def _parse_options(data: bytes, options: dict) -> None:
 class DhcpServer:
     def __init__(self, config) -> None:
         self.config = config
-        self.server_id = config.gateway.packed
-        self.netmask = config.cidr.netmask.packed
-        self.router = config.gateway.packed
-        self.dns = config.dns.packed
-        start = int(config.dhcp_start)
-        last = min(start + config.dhcp_pool_size, int(config.cidr.broadcast_address))
+        self.server_id = config.host_bytes(2)
+        self.netmask = _socket.inet_aton(config.netmask)
+        self.router = config.host_bytes(2)
+        self.dns = config.host_bytes(3)
+        start = int.from_bytes(config.host_bytes(15), "big")
+        broadcast = int.from_bytes(_socket.inet_aton(config.broadcast), "big")
+        last = min(start + config.dhcp_pool_size, broadcast)
         self.pool = [n.to_bytes(4, "big") for n in range(start, last)]
         self._pool_set = set(self.pool)
         self.leases: dict[bytes, Lease] = {}  # chaddr -> lease (kept after it ends)
@@ -436,8 +438,8 @@ class DhcpServer:
             del self.owners[lease.address]
 
     def _in_network(self, address: bytes) -> bool:
-        net = self.config.cidr
-        return int.from_bytes(address, "big") & int(net.netmask) == int(net.network_address)
+        mask = int.from_bytes(self.netmask, "big")
+        return int.from_bytes(address, "big") & mask == int.from_bytes(self.config.network, "big")
 
     # -------------------------------------------------------------- replies
     def _reply(self, msg: DhcpMessage, kind: int, address: bytes | None) -> tuple:

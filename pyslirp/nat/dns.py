@@ -203,7 +203,7 @@ class DnsProxy:
         self.loop = loop
         self.config = loop.config
         self.budget = loop.stack.budget
-        self.address = loop.config.dns.packed
+        self.address = loop.config.host_bytes(3)  # 10.0.2.3
         self.upstreams = [
             Upstream(i, addr, port) for i, (addr, port) in enumerate(self.config.dns_upstreams)
         ]
