@@ -22,7 +22,6 @@ serves; all in the backend's own thread:
 from __future__ import annotations
 
 import abc
-import importlib
 
 from pyslirp.config import NetworkConfig
 
@@ -99,4 +98,6 @@ def create_backend(name: str, config: NetworkConfig) -> Backend:
     except KeyError:
         raise ValueError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})") from None
     module, _, cls = where.partition(":")
-    return getattr(importlib.import_module(module), cls)(config)
+    # __import__ with a fromlist gives the module itself (importlib, for
+    # import_module, would be one more package in the forwarder's memory)
+    return getattr(__import__(module, fromlist=[cls]), cls)(config)

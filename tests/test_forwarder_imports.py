@@ -202,6 +202,8 @@ NOT_IN_THE_PLAIN_MODE = {
     "pyslirp.nat.dns",
     "pyslirp.nat.icmp",
     "pyslirp.nat.forward",
+    "pyslirp.pcap",  # --pcap only
+    "importlib",  # pyslirp.backend finds a backend with __import__
 }
 READY_TIMEOUT = 30.0  # seconds: two CPUs shared with other test runs
 CONSOLE_SCRIPT = "import sys; from forwarder.cli import main; sys.exit(main())"

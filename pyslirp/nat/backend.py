@@ -20,7 +20,6 @@ from __future__ import annotations
 from pyslirp.backend import Backend
 from pyslirp.config import NetworkConfig
 from pyslirp.log import get_logger
-from pyslirp.pcap import PcapWriter
 from pyslirp.stack.events import (
     IcmpEchoRequested,
     TcpConnected,
@@ -35,6 +34,10 @@ from pyslirp.stack.events import (
 from .loop import Loop
 from .tcp import TcpNat
 from .udp import UdpNat
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from pyslirp.pcap import PcapWriter
 
 log = get_logger("pyslirp")
 
@@ -143,7 +146,11 @@ class PythonBackend(Backend):
     def start(self, tap_fd: int, stop_fd: int) -> None:
         if self.loop is not None:
             return
-        self._capture = PcapWriter(self.config.pcap_path) if self.config.pcap_path else None
+        self._capture = None
+        if self.config.pcap_path:
+            from pyslirp.pcap import PcapWriter  # --pcap only
+
+            self._capture = PcapWriter(self.config.pcap_path)
         self._stop_fd = stop_fd
         if self.link is not None:
             self.link.on_disconnect = self._on_guest_left
