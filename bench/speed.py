@@ -1,4 +1,4 @@
-"""Side-by-side speed of every backend: a Markdown table with ratios and a PNG chart.
+"""Side-by-side speed of every backend: a Markdown table with ratios and an SVG chart.
 
 Usage (as root, from the repository):
     python3 bench/speed.py [--time 3] [--mtu 1500 65520] [--runs 2] [--out bench/results]
@@ -10,7 +10,9 @@ request/response, connect/close, CPU seconds of the forwarder); beside them,
 for our forwarder and slirp4netns (bench/startup.py): the median and p90 of
 20 starts, ``--configure --ready-fd=N PID tap0`` from exec to the ready fd,
 with each interpreter's floors (``-c pass``, ``-S -c pass``) in the
-header; and RSS, PSS and USS idle and with 1,000 open connections.
+header; and RSS, PSS and USS idle and with 1,000 open connections. With
+``--forwarder``, the python column runs that program (its start-ups, its
+memory and its rates): an installed console script, as a pip user runs it.
 ``pasta`` runs Debian's passt build (as root it needs ``--runas 0``); a
 backend whose program is missing is left out with a note.
 
@@ -79,8 +81,17 @@ sys.stdin.read()
 """
 
 
-def command(backend: str, mtu: int, ns_path: str, ready_fd: int | None) -> list[str]:
+def command(
+    backend: str, mtu: int, ns_path: str, ready_fd: int | None, forwarder: list[str] | None = None
+) -> list[str]:
+    """The command line of ``backend``; ``forwarder`` (--forwarder) runs the
+    python backend, as an installed console script would."""
     ready = [f"--ready-fd={ready_fd}"] if ready_fd is not None else []
+    if forwarder and backend == "python":
+        return [*forwarder, "--configure", f"--mtu={mtu}", *ready, "--netns-type=path"] + [
+            ns_path,
+            "tap0",
+        ]
     if backend == "slirp4netns":
         return [
             "slirp4netns",
@@ -151,12 +162,12 @@ def memory_fields(prefix: str, pid: int) -> dict:
 
 
 @contextlib.contextmanager
-def started(backend: str, mtu: int, ns_name: str, ns_path: str):
+def started(backend: str, mtu: int, ns_name: str, ns_path: str, forwarder=None):
     """Start ``backend`` on the namespace; yield (process, ms to ready or None)."""
     ready_r = ready_w = None
     if backend != "pasta":
         ready_r, ready_w = os.pipe()
-    cmd = command(backend, mtu, ns_path, ready_w)
+    cmd = command(backend, mtu, ns_path, ready_w, forwarder)
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -230,7 +241,10 @@ def measure(backend, mtu, duration, tests, ports, hold, forwarder=None) -> dict:
     results = {}
     if "startup" in tests:
         results.update(startup_times(backend, mtu, forwarder))
-    with run.namespace(name) as ns_path, started(backend, mtu, name, ns_path) as (proc, _ms):
+    with run.namespace(name) as ns_path, started(backend, mtu, name, ns_path, forwarder) as (
+        proc,
+        _ms,
+    ):
         time.sleep(1.0)
         if backend != "pasta":
             results.update(memory_fields("memory idle", proc.pid))
@@ -415,8 +429,8 @@ def main() -> int:
         "--forwarder",
         type=str.split,  # one argument: "/venv/bin/python3 -m forwarder"
         default=None,
-        help="the python backend's start-ups with this command, say a pip-installed"
-        " pyslirp-forwarder (default: python3 -m forwarder from this checkout)",
+        help="run the python backend (start-ups, memory, rates) with this command, say a"
+        " pip-installed pyslirp-forwarder (default: python3 -m forwarder from this checkout)",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
