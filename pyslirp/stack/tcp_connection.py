@@ -200,6 +200,7 @@ class TcpConnection:
         "ip_sum",
         "tcp_sum",
         "pseudo_sum",
+        "mss_limit",
         # send sequence variables (RFC 9293 3.3.1)
         "iss",
         "snd_una",
@@ -285,11 +286,11 @@ class TcpConnection:
         self.serial = serial
         self.state = CLOSED
         self.user = None
+        # The frame template: eth (None until the guest's MAC is known) and
+        # addrs here; ip_sum, tcp_sum and pseudo_sum, with mss_limit,
+        # ts_offset and rcv_sws, are set by TcpLayer._new_connection.
         self.eth = None
         self.addrs = local + remote
-        self.ip_sum = 0
-        self.tcp_sum = 0
-        self.pseudo_sum = 0
         self.iss = 0
         self.snd_una = self.snd_nxt = self.snd_max = 0
         self.snd_wnd = 0
@@ -319,7 +320,6 @@ class TcpConnection:
         self.rcv_wscale = 0
         self.ts_enabled = False
         self.ts_recent = 0
-        self.ts_offset = 0
         self.ts_sampled = 0  # the last TSecr an RTT sample was taken from
         self.sack_permitted = False
         self.syn_packet = b""
@@ -348,7 +348,6 @@ class TcpConnection:
         self.delack_at = None
         self.delack_limit = 0  # two full-sized guest segments (set with the MSS by the layer)
         self.dirty = False
-        self.rcv_sws = 536
         self.bytes_in = 0
         self.bytes_out = 0
         self.retransmits = 0

@@ -81,6 +81,14 @@ _SYN_TS_WS = struct.Struct("!HHIIII")
 _SYN_ACK4 = struct.Struct("!14sBxHHHBBH8sHHIIBBHHxxHHIIII")
 _MSS_HEAD = 0x0204
 _WS_WORD = 0x01030300  # NOP, kind 3, length 3, then the shift
+# The 4-tuple as RFC 6528's F hashes it: local address and port, remote
+# address and port.
+_ISN4 = struct.Struct("!4sH4sH")
+_ISN6 = struct.Struct("!16sH16sH")
+# The 4-tuple as RFC 6528's F hashes it: local address and port, remote
+# address and port.
+_ISN4 = struct.Struct("!4sH4sH")
+_ISN6 = struct.Struct("!16sH16sH")
 # Linux's SYN options (tcp.parse_options' common case): MSS, SACK permitted,
 # timestamps, then NOP and window scale as one word.
 _SYN_LINUX = struct.Struct("!HHHHIII")
@@ -161,12 +169,6 @@ class TcpLayer:
         while (self.config.receive_buffer >> shift) > 0xFFFF and shift < tcp.MAX_WINDOW_SCALE:
             shift += 1
         self._rcv_wscale = shift
-
-    def _mss_limit(self, conn: TcpConnection) -> int:
-        """Largest payload per segment the MTU allows, without TCP options:
-        less the IPv4 and TCP headers (40 bytes), or IPv6's (60)."""
-        limit = self.stack.config.mtu - 40
-        return limit - 20 if len(conn.remote) == 16 else limit
 
     # ------------------------------------------------------------ ingress
     def receive_fast(self, data, off: int, trusted: bool, gso: bool, now: float) -> bool:
@@ -458,7 +460,11 @@ class TcpLayer:
         conn.tcp_sum = both + tcp.PROTOCOL + local_port + remote_port
         conn.pseudo_sum = both + tcp.PROTOCOL
         conn.ts_offset = self.random.getrandbits(32)
-        conn.rcv_sws = min(conn.rcv_limit // 2, self._mss_limit(conn))
+        # The largest payload per segment the MTU allows, without TCP
+        # options: less the IPv4 and TCP headers (40 bytes), or IPv6's (60).
+        limit = conn.mss_limit = self.stack.config.mtu - (40 if len(remote) == 4 else 60)
+        half = conn.rcv_limit // 2
+        conn.rcv_sws = half if half < limit else limit
         self.connections[key] = conn
         return conn
 
@@ -482,7 +488,7 @@ class TcpLayer:
         conn.sack_permitted = sack
 
     def _set_mss(self, conn: TcpConnection) -> None:
-        limit = self._mss_limit(conn)
+        limit = conn.mss_limit
         mss = min(conn.guest_mss, limit)
         if conn.ts_enabled:
             mss -= 12
@@ -500,11 +506,9 @@ class TcpLayer:
         ``now``), F a keyed hash (BLAKE2b, RFC 7693) of the 4-tuple. A new
         incarnation of a 4-tuple starts above where the old one began, and
         an observer of one connection learns nothing of another's ISN."""
-        tuple_bytes = b"".join(
-            (local, local_port.to_bytes(2, "big"), remote, remote_port.to_bytes(2, "big"))
-        )
         keyed = self._isn_hash.copy()  # a copy skips hashing the key block again
-        keyed.update(tuple_bytes)
+        four = _ISN4 if len(local) == 4 else _ISN6
+        keyed.update(four.pack(local, local_port, remote, remote_port))
         digest = keyed.digest()
         return (int(now * 250_000) + int.from_bytes(digest, "big")) & MASK
 
@@ -979,14 +983,14 @@ class TcpLayer:
             # in one pack, its sum from the fields (2**16 = 1 modulo 0xFFFF,
             # so a 32-bit field adds as itself). The general path below is
             # the reference (tests/test_tcp_stack.py compares the two).
-            mss = self._mss_limit(conn)
+            mss = conn.mss_limit
             ts_val = conn.ts_value(now)
             ts_ecr = conn.ts_recent
             ws_word = _WS_WORD | conn.rcv_wscale
             options = _SYN_TS_WS.pack(_MSS_HEAD, mss, _TS_WORD, ts_val, ts_ecr, ws_word)
             return options, (_MSS_HEAD + mss + _TS_SUM + ts_val + ts_ecr + ws_word) % 0xFFFF
         options = tcp.build_options(
-            mss=self._mss_limit(conn),
+            mss=conn.mss_limit,
             window_scale=conn.rcv_wscale if conn.ws_enabled else -1,
             timestamp=(conn.ts_value(now), conn.ts_recent) if conn.ts_enabled else None,
         )
@@ -1006,7 +1010,7 @@ class TcpLayer:
             # IPv4 only): the frame _frame would build from syn_options, in
             # one pack, both checksums whole from the precomputed sums
             # (tests/test_tcp_prediction.py compares it with _frame's).
-            mss = self._mss_limit(conn)
+            mss = conn.mss_limit
             ts_val = (int(now * 1000) + conn.ts_offset) & MASK  # conn.ts_value(now)
             ts_ecr = conn.ts_recent
             ws_word = _WS_WORD | conn.rcv_wscale
