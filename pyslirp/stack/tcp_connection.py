@@ -802,6 +802,14 @@ class TcpConnection:
         connection is closed. False (nothing changed) otherwise."""
         if not self._plain_ack_taken(seq, ack, ts, now):
             return False
+        if self.fin_seq == self.snd_una:
+            # Nothing but our FIN was unacknowledged (the usual close): RFC
+            # 9293 3.10.7.4 has the TCB deleted, no RTT sample, congestion
+            # window or send window to update for a connection that is gone.
+            self.snd_una = ack
+            self.fin_acked = True
+            self.layer.connection_closed(self, now)
+            return True
         self._new_ack(ack, ts, now)
         self._update_window(seq, ack, window << self.snd_wscale)
         if self.fin_acked:  # SND.MAX is past our FIN: always
