@@ -1119,6 +1119,30 @@ class TcpConnection:
                         layer.arm(self)
                 self.ack_pending = False
                 return
+        if (
+            self.close_requested
+            and self.fin_seq is None
+            and (state is CLOSE_WAIT or state is ESTABLISHED)
+            and not self.snd_buf.size
+            and self.snd_una == self.snd_nxt == self.snd_max
+            and layer.predict
+        ):
+            # The usual close: nothing left to send or resend but our FIN.
+            # What the general path below does for it, in short (as the
+            # shortcut above, compared with it by tests/test_tcp_prediction.py).
+            una = self.snd_una
+            layer.emit(self, ACK | FIN, una, b"", now)
+            nxt = self.snd_nxt = self.snd_max = (una + 1) & MASK
+            self._fin_sent(una)
+            if self.rtt_seq is None and not self.ts_enabled:
+                self.rtt_seq = nxt
+                self.rtt_time = now
+            if self.rtx_at is None or self.persisting:
+                self.persisting = False
+                self.rtx_at = now + self.rto
+            self.ack_pending = False
+            layer.arm(self)
+            return
         sent = False
         if state in SENDING:
             buf = self.snd_buf
