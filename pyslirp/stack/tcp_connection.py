@@ -842,7 +842,7 @@ class TcpConnection:
         """SYN-RECEIVED or SYN-SENT -> ESTABLISHED on the ACK of our SYN
         (``window``: the guest's window in bytes, scaled)."""
         self.snd_una = ack
-        if seq_lt(self.snd_nxt, ack):
+        if 0 < ((ack - self.snd_nxt) & MASK) < HALF:  # seq_lt(SND.NXT, ack)
             self.snd_nxt = ack
         self.snd_wnd = self.max_snd_wnd = window
         self.snd_wl1 = seq
@@ -852,7 +852,9 @@ class TcpConnection:
             self.set_rto_sample(now - self.rtt_time)
         self.retries = 0
         self.rtx_at = None
-        self.layer.keepalive_start(self, now)
+        idle = self.layer.config.keepalive_idle  # RFC 1122 4.2.3.6 (0: no keep-alive)
+        if idle:
+            self.wait_at = now + idle
         self.mark()  # data or a FIN may be waiting for this moment
 
     def _new_ack(self, ack: int, ts, now: float) -> None:

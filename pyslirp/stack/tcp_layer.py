@@ -223,7 +223,7 @@ class TcpLayer:
         if flags & SYN:  # a SYN for a known connection: the full path's business
             return False
         state = conn.state
-        if state is LISTEN or state is SYN_SENT or state is CLOSED:
+        if state <= SYN_SENT:  # CLOSED, LISTEN or SYN-SENT: the full path's
             return False
         if self.stack.arp_cache.get(src) != src_mac:
             return False
@@ -790,10 +790,6 @@ class TcpLayer:
                 self.counters["tcp-time-wait-reclaimed"] += 1
                 return True
         return False
-
-    def keepalive_start(self, conn: TcpConnection, now: float) -> None:
-        if self.config.keepalive_idle:
-            conn.wait_at = now + self.config.keepalive_idle
 
     def keepalive_due(self, conn: TcpConnection, now: float) -> None:
         config = self.config
