@@ -292,35 +292,35 @@ class TcpLayer:
             s = int.from_bytes(src, "big") + int.from_bytes(dst, "big") + 6 + header_len
             if (s + checksum.partial_sum(memoryview(data)[at:end])) % 0xFFFF:
                 return False
-        linux = None
-        if header_len == 40:  # Linux's SYN options: straight to the connection
-            mss_head, mss, sack, ts_head, ts_val, ts_ecr, ws_head = _SYN_LINUX.unpack_from(
+        if header_len == 40:
+            mss_head, mss, sack, ts_head, ts_val, _ecr, ws_head = _SYN_LINUX.unpack_from(
                 data, at + 20
             )
-            if (
+            linux = (
                 mss_head == 0x0204
                 and sack == 0x0402
                 and ts_head == 0x080A
                 and ws_head >> 8 == 0x010303
-            ):
-                ws = ws_head & 0xFF
-                linux = (mss, ws if ws < tcp.MAX_WINDOW_SCALE else tcp.MAX_WINDOW_SCALE, ts_val)
-        if linux is None:
+            )
+        else:
+            linux = False
+        if linux:  # Linux's SYN options: straight to the connection
+            ws = ws_head & 0xFF
+            if ws > tcp.MAX_WINDOW_SCALE:
+                ws = tcp.MAX_WINDOW_SCALE
+            sack = True
+        else:  # another layout: the parser's (it may raise MalformedFrame, as in the full path)
             seg = tcp.TcpSegment(sport, dport, seq, 0, SYN, 0, 0, b"")
-            if header_len > 20:  # may raise MalformedFrame, as the parser would
+            if header_len > 20:
                 tcp.parse_options(seg, memoryview(data)[at + 20 : end])
+            mss, ws, ts_val, sack = seg.mss, seg.window_scale, seg.timestamp, seg.sack_permitted
+            if ts_val is not None:
+                ts_val = ts_val[0]
         # _no_connection for a SYN, as the full path would reach it: a full
         # table gives up its oldest TIME-WAIT entry, or the full path refuses.
         if len(self.connections) >= self.config.max_connections and not self._reclaim():
             return False
-        syn_packet = bytes(data[off + 14 : at + 20])
-        if linux is None:
-            mss, ws, ts_val, sack = seg.mss, seg.window_scale, seg.timestamp, seg.sack_permitted
-            if ts_val is not None:
-                ts_val = ts_val[0]
-            self._syn_recorded(key, seq, mss, ws, ts_val, sack, syn_packet, now)
-        else:
-            self._syn_recorded(key, seq, linux[0], linux[1], linux[2], True, syn_packet, now)
+        self._syn_recorded(key, seq, mss, ws, ts_val, sack, bytes(data[off + 14 : at + 20]), now)
         return True
 
     def receive_segment(self, ip, packet, payload, now: float) -> None:
