@@ -794,7 +794,12 @@ class TcpConnection:
         self._established(seq, ack, window << self.snd_wscale, now)
         if ts is not None:
             self.ts_recent = ts[0]
-        self.layer.arm(self)
+        # layer.arm, when it has something to do: the retransmission
+        # deadline is gone, the keep-alive one (two hours off) is usually
+        # later than the heap's entry for our SYN-ACK.
+        wait_at = self.wait_at
+        if wait_at is not None and (self.heap_at is None or wait_at < self.heap_at):
+            self.layer.arm(self)
         return True
 
     def last_acked(self, seq: int, ack: int, window: int, ts, now: float) -> bool:
