@@ -85,10 +85,6 @@ _WS_WORD = 0x01030300  # NOP, kind 3, length 3, then the shift
 # address and port.
 _ISN4 = struct.Struct("!4sH4sH")
 _ISN6 = struct.Struct("!16sH16sH")
-# The 4-tuple as RFC 6528's F hashes it: local address and port, remote
-# address and port.
-_ISN4 = struct.Struct("!4sH4sH")
-_ISN6 = struct.Struct("!16sH16sH")
 # Linux's SYN options (tcp.parse_options' common case): MSS, SACK permitted,
 # timestamps, then NOP and window scale as one word.
 _SYN_LINUX = struct.Struct("!HHHHIII")
