@@ -837,6 +837,7 @@ class TcpLayer:
             if conn.ts_enabled:
                 header_len = 32
                 total = 52 + size
+                ip_sum = (conn.ip_sum + total + ident) % 0xFFFF  # _ip_checksum, inline
                 frame = _FRAME4_TS.pack(
                     eth,
                     0x45,
@@ -845,7 +846,7 @@ class TcpLayer:
                     _DF,
                     _TTL,
                     6,  # TCP
-                    _ip_checksum(conn, total, ident),
+                    (~ip_sum) & 0xFFFF if ip_sum else 0,
                     conn.addrs,
                     conn.local_port,
                     conn.remote_port,
@@ -856,7 +857,7 @@ class TcpLayer:
                     window,
                     (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF,
                     _TS_WORD,
-                    conn.ts_value(now),
+                    (int(now * 1000) + conn.ts_offset) & MASK,  # conn.ts_value(now)
                     conn.ts_recent,
                 )
             else:
