@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pyslirp import log  # noqa: E402
 from pyslirp.config import NetworkConfig  # noqa: E402
 from pyslirp.nat.backend import build_loop  # noqa: E402
 from pyslirp.stack import checksum  # noqa: E402
@@ -201,6 +202,9 @@ def main() -> int:
             busy_poll=args.busy_poll / 1e6,
             record_path=args.record,
         )
+        # The forwarder's default --log-level (forwarder/ratelimit.py): an
+        # INFO line per connection is dropped before logging is asked.
+        log.configure("warning")
         loop = build_loop(config, ours.fileno(), stop_r)
         guest_status = []
 

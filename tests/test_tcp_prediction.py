@@ -17,6 +17,8 @@ import random
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyslirp.stack import checksum
 from pyslirp.stack.config import StackConfig, TcpConfig
@@ -360,3 +362,71 @@ def test_syn_fast_path_matches_the_full_path(vnet, seed):
     assert pair.stacks[0].counters == pair.stacks[1].counters
     assert pair.fast_taken > 50, pair.fast_taken
     assert tcps[0].counters["tcp-time-wait-reclaimed"] > 5
+
+
+# SYN options for the differential test below: Linux's usual layout (MSS,
+# SACK permitted, timestamps, NOP, window scale: the one _syn_fast unpacks
+# into the connection itself) with its values drawn, or any mix of those
+# options and NOPs in any order, padded to a multiple of 4 bytes.
+_U16 = st.integers(0, 0xFFFF)
+_U32 = st.integers(0, MASK)
+_LINUX_SYN = st.builds(
+    lambda mss, tsval, tsecr, shift: struct.pack(
+        "!BBHBBBBIIBBBB", 2, 4, mss, 4, 2, 8, 10, tsval, tsecr, 1, 3, 3, shift
+    ),
+    _U16,
+    _U32,
+    _U32,
+    st.integers(0, 255),
+)
+_ONE_OPTION = st.one_of(
+    st.builds(lambda mss: struct.pack("!BBH", 2, 4, mss), _U16),
+    st.just(b"\x04\x02"),
+    st.builds(lambda v, e: struct.pack("!BBII", 8, 10, v, e), _U32, _U32),
+    st.builds(lambda shift: bytes((3, 3, shift)), st.integers(0, 255)),
+    st.just(b"\x01"),
+)
+_ANY_SYN = st.lists(_ONE_OPTION, max_size=6).map(b"".join).filter(lambda o: len(o) <= 40)
+_SYN_OPTIONS = st.one_of(_LINUX_SYN, _ANY_SYN).map(lambda o: o + b"\x01" * (-len(o) % 4))
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(options=_SYN_OPTIONS, vnet=st.booleans(), isn=_U32, window=_U16)
+def test_syn_and_syn_ack_fast_paths_match_the_full_path(options, vnet, isn, window):
+    """A SYN with any layout of its options: _syn_fast (Linux's layout
+    unpacked straight into the connection, others through the parser) and
+    send_syn_ack's one-pack frame leave the same connection, events and
+    frames as the full parsers and _frame; then the handshake's last ACK."""
+    pair = Pair(vnet)
+    now = 1.0
+    pair.feed(frame(segment(39999, 80, 0x02, 1, 0, window=64240)), now)  # the guest's MAC
+    rng = random.Random(0)
+    pair.settle(now, rng)
+    fast_before = pair.fast_taken
+    pair.feed(frame(segment(40000, 80, 0x02, isn, 0, window=window, options=options)), now)
+    assert pair.fast_taken == fast_before + 1  # a SYN of a known guest: the fast path
+    pair.settle(now, rng)  # compares, then accepts in both
+    now += 0.25
+    sent = pair.settle(now, rng)  # the SYN-ACKs (compared)
+    assert len(sent) == 1
+    key = (GUEST, 40000, PEER, 80)
+    conns = [stack.tcp.connections[key] for stack in pair.stacks]
+    for conn in conns:
+        assert conn.state.name == "SYN_RECEIVED"
+    fields = (
+        "irs", "iss", "rcv_nxt", "rcv_adv", "ack_sent", "mss", "guest_mss", "ws_enabled",
+        "snd_wscale", "rcv_wscale", "ts_enabled", "ts_recent", "sack_permitted", "syn_packet",
+        "cwnd", "delack_limit", "rcv_sws", "rtt_time", "rtx_at",
+    )  # fmt: skip
+    assert [getattr(conns[0], f) for f in fields] == [getattr(conns[1], f) for f in fields]
+    ts = ((conns[0].ts_recent + 1) & MASK, _our_tsval(sent, 0)) if conns[0].ts_enabled else None
+    ack = frame(segment(40000, 80, 0x10, isn + 1, conns[0].iss + 1, window=window, ts=ts))
+    pair.feed(ack, now + 0.01)
+    pair.settle(now + 0.01, rng)
+    assert [c.state.name for c in conns] == ["ESTABLISHED", "ESTABLISHED"]

@@ -292,9 +292,8 @@ def test_syn_options_in_one_pack_equal_build_options_and_their_sum():
         conn = type("Conn", (), {"ts_value": tcp_connection.TcpConnection.ts_value})()
         conn.ws_enabled = conn.ts_enabled = True
         conn.rcv_wscale, conn.ts_recent, conn.ts_offset = shift, ts_ecr, ts_val
-        conn.remote = bytes(4)
+        conn.mss_limit = mss  # an MTU of mss + 40 (TcpLayer._new_connection)
         layer = tcp_layer.TcpLayer.__new__(tcp_layer.TcpLayer)
-        layer.stack = type("Stack", (), {"config": type("C", (), {"mtu": mss + 40})()})()
         options, words = layer.syn_options(conn, 0.0)
         expected = tcp.build_options(mss=mss, window_scale=shift, timestamp=(ts_val, ts_ecr))
         assert options == expected

@@ -200,6 +200,7 @@ class TcpConnection:
         "ip_sum",
         "tcp_sum",
         "pseudo_sum",
+        "mss_limit",
         # send sequence variables (RFC 9293 3.3.1)
         "iss",
         "snd_una",
@@ -285,11 +286,11 @@ class TcpConnection:
         self.serial = serial
         self.state = CLOSED
         self.user = None
+        # The frame template: eth (None until the guest's MAC is known) and
+        # addrs here; ip_sum, tcp_sum and pseudo_sum, with mss_limit,
+        # ts_offset and rcv_sws, are set by TcpLayer._new_connection.
         self.eth = None
         self.addrs = local + remote
-        self.ip_sum = 0
-        self.tcp_sum = 0
-        self.pseudo_sum = 0
         self.iss = 0
         self.snd_una = self.snd_nxt = self.snd_max = 0
         self.snd_wnd = 0
@@ -319,7 +320,6 @@ class TcpConnection:
         self.rcv_wscale = 0
         self.ts_enabled = False
         self.ts_recent = 0
-        self.ts_offset = 0
         self.ts_sampled = 0  # the last TSecr an RTT sample was taken from
         self.sack_permitted = False
         self.syn_packet = b""
@@ -348,7 +348,6 @@ class TcpConnection:
         self.delack_at = None
         self.delack_limit = 0  # two full-sized guest segments (set with the MSS by the layer)
         self.dirty = False
-        self.rcv_sws = 536
         self.bytes_in = 0
         self.bytes_out = 0
         self.retransmits = 0
@@ -795,7 +794,12 @@ class TcpConnection:
         self._established(seq, ack, window << self.snd_wscale, now)
         if ts is not None:
             self.ts_recent = ts[0]
-        self.layer.arm(self)
+        # layer.arm, when it has something to do: the retransmission
+        # deadline is gone, the keep-alive one (two hours off) is usually
+        # later than the heap's entry for our SYN-ACK.
+        wait_at = self.wait_at
+        if wait_at is not None and (self.heap_at is None or wait_at < self.heap_at):
+            self.layer.arm(self)
         return True
 
     def last_acked(self, seq: int, ack: int, window: int, ts, now: float) -> bool:
@@ -803,6 +807,14 @@ class TcpConnection:
         connection is closed. False (nothing changed) otherwise."""
         if not self._plain_ack_taken(seq, ack, ts, now):
             return False
+        if self.fin_seq == self.snd_una:
+            # Nothing but our FIN was unacknowledged (the usual close): RFC
+            # 9293 3.10.7.4 has the TCB deleted, no RTT sample, congestion
+            # window or send window to update for a connection that is gone.
+            self.snd_una = ack
+            self.fin_acked = True
+            self.layer.connection_closed(self, now)
+            return True
         self._new_ack(ack, ts, now)
         self._update_window(seq, ack, window << self.snd_wscale)
         if self.fin_acked:  # SND.MAX is past our FIN: always
@@ -835,7 +847,7 @@ class TcpConnection:
         """SYN-RECEIVED or SYN-SENT -> ESTABLISHED on the ACK of our SYN
         (``window``: the guest's window in bytes, scaled)."""
         self.snd_una = ack
-        if seq_lt(self.snd_nxt, ack):
+        if 0 < ((ack - self.snd_nxt) & MASK) < HALF:  # seq_lt(SND.NXT, ack)
             self.snd_nxt = ack
         self.snd_wnd = self.max_snd_wnd = window
         self.snd_wl1 = seq
@@ -845,7 +857,9 @@ class TcpConnection:
             self.set_rto_sample(now - self.rtt_time)
         self.retries = 0
         self.rtx_at = None
-        self.layer.keepalive_start(self, now)
+        idle = self.layer.config.keepalive_idle  # RFC 1122 4.2.3.6 (0: no keep-alive)
+        if idle:
+            self.wait_at = now + idle
         self.mark()  # data or a FIN may be waiting for this moment
 
     def _new_ack(self, ack: int, ts, now: float) -> None:
@@ -1112,6 +1126,30 @@ class TcpConnection:
                         layer.arm(self)
                 self.ack_pending = False
                 return
+        if (
+            self.close_requested
+            and self.fin_seq is None
+            and (state is CLOSE_WAIT or state is ESTABLISHED)
+            and not self.snd_buf.size
+            and self.snd_una == self.snd_nxt == self.snd_max
+            and layer.predict
+        ):
+            # The usual close: nothing left to send or resend but our FIN.
+            # What the general path below does for it, in short (as the
+            # shortcut above, compared with it by tests/test_tcp_prediction.py).
+            una = self.snd_una
+            layer.emit(self, ACK | FIN, una, b"", now)
+            nxt = self.snd_nxt = self.snd_max = (una + 1) & MASK
+            self._fin_sent(una)
+            if self.rtt_seq is None and not self.ts_enabled:
+                self.rtt_seq = nxt
+                self.rtt_time = now
+            if self.rtx_at is None or self.persisting:
+                self.persisting = False
+                self.rtx_at = now + self.rto
+            self.ack_pending = False
+            layer.arm(self)
+            return
         sent = False
         if state in SENDING:
             buf = self.snd_buf

@@ -76,8 +76,18 @@ _TS_WORD = 0x0101080A
 # Our SYN-ACK's options with timestamps and window scaling (syn_options):
 # MSS (kind 2, length 4), NOP NOP TS (kind 8, length 10), NOP WS (kind 3, length 3).
 _SYN_TS_WS = struct.Struct("!HHIIII")
+# A whole SYN-ACK with those options (74 bytes): _FRAME4_TS's fields up to
+# the TCP checksum (urgent pointer 0), then _SYN_TS_WS's options.
+_SYN_ACK4 = struct.Struct("!14sBxHHHBBH8sHHIIBBHHxxHHIIII")
 _MSS_HEAD = 0x0204
 _WS_WORD = 0x01030300  # NOP, kind 3, length 3, then the shift
+# The 4-tuple as RFC 6528's F hashes it: local address and port, remote
+# address and port.
+_ISN4 = struct.Struct("!4sH4sH")
+_ISN6 = struct.Struct("!16sH16sH")
+# Linux's SYN options (tcp.parse_options' common case): MSS, SACK permitted,
+# timestamps, then NOP and window scale as one word.
+_SYN_LINUX = struct.Struct("!HHHHIII")
 _MIN_MSS = 48  # Linux's TCP_MIN_SND_MSS: a guest cannot make us send less
 
 
@@ -156,12 +166,6 @@ class TcpLayer:
             shift += 1
         self._rcv_wscale = shift
 
-    def _mss_limit(self, conn: TcpConnection) -> int:
-        """Largest payload per segment the MTU allows, without TCP options:
-        less the IPv4 and TCP headers (40 bytes), or IPv6's (60)."""
-        limit = self.stack.config.mtu - 40
-        return limit - 20 if len(conn.remote) == 16 else limit
-
     # ------------------------------------------------------------ ingress
     def receive_fast(self, data, off: int, trusted: bool, gso: bool, now: float) -> bool:
         """Header prediction for a whole IPv4 frame at ``data[off:]``: an
@@ -215,7 +219,7 @@ class TcpLayer:
         if flags & SYN:  # a SYN for a known connection: the full path's business
             return False
         state = conn.state
-        if state is LISTEN or state is SYN_SENT or state is CLOSED:
+        if state <= SYN_SENT:  # CLOSED, LISTEN or SYN-SENT: the full path's
             return False
         if self.stack.arp_cache.get(src) != src_mac:
             return False
@@ -284,14 +288,35 @@ class TcpLayer:
             s = int.from_bytes(src, "big") + int.from_bytes(dst, "big") + 6 + header_len
             if (s + checksum.partial_sum(memoryview(data)[at:end])) % 0xFFFF:
                 return False
-        seg = tcp.TcpSegment(sport, dport, seq, 0, SYN, 0, 0, b"")
-        if header_len > 20:  # may raise MalformedFrame, as the parser would
-            tcp.parse_options(seg, memoryview(data)[at + 20 : end])
+        if header_len == 40:
+            mss_head, mss, sack, ts_head, ts_val, _ecr, ws_head = _SYN_LINUX.unpack_from(
+                data, at + 20
+            )
+            linux = (
+                mss_head == 0x0204
+                and sack == 0x0402
+                and ts_head == 0x080A
+                and ws_head >> 8 == 0x010303
+            )
+        else:
+            linux = False
+        if linux:  # Linux's SYN options: straight to the connection
+            ws = ws_head & 0xFF
+            if ws > tcp.MAX_WINDOW_SCALE:
+                ws = tcp.MAX_WINDOW_SCALE
+            sack = True
+        else:  # another layout: the parser's (it may raise MalformedFrame, as in the full path)
+            seg = tcp.TcpSegment(sport, dport, seq, 0, SYN, 0, 0, b"")
+            if header_len > 20:
+                tcp.parse_options(seg, memoryview(data)[at + 20 : end])
+            mss, ws, ts_val, sack = seg.mss, seg.window_scale, seg.timestamp, seg.sack_permitted
+            if ts_val is not None:
+                ts_val = ts_val[0]
         # _no_connection for a SYN, as the full path would reach it: a full
         # table gives up its oldest TIME-WAIT entry, or the full path refuses.
         if len(self.connections) >= self.config.max_connections and not self._reclaim():
             return False
-        self._syn_recorded(key, seg, bytes(data[off + 14 : at + 20]), now)
+        self._syn_recorded(key, seq, mss, ws, ts_val, sack, bytes(data[off + 14 : at + 20]), now)
         return True
 
     def receive_segment(self, ip, packet, payload, now: float) -> None:
@@ -342,16 +367,27 @@ class TcpLayer:
             ack = (seg.seq + seg.length) & MASK
             self.send_reset(ip.dst, seg.dst_port, ip.src, seg.src_port, 0, ack)
             return
-        self._syn_recorded(key, seg, bytes(packet[: ip.header_len + tcp.HEADER_LEN]), now)
+        ts = seg.timestamp
+        self._syn_recorded(
+            key,
+            seg.seq,
+            seg.mss,
+            seg.window_scale,
+            None if ts is None else ts[0],
+            seg.sack_permitted,
+            bytes(packet[: ip.header_len + tcp.HEADER_LEN]),
+            now,
+        )
 
-    def _syn_recorded(self, key, seg, syn_packet: bytes, now: float) -> None:
+    def _syn_recorded(self, key, seq, mss, window_scale, ts_val, sack, syn_packet, now) -> None:
         """A guest SYN for no connection, with room in the table (the end of
         _no_connection and of _syn_fast): LISTEN, and the NAT side is asked.
-        ``syn_packet``: its IPv4 and TCP headers, for an ICMP error's quote."""
+        Its options as _take_syn_options takes them; ``syn_packet``: its
+        IPv4 and TCP headers, for an ICMP error's quote."""
         remote, remote_port, local, local_port = key
         conn = self._new_connection(key, local, local_port, remote, remote_port, now)
-        conn.syn_arrived(seg.seq)
-        self._take_syn_options(conn, seg)
+        conn.syn_arrived(seq)
+        self._take_syn_options(conn, mss, window_scale, ts_val, sack)
         conn.syn_packet = syn_packet
         self.counters["tcp-connect-requests"] += 1
         self.events.append(TcpConnectRequested(conn))
@@ -368,7 +404,14 @@ class TcpLayer:
                 self.counters["tcp-syn-repeated"] += 1
             else:  # a new attempt from the same port: answer that one
                 conn.syn_arrived(seg.seq)
-                self._take_syn_options(conn, seg)
+                ts = seg.timestamp
+                self._take_syn_options(
+                    conn,
+                    seg.mss,
+                    seg.window_scale,
+                    None if ts is None else ts[0],
+                    seg.sack_permitted,
+                )
 
     def _syn_sent_arrives(self, conn: TcpConnection, seg, now: float) -> None:
         """RFC 9293 3.10.7.3, for connections we open toward the guest."""
@@ -413,27 +456,35 @@ class TcpLayer:
         conn.tcp_sum = both + tcp.PROTOCOL + local_port + remote_port
         conn.pseudo_sum = both + tcp.PROTOCOL
         conn.ts_offset = self.random.getrandbits(32)
-        conn.rcv_sws = min(conn.rcv_limit // 2, self._mss_limit(conn))
+        # The largest payload per segment the MTU allows, without TCP
+        # options: less the IPv4 and TCP headers (40 bytes), or IPv6's (60).
+        limit = conn.mss_limit = self.stack.config.mtu - (40 if len(remote) == 4 else 60)
+        half = conn.rcv_limit // 2
+        conn.rcv_sws = half if half < limit else limit
         self.connections[key] = conn
         return conn
 
-    def _take_syn_options(self, conn: TcpConnection, seg) -> None:
+    def _take_syn_options(self, conn: TcpConnection, mss, window_scale, ts_val, sack) -> None:
+        """A guest SYN's options: ``mss`` (0: none), ``window_scale`` (-1:
+        none), ``ts_val`` its TSval (None: no timestamps), ``sack`` permitted."""
         config = self.config
-        conn.guest_mss = max(seg.mss or 536, _MIN_MSS)
-        if seg.window_scale >= 0 and config.window_scaling:
+        conn.guest_mss = max(mss or 536, _MIN_MSS)
+        if window_scale >= 0 and config.window_scaling:
             conn.ws_enabled = True
-            conn.snd_wscale = seg.window_scale
+            conn.snd_wscale = window_scale
             conn.rcv_wscale = self._rcv_wscale
         else:
             conn.ws_enabled = False
             conn.snd_wscale = conn.rcv_wscale = 0
-        conn.ts_enabled = seg.timestamp is not None and config.timestamps
-        if conn.ts_enabled:
-            conn.ts_recent = seg.timestamp[0]
-        conn.sack_permitted = seg.sack_permitted
+        if ts_val is not None and config.timestamps:
+            conn.ts_enabled = True
+            conn.ts_recent = ts_val
+        else:
+            conn.ts_enabled = False
+        conn.sack_permitted = sack
 
     def _set_mss(self, conn: TcpConnection) -> None:
-        limit = self._mss_limit(conn)
+        limit = conn.mss_limit
         mss = min(conn.guest_mss, limit)
         if conn.ts_enabled:
             mss -= 12
@@ -451,11 +502,9 @@ class TcpLayer:
         ``now``), F a keyed hash (BLAKE2b, RFC 7693) of the 4-tuple. A new
         incarnation of a 4-tuple starts above where the old one began, and
         an observer of one connection learns nothing of another's ISN."""
-        tuple_bytes = b"".join(
-            (local, local_port.to_bytes(2, "big"), remote, remote_port.to_bytes(2, "big"))
-        )
         keyed = self._isn_hash.copy()  # a copy skips hashing the key block again
-        keyed.update(tuple_bytes)
+        four = _ISN4 if len(local) == 4 else _ISN6
+        keyed.update(four.pack(local, local_port, remote, remote_port))
         digest = keyed.digest()
         return (int(now * 250_000) + int.from_bytes(digest, "big")) & MASK
 
@@ -738,10 +787,6 @@ class TcpLayer:
                 return True
         return False
 
-    def keepalive_start(self, conn: TcpConnection, now: float) -> None:
-        if self.config.keepalive_idle:
-            conn.wait_at = now + self.config.keepalive_idle
-
     def keepalive_due(self, conn: TcpConnection, now: float) -> None:
         config = self.config
         if conn.state not in (ESTABLISHED, CLOSE_WAIT, FIN_WAIT_2):
@@ -792,6 +837,7 @@ class TcpLayer:
             if conn.ts_enabled:
                 header_len = 32
                 total = 52 + size
+                ip_sum = (conn.ip_sum + total + ident) % 0xFFFF  # _ip_checksum, inline
                 frame = _FRAME4_TS.pack(
                     eth,
                     0x45,
@@ -800,7 +846,7 @@ class TcpLayer:
                     _DF,
                     _TTL,
                     6,  # TCP
-                    _ip_checksum(conn, total, ident),
+                    (~ip_sum) & 0xFFFF if ip_sum else 0,
                     conn.addrs,
                     conn.local_port,
                     conn.remote_port,
@@ -811,7 +857,7 @@ class TcpLayer:
                     window,
                     (conn.pseudo_sum + total - 20) % 0xFFFF or 0xFFFF,
                     _TS_WORD,
-                    conn.ts_value(now),
+                    (int(now * 1000) + conn.ts_offset) & MASK,  # conn.ts_value(now)
                     conn.ts_recent,
                 )
             else:
@@ -930,29 +976,83 @@ class TcpLayer:
             # in one pack, its sum from the fields (2**16 = 1 modulo 0xFFFF,
             # so a 32-bit field adds as itself). The general path below is
             # the reference (tests/test_tcp_stack.py compares the two).
-            mss = self._mss_limit(conn)
+            mss = conn.mss_limit
             ts_val = conn.ts_value(now)
             ts_ecr = conn.ts_recent
             ws_word = _WS_WORD | conn.rcv_wscale
             options = _SYN_TS_WS.pack(_MSS_HEAD, mss, _TS_WORD, ts_val, ts_ecr, ws_word)
             return options, (_MSS_HEAD + mss + _TS_SUM + ts_val + ts_ecr + ws_word) % 0xFFFF
         options = tcp.build_options(
-            mss=self._mss_limit(conn),
+            mss=conn.mss_limit,
             window_scale=conn.rcv_wscale if conn.ws_enabled else -1,
             timestamp=(conn.ts_value(now), conn.ts_recent) if conn.ts_enabled else None,
         )
         return options, checksum.partial_sum(options)
 
     def send_syn_ack(self, conn: TcpConnection, now: float) -> None:
-        options, options_sum = self.syn_options(conn, now)
         window = min(conn.rcv_limit, 0xFFFF)  # RFC 7323 2.2: a SYN's window is not scaled
         room = self.budget.window_room()
         if window > room:  # under memory pressure: little or nothing
             window = room if room >= conn.rcv_sws else 0
-        conn.rcv_adv = (conn.rcv_nxt + window) & MASK
-        conn.ack_sent = conn.rcv_nxt
+        ack = conn.ack_sent = conn.rcv_nxt
+        conn.rcv_adv = (ack + window) & MASK
         conn.rtt_time = now
-        self._frame(conn, SYN | ACK, conn.iss, conn.rcv_nxt, window, options, options_sum, b"", now)
+        eth = conn.eth
+        if eth is not None and conn.ts_enabled and conn.ws_enabled and self.predict:
+            # The common case (a Linux guest, its MAC known; eth is set for
+            # IPv4 only): the frame _frame would build from syn_options, in
+            # one pack, both checksums whole from the precomputed sums
+            # (tests/test_tcp_prediction.py compares it with _frame's).
+            mss = conn.mss_limit
+            ts_val = (int(now * 1000) + conn.ts_offset) & MASK  # conn.ts_value(now)
+            ts_ecr = conn.ts_recent
+            ws_word = _WS_WORD | conn.rcv_wscale
+            seq = conn.iss
+            ident = self.stack.next_ip_ident()
+            s = (
+                conn.tcp_sum
+                + 40  # the TCP length: a 40-byte header, no payload
+                + seq
+                + ack
+                + ((40 << 10) | SYN | ACK)
+                + window
+                + _MSS_HEAD
+                + mss
+                + _TS_SUM
+                + ts_val
+                + ts_ecr
+                + ws_word
+            ) % 0xFFFF
+            self.stack.out.append(
+                _SYN_ACK4.pack(
+                    eth,
+                    0x45,
+                    60,  # total length
+                    ident,
+                    _DF,
+                    _TTL,
+                    6,  # TCP
+                    _ip_checksum(conn, 60, ident),
+                    conn.addrs,
+                    conn.local_port,
+                    conn.remote_port,
+                    seq,
+                    ack,
+                    0xA0,  # 40 bytes of header
+                    SYN | ACK,
+                    window,
+                    (~s) & 0xFFFF if s else 0,
+                    _MSS_HEAD,
+                    mss,
+                    _TS_WORD,
+                    ts_val,
+                    ts_ecr,
+                    ws_word,
+                )
+            )
+            return
+        options, options_sum = self.syn_options(conn, now)
+        self._frame(conn, SYN | ACK, conn.iss, ack, window, options, options_sum, b"", now)
 
     def send_syn(self, conn: TcpConnection, now: float) -> None:
         options, options_sum = self.syn_options(conn, now)
