@@ -39,6 +39,13 @@ def guest_script(web: int) -> str:
             f"nft add rule inet lossy in tcp sport {web} numgen random mod 10 0 drop",
             f"curl -sS --max-time 120 -o /dev/null -w 'lossy %{{size_download}}\\n' {get}/6000000",
             "nft delete table inet lossy",
+            # curl is done once it has the bytes; the rule may have dropped our
+            # FIN, which the stack resends: wait (bounded) until the guest has
+            # it, and a little for its ACK to reach the stack, so that the
+            # trace ends the connection
+            "for i in $(seq 100); do "
+            f"ss -Htn state fin-wait-2 '( dport = :{web} )' | grep -q . || break; sleep 0.1; done",
+            "sleep 0.3",
         ]
     )
 
