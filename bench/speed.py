@@ -27,7 +27,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -71,14 +70,6 @@ STARTUP_METRICS = [
     ("memory, 1000 connections, USS", "MB"),
 ]
 
-# Run inside the namespace: open N connections, say so, hold them until stdin closes.
-HOLD_CLIENT = """
-import socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-held = [socket.create_connection(("10.0.2.2", port), timeout=10) for _ in range(n)]
-print(len(held), flush=True)
-sys.stdin.read()
-"""
 
 
 def command(
@@ -156,9 +147,9 @@ def startup_times(backend: str, mtu: int, forwarder: list[str] | None) -> dict:
     }
 
 
-def memory_fields(prefix: str, pid: int) -> dict:
-    """RSS, PSS and USS of ``pid`` (bench/startup.py's smaps) as table rows."""
-    return {f"{prefix}, {kind}": mb for kind, mb in startup.smaps(pid).items()}
+def memory_fields(prefix: str, measured: dict) -> dict:
+    """RSS, PSS and USS (bench/startup.py's smaps) as table rows."""
+    return {f"{prefix}, {kind}": mb for kind, mb in measured.items()}
 
 
 @contextlib.contextmanager
@@ -194,48 +185,6 @@ def started(backend: str, mtu: int, ns_name: str, ns_path: str, forwarder=None):
         run.stop(proc)
 
 
-class HoldServer(run.AcceptCloseServer):
-    """Accepts and keeps every connection on 127.0.0.1 until closed."""
-
-    def __init__(self) -> None:
-        self.held: list[socket.socket] = []
-        super().__init__()
-
-    def take(self, conn: socket.socket) -> None:
-        self.held.append(conn)
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for conn in held:
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        self.release()
-
-
-def memory_with_connections(ns_name: str, pid: int, port: int, count: int) -> dict:
-    client = subprocess.Popen(
-        ["ip", "netns", "exec", ns_name, sys.executable, "-c", HOLD_CLIENT, str(port), str(count)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = client.stdout.readline()
-        if line.strip() != str(count):
-            raise RuntimeError(f"could not open {count} connections")
-        time.sleep(0.5)
-        return memory_fields(f"memory, {count} connections", pid)
-    finally:
-        client.stdin.close()
-        try:
-            client.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            client.kill()
-            client.wait(timeout=5)
-
-
 def measure(backend, mtu, duration, tests, ports, hold, forwarder=None) -> dict:
     name = f"pyslirp-speed-{os.getpid()}-{backend}-{mtu}"
     results = {}
@@ -247,7 +196,7 @@ def measure(backend, mtu, duration, tests, ports, hold, forwarder=None) -> dict:
     ):
         time.sleep(1.0)
         if backend != "pasta":
-            results.update(memory_fields("memory idle", proc.pid))
+            results.update(memory_fields("memory idle", startup.smaps(proc.pid)))
         run.in_ns(name, ["ip", "link", "set", "lo", "up"], timeout=10)
         pid = proc.pid
         if "up" in tests:
@@ -264,7 +213,9 @@ def measure(backend, mtu, duration, tests, ports, hold, forwarder=None) -> dict:
             results["connect/close"], results["connect/close CPU"] = rate, cpu
         if "mem" in tests and backend != "pasta":
             try:
-                results.update(memory_with_connections(name, pid, hold.port, 1000))
+                enter = ["ip", "netns", "exec", name]
+                held = startup.memory_with_connections(enter, pid, hold.port, 1000)
+                results.update(memory_fields("memory, 1000 connections", held))
             finally:
                 hold.release()
     return results
@@ -462,7 +413,7 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    echo, closer, hold = run.EchoServer(), run.AcceptCloseServer(), HoldServer()
+    echo, closer, hold = run.EchoServer(), run.AcceptCloseServer(), startup.HoldServer()
     ports = {"iperf": iperf_port, "echo": echo.port, "close": closer.port}
     report = [f"Machine: {machine()}"]
     report += [f"Interpreter of {interpreter(b)}" for b in backends if b in run.INTERPRETERS]

@@ -249,12 +249,12 @@ class HoldServer:
         self.release()
 
 
-def memory_with_connections(target_pid: int, forwarder_pid: int, port: int, count: int) -> dict:
-    """smaps() of the forwarder while ``count`` connections from the target's
-    namespace to 127.0.0.1:``port`` are open through it."""
+def memory_with_connections(enter: list[str], forwarder_pid: int, port: int, count: int) -> dict:
+    """smaps() of the forwarder while ``count`` connections from its guest's
+    namespace (``enter`` runs a command there: ``nsenter -t PID -n --`` or
+    ``ip netns exec NAME``) to 127.0.0.1:``port`` are open through it."""
     client = subprocess.Popen(
-        ["nsenter", "-t", str(target_pid), "-n", "--", sys.executable, "-S", "-c", HOLD_CLIENT]
-        + [str(port), str(count)],
+        [*enter, sys.executable, "-S", "-c", HOLD_CLIENT, str(port), str(count)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -285,8 +285,9 @@ def memory(program: list[str], connections: int, hold: HoldServer | None) -> dic
         if connections and hold is not None:
             subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "link", "set", "lo", "up"])
             try:
+                enter = ["nsenter", "-t", str(pid), "-n", "--"]
                 result["connections"] = memory_with_connections(
-                    pid, proc.pid, hold.port, connections
+                    enter, proc.pid, hold.port, connections
                 )
             finally:
                 hold.release()
