@@ -29,7 +29,6 @@ cannot occur on this link and are dropped.
 
 from __future__ import annotations
 
-import _socket
 import struct
 from collections import Counter, deque
 
@@ -172,13 +171,14 @@ def _parse_options(data: bytes, options: dict) -> None:
 class DhcpServer:
     def __init__(self, config) -> None:
         self.config = config
-        self.server_id = config.host_bytes(2)
-        self.netmask = _socket.inet_aton(config.netmask)
-        self.router = config.host_bytes(2)
-        self.dns = config.host_bytes(3)
+        net = config.stack_config()  # the network's addresses, as bytes
+        self.server_id = net.gateway
+        self.netmask = net.netmask_int.to_bytes(4, "big")
+        self.router = net.gateway
+        self.dns = net.dns
+        self._in_network = net.in_network
         start = int.from_bytes(config.host_bytes(15), "big")
-        broadcast = int.from_bytes(_socket.inet_aton(config.broadcast), "big")
-        last = min(start + config.dhcp_pool_size, broadcast)
+        last = min(start + config.dhcp_pool_size, int.from_bytes(net.broadcast, "big"))
         self.pool = [n.to_bytes(4, "big") for n in range(start, last)]
         self._pool_set = set(self.pool)
         self.leases: dict[bytes, Lease] = {}  # chaddr -> lease (kept after it ends)
@@ -436,10 +436,6 @@ class DhcpServer:
         lease = self.leases.pop(mac, None)
         if lease is not None and self.owners.get(lease.address) == mac:
             del self.owners[lease.address]
-
-    def _in_network(self, address: bytes) -> bool:
-        mask = int.from_bytes(self.netmask, "big")
-        return int.from_bytes(address, "big") & mask == int.from_bytes(self.config.network, "big")
 
     # -------------------------------------------------------------- replies
     def _reply(self, msg: DhcpMessage, kind: int, address: bytes | None) -> tuple:
