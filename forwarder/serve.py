@@ -409,8 +409,6 @@ def _serve_metrics(cleanup: Cleanup, where: tuple, backend) -> None:
 def _watch_slaac(options: Options, backend, attachment, request_stop, on_ready):
     """Start watching the guest's IPv6 configuration; when it is done (or
     given up on), run ``on_ready`` and write the ready fd."""
-    import ipaddress
-
     from .slaac import SlaacWatch
 
     config = options.config
@@ -423,8 +421,8 @@ def _watch_slaac(options: Options, backend, attachment, request_stop, on_ready):
             options.ready_fd = None
 
     fd, attachment.netlink_fd = attachment.netlink_fd, -1
-    prefix = ipaddress.IPv6Network(config.ipv6_prefix)
-    watch = SlaacWatch(backend, fd, prefix, config.stack_config().ipv6_link_local, done)
+    prefix, router = config.ipv6_prefix, config.stack_config().ipv6_link_local
+    watch = SlaacWatch(backend, fd, prefix, router, done)
     watch.start()
     return watch
 

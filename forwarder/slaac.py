@@ -76,11 +76,11 @@ class SlaacWatch:
     """Calls ``on_done(ok)`` once: True when the guest has its address and
     default route, False after ``timeout`` seconds."""
 
-    def __init__(self, backend, fd: int, prefix: ipaddress.IPv6Network, router: bytes, on_done):
+    def __init__(self, backend, fd: int, prefix: str, router: bytes, on_done):
         self.backend = backend
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
-        self.prefix = prefix
+        self.prefix = ipaddress.IPv6Network(prefix)  # NetworkConfig.ipv6_prefix
         self.router = router
         self.on_done = on_done
         self.address: str | None = None
