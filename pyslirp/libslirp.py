@@ -273,7 +273,7 @@ def _in_addr(address: str) -> dict:
     return {"s_addr": struct.unpack("=I", ipaddress.IPv4Address(address).packed)[0]}
 
 
-def _in6_addr(address: str) -> dict:
+def _in6_addr(address) -> dict:  # text or 16 bytes
     return {"s6_addr32": list(struct.unpack("=4I", ipaddress.IPv6Address(address).packed))}
 
 
@@ -485,7 +485,7 @@ class LibslirpBackend(Backend):
         # -6: libslirp's own IPv6 (RA, NDP, DHCPv6, ICMPv6 echo to its
         # addresses), on our prefix, gateway and DNS addresses.
         cfg.in6_enabled = bool(config.enable_ipv6)
-        cfg.vprefix_addr6 = _in6_addr(config.ipv6_prefix.partition("/")[0])
+        cfg.vprefix_addr6 = _in6_addr(config.ipv6_network)
         cfg.vprefix_len = 64  # NetworkConfig takes /64s only
         cfg.vhost6 = _in6_addr(config.ipv6_gateway)
         cfg.vnameserver6 = _in6_addr(config.ipv6_dns)

@@ -256,7 +256,7 @@ class TcpNat:
             return
         try:
             # Non-blocking from the start (no ioctl(FIONBIO) per connection),
-            # and the C socket type: _socket.socket's Python layer (makefile,
+            # and the C socket type: socket.socket's Python layer (makefile,
             # reference-counted close) would cost three calls a connection.
             sock = _socket.socket(family_of(dst), _STREAM_NONBLOCK)
         except OSError as exc:
