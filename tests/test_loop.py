@@ -105,3 +105,36 @@ def test_busy_poll_gives_up_after_the_spin_or_the_deadline(spin, deadline_in, lo
         loop.close()
         a.close()
         b.close()
+
+
+def test_services_are_made_when_first_asked_for_and_not_by_stats():
+    """DHCP, the DNS proxy, the ICMP relay and the forwards are made at first
+    use (Loop.on_first_use); a stats request reports them without making them."""
+    import os
+
+    from pyslirp.nat.backend import PythonBackend
+
+    guest, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stop_r, stop_w = os.pipe()
+    backend = PythonBackend(NetworkConfig(dns_upstreams=[("127.0.0.1", 9)]))
+    try:
+        backend.start(tap.fileno(), stop_r)
+        loop = backend.loop
+        names = ("dhcp", "dns", "icmp", "forwards")
+        stats = backend.stats()
+        assert [loop.made(name) for name in names] == [None] * 4
+        assert stats["counters"]["dns"] == {} and stats["flows"]["ping"] == 0
+        assert backend.list_hostfwd() == [] and loop.made("forwards") is None
+        limit = stats["flow_limits"]["ping"]
+        relay = loop.icmp  # made now, and its timers are served from now on
+        assert loop.made("icmp") is relay and relay in loop.services
+        assert relay.max_flows == limit == backend.stats()["flow_limits"]["ping"]
+        assert loop.icmp is relay  # made once
+        with pytest.raises(AttributeError):
+            loop.no_such_service  # noqa: B018
+    finally:
+        backend.close()
+        for fd in (stop_r, stop_w):
+            os.close(fd)
+        guest.close()
+        tap.close()

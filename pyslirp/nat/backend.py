@@ -96,7 +96,7 @@ def build_loop(
         budget.capacity,
         udp.max_flows,
         tcp.max_flows,
-        min(config.max_ping_sockets, budget.capacity),  # IcmpRelay.max_flows
+        budget.table_size(config.max_ping_sockets),  # IcmpRelay's, made at the first ping
     )
     return loop
 
@@ -240,7 +240,8 @@ class PythonBackend(Backend):
         self._forwards.pop(forward_id, None)
 
     def list_hostfwd(self) -> list[dict]:
-        return self._started().forwards.entries()
+        forwards = self._started().made("forwards")
+        return forwards.entries() if forwards is not None else []
 
     def list_connections(self) -> list[dict]:
         from .forward import list_connections
@@ -253,18 +254,22 @@ class PythonBackend(Backend):
         descriptors, flows per kind against their limits, uptime."""
         loop = self._started()
         stack, budget, descriptors = loop.stack, loop.stack.budget, loop.descriptors
+        # The services made on first use are not made for a question about
+        # them: one not made yet has counted nothing and holds no flow.
+        icmp, dns, forwards = loop.made("icmp"), loop.made("dns"), loop.made("forwards")
         services = {
             "stack": stack.counters,
             "loop": loop.counters,
             "tcp": loop.tcp.counters,
             "udp": loop.udp.counters,
-            "icmp": loop.icmp.counters,
-            "dns": loop.dns.counters,
-            "forwards": loop.forwards.counters,
+            "icmp": icmp.counters if icmp is not None else {},
+            "dns": dns.counters if dns is not None else {},
+            "forwards": forwards.counters if forwards is not None else {},
             "descriptors": descriptors.counters,
         }
         drops = dict(stack.drops)
-        drops.update(loop.dns.drops)  # their reasons begin with "dns-"
+        if dns is not None:
+            drops.update(dns.drops)  # their reasons begin with "dns-"
         return {
             "backend": self.name,
             "uptime": round(loop.now() - self._started_at, 3),
@@ -286,14 +291,14 @@ class PythonBackend(Backend):
             "flows": {
                 "tcp": len(loop.tcp.flows),
                 "udp": len(loop.udp.flows),
-                "udp-forward": len(loop.forwards.udp_clients),
-                "ping": len(loop.icmp.flows),
-                "dns-upstream": loop.dns.open_sockets,
+                "udp-forward": len(forwards.udp_clients) if forwards is not None else 0,
+                "ping": len(icmp.flows) if icmp is not None else 0,
+                "dns-upstream": dns.open_sockets if dns is not None else 0,
             },
             "flow_limits": {
                 "tcp": loop.tcp.max_flows,
                 "udp": loop.udp.max_flows,
-                "ping": loop.icmp.max_flows,
+                "ping": descriptors.table_size(loop.config.max_ping_sockets),
             },
             "unsupported": [],
         }

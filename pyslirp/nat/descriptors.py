@@ -98,6 +98,11 @@ class DescriptorBudget:
         )
         return cls(limit, reserve, open_descriptors())
 
+    def table_size(self, wanted: int) -> int:
+        """The most flows a table configured for ``wanted`` may hold: no
+        more than there are descriptors for flows."""
+        return min(wanted, self.capacity)
+
     def acquire(self) -> bool:
         """One more flow descriptor (evicting an idle flow if need be);
         False if none can be had: refuse the flow."""

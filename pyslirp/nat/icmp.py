@@ -166,7 +166,7 @@ class IcmpRelay:
         self.counters: Counter = Counter()
         self._warned_not_permitted = False
         self.descriptors = loop.descriptors  # host descriptors, shared with UDP and TCP
-        self.max_flows = min(self.config.max_ping_sockets, self.descriptors.capacity)
+        self.max_flows = self.descriptors.table_size(self.config.max_ping_sockets)
 
     # ------------------------------------------------------------ guest -> host
     def on_echo(self, event, now: float) -> None:

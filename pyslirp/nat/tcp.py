@@ -221,7 +221,7 @@ class TcpNat:
         }
         self.descriptors = loop.descriptors
         # The table's size: the configured one, or what the descriptors allow.
-        self.max_flows = min(loop.config.tcp_max_connections, self.descriptors.capacity)
+        self.max_flows = self.descriptors.table_size(loop.config.tcp_max_connections)
         self._timed_out = None  # the flow handle_timer is ending (for timer_failed)
 
     # ------------------------------------------------------------ opening

@@ -124,7 +124,7 @@ class UdpNat:
         # The table's size: the configured one, or what the descriptors allow
         # (past that, descriptors.acquire() evicts the oldest flow).
         self.descriptors = loop.descriptors
-        self.max_flows = min(loop.config.max_udp_flows, self.descriptors.capacity)
+        self.max_flows = self.descriptors.table_size(loop.config.max_udp_flows)
         self.descriptors.evictors.append(self.evict_oldest)
         self._expiring = None  # the flow handle_timer is closing (for timer_failed)
         self._sweep_at = None
