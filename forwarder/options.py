@@ -734,11 +734,10 @@ class Options:
         for flag, value in (("--trace", ns.trace), ("--record", ns.record)):
             if value is not None and self.backend != "python":
                 raise UsageError(f"{flag} needs --backend=python")
-        for what, path in (("trace", ns.trace), ("recording", ns.record)):
+        for what, path, mode in (("trace", ns.trace, 0o666), ("recording", ns.record, 0o600)):
             if path is not None and path != "-":
-                try:
-                    with open(path, "ab"):
-                        pass
+                try:  # a new recording is private from the start, as record.py makes it
+                    os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode))
                 except OSError as exc:
                     raise UsageError(f"cannot write {what} file {path}: {exc.strerror}") from None
         if ns.record == "-":

@@ -172,6 +172,8 @@ SAMPLE_DISTINCT = 180
 MAX_BLOCK = 64 * 1024 * 1024
 # Room kept under record_limit for the last block's framing and END.
 END_RESERVE = 64
+# What must be left of --record-limit for another file to begin (RecordingFiles).
+MIN_FILE = 4096
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -433,13 +435,14 @@ class Recorder:
     """Writes records to ``path``; stops cleanly at ``limit`` bytes (0: none)
     or at a write error (``stopped`` says why; the loop carries on)."""
 
-    def __init__(self, path: str, header: dict, limit: int = 0) -> None:
+    def __init__(self, path: str, header: dict, limit: int = 0, dir_fd: int | None = None) -> None:
         self.path = path
         self.limit = limit
         self.records = 0
         self.stopped: str | None = None  # why no more records are kept
         self.now = 0.0  # the last `now` seen, for calls without one
-        self._fd, self.direct = _open_for_recording(path)
+        self._fd, self.direct = _open_for_recording(path, dir_fd)
+        self.regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
         # The staging buffer for a regular file (None: writev, for a pipe
         # or a device), the file offset of its start and how full it is.
         self._stage: memoryview | None = None
@@ -457,7 +460,7 @@ class Recorder:
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
         self._thread: threading.Thread | None = None
         self._error: str | None = None  # set by the writer thread
-        if stat.S_ISREG(os.fstat(self._fd).st_mode):
+        if self.regular:
             self._stage = memoryview(mmap.mmap(-1, STAGE_SIZE))
             for _ in range(STAGES - 1):
                 self._free.put(memoryview(mmap.mmap(-1, STAGE_SIZE)))
@@ -651,15 +654,18 @@ class Recorder:
         self._fd = -1
 
 
-def _open_for_recording(path: str) -> tuple[int, bool]:
-    """The file descriptor for a recording, and whether it has O_DIRECT."""
+def _open_for_recording(path: str, dir_fd: int | None = None) -> tuple[int, bool]:
+    """The file descriptor for a recording, and whether it has O_DIRECT;
+    with ``dir_fd``, ``path``'s last component is opened in that directory."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    if dir_fd is not None:
+        path = os.path.basename(path)
     try:
-        fd = os.open(path, flags | os.O_DIRECT, 0o600)
+        fd = os.open(path, flags | os.O_DIRECT, 0o600, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        return os.open(path, flags, 0o600), False
+        return os.open(path, flags, 0o600, dir_fd=dir_fd), False
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device or a pipe: as it is
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         return fd, False
@@ -967,16 +973,82 @@ def header_for(stack_config: StackConfig, seed: int, vnet: bool) -> dict:
     }
 
 
-def recording_stack(config) -> RecordingStack:
-    """The stack for a loop with ``config.record_path`` (a NetworkConfig):
-    its own random source, seeded from os.urandom and recorded."""
-    from pyslirp.stack.interface import Stack
+class RecordingFiles:
+    """The recordings of one forwarder, a file per stack. The first stack
+    records to ``path``. A forwarder serving VMs makes a new stack for each
+    VM that connects after the last one left, and that stack records to
+    ``path.2``, ``path.3``, ... They are made in ``path``'s directory through
+    a descriptor opened here, at the start, so that --enable-sandbox (which
+    hides the file system later) does not stop them. ``limit`` (bytes, 0
+    for none) bounds all the files together; once it is used up, or when
+    ``path`` is a pipe or a device, later stacks are not recorded (a
+    warning says so once)."""
 
-    stack_config = config.stack_config()
-    seed = int.from_bytes(os.urandom(8), "big")
-    stack = Stack(stack_config, _random.Random(seed))
-    header = header_for(stack_config, seed, bool(config.offload))
-    return RecordingStack(stack, Recorder(config.record_path, header, config.record_limit))
+    def __init__(self, path: str, limit: int = 0) -> None:
+        self.path = path
+        self.limit = limit
+        self.count = 0  # stacks recorded so far
+        self.used = 0  # bytes in the files already closed
+        self._last: Recorder | None = None
+        self._warned = False
+        directory = os.path.dirname(path) or "."
+        self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def stack(self, config):
+        """A stack for the next loop: recorded into the next file, or plain
+        (``Stack``) when no more can be recorded."""
+        from pyslirp.stack.interface import Stack
+
+        stack_config = config.stack_config()
+        last = self._last
+        if last is not None:
+            self.used += last.written  # closed with its loop: the final size
+            why = None
+            if not last.regular:
+                why = f"{self.path} is not a regular file"
+            elif self.limit and self.limit - self.used < MIN_FILE:
+                why = f"--record-limit={self.limit} is used up"
+            if why is not None:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("the VMs after the first %d are not recorded: %s", self.count, why)
+                return Stack(stack_config, config.random)
+        seed = int.from_bytes(os.urandom(8), "big")
+        stack = Stack(stack_config, _random.Random(seed))
+        header = header_for(stack_config, seed, bool(config.offload))
+        self.count += 1
+        if self.count == 1:
+            recorder = Recorder(self.path, header, self.limit)
+        else:
+            left = self.limit - self.used if self.limit else 0
+            recorder = Recorder(f"{self.path}.{self.count}", header, left, self._dir_fd)
+        self._last = recorder
+        return RecordingStack(stack, recorder)
+
+    def close(self) -> None:
+        """After the last loop's close: a file begun for a VM that never
+        came (its stack recorded nothing) is removed."""
+        if self._dir_fd < 0:
+            return
+        last = self._last
+        if last is not None and self.count > 1 and last.records == 0 and last.regular:
+            try:
+                os.unlink(os.path.basename(last.path), dir_fd=self._dir_fd)
+            except OSError:
+                pass
+        os.close(self._dir_fd)
+        self._dir_fd = -1
+
+
+def recording_stack(config) -> RecordingStack:
+    """The stack for a loop with ``config.record_path`` (a NetworkConfig)
+    that records into that file alone: its own random source, seeded from
+    os.urandom and recorded."""
+    files = RecordingFiles(config.record_path, config.record_limit)
+    try:
+        return files.stack(config)
+    finally:
+        files.close()
 
 
 # ------------------------------------------------------------- reading

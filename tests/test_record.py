@@ -9,7 +9,10 @@ import http.server
 import io
 import os
 import pathlib
+import select
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -17,10 +20,11 @@ import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import ARP, Ether
 
 from forwarder import replay
 from pyslirp import record
+from pyslirp.config import NetworkConfig
 from pyslirp.stack.budget import MemoryBudget
 from pyslirp.stack.config import StackConfig
 from pyslirp.stack.interface import Stack
@@ -571,6 +575,105 @@ def test_loop_closes_the_recording(tmp):
     recording = record.Recording(str(path))
     assert list(recording) == [] and recording.end == "closed"
     assert recording.header["stack"]["tcp"]["receive_buffer"] == 1 << 20
+
+
+def test_recording_files_a_file_per_stack_and_one_limit_for_all(tmp):
+    """RecordingFiles: the first stack records to PATH, the next ones to
+    PATH.2, PATH.3; --record-limit is shared (the second file gets what the
+    first left), and once too little is left the next stack is plain."""
+    path = tmp / "vm.rec"
+    config = NetworkConfig(record_path=str(path))
+    files = record.RecordingFiles(str(path))
+    stacks = [files.stack(config)]
+    stacks[0].close_recording()
+    for _ in range(2):
+        stacks.append(files.stack(config))
+        stacks[-1].receive_frame(b"\xff" * 60, 1.0)  # a runt: recorded, dropped
+        stacks[-1].close_recording()
+    files.close()
+    assert sorted(os.listdir(tmp)) == ["vm.rec", "vm.rec.2", "vm.rec.3"]
+    assert [len(list(record.Recording(str(tmp / n)))) for n in ("vm.rec.2", "vm.rec.3")] == [1, 1]
+
+    first = os.path.getsize(path)
+    limited = tmp / "limited.rec"
+    config = NetworkConfig(record_path=str(limited))
+    limit = first + record.MIN_FILE + 100  # 100: headers differ by a few bytes (the seed)
+    files = record.RecordingFiles(str(limited), limit=limit)
+    files.stack(config).close_recording()
+    second = files.stack(config)
+    assert second.recorder.limit == limit - os.path.getsize(limited)
+    second.receive_frame(b"\xff" * 60, 1.0)
+    second.close_recording()
+    third = files.stack(config)  # less than MIN_FILE left: not recorded
+    files.close()
+    assert type(third) is Stack
+    assert not (tmp / "limited.rec.3").exists()
+    total = sum(os.path.getsize(tmp / n) for n in ("limited.rec", "limited.rec.2"))
+    assert total <= limit
+
+
+def test_a_file_begun_for_a_vm_that_never_came_is_removed(tmp):
+    path = tmp / "vm.rec"
+    config = NetworkConfig(record_path=str(path))
+    files = record.RecordingFiles(str(path))
+    files.stack(config).close_recording()  # the first: kept even if empty
+    files.stack(config).close_recording()  # waited for a VM, none came
+    files.close()
+    assert os.listdir(tmp) == ["vm.rec"]
+
+
+def _arp_request(guest_mac: str) -> bytes:
+    return bytes(
+        Ether(dst="ff:ff:ff:ff:ff:ff", src=guest_mac)
+        / ARP(op=1, hwsrc=guest_mac, psrc=GUEST, pdst="10.0.2.2")
+    )
+
+
+@pytest.mark.parametrize("sandbox", [False, True], ids=["plain", "sandbox"])
+def test_each_vm_records_to_a_file_of_its_own(tmp_path, sandbox):
+    """--socket with --record: three VMs one after the other make vm.rec,
+    vm.rec.2 and vm.rec.3, each replaying without divergence with its own
+    frames; with --enable-sandbox too (the files are made after the
+    forwarder has left the host's file system)."""
+    path, rec = str(tmp_path / "vm.sock"), tmp_path / "vm.rec"
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forwarder", f"--socket={path}", "-r", str(write_fd),
+         "--dns-upstream=127.0.0.1:9", f"--record={rec}",
+         *(["--enable-sandbox"] if sandbox else [])],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+    )  # fmt: skip
+    os.close(write_fd)
+    try:
+        ready = select.select([read_fd], [], [], 30)[0] and os.read(read_fd, 1) == b"1"
+        assert ready, proc.communicate(timeout=30)[0]
+        for n in range(1, 4):  # VM n sends n ARP requests
+            vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            vm.settimeout(10)
+            vm.connect(path)
+            for _ in range(n):
+                frame = _arp_request(f"02:00:00:00:00:0{n}")
+                vm.sendall(struct.pack("!I", len(frame)) + frame)
+                assert len(vm.recv(4)) == 4  # the reply's length: the frame was handled
+                time.sleep(0.05)
+            vm.close()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not os.path.exists(f"{rec}.{n + 1}"):
+                time.sleep(0.02)  # the next VM's loop (and file) is ready
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        os.close(read_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert sorted(os.listdir(tmp_path)) == ["vm.rec", "vm.rec.2", "vm.rec.3"]  # no vm.rec.4
+    for n, name in enumerate(["vm.rec", "vm.rec.2", "vm.rec.3"], start=1):
+        status, out, err = run_replay(str(tmp_path / name))
+        assert (status, err) == (0, ""), out
+        assert f"{n} frames from the guest, {n} to it" in out and "no divergence" in out
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600
 
 
 

@@ -43,13 +43,20 @@ log = get_logger("pyslirp")
 
 
 def build_loop(
-    config: NetworkConfig, tap_fd: int, stop_fd: int | None = None, capture=None, link=None
+    config: NetworkConfig,
+    tap_fd: int,
+    stop_fd: int | None = None,
+    capture=None,
+    link=None,
+    recordings=None,
 ) -> Loop:
     """The python backend for one network: the loop on ``tap_fd`` (or on
     ``link``, a VM's socket: pyslirp/link.py; it stops when ``stop_fd`` is
     readable; frames are written to ``capture``, a PcapWriter, if given)
-    with every service wired in."""
-    loop = Loop(config, tap_fd, stop_fd, capture, link)
+    with every service wired in. With ``config.record_path``, ``recordings``
+    (a pyslirp.record.RecordingFiles) gives the file its stack records to;
+    without it that path alone."""
+    loop = Loop(config, tap_fd, stop_fd, capture, link, recordings)
     loop.udp = udp = UdpNat(loop)
     loop.tcp = tcp = TcpNat(loop)
     # The others are made when first needed (Loop.on_first_use), with their
@@ -142,6 +149,7 @@ class PythonBackend(Backend):
         self._guest_left = False
         self._started_at = 0.0
         self._tracer = None  # --trace: a JsonTracer, closed with the backend
+        self._recordings = None  # --record: a RecordingFiles, a file per VM
 
     def start(self, tap_fd: int, stop_fd: int) -> None:
         if self.loop is not None:
@@ -154,7 +162,13 @@ class PythonBackend(Backend):
         self._stop_fd = stop_fd
         if self.link is not None:
             self.link.on_disconnect = self._on_guest_left
-        self.loop = build_loop(self.config, tap_fd, stop_fd, self._capture, self.link)
+        if self.config.record_path:
+            from pyslirp.record import RecordingFiles  # --record only
+
+            self._recordings = RecordingFiles(self.config.record_path, self.config.record_limit)
+        self.loop = build_loop(
+            self.config, tap_fd, stop_fd, self._capture, self.link, self._recordings
+        )
         self._started_at = self.loop.now()  # for stats' uptime
         if self.config.trace_path:
             from pyslirp.trace import open_tracer  # json: only when tracing
@@ -193,7 +207,9 @@ class PythonBackend(Backend):
         self._guest_left = False
         old, self.loop = self.loop, None
         old.close()
-        self.loop = loop = build_loop(self.config, -1, self._stop_fd, self._capture, self.link)
+        self.loop = loop = build_loop(
+            self.config, -1, self._stop_fd, self._capture, self.link, self._recordings
+        )
         if self._tracer is not None:
             loop.set_tracer(self._tracer)
         for fd, (events, handler) in self._extra.items():
@@ -215,6 +231,9 @@ class PythonBackend(Backend):
         tracer, self._tracer = self._tracer, None
         if tracer is not None:
             tracer.close()
+        recordings, self._recordings = self._recordings, None
+        if recordings is not None:
+            recordings.close()
 
     def _started(self) -> Loop:
         if self.loop is None:

@@ -82,6 +82,7 @@ class Loop:
         stop_fd: int | None = None,
         capture=None,
         link=None,
+        recordings=None,
     ) -> None:
         self.config = config
         # A VM's socket (pyslirp/link.py) instead of the TAP: its fd stands
@@ -93,7 +94,9 @@ class Loop:
         self.tap_fd = tap_fd
         self.stop_fd = stop_fd
         self.capture = capture
-        if config.record_path:  # --record: a proxy that records (pyslirp/record.py)
+        if recordings is not None:  # --record: a proxy that records (pyslirp/record.py)
+            self.stack = recordings.stack(config)  # the next file (a VM after another)
+        elif config.record_path:
             from pyslirp.record import recording_stack
 
             self.stack = recording_stack(config)
@@ -561,8 +564,9 @@ class Loop:
                 close()
         self.epoll.close()
         self._tap_poll.close()
-        if self.config.record_path:
-            self.stack.close_recording()
+        close_recording = getattr(self.stack, "close_recording", None)
+        if close_recording is not None:  # a recording stack (not a VM's past the limit)
+            close_recording()
 
 
 class _Timers:
