@@ -246,7 +246,7 @@ def test_a_malformed_frame_is_a_drop_with_its_reason_and_pcap_index():
     assert s.stack.drops == Counter({"ipv4-truncated": 1, "ipv4-too-long-out": 1})
 
 
-def test_arp_resolution_is_traced_and_so_is_giving_up():
+def test_arp_resolution_retries_and_giving_up_are_traced():
     s, rec = traced()
     guest2, guest3 = ip4("10.0.2.101"), ip4("10.0.2.102")
     s.stack.send_udp(ip4("10.0.2.2"), 53, guest2, 5353, b"hello", 1.0)
@@ -270,16 +270,21 @@ def test_arp_resolution_is_traced_and_so_is_giving_up():
         s.tick(at)
     got = [(r[1], r[4]) for r in rec.records if r[1].startswith("arp.")]
     attempts = s.stack.config.arp_attempts
-    assert got == [
+    retries = [
+        ("arp.retry", {"addr": "10.0.2.102", "attempt": n, "queued": 1})
+        for n in range(2, attempts + 1)
+    ]
+    assert attempts >= 2 and got == [
         ("arp.request", {"addr": "10.0.2.101"}),
         ("arp.request", {"addr": "10.0.2.102"}),
         ("arp.resolved", {"addr": "10.0.2.101", "mac": "02:00:00:00:00:65", "queued": 1}),
+        *retries,
         ("arp.unresolved", {"addr": "10.0.2.102", "attempts": attempts, "dropped": 1}),
     ]
     assert [r[4]["reason"] for r in rec.events("drop")] == ["arp-unresolved"]
 
 
-def test_neighbour_discovery_resolution_and_giving_up_are_traced():
+def test_neighbour_discovery_resolution_retries_and_giving_up_are_traced():
     from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
     from scapy.layers.l2 import Ether
 
@@ -305,6 +310,8 @@ def test_neighbour_discovery_resolution_and_giving_up_are_traced():
         (1.0, "nd.request", {"addr": GUEST}),
         (1.0, "nd.request", {"addr": other}),
         (1.5, "nd.resolved", {"addr": GUEST, "mac": "02:00:00:00:00:64", "queued": 1}),
+        (2.0, "nd.retry", {"addr": other, "attempt": 2, "queued": 1}),
+        (3.0, "nd.retry", {"addr": other, "attempt": 3, "queued": 1}),
         (4.0, "nd.unresolved", {"addr": other, "attempts": 3, "dropped": 1}),
     ]
 

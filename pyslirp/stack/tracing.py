@@ -432,8 +432,8 @@ class TracedTcpLayer(TcpLayer):
 
 
 class TracedIpv6Layer(Ipv6Layer):
-    """The Ipv6Layer while tracing: neighbour discovery's requests and
-    answers (their giving up is seen by the traced Stack's timer)."""
+    """The Ipv6Layer while tracing: neighbour discovery's requests, retries
+    and answers (their giving up is seen by the traced Stack's timer)."""
 
     def _solicit(self, target: bytes, now: float) -> None:
         super()._solicit(target, now)
@@ -448,6 +448,17 @@ class TracedIpv6Layer(Ipv6Layer):
                 f"who has {address_text(target)}? (a packet waits for its MAC)",
                 addr=address_text(target),
             )
+
+    def handle_timer(self, now: float) -> None:
+        before = {addr: p.attempts for addr, p in self.pending.items()}
+        super().handle_timer(now)
+        tracer = self.stack.tracer
+        if tracer is None:
+            return
+        for addr, attempts in before.items():
+            waiting = self.pending.get(addr)
+            if waiting is not None and waiting.attempts > attempts:  # solicited again
+                _trace_retry(tracer, now, "nd.retry", addr, waiting.attempts, len(waiting.packets))
 
     def _learn(self, addr: bytes, mac: bytes, now: float) -> None:
         pending = self.pending.get(addr)
@@ -562,7 +573,13 @@ class StackTracing:
         dropped = {addr: len(p.packets) for addr, p in self.arp_pending.items()}
         super().handle_timer(now)
         for addr, attempts in pending.items():
-            if addr not in self.arp_pending and addr not in self.arp_cache:
+            waiting = self.arp_pending.get(addr)
+            if waiting is not None:
+                if waiting.attempts > attempts:  # asked again
+                    _trace_retry(
+                        self.tracer, now, "arp.retry", addr, waiting.attempts, dropped[addr]
+                    )
+            elif addr not in self.arp_cache:
                 self._trace_neighbour("arp.unresolved", addr, attempts, dropped[addr])
         nd = self.ipv6.pending if self.ipv6 is not None else {}
         for addr, (attempts, queued) in nd_pending.items():
@@ -627,6 +644,19 @@ class StackTracing:
                 held=budget.held,
                 limit=budget.limit,
             )
+
+
+def _trace_retry(tracer, now, event, addr, attempt, queued) -> None:
+    what = "ARP request" if event.startswith("arp") else "neighbour solicitation"
+    tracer(
+        now,
+        event,
+        None,
+        f"who has {address_text(addr)}? ({what} {attempt}, {queued} packets wait)",
+        addr=address_text(addr),
+        attempt=attempt,
+        queued=queued,
+    )
 
 
 def _mac_text(mac: bytes) -> str:
