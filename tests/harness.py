@@ -7,6 +7,7 @@ test fails. Guest-side commands run with ``nsenter --net=PATH``.
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -245,6 +246,29 @@ def this_thread_in(ns: str):
     finally:
         os.close(target)
         os.close(own)
+
+
+@contextlib.contextmanager
+def vm_forwarder(path: str, *args: str):
+    """A forwarder serving a VM on the socket ``path`` (``--socket``, the DNS
+    upstream a dead port, and ``args``), ready (its ``-r`` byte came): the
+    Popen, stdout and stderr in one pipe. Killed at the end if it runs."""
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forwarder", f"--socket={path}", "-r", str(write_fd),
+         "--dns-upstream=127.0.0.1:9", *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+    )  # fmt: skip
+    os.close(write_fd)
+    try:
+        ready = select.select([read_fd], [], [], 30)[0] and os.read(read_fd, 1) == b"1"
+        assert ready, proc.communicate(timeout=30)[0]
+        yield proc
+    finally:
+        os.close(read_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def __getattr__(name):

@@ -225,16 +225,8 @@ def test_one_off_exits_when_the_vm_leaves(tmp_path):
     --pcap (which holds the VM's frame)."""
     path = str(tmp_path / "vm.sock")
     api, pcap = str(tmp_path / "api.sock"), str(tmp_path / "vm.pcap")
-    read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "forwarder", f"--socket={path}", "--one-off", "-r", str(write_fd),
-         "--dns-upstream=127.0.0.1:9", "-a", api, f"--pcap={pcap}",
-         "-p", f"127.0.0.1:{free_port()}:80"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-    )  # fmt: skip
-    os.close(write_fd)
-    try:
-        assert select.select([read_fd], [], [], 30)[0] and os.read(read_fd, 1) == b"1"
+    args = ("--one-off", "-a", api, f"--pcap={pcap}", "-p", f"127.0.0.1:{free_port()}:80")
+    with harness.vm_forwarder(path, *args) as proc:
         assert os.stat(path).st_mode & 0o777 == 0o600
         entries = api_request(api, b'{"execute": "list_hostfwd"}')["entries"]
         assert [e["guest_addr"] for e in entries] == ["10.0.2.15"]
@@ -248,11 +240,6 @@ def test_one_off_exits_when_the_vm_leaves(tmp_path):
         assert not os.path.exists(path) and not os.path.exists(api)
         with open(pcap, "rb") as f:
             assert f.read()[24 + 16 :] == b"\xff" * 60  # header, one record
-    finally:
-        os.close(read_fd)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def test_dgram_one_frame_per_datagram(tmp_path):
@@ -288,16 +275,7 @@ def test_sandbox_still_removes_the_socket_file(tmp_path):
     """--enable-sandbox (as root: pivot_root into an empty root) with
     --socket: a keeper process removes the socket file at exit."""
     path = str(tmp_path / "vm.sock")
-    read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "forwarder", f"--socket={path}", "--one-off", "-r", str(write_fd),
-         "--dns-upstream=127.0.0.1:9", "--enable-sandbox"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-    )  # fmt: skip
-    os.close(write_fd)
-    try:
-        ready = select.select([read_fd], [], [], 30)[0] and os.read(read_fd, 1) == b"1"
-        assert ready, proc.communicate(timeout=30)[0]
+    with harness.vm_forwarder(path, "--one-off", "--enable-sandbox") as proc:
         vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         vm.connect(path)
         vm.sendall(framed(b"\xff" * 60))
@@ -305,11 +283,6 @@ def test_sandbox_still_removes_the_socket_file(tmp_path):
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert not os.path.exists(path)
-    finally:
-        os.close(read_fd)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def test_a_stale_socket_file_is_replaced_a_live_one_is_not(tmp_path):

@@ -9,7 +9,6 @@ import http.server
 import io
 import os
 import pathlib
-import select
 import signal
 import socket
 import struct
@@ -636,17 +635,8 @@ def test_each_vm_records_to_a_file_of_its_own(tmp_path, sandbox):
     frames; with --enable-sandbox too (the files are made after the
     forwarder has left the host's file system)."""
     path, rec = str(tmp_path / "vm.sock"), tmp_path / "vm.rec"
-    read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "forwarder", f"--socket={path}", "-r", str(write_fd),
-         "--dns-upstream=127.0.0.1:9", f"--record={rec}",
-         *(["--enable-sandbox"] if sandbox else [])],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-    )  # fmt: skip
-    os.close(write_fd)
-    try:
-        ready = select.select([read_fd], [], [], 30)[0] and os.read(read_fd, 1) == b"1"
-        assert ready, proc.communicate(timeout=30)[0]
+    args = (f"--record={rec}", *(["--enable-sandbox"] if sandbox else []))
+    with harness.vm_forwarder(path, *args) as proc:
         for n in range(1, 4):  # VM n sends n ARP requests
             vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             vm.settimeout(10)
@@ -663,11 +653,6 @@ def test_each_vm_records_to_a_file_of_its_own(tmp_path, sandbox):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
-    finally:
-        os.close(read_fd)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
     assert sorted(os.listdir(tmp_path)) == ["vm.rec", "vm.rec.2", "vm.rec.3"]  # no vm.rec.4
     for n, name in enumerate(["vm.rec", "vm.rec.2", "vm.rec.3"], start=1):
         status, out, err = run_replay(str(tmp_path / name))
