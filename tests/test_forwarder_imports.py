@@ -189,6 +189,8 @@ NOT_IN_THE_PLAIN_MODE = {
     "pyslirp.trace",
     "pyslirp.stack.ipv6_layer",  # -6 only
     "pyslirp.stack.ndp",
+    "pyslirp.stack.ipv6",  # and the IPv6 and ICMPv6 wire formats
+    "pyslirp.stack.icmpv6",
     "pyslirp.nat.dhcpv6",
     "pyslirp.libslirp",
     "cffi",

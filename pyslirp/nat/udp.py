@@ -23,7 +23,7 @@ import struct
 from collections import OrderedDict
 
 from pyslirp.log import WARNING, get_logger
-from pyslirp.stack import icmpv4, ipv6
+from pyslirp.stack import icmpv4
 
 from .addressing import AddressMap, endpoint, to_text
 from .descriptors import EXHAUSTED
@@ -136,6 +136,8 @@ class UdpNat:
         self.consumers: list = []
         self.dhcpv6 = None
         if loop.config.enable_ipv6:  # imported only with -6 (it and ndp: 1 ms of a start)
+            from pyslirp.stack import ipv6
+
             from .dhcpv6 import CLIENT_PORT, SERVER_PORT, Dhcpv6Server
 
             self.dhcpv6 = Dhcpv6Server(loop.config)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
-from . import arp, checksum, ethernet, icmpv4, icmpv6, ipv4, ipv6, udp, virtio
+from . import arp, checksum, ethernet, icmpv4, ipv4, udp, virtio
 from .budget import MemoryBudget
 from .config import StackConfig
 from .errors import MalformedFrame
@@ -308,6 +308,8 @@ class Stack:
         self, src: bytes, dst: bytes, ident: int, sequence: int, payload, now: float
     ) -> None:
         if len(dst) == 16:
+            from . import icmpv6  # IPv6 only (as the layer): an IPv4 forwarder never loads it
+
             word = (ident << 16) | sequence
             message = icmpv6.emit(src, dst, icmpv6.ECHO_REPLY, 0, word, payload)
             self.send_ip(src, dst, icmpv6.PROTOCOL, message, now)
@@ -400,6 +402,8 @@ class Stack:
         """A plausible copy of a guest datagram's first bytes, for an ICMP error
         about a flow whose original packet is gone."""
         if len(src) == 16:
+            from . import ipv6  # IPv6 only, as above
+
             head = ipv6.header(src, dst, ipv6.PROTO_UDP, 8)
             return head + udp.HEADER.pack(src_port, dst_port, 8, 0)
         head = ipv4.header(src, dst, ipv4.PROTO_UDP, 8, 0)
