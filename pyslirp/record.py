@@ -980,19 +980,19 @@ class RecordingFiles:
     ``path.2``, ``path.3``, ... They are made in ``path``'s directory through
     a descriptor opened here, at the start, so that --enable-sandbox (which
     hides the file system later) does not stop them. ``limit`` (bytes, 0
-    for none) bounds all the files together; once it is used up, or when
-    ``path`` is a pipe or a device, later stacks are not recorded (a
-    warning says so once)."""
+    for none) bounds all the files together. Once it is used up, when
+    ``path`` is a pipe or a device, or when a file cannot be made, later
+    stacks are not recorded (a warning says why, once)."""
 
     def __init__(self, path: str, limit: int = 0) -> None:
         self.path = path
         self.limit = limit
         self.count = 0  # stacks recorded so far
         self.used = 0  # bytes in the files already closed
+        self.stopped: str | None = None  # why later stacks are not recorded
         self._last: Recorder | None = None
-        self._warned = False
         directory = os.path.dirname(path) or "."
-        self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def stack(self, config):
         """A stack for the next loop: recorded into the next file, or plain
@@ -1000,30 +1000,35 @@ class RecordingFiles:
         from pyslirp.stack.interface import Stack
 
         stack_config = config.stack_config()
-        last = self._last
-        if last is not None:
+        last, self._last = self._last, None
+        if last is not None and self.stopped is None:
             self.used += last.written  # closed with its loop: the final size
-            why = None
             if not last.regular:
-                why = f"{self.path} is not a regular file"
+                self._stop(f"{self.path} is not a regular file")
             elif self.limit and self.limit - self.used < MIN_FILE:
-                why = f"--record-limit={self.limit} is used up"
-            if why is not None:
-                if not self._warned:
-                    self._warned = True
-                    log.warning("the VMs after the first %d are not recorded: %s", self.count, why)
-                return Stack(stack_config, config.random)
+                self._stop(f"--record-limit={self.limit} is used up")
+        if self.stopped is not None:
+            return Stack(stack_config, config.random)
         seed = int.from_bytes(os.urandom(8), "big")
         stack = Stack(stack_config, _random.Random(seed))
         header = header_for(stack_config, seed, bool(config.offload))
-        self.count += 1
-        if self.count == 1:
+        if self.count == 0:  # the first: as the option check found it (errors are the start's)
             recorder = Recorder(self.path, header, self.limit)
         else:
             left = self.limit - self.used if self.limit else 0
-            recorder = Recorder(f"{self.path}.{self.count}", header, left, self._dir_fd)
+            path = f"{self.path}.{self.count + 1}"
+            try:
+                recorder = Recorder(path, header, left, self._dir_fd)
+            except OSError as exc:  # a full disk, a directory gone read-only
+                self._stop(f"cannot write {path}: {exc.strerror}")
+                return Stack(stack_config, config.random)
+        self.count += 1
         self._last = recorder
         return RecordingStack(stack, recorder)
+
+    def _stop(self, why: str) -> None:
+        self.stopped = why
+        log.warning("--record: the next VMs are not recorded (%d recorded): %s", self.count, why)
 
     def close(self) -> None:
         """After the last loop's close: a file begun for a VM that never

@@ -611,6 +611,21 @@ def test_recording_files_a_file_per_stack_and_one_limit_for_all(tmp):
     assert total <= limit
 
 
+def test_a_file_that_cannot_be_made_stops_the_recording_not_the_stack(tmp, caplog):
+    path = tmp / "vm.rec"
+    (tmp / "vm.rec.2").mkdir()  # open() of the second file fails (EISDIR)
+    config = NetworkConfig(record_path=str(path))
+    files = record.RecordingFiles(str(path))
+    files.stack(config).close_recording()
+    second, third = files.stack(config), files.stack(config)
+    files.close()
+    assert type(second) is Stack and type(third) is Stack
+    assert files.stopped.startswith(f"cannot write {path}.2: ")
+    assert [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()] == [
+        f"--record: the next VMs are not recorded (1 recorded): {files.stopped}"
+    ]
+
+
 def test_a_file_begun_for_a_vm_that_never_came_is_removed(tmp):
     path = tmp / "vm.rec"
     config = NetworkConfig(record_path=str(path))
