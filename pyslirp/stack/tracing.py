@@ -432,8 +432,9 @@ class TracedTcpLayer(TcpLayer):
 
 
 class TracedIpv6Layer(Ipv6Layer):
-    """The Ipv6Layer while tracing: neighbour discovery's requests, retries
-    and answers (their giving up is seen by the traced Stack's timer)."""
+    """The Ipv6Layer while tracing: neighbour discovery's requests and
+    answers (their retries and giving up are seen by the traced Stack's
+    timer)."""
 
     def _solicit(self, target: bytes, now: float) -> None:
         super()._solicit(target, now)
@@ -448,17 +449,6 @@ class TracedIpv6Layer(Ipv6Layer):
                 f"who has {address_text(target)}? (a packet waits for its MAC)",
                 addr=address_text(target),
             )
-
-    def handle_timer(self, now: float) -> None:
-        before = {addr: p.attempts for addr, p in self.pending.items()}
-        super().handle_timer(now)
-        tracer = self.stack.tracer
-        if tracer is None:
-            return
-        for addr, attempts in before.items():
-            waiting = self.pending.get(addr)
-            if waiting is not None and waiting.attempts > attempts:  # solicited again
-                _trace_retry(tracer, now, "nd.retry", addr, waiting.attempts, len(waiting.packets))
 
     def _learn(self, addr: bytes, mac: bytes, now: float) -> None:
         pending = self.pending.get(addr)
@@ -566,25 +556,22 @@ class StackTracing:
         super().send_ip(src, dst, protocol, payload, now, dst_mac, ttl)
 
     def handle_timer(self, now: float) -> None:
+        """The timers of ARP and neighbour discovery, then what became of
+        each address that waited: asked again, or given up."""
         self.trace_now = now
-        pending = {addr: p.attempts for addr, p in self.arp_pending.items()}
-        nd = self.ipv6.pending if self.ipv6 is not None else {}
-        nd_pending = {addr: (p.attempts, len(p.packets)) for addr, p in nd.items()}
-        dropped = {addr: len(p.packets) for addr, p in self.arp_pending.items()}
+        tables = [(self.arp_pending, "arp.retry", "arp.unresolved")]
+        if self.ipv6 is not None:
+            tables.append((self.ipv6.pending, "nd.retry", "nd.unresolved"))
+        before = [{a: (p.attempts, len(p.packets)) for a, p in t.items()} for t, _, _ in tables]
         super().handle_timer(now)
-        for addr, attempts in pending.items():
-            waiting = self.arp_pending.get(addr)
-            if waiting is not None:
-                if waiting.attempts > attempts:  # asked again
-                    _trace_retry(
-                        self.tracer, now, "arp.retry", addr, waiting.attempts, dropped[addr]
-                    )
-            elif addr not in self.arp_cache:
-                self._trace_neighbour("arp.unresolved", addr, attempts, dropped[addr])
-        nd = self.ipv6.pending if self.ipv6 is not None else {}
-        for addr, (attempts, queued) in nd_pending.items():
-            if addr not in nd and self.neighbour_mac(addr) is None:
-                self._trace_neighbour("nd.unresolved", addr, attempts, queued)
+        for (table, retry, gave_up), waited in zip(tables, before):
+            for addr, (attempts, queued) in waited.items():
+                waiting = table.get(addr)
+                if waiting is not None:
+                    if waiting.attempts > attempts:  # asked again
+                        _trace_retry(self.tracer, now, retry, addr, waiting.attempts, queued)
+                elif self.neighbour_mac(addr) is None:
+                    self._trace_neighbour(gave_up, addr, attempts, queued)
 
     def _trace_neighbour(self, event, addr, attempts, dropped) -> None:
         what = "ARP" if event.startswith("arp") else "neighbour discovery"
