@@ -348,13 +348,13 @@ class DnsProxy:
         """A fresh socket for one query to ``upstream``, on a port the kernel
         picks at random (RFC 5452 9.2), registered with the loop."""
         try:
-            sock = socket.socket(upstream.family, socket.SOCK_DGRAM)
+            # Non-blocking from the start: no fcntl per query.
+            sock = socket.socket(upstream.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE/ENFILE: this upstream fails for now
             self.counters["dns-socket-failed"] += 1
             log.warning("cannot open a socket for DNS upstream %r: %s", upstream, exc)
             return None
         try:
-            sock.setblocking(False)
             if upstream.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
                 bind_addr = ("::", 0) if upstream.loopback else self.bind_addr6

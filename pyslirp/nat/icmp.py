@@ -92,12 +92,12 @@ def _relayed_error(level: int, kind: int, origin: int, icmp_type: int, code: int
 def open_ping_socket(bind_addr: str = "0.0.0.0", family: int = socket.AF_INET) -> socket.socket:
     """A non-blocking ping socket with IP_RECVERR (IPV6_RECVERR), bound to a
     fresh identifier (on ``bind_addr``: --outbound-addr or --outbound-addr6)."""
+    kind = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK  # no fcntl per flow
     if family == socket.AF_INET6:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+        sock = socket.socket(socket.AF_INET6, kind, socket.IPPROTO_ICMPV6)
     else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        sock = socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP)
     try:
-        sock.setblocking(False)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         else:

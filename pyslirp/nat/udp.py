@@ -53,6 +53,8 @@ DNS_PORT = 53
 DHCP_SERVER_PORT = 67
 DHCP_CLIENT_PORT = 68
 RECV_BATCH = 64  # datagrams per socket per wake-up, for fairness
+# Non-blocking from the start, as the TCP NAT's sockets: no fcntl per flow.
+_DGRAM_NONBLOCK = _socket.SOCK_DGRAM | _socket.SOCK_NONBLOCK
 
 
 def unreachable_error(level: int, kind: int, origin: int, icmp_type: int, code: int):
@@ -254,17 +256,16 @@ class UdpNat:
         family = _socket.AF_INET6 if v6 else _socket.AF_INET
         try:
             try:
-                sock = _socket.socket(family, _socket.SOCK_DGRAM)
+                sock = _socket.socket(family, _DGRAM_NONBLOCK)
             except OSError as exc:
                 # EMFILE/ENFILE though the budget had room (descriptors
                 # opened elsewhere): make room once and try again.
                 if exc.errno not in EXHAUSTED or not self.descriptors.evict():
                     raise
-                sock = _socket.socket(family, _socket.SOCK_DGRAM)
+                sock = _socket.socket(family, _DGRAM_NONBLOCK)
         except OSError as exc:  # refuse this flow, keep the others
             self.descriptors.release()
             return self._refuse(event, now, f"cannot open a socket: {exc}")
-        sock.setblocking(False)
         if v6:
             sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
             sock.setsockopt(_socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
