@@ -940,6 +940,10 @@ class RecordingStack(_Proxy):
     def __init__(self, stack, recorder: Recorder) -> None:
         self._target = stack
         self.recorder = recorder
+        # Bytes handed to a sink would leave inside a recorded call, where
+        # a replay (which has no sink) would queue them: the NAT side gets
+        # every byte through TcpDataReceived instead.
+        stack.tcp.direct_delivery = False
         self.events = stack.events
         self.tcp = _RecordingPart(stack.tcp, "tcp", recorder, stack.events)
         self.budget = _RecordingPart(stack.budget, "budget", recorder, stack.events)

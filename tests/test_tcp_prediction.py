@@ -430,3 +430,97 @@ def test_syn_and_syn_ack_fast_paths_match_the_full_path(options, vnet, isn, wind
     pair.feed(ack, now + 0.01)
     pair.settle(now + 0.01, rng)
     assert [c.state.name for c in conns] == ["ESTABLISHED", "ESTABLISHED"]
+
+
+@pytest.mark.parametrize("buffer", [65536, 4096])
+@pytest.mark.parametrize("timestamps", [True, False], ids=["ts", "no-ts"])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_sink_changes_nothing_the_guest_sees(buffer, timestamps, seed):
+    """Direct delivery (TcpConnection.sink) against the queue: one stack
+    hands predicted text to a sink that takes all, part or none of it (a
+    host socket with room, a little, or none); the other queues it in rx and
+    the NAT side consumes what the sink took, at once. Both must send the
+    same frames, hold the same state and bytes, and between the sink and
+    consume deliver the same stream. A small receive buffer keeps the
+    window near closing, where taking bytes owes the guest an update."""
+    rng = random.Random(700 + seed * 2 + timestamps)
+    stacks = []
+    for _ in range(2):
+        tcp_config = TcpConfig(receive_buffer=buffer, send_buffer=65536)
+        stacks.append(Stack(StackConfig(tcp=tcp_config), FixedRandom()))
+    direct, queued = stacks
+    taken_now = []  # what the sink took during the frame just fed
+    delivered = [bytearray(), bytearray()]  # the stream each NAT side saw
+
+    def sink(data) -> int:
+        roll = rng.random()
+        n = len(data) if roll < 0.6 else rng.randrange(0, len(data)) if roll < 0.8 else 0
+        delivered[0] += bytes(data[:n])
+        taken_now.append(n)
+        return n
+
+    now = 1.0
+    sport, dport = 41000, 80
+    key = (GUEST, sport, PEER, dport)
+    isn = rng.getrandbits(32)
+    tsval = 100
+    syn_options = b"\x02\x04\x05\xb4\x01\x03\x03\x07"
+    ts = (tsval, 0) if timestamps else None
+    syn = frame(segment(sport, dport, 0x02, isn, 0, window=64240, ts=ts, options=syn_options))
+    for stack in stacks:
+        stack.receive_frame(syn, now)
+        stack.tcp.accept(stack.next_event().conn, now)
+        stack.frames_to_send(now)
+    direct.tcp.connections[key].sink = sink
+    seq = isn + 1
+    our_ts = 0
+    sink_used = 0
+    for _ in range(STEPS):
+        now += rng.choice((0.0005, 0.001, 0.003, 0.05))
+        conns = [stack.tcp.connections[key] for stack in stacks]
+        tsval += rng.choice((0, 1, 2))
+        ts = (tsval, our_ts) if timestamps else None
+        kind = rng.random()
+        s = seq
+        if kind < 0.75:  # in order: the sink's share
+            payload = bytes(rng.randrange(0, 256) for _ in range(rng.randrange(0, 1500)))
+        elif kind < 0.85:  # out of order (then filled by later in-order text)
+            s = seq + rng.randrange(1, 2000)
+            payload = bytes(rng.randrange(1, 800))
+        else:  # a duplicate
+            s = seq - rng.randrange(0, 300)
+            payload = bytes(rng.randrange(0, 300))
+        data = frame(segment(sport, dport, 0x18, s, conns[0].snd_nxt, payload, 502, ts))
+        taken_now.clear()
+        for stack in stacks:
+            stack.receive_frame(data, now)
+        sink_used += len(taken_now)
+        if sum(taken_now):
+            delivered[1] += b"".join(bytes(c) for c in conns[1].rx)[: sum(taken_now)]
+            queued.tcp.consume(conns[1], sum(taken_now), now)
+        # The NAT side of both: take some queued bytes, send some.
+        size = rng.randrange(1, 3000)
+        if rng.random() < 0.7:
+            for i, (stack, conn) in enumerate(zip(stacks, conns)):
+                if conn.rx_bytes:
+                    n = min(conn.rx_bytes, size)
+                    delivered[i] += b"".join(bytes(c) for c in conn.rx)[:n]
+                    stack.tcp.consume(conn, n, now)
+        if rng.random() < 0.3:
+            for stack, conn in zip(stacks, conns):
+                stack.tcp.send(conn, bytes(size), now)
+        if rng.random() < 0.05:
+            for stack in stacks:
+                stack.handle_timer(now + 0.5)
+        sent = [stack.frames_to_send(now) for stack in stacks]
+        assert sent[0] == sent[1]
+        events = [[type(e).__name__ for e in iter(stack.next_event, None)] for stack in stacks]
+        assert [e for e in events[0] if e != "TcpDataReceived"] == [
+            e for e in events[1] if e != "TcpDataReceived"
+        ]
+        assert _state(conns[0]) == _state(conns[1])
+        assert delivered[0] == delivered[1]
+        seq = conns[0].rcv_nxt
+        our_ts = _our_tsval(sent[0], our_ts)
+    assert direct.drops == queued.drops
+    assert len(delivered[0]) > 100_000 and sink_used > STEPS // 10, (len(delivered[0]), sink_used)

@@ -86,6 +86,7 @@ class TcpFlow:
         "closed",
         "ended",
         "opened_at",
+        "error",
     )
 
     def __init__(self, nat, conn, sock, host) -> None:
@@ -101,6 +102,20 @@ class TcpFlow:
         self.closed = False  # the host socket is closed
         self.ended = False  # the stack's connection ended, as far as we are concerned
         self.opened_at = nat.loop.now()  # for the API's "age"
+        self.error = None  # what the sink's send raised, for write_host to report
+
+    def take(self, data) -> int:
+        """The connection's sink (TcpConnection.sink): guest bytes straight
+        to the host socket, as many as it takes now. The rest waits in the
+        stack for write_host, which also meets any error again (kept here
+        so that it reports the first one)."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self.error = exc
+            return 0
 
     def on_ready(self, mask: int, now: float) -> None:
         nat = self.nat
@@ -320,7 +335,7 @@ class TcpNat:
 
     def start_relay(self, flow: TcpFlow) -> None:
         """The guest accepted an adopted connection: relay both ways."""
-        self._set_mask(flow, READ)
+        self._relay(flow)
 
     def _limited(self, conn, now: float, why: str) -> None:
         self.counters["connections-limited"] += 1
@@ -377,7 +392,14 @@ class TcpNat:
                 errno=None,
             )
         self.tcp.accept(conn, now)
+        self._relay(flow)
+
+    def _relay(self, flow: TcpFlow) -> None:
+        """Relay both ways: read the host socket, and let the stack hand
+        in-order guest bytes straight to it (the flow's sink)."""
         self._set_mask(flow, READ)
+        if self.tcp.direct_delivery:
+            flow.conn.sink = flow.take
 
     def _connect_failed(self, flow: TcpFlow, err: int, now: float) -> None:
         conn = flow.conn
@@ -438,7 +460,7 @@ class TcpNat:
                 except BlockingIOError:
                     sent = 0
                 except OSError as exc:
-                    self._host_reset(flow, exc, now)
+                    self._host_reset(flow, flow.error or exc, now)
                     return
             else:
                 chunks = list(itertools.islice(rx, SENDMSG_MAX))
@@ -448,7 +470,7 @@ class TcpNat:
                 except BlockingIOError:
                     sent = 0
                 except OSError as exc:
-                    self._host_reset(flow, exc, now)
+                    self._host_reset(flow, flow.error or exc, now)
                     return
             tcp.consume(conn, sent, now)
             if sent < wanted:
@@ -556,6 +578,7 @@ class TcpNat:
         if flow.closed:
             return
         flow.closed = True
+        flow.conn.sink = None  # the socket goes: what comes later waits in rx
         self.flows.discard(flow)
         self._connecting.pop(flow, None)
         self._lingering.pop(flow, None)

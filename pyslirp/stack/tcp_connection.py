@@ -182,6 +182,12 @@ class TcpConnection:
     that the guest's FIN follows the last byte. Data for the guest waits in
     ``snd_buf`` from SND.UNA on, acknowledged bytes are cut from its front.
     ``user`` is for the NAT side.
+
+    ``sink``, when the NAT side sets one, takes in-order bytes directly:
+    ``sink(data)`` returns how many of them it took (0 to all), never raises
+    and never calls back into the stack. A predicted segment's text (see
+    ``predicted``) goes to it when nothing waits in ``rx``; whatever it does
+    not take waits in ``rx`` as usual, with a TcpDataReceived.
     """
 
     __slots__ = (
@@ -273,6 +279,7 @@ class TcpConnection:
         "bytes_out",
         "retransmits",
         "end_notified",
+        "sink",
     )
 
     def __init__(self, layer, key, local, local_port, remote, remote_port, serial, now):
@@ -352,6 +359,7 @@ class TcpConnection:
         self.bytes_out = 0
         self.retransmits = 0
         self.end_notified = False
+        self.sink = None
 
     def __repr__(self) -> str:
         return (
@@ -737,6 +745,18 @@ class TcpConnection:
             advertised = (self.rcv_adv - seq) & MASK
             if advertised >= HALF or plen > advertised:
                 return False
+        # The text is acceptable: with a sink and nothing queued before it,
+        # it goes to the host now, ahead of the ACK's bookkeeping below,
+        # which neither depends on it nor it on that (the request of a
+        # request/response leaves a few microseconds sooner).
+        taken = 0
+        if plen and self.sink is not None and not self.rx:
+            taken = self.sink(payload)
+            if taken:
+                self.rcv_nxt = (seq + taken) & MASK
+                self.bytes_in += taken
+                if taken < plen:
+                    payload = payload[taken:]  # the rest waits in rx
         self.last_rx = now
         self.keepalive_probes = 0
         window <<= self.snd_wscale
@@ -752,12 +772,12 @@ class TcpConnection:
         if ts is not None:
             self.ts_recent = ts[0]
         if fin:  # in order after the text: ACK it now (_fin_received does)
-            if plen and not self._deliver(payload):
+            if plen > taken and not self._deliver(payload):
                 self.memory_refused()  # the FIN too: it follows the text
             else:
                 self._fin_received(now)
         elif plen:
-            if not self._deliver(payload):
+            if plen > taken and not self._deliver(payload):
                 self.memory_refused()
             elif ((self.rcv_nxt - self.ack_sent) & MASK) < self.delack_limit:
                 if self.delack_at is None:
@@ -765,6 +785,8 @@ class TcpConnection:
             else:
                 self.ack_pending = True
                 self.mark()
+            if taken:  # as consume would have after delivering them
+                self.layer.window_opened(self, now)
         # layer.arm, when it has something to do: of the deadlines only the
         # retransmission one may have moved, and only it can be new.
         rtx_at = self.rtx_at

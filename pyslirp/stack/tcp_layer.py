@@ -137,6 +137,9 @@ class TcpLayer:
         # every output the general path: the reference a test compares the
         # shortcuts with (tests/test_tcp_prediction.py).
         self.predict = True
+        # Whether the NAT side may give connections a sink (TcpConnection.sink).
+        # A recording stack turns it off: its replay has no sink to feed.
+        self.direct_delivery = True
         # Virtio offloads on the TAP (StackConfig.offload): segments of up to
         # gso_payload bytes (IPv4's 65535 less its header and TCP's with
         # timestamps), cut by the guest's kernel into MSS pieces.
@@ -630,14 +633,20 @@ class TcpLayer:
                 self.unread.pop(conn, None)
                 return
         if conn.state in RECEIVING:
-            space = conn.rcv_limit - conn.rx_bytes
-            advertised = (conn.rcv_adv - conn.rcv_nxt) & MASK
-            if space - advertised >= conn.rcv_sws:  # a window update is worth a segment
-                if advertised < conn.delack_limit or not self.config.delayed_ack_timeout:
-                    conn.ack_pending = True  # the guest is about to stall: now
-                    conn.mark()
-                elif conn.delack_at is None:  # else with the next segment, or soon
-                    self.delay_ack(conn, now)
+            self.window_opened(conn, now)
+
+    def window_opened(self, conn: TcpConnection, now: float) -> None:
+        """Bytes left the receive buffer (consume, or a sink took them):
+        a window update when the right edge may move far enough to be
+        worth a segment, at once if the guest is about to stall."""
+        space = conn.rcv_limit - conn.rx_bytes
+        advertised = (conn.rcv_adv - conn.rcv_nxt) & MASK
+        if space - advertised >= conn.rcv_sws:  # a window update is worth a segment
+            if advertised < conn.delack_limit or not self.config.delayed_ack_timeout:
+                conn.ack_pending = True  # the guest is about to stall: now
+                conn.mark()
+            elif conn.delack_at is None:  # else with the next segment, or soon
+                self.delay_ack(conn, now)
 
     def close(self, conn: TcpConnection, now: float) -> None:
         """No more data from the host: FIN once the buffered bytes are out."""
