@@ -338,3 +338,34 @@ def test_a_lingering_flow_sets_its_deadline_though_its_event_is_quiet():
         listener.close()
         ours.close()
         theirs.close()
+
+
+def test_a_sink_that_meets_a_reset_keeps_the_first_error():
+    """TcpFlow.take, the stack's sink: a host socket reset by its peer takes
+    nothing and keeps the ECONNRESET it met, for write_host to report; the
+    retry write_host makes meets only EPIPE."""
+    import struct
+
+    from pyslirp.nat.tcp import TcpFlow
+
+    class Loop:
+        now = staticmethod(time.monotonic)
+
+    class Nat:
+        loop = Loop
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        server, _ = listener.accept()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        server.close()  # a RST toward the client
+        time.sleep(0.05)
+        flow = TcpFlow(Nat, None, client, ("127.0.0.1", 0))
+        assert flow.take(b"x" * 100) == 0
+        assert isinstance(flow.error, ConnectionResetError)
+        with pytest.raises(BrokenPipeError):
+            client.send(b"x")
+    finally:
+        client.close()
+        listener.close()
