@@ -569,7 +569,7 @@ class StackTracing:
                 waiting = table.get(addr)
                 if waiting is not None:
                     if waiting.attempts > attempts:  # asked again
-                        _trace_retry(self.tracer, now, retry, addr, waiting.attempts, queued)
+                        self._trace_retry(retry, addr, waiting.attempts, queued)
                 elif self.neighbour_mac(addr) is None:
                     self._trace_neighbour(gave_up, addr, attempts, queued)
 
@@ -584,6 +584,18 @@ class StackTracing:
             addr=address_text(addr),
             attempts=attempts,
             dropped=dropped,
+        )
+
+    def _trace_retry(self, event, addr, attempt, queued) -> None:
+        what = "ARP request" if event.startswith("arp") else "neighbour solicitation"
+        self.tracer(
+            self.trace_now,
+            event,
+            None,
+            f"who has {address_text(addr)}? ({what} {attempt}, {queued} packets wait)",
+            addr=address_text(addr),
+            attempt=attempt,
+            queued=queued,
         )
 
     def send_packet(self, dst, packet, now, dst_mac=None) -> None:
@@ -631,19 +643,6 @@ class StackTracing:
                 held=budget.held,
                 limit=budget.limit,
             )
-
-
-def _trace_retry(tracer, now, event, addr, attempt, queued) -> None:
-    what = "ARP request" if event.startswith("arp") else "neighbour solicitation"
-    tracer(
-        now,
-        event,
-        None,
-        f"who has {address_text(addr)}? ({what} {attempt}, {queued} packets wait)",
-        addr=address_text(addr),
-        attempt=attempt,
-        queued=queued,
-    )
 
 
 def _mac_text(mac: bytes) -> str:
