@@ -71,7 +71,6 @@ STARTUP_METRICS = [
 ]
 
 
-
 def command(
     backend: str, mtu: int, ns_path: str, ready_fd: int | None, forwarder: list[str] | None = None
 ) -> list[str]:
