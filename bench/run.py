@@ -41,6 +41,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PYPY = os.environ.get("PYSLIRP_PYPY", "pypy3")
 DISTRO_PYTHON = os.environ.get("PYSLIRP_DISTRO_PYTHON", "/usr/bin/python3")
 INTERPRETERS = {"pypy": PYPY, "python-distro": DISTRO_PYTHON}
+# "python-floor": our front end with bench/floor.py's minimal relay in place
+# of the stack, NAT and loop (tests rr and cc only): the floor under ours.
+FLOOR = "python-floor"
+FLOOR_TESTS = ("rr", "cc")
 
 # Run inside the namespace: 1-byte request/response for DURATION seconds.
 RR_CLIENT = """
@@ -236,11 +240,14 @@ def checkout(backend: str) -> Path:
 def our_command(backend: str, mtu: int, ns_path: str, extra=(), wrap=()) -> list[str]:
     """Our forwarder on ``ns_path``'s tap0, run by this interpreter unless
     the backend names another (INTERPRETERS)."""
+    if base_backend(backend) == FLOOR:
+        program = [str(REPO / "bench" / "floor.py")]
+    else:
+        program = ["-m", "forwarder"]
     return [
         INTERPRETERS.get(base_backend(backend), sys.executable),
         *wrap,
-        "-m",
-        "forwarder",
+        *program,
         "--configure",
         f"--mtu={mtu}",
         *extra,
@@ -376,6 +383,8 @@ def measure(backend, mtu, duration, extra, tests, profile, ports, record_dir="/t
         extra = [*extra, f"--record={record_path}"]
     if tracing(backend):
         extra = [*extra, f"--trace={trace_path}"]
+    if base_backend(backend) == FLOOR:
+        tests = [test for test in tests if test in FLOOR_TESTS]
     moved = 0.0
     try:
         with namespace(name) as ns_path, forwarder(
@@ -457,6 +466,7 @@ def main() -> int:
         nargs="+",
         default=["python", "slirp4netns"],
         help="python, pypy, python-distro, slirp4netns, "
+        "python-floor (bench/floor.py's minimal relay: rr and cc only), "
         "or python@DIR: the python backend of the checkout at DIR; "
         "any of ours with +record (python+record, python@DIR+record) "
         "runs with --record into a file in --record-dir, removed after each run; "
