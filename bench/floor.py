@@ -95,9 +95,15 @@ def relay(loop) -> None:
         frame = flow.mac + gateway_mac + b"\x08\x00" + ip + tcp + options + payload
         os.writev(tap, (headers[20 + len(options)], frame))
 
+    def close_host(flow) -> None:
+        """Both directions are done on the host: the socket goes (no epoll_ctl)."""
+        if flow.sock is not None:
+            by_fd.pop(flow.sock.fileno(), None)
+            flow.sock.close()
+            flow.sock = None
+
     def forget(key, flow) -> None:
-        by_fd.pop(flow.sock.fileno(), None)
-        flow.sock.close()
+        close_host(flow)
         del flows[key]
 
     def guest_segment(data) -> None:
@@ -132,7 +138,7 @@ def relay(loop) -> None:
         if flow is None:
             return
         payload = data[TCP_AT + (offset >> 4) * 4 :]
-        if payload:
+        if payload and flow.sock is not None:
             flow.sock.send(payload)
             flow.rcv_nxt = (seq + len(payload)) & MASK
         if flags & FIN and not flow.fins & 1:
@@ -140,6 +146,7 @@ def relay(loop) -> None:
             flow.rcv_nxt = (flow.rcv_nxt + 1) & MASK
             if flow.fins & 2:  # ours went first: acknowledge theirs
                 send(flow, ACK)
+                close_host(flow)  # its close() sends the FIN
             else:
                 flow.sock.shutdown(socket.SHUT_WR)
         if flow.fins == 3 and ack == flow.snd_nxt:
@@ -162,8 +169,11 @@ def relay(loop) -> None:
                 send(flow, PSH | ACK, piece)
                 flow.snd_nxt = (flow.snd_nxt + len(piece)) & MASK
             return
-        epoll.unregister(fd)
-        del by_fd[fd]
+        if flow.fins & 1:  # the guest's FIN went on already
+            close_host(flow)
+        else:  # keep the socket for the guest's FIN, unwatched
+            epoll.unregister(fd)
+            del by_fd[fd]
         send(flow, FIN | ACK)
         flow.snd_nxt = (flow.snd_nxt + 1) & MASK
         flow.fins |= 2
