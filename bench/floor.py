@@ -64,7 +64,7 @@ class Flow:
 def relay(loop) -> None:
     """Loop.run's stand-in (see the module's docstring)."""
     if not loop.vnet:
-        raise SystemExit("bench/floor.py needs the TAP's offloads (no --disable-offload)")
+        raise SystemExit("bench/floor.py needs the TAP's offloads (not --no-offload)")
     stack = loop.stack
     gateway = stack.config.gateway
     gateway_mac = stack.gateway_mac
