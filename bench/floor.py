@@ -32,15 +32,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pyslirp.nat import loop as loop_module  # noqa: E402
-from pyslirp.stack import checksum, virtio  # noqa: E402
+from pyslirp.stack import checksum, ipv4, tcp, virtio  # noqa: E402
+from pyslirp.stack.tcp import ACK, FIN, PSH, RST, SYN  # noqa: E402
 
-SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
 MASK = 0xFFFFFFFF
 VNET = virtio.HEADER_LEN
 IP_AT = VNET + 14  # the IPv4 header in a frame read from the TAP
 TCP_AT = IP_AT + 20  # the TCP header (no IP options: others go to the stack)
 _IN = struct.Struct("!HHIIBB")  # ports, sequence, acknowledgment, offset, flags
-_IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _MSS = struct.Struct("!HH")
 
@@ -48,14 +47,25 @@ _MSS = struct.Struct("!HH")
 class Flow:
     """One relayed connection: the host socket and the two sequence numbers."""
 
-    __slots__ = ("sock", "guest", "guest_port", "port", "mac", "rcv_nxt", "snd_nxt", "fins")
+    __slots__ = (
+        "sock",
+        "guest",
+        "guest_port",
+        "port",
+        "mac",
+        "pseudo",
+        "rcv_nxt",
+        "snd_nxt",
+        "fins",
+    )
 
-    def __init__(self, sock, guest, guest_port, port, mac, rcv_nxt, snd_nxt) -> None:
+    def __init__(self, sock, guest, guest_port, port, mac, pseudo, rcv_nxt, snd_nxt) -> None:
         self.sock = sock
         self.guest = guest
         self.guest_port = guest_port
         self.port = port
         self.mac = mac
+        self.pseudo = pseudo  # the pseudo-header's sum of addresses and protocol
         self.rcv_nxt = rcv_nxt  # the guest's next sequence number
         self.snd_nxt = snd_nxt  # ours
         self.fins = 0  # 1: the guest's FIN came, 2: ours went
@@ -78,8 +88,8 @@ def relay(loop) -> None:
     def send(flow, flags, payload=b"", seq=None) -> None:
         options = _MSS.pack(0x0204, mss) if flags & SYN else b""
         length = 20 + len(options) + len(payload)
-        pseudo = checksum.partial_sum(gateway + flow.guest) + 6 + length
-        tcp = _TCP.pack(
+        pseudo = flow.pseudo + length
+        head = _TCP.pack(
             flow.port,
             flow.guest_port,
             flow.snd_nxt if seq is None else seq,
@@ -90,9 +100,8 @@ def relay(loop) -> None:
             pseudo % 0xFFFF,  # the guest's kernel completes it (NEEDS_CSUM)
             0,
         )
-        ip = _IP.pack(0x45, 0, 20 + length, 0, 0x4000, 64, 6, 0, gateway, flow.guest)
-        ip = ip[:10] + checksum.checksum(ip).to_bytes(2, "big") + ip[12:]
-        frame = flow.mac + gateway_mac + b"\x08\x00" + ip + tcp + options + payload
+        ip = ipv4.header(gateway, flow.guest, tcp.PROTOCOL, length, 0, flags_offset=ipv4.FLAG_DF)
+        frame = flow.mac + gateway_mac + b"\x08\x00" + ip + head + options + payload
         os.writev(tap, (headers[20 + len(options)], frame))
 
     def close_host(flow) -> None:
@@ -124,7 +133,9 @@ def relay(loop) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.connect_ex(("127.0.0.1", dport))  # loopback: done inside connect()
             isn = (isn + 64007) & MASK
-            flow = Flow(sock, key[0], port, dport, data[VNET + 6 : VNET + 12], seq + 1, isn)
+            pseudo = checksum.partial_sum(gateway + key[0]) + tcp.PROTOCOL
+            mac = data[VNET + 6 : VNET + 12]
+            flow = Flow(sock, key[0], port, dport, mac, pseudo, seq + 1, isn)
             if sock.connect_ex(("127.0.0.1", dport)) not in (0, 106):  # EISCONN
                 send(flow, RST | ACK)
                 sock.close()
@@ -203,9 +214,10 @@ def relay(loop) -> None:
                     ):
                         guest_segment(data)
                     else:  # ARP, neighbour discovery...: the stack answers
-                        stack.receive_vnet_frame(data, time.monotonic())
+                        now = time.monotonic()
+                        stack.receive_vnet_frame(data, now)
                         stack.drain_events()
-                        loop.flush(time.monotonic())
+                        loop.flush(now)
             elif fd == stop_fd:
                 return
             else:
